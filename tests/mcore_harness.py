@@ -1,0 +1,873 @@
+"""Load Megatron-Core *legacy* per-rank checkpoints into real megatron-core models on CPU.
+
+This is a test library, not a test module. It answers one question about a checkpoint
+written by our converter: "would megatron-core itself accept these files?"
+
+For every job, each of ``world_size`` gloo worker processes:
+
+a. derives its file name from megatron-core's ``parallel_state`` (never from our
+   converter's code), so a wrong rank -> file mapping shows up as a file nobody opened;
+b. builds the real ``GPTModel`` chunk(s) of its rank with the *local* layer spec, honoring
+   an uneven / interleaved (VPP) layout through ``pipeline_model_parallel_layout``;
+c. strict-loads every chunk, reporting missing / unexpected / mis-shaped keys by name;
+d. optionally runs a pipelined fp32 forward pass and compares the logits with
+   ``transformers`` on the same input ids.
+
+Spawning is the expensive part (each process imports torch + megatron, ~3 s), so
+``run_checks`` spawns the workers once and runs every job in every process.
+
+The worker side runs this very file as a script (``python mcore_harness.py --rank ...``),
+which is why the module-level imports are standard-library only.
+
+See /work/shared/reference/env.md §2 for the CPU workarounds W1-W9 referred to below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+RELEASE_DIR = "release"
+CKPT_FILE = "model_optim_rng.pt"
+LOGITS_ATOL = 1e-4
+SPAWN_TIMEOUT_S = 600.0
+# Timeout of every gloo collective / send / recv: a rank that died mid-job makes its
+# peers fail after this long instead of hanging until the whole spawn times out.
+COLLECTIVE_TIMEOUT_S = 120.0
+
+# Fixed input of the logits check: shape and seed are part of the contract of the check.
+LOGITS_BATCH = 2
+LOGITS_SEQ = 12
+LOGITS_SEED = 1234
+
+_EXTRA_STATE_SUFFIX = "_extra_state"
+_LAYER_KEY_RE = re.compile(r"^(decoder\.layers\.\d+\.)(.+)$")
+
+
+# --------------------------------------------------------------------------------------
+# Public data types
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Model-parallel layout of a checkpoint.
+
+    ``layers_per_vstage`` lists the decoder layers of every virtual pipeline stage in
+    virtual-stage order; chunk ``s`` of pipeline rank ``p`` is virtual stage ``p + s*pp``
+    (megatron's interleaved schedule).
+    """
+
+    tp: int
+    pp: int
+    vpp: int
+    layers_per_vstage: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        # Accept any sequence but store a tuple so the dataclass stays hashable.
+        object.__setattr__(self, "layers_per_vstage", tuple(int(n) for n in self.layers_per_vstage))
+        if min(self.tp, self.pp, self.vpp) < 1:
+            raise ValueError(f"tp, pp and vpp must be >= 1: {self}")
+        if self.vpp > 1 and self.pp == 1:
+            raise ValueError(f"virtual pipeline stages need pp > 1: {self}")
+        if len(self.layers_per_vstage) != self.pp * self.vpp:
+            raise ValueError(f"layers_per_vstage needs pp*vpp={self.pp * self.vpp} entries: {self}")
+        if any(n < 0 for n in self.layers_per_vstage):
+            raise ValueError(f"negative layer count: {self}")
+
+    @classmethod
+    def even(cls, tp: int, pp: int, num_layers: int, vpp: int = 1) -> Layout:
+        """Layout with ``num_layers`` spread evenly (must divide) over the pp*vpp stages."""
+        stages = pp * vpp
+        if num_layers % stages:
+            raise ValueError(f"{num_layers} layers do not divide into {stages} stages")
+        return cls(tp, pp, vpp, (num_layers // stages,) * stages)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(self.layers_per_vstage)
+
+    @property
+    def num_vstages(self) -> int:
+        return self.pp * self.vpp
+
+    def vstage(self, pp_rank: int, chunk: int) -> int:
+        return pp_rank + chunk * self.pp
+
+    def layer_offset(self, vstage: int) -> int:
+        """Global index of the first decoder layer of a virtual stage."""
+        return sum(self.layers_per_vstage[:vstage])
+
+
+@dataclass(frozen=True)
+class CheckJob:
+    """One checkpoint to check; the architecture comes from ``hf_dir/config.json``."""
+
+    hf_dir: str
+    mcore_dir: str
+    layout: Layout
+    te_names: bool = False
+    check_logits: bool = False
+    tied: bool = False  # share_embeddings_and_output_weights
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    """Legacy per-rank directory under ``release/`` (megatron-LM's naming rule)."""
+    if pp == 1:
+        return f"mp_rank_{tp_rank:02d}"
+    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+# --------------------------------------------------------------------------------------
+# HF architecture (shared by parent-side validation and workers)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HFArch:
+    model_type: str
+    hidden_size: int
+    ffn_hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: float
+    rope_type: str
+    vocab_size: int
+    max_position_embeddings: int
+    qkv_bias: bool
+    qk_norm: bool
+    tie_word_embeddings: bool
+
+
+_SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+
+def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
+    """Parse the subset of a Llama / Qwen2 / Qwen3 ``config.json`` the harness needs."""
+    cfg: dict[str, Any] = json.loads(Path(hf_dir, "config.json").read_text())
+    model_type = cfg.get("model_type")
+    if model_type not in _SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; expected one of {_SUPPORTED_MODEL_TYPES}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"only SwiGLU (hidden_act='silu') is supported, got {cfg.get('hidden_act')!r}")
+    if cfg.get("mlp_bias"):
+        raise ValueError("mlp_bias=True is not supported (the harness builds add_bias_linear=False)")
+    hidden = int(cfg["hidden_size"])
+    heads = int(cfg["num_attention_heads"])
+    # transformers 5 keeps rope settings under "rope_parameters"; older configs use the
+    # top-level "rope_theta" / "rope_scaling".
+    rope_params = cfg.get("rope_parameters") or {}
+    rope_scaling = cfg.get("rope_scaling") or {}
+    rope_theta = rope_params.get("rope_theta", cfg.get("rope_theta")) or 10000.0
+    rope_type = rope_params.get("rope_type") or rope_scaling.get("rope_type") or rope_scaling.get("type") or "default"
+    return HFArch(
+        model_type=model_type,
+        hidden_size=hidden,
+        ffn_hidden_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(cfg.get("head_dim") or hidden // heads),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope_theta),
+        rope_type=str(rope_type),
+        vocab_size=int(cfg["vocab_size"]),
+        max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
+        # Qwen2 always has q/k/v biases; the others declare it with attention_bias.
+        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
+        qk_norm=model_type == "qwen3",
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# TE -> local key renaming (pure; uses the map megatron-core declares in its layer spec)
+# --------------------------------------------------------------------------------------
+
+
+def rename_te_to_local(state_dict: Mapping[str, Any], keys_map: Mapping[str, str]) -> dict[str, Any]:
+    """Rename TE-spec layer keys to local-spec keys.
+
+    ``keys_map`` is megatron-core's ``sharded_state_dict_keys_map`` (local prefix -> TE
+    prefix, relative to one layer, e.g. ``"input_layernorm." ->
+    "self_attention.linear_qkv.layer_norm_"``); it is inverted and applied to every
+    ``decoder.layers.{i}.`` key. A local-style name for a mapped module, or two keys
+    collapsing onto one name, is an error: the file would not be a consistent TE-named
+    checkpoint.
+    """
+    inverse = {te: local for local, te in keys_map.items()}
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in state_dict.items():
+        new_key = key
+        match = _LAYER_KEY_RE.match(key)
+        if match:
+            prefix, rest = match.groups()
+            if any(rest.startswith(local) for local in keys_map):
+                problems.append(f"local-style key in a TE-named checkpoint: {key}")
+            for te_prefix, local_prefix in inverse.items():
+                if rest.startswith(te_prefix):
+                    new_key = prefix + local_prefix + rest[len(te_prefix) :]
+                    break
+        if new_key in out:
+            problems.append(f"two keys map to {new_key} after TE->local renaming")
+        out[new_key] = value
+    if problems:
+        raise KeyError("; ".join(problems))
+    return out
+
+
+def _is_extra_state(key: str) -> bool:
+    return key.endswith(_EXTRA_STATE_SUFFIX)
+
+
+# --------------------------------------------------------------------------------------
+# Parent side: spawn once, collect, judge
+# --------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _job_to_json(job: CheckJob) -> dict[str, Any]:
+    return dataclasses.asdict(job)
+
+
+def _job_from_json(data: Mapping[str, Any]) -> CheckJob:
+    layout = Layout(**data["layout"])
+    return CheckJob(**{**data, "layout": layout})
+
+
+def _tail(path: Path, limit: int = 4000) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"<cannot read {path}: {exc}>"
+    return text[-limit:]
+
+
+def run_checks(
+    world_size: int,
+    jobs: Sequence[CheckJob],
+    *,
+    timeout_s: float = SPAWN_TIMEOUT_S,
+    collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+) -> list[dict[str, Any]]:
+    """Spawn ``world_size`` gloo workers once and run every job on every rank.
+
+    Returns one result dict per (job, rank), sorted by job then rank, with keys:
+    ``job, rank, tp_rank, pp_rank, dp_rank, files, ok, err, max_abs_diff,
+    max_abs_logit, layers_per_chunk, seconds, worker_startup_s``.
+    A job failure is reported in ``ok``/``err``; a worker crash or the whole run
+    exceeding ``timeout_s`` raises (with the workers' log tails).
+    """
+    jobs = list(jobs)
+    for index, job in enumerate(jobs):
+        model_parallel = job.layout.tp * job.layout.pp
+        if world_size % model_parallel:
+            raise ValueError(f"job {index}: world_size {world_size} not divisible by tp*pp={model_parallel}")
+    if not jobs:
+        return []
+
+    with tempfile.TemporaryDirectory(prefix="mcore_harness_") as tmp:
+        work = Path(tmp)
+        jobs_file = work / "jobs.json"
+        jobs_file.write_text(json.dumps([_job_to_json(job) for job in jobs]))
+        env = dict(os.environ)
+        # One thread per worker: the box has 2 cores and several workers.
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        port = _free_port()
+        logs = [work / f"rank{rank}.log" for rank in range(world_size)]
+        procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for rank in range(world_size):
+                with open(logs[rank], "wb") as log:
+                    procs.append(
+                        subprocess.Popen(
+                            [
+                                sys.executable,
+                                str(Path(__file__).resolve()),
+                                "--rank", str(rank),
+                                "--world-size", str(world_size),
+                                "--port", str(port),
+                                "--jobs", str(jobs_file),
+                                "--out", str(work),
+                                "--collective-timeout", str(collective_timeout_s),
+                            ],
+                            stdout=log,
+                            stderr=subprocess.STDOUT,
+                            env=env,
+                        )
+                    )
+            _wait_for_workers(procs, logs, timeout_s)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+
+        results: list[dict[str, Any]] = []
+        for rank in range(world_size):
+            out_file = work / f"rank{rank}.json"
+            rank_results = json.loads(out_file.read_text()) if out_file.exists() else []
+            if len(rank_results) != len(jobs):
+                raise RuntimeError(
+                    f"rank {rank} reported {len(rank_results)} of {len(jobs)} jobs; log tail:\n{_tail(logs[rank])}"
+                )
+            results.extend(rank_results)
+    results.sort(key=lambda r: (r["job"], r["rank"]))
+    return results
+
+
+def _wait_for_workers(procs: list[subprocess.Popen[bytes]], logs: list[Path], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        codes = [proc.poll() for proc in procs]
+        failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            # A crashed worker leaves its peers blocked in a collective: stop them now.
+            details = "\n".join(f"--- rank {r} (exit {codes[r]}) ---\n{_tail(logs[r])}" for r in failed)
+            raise RuntimeError(f"harness worker(s) {failed} crashed:\n{details}")
+        if all(code == 0 for code in codes):
+            return
+        if time.monotonic() > deadline:
+            running = [rank for rank, code in enumerate(codes) if code is None]
+            details = "\n".join(f"--- rank {r} ---\n{_tail(logs[r], 1500)}" for r in running)
+            raise TimeoutError(f"harness workers {running} still running after {timeout_s:.0f} s:\n{details}")
+        time.sleep(0.05)
+
+
+def job_problems(
+    results: Sequence[Mapping[str, Any]],
+    jobs: Sequence[CheckJob],
+    world_size: int,
+    atol: float = LOGITS_ATOL,
+) -> dict[int, list[str]]:
+    """Everything wrong with each job, as readable lines; jobs without problems are absent."""
+    problems: dict[int, list[str]] = {}
+    for index, job in enumerate(jobs):
+        lines: list[str] = []
+        job_results = [r for r in results if r["job"] == index]
+        ranks = sorted(r["rank"] for r in job_results)
+        if ranks != list(range(world_size)):
+            lines.append(f"results from ranks {ranks}, expected 0..{world_size - 1}")
+        for res in job_results:
+            if not res["ok"]:
+                lines.append(
+                    f"rank {res['rank']} (tp{res['tp_rank']} pp{res['pp_rank']} dp{res['dp_rank']}): {res['err']}"
+                )
+
+        release = Path(job.mcore_dir, RELEASE_DIR)
+        on_disk = {p.name for p in release.glob("mp_rank_*")} if release.is_dir() else set()
+        opened = {name for res in job_results for name in res["files"]}
+        if on_disk != opened:
+            lines.append(
+                f"rank files on disk != files megatron ranks opened: "
+                f"never opened {sorted(on_disk - opened)}, missing on disk {sorted(opened - on_disk)}"
+            )
+
+        if job.check_logits:
+            diffs = [r["max_abs_diff"] for r in job_results if r.get("max_abs_diff") is not None]
+            if not diffs:
+                lines.append("logits check requested but no rank computed it")
+            elif max(diffs) > atol:
+                lines.append(f"logits max|diff| {max(diffs):.3e} > {atol:.0e} (vs transformers)")
+        if lines:
+            problems[index] = lines
+    return problems
+
+
+def assert_all_ok(
+    results: Sequence[Mapping[str, Any]],
+    jobs: Sequence[CheckJob],
+    world_size: int,
+    atol: float = LOGITS_ATOL,
+) -> None:
+    """Raise AssertionError listing every failed rank, file-set mismatch or logits excess."""
+    problems = job_problems(results, jobs, world_size, atol)
+    if problems:
+        parts = []
+        for index, lines in sorted(problems.items()):
+            job = jobs[index]
+            header = f"job {index}: {job.mcore_dir} {job.layout} te_names={job.te_names} tied={job.tied}"
+            parts.append(header + "\n" + "\n".join(f"  - {line}" for line in lines))
+        raise AssertionError("megatron-core checks failed:\n" + "\n".join(parts))
+
+
+# --------------------------------------------------------------------------------------
+# Worker side (runs in the spawned processes only; imports torch / megatron lazily)
+# --------------------------------------------------------------------------------------
+
+
+class CheckFailure(Exception):
+    """A checkpoint problem (as opposed to a harness crash); message is shown verbatim."""
+
+
+def _apply_cpu_workarounds() -> None:
+    """Patch what megatron-core assumes about CUDA; must run before megatron is imported."""
+    # W9: megatron-core 0.19 does a bare `import triton` in moe/ops/paged_stash.py. Stub
+    # that module only when triton is missing *and* the installed megatron has it (0.16
+    # has no such module). A fake `triton` would break torch._inductor instead.
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        spec = importlib.util.find_spec("megatron")
+        roots = list(spec.submodule_search_locations or []) if spec else []
+        if any(Path(root, "core", "transformer", "moe", "ops", "paged_stash.py").exists() for root in roots):
+            stub = types.ModuleType("megatron.core.transformer.moe.ops.paged_stash")
+            stub.GLOBAL_BLOCK_SIZE = 1024  # type: ignore[attr-defined]
+            stub.paged_stash_copy_kernel = None  # type: ignore[attr-defined]
+            stub.paged_stash_pop_kernel = None  # type: ignore[attr-defined]
+            sys.modules[stub.__name__] = stub
+
+    import torch
+
+    torch.set_num_threads(1)
+    # W2: RotaryEmbedding moves inv_freq to torch.cuda.current_device().
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+    # W7: tied embeddings with PP>1 all-reduce `weight.data.cuda()` at model init.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+
+
+class _Worker:
+    def __init__(self, rank: int, world_size: int, collective_timeout_s: float) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.collective_timeout_s = collective_timeout_s
+        self._parallel_key: tuple[int, int, int] | None = None
+
+    # ----- parallel state -----
+
+    def init_parallel(self, layout: Layout) -> None:
+        """(Re)initialize megatron's parallel state for ``layout``.
+
+        Consecutive jobs with the same (tp, pp, vpp) reuse the groups: destroy_model_parallel
+        only forgets groups without freeing them, so re-creating them per job would pile up
+        gloo groups for nothing.
+        """
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        key = (layout.tp, layout.pp, layout.vpp)
+        if key != self._parallel_key:
+            self._parallel_key = None
+            ps.destroy_model_parallel()
+            ps.initialize_model_parallel(
+                tensor_model_parallel_size=layout.tp,
+                pipeline_model_parallel_size=layout.pp,
+                virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+                distributed_timeout_minutes=max(1, math.ceil(self.collective_timeout_s / 60)),
+                # The extra gloo copies of the data-parallel groups are for optimizers only.
+                create_gloo_process_groups=False,
+            )
+            self._parallel_key = key
+        # W1: the inference tracker makes the RNG fork a no-op instead of touching CUDA.
+        tensor_parallel.model_parallel_cuda_manual_seed(LOGITS_SEED, inference_rng_tracker=True)
+
+    # ----- one job -----
+
+    def run_job(self, index: int, job: CheckJob) -> dict[str, Any]:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        started = time.monotonic()
+        result: dict[str, Any] = {
+            "job": index,
+            "rank": self.rank,
+            "tp_rank": None,
+            "pp_rank": None,
+            "dp_rank": None,
+            "files": [],
+            "ok": True,
+            "err": None,
+            "max_abs_diff": None,
+            "max_abs_logit": None,
+            "layers_per_chunk": None,
+        }
+        chunks: list[Any] = []
+        arch: HFArch | None = None
+        try:
+            self.init_parallel(job.layout)
+            tp_rank = ps.get_tensor_model_parallel_rank()
+            pp_rank = ps.get_pipeline_model_parallel_rank()
+            result.update(tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=ps.get_data_parallel_rank())
+            ckpt = self.open_rank_file(job, tp_rank, pp_rank, result["files"])
+            arch = read_hf_arch(job.hf_dir)
+            chunks = self.build_chunks(job, arch, padded_vocab_size=_padded_vocab_size(ckpt, arch))
+            result["layers_per_chunk"] = [len(model.decoder.layers) for model in chunks]
+            self.load_chunks(job, arch, ckpt, chunks)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a report
+            result.update(ok=False, err=_describe(exc))
+
+        # The pipelined forward needs every rank: run it only if all of them loaded.
+        loaded_everywhere = _all_ranks_true(result["ok"])
+        if job.check_logits and loaded_everywhere and arch is not None:
+            try:
+                diff, max_logit = self.check_logits(job, arch, chunks)
+                result.update(max_abs_diff=diff, max_abs_logit=max_logit)
+            except Exception as exc:  # noqa: BLE001
+                result.update(ok=False, err=_describe(exc))
+        del chunks
+        # Keep the ranks in step between jobs (the next job may re-create groups).
+        dist.barrier()
+        result["seconds"] = round(time.monotonic() - started, 3)
+        return result
+
+    def open_rank_file(self, job: CheckJob, tp_rank: int, pp_rank: int, opened: list[str]) -> dict[str, Any]:
+        import torch
+
+        tracker = Path(job.mcore_dir, TRACKER_FILE)
+        if not tracker.is_file():
+            raise CheckFailure(f"missing {tracker}")
+        if tracker.read_text().strip() != RELEASE_DIR:
+            raise CheckFailure(f"{tracker} contains {tracker.read_text().strip()!r}, expected 'release'")
+        name = rank_dir_name(tp_rank, pp_rank, job.layout.pp)
+        opened.append(name)
+        path = Path(job.mcore_dir, RELEASE_DIR, name, CKPT_FILE)
+        if not path.is_file():
+            raise CheckFailure(f"missing rank file {path}")
+        # The legacy format stores the training args as an argparse.Namespace.
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict):
+            raise CheckFailure(f"{path}: top level is {type(ckpt).__name__}, expected dict")
+
+        expected_models = _model_entry_names(job.layout.vpp)
+        present_models = sorted(k for k in ckpt if re.fullmatch(r"model\d*", k))
+        if present_models != sorted(expected_models):
+            raise CheckFailure(f"{name}: model entries {present_models}, expected {expected_models}")
+        if ckpt.get("checkpoint_version") != 3.0:
+            raise CheckFailure(f"{name}: checkpoint_version {ckpt.get('checkpoint_version')!r}, expected 3.0")
+        args = ckpt.get("args")
+        if not isinstance(args, argparse.Namespace):
+            raise CheckFailure(f"{name}: 'args' is {type(args).__name__}, expected argparse.Namespace")
+        for field, want in (
+            ("tensor_model_parallel_size", job.layout.tp),
+            ("pipeline_model_parallel_size", job.layout.pp),
+        ):
+            have = getattr(args, field, want)
+            if have != want:
+                raise CheckFailure(f"{name}: args.{field}={have}, expected {want}")
+        return ckpt
+
+    # ----- model building -----
+
+    def transformer_config(self, job: CheckJob, arch: HFArch) -> Any:
+        import torch
+        import torch.nn.functional as F
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        layout = job.layout
+        if layout.num_layers != arch.num_layers:
+            raise CheckFailure(f"layout has {layout.num_layers} layers, HF config has {arch.num_layers}")
+        pipeline_layout = None
+        if layout.pp > 1:
+            # megatron's custom layout: one list per virtual stage, in virtual-stage order
+            # (index = vpp_rank*pp + pp_rank); the embedding opens the first stage and the
+            # loss closes the last one. It supports any per-stage count, which
+            # num_layers_in_first/last_pipeline_stage cannot express (e.g. [1,3,1]).
+            pipeline_layout = [["decoder"] * n for n in layout.layers_per_vstage]
+            pipeline_layout[0].insert(0, "embedding")
+            pipeline_layout[-1].append("loss")
+        return TransformerConfig(
+            num_layers=arch.num_layers,
+            hidden_size=arch.hidden_size,
+            ffn_hidden_size=arch.ffn_hidden_size,
+            num_attention_heads=arch.num_heads,
+            num_query_groups=arch.num_kv_heads,
+            kv_channels=arch.head_dim,
+            layernorm_epsilon=arch.norm_eps,
+            normalization="RMSNorm",
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=arch.qkv_bias,
+            qk_layernorm=arch.qk_norm,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+            pipeline_model_parallel_layout=pipeline_layout,
+            params_dtype=torch.float32,
+            pipeline_dtype=torch.float32,
+            use_cpu_initialization=True,
+            perform_initialization=False,
+        )
+
+    def layer_spec(self, arch: HFArch) -> Any:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+
+    def build_chunks(self, job: CheckJob, arch: HFArch, padded_vocab_size: int) -> list[Any]:
+        from megatron.core import parallel_state as ps
+        from megatron.core.models.gpt import GPTModel
+
+        layout = job.layout
+        config = self.transformer_config(job, arch)
+        spec = self.layer_spec(arch)
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        chunks = []
+        for chunk in range(layout.vpp):
+            vp_stage = chunk if layout.vpp > 1 else None
+            model = GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=padded_vocab_size,
+                max_sequence_length=arch.max_position_embeddings,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                parallel_output=True,
+                share_embeddings_and_output_weights=job.tied,
+                position_embedding_type="rope",
+                rotary_base=arch.rope_theta,
+                vp_stage=vp_stage,
+            )
+            model.eval()  # W5; also disables dropout
+            self.verify_chunk_structure(model, layout, layout.vstage(pp_rank, chunk))
+            chunks.append(model)
+        return chunks
+
+    @staticmethod
+    def verify_chunk_structure(model: Any, layout: Layout, vstage: int) -> None:
+        """The built chunk must hold exactly the layers the layout assigns to ``vstage``."""
+        want = layout.layers_per_vstage[vstage]
+        offset = layout.layer_offset(vstage)
+        layers = list(model.decoder.layers)
+        # TransformerLayer.layer_number is the 1-based *global* layer index.
+        numbers = [layer.layer_number for layer in layers]
+        expected_numbers = list(range(offset + 1, offset + want + 1))
+        if numbers != expected_numbers:
+            raise CheckFailure(
+                f"megatron built virtual stage {vstage} with layers {numbers}, layout expects {expected_numbers}"
+            )
+        first, last = vstage == 0, vstage == layout.num_vstages - 1
+        if (model.pre_process, model.post_process) != (first, last):
+            raise CheckFailure(
+                f"virtual stage {vstage}: megatron pre/post_process={model.pre_process}/{model.post_process},"
+                f" layout expects {first}/{last}"
+            )
+
+    @staticmethod
+    def te_keys_map(model: Any, spec: Any) -> dict[str, str]:
+        """megatron-core's own local->TE layer key map, read from a built layer (or the spec)."""
+        for layer in model.decoder.layers:
+            return dict(layer.submodules_config.sharded_state_dict_keys_map)
+        return dict(spec.submodules.sharded_state_dict_keys_map)
+
+    # ----- loading -----
+
+    def load_chunks(self, job: CheckJob, arch: HFArch, ckpt: Mapping[str, Any], chunks: Sequence[Any]) -> None:
+        names = _model_entry_names(job.layout.vpp)
+        for chunk, (entry, model) in enumerate(zip(names, chunks)):
+            state_dict = ckpt[entry]
+            if not isinstance(state_dict, Mapping):
+                raise CheckFailure(f"{entry} is {type(state_dict).__name__}, expected a state dict")
+            if job.te_names:
+                keys_map = self.te_keys_map(model, self.layer_spec(arch))
+                try:
+                    state_dict = rename_te_to_local(state_dict, keys_map)
+                except KeyError as exc:
+                    raise CheckFailure(f"{entry}: {exc.args[0]}") from None
+            _strict_load(model, state_dict, label=f"{entry} (chunk {chunk})")
+
+    # ----- logits -----
+
+    def check_logits(self, job: CheckJob, arch: HFArch, chunks: Sequence[Any]) -> tuple[float | None, float | None]:
+        """Pipelined fp32 forward; the last stage compares with transformers.
+
+        Returns (max|diff|, max|logit|) on the rank that compared, (None, None) elsewhere.
+        """
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        if arch.rope_type != "default":
+            raise CheckFailure(f"logits check supports only default rope, config has {arch.rope_type!r}")
+        layout = job.layout
+        input_ids = _logits_input_ids(arch.vocab_size)
+        batch, seq = input_ids.shape
+        position_ids = torch.arange(seq).unsqueeze(0).expand(batch, -1)
+        # W3: megatron's default causal mask is built on "cuda"; True means "masked".
+        attention_mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), diagonal=1)[None, None]
+
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        pp_ranks = dist.get_process_group_ranks(ps.get_pipeline_model_parallel_group())
+        # Interleaved order: stage p+s*pp follows p-1 (chunk s), and p=0 follows the last
+        # rank's chunk s-1, so the neighbors form a ring.
+        prev_rank = pp_ranks[(pp_rank - 1) % layout.pp]
+        next_rank = pp_ranks[(pp_rank + 1) % layout.pp]
+        logits = None
+        with torch.no_grad():
+            for chunk, model in enumerate(chunks):
+                vstage = layout.vstage(pp_rank, chunk)
+                if vstage > 0:
+                    hidden = torch.empty(seq, batch, arch.hidden_size, dtype=torch.float32)
+                    dist.recv(hidden, src=prev_rank)
+                    model.set_input_tensor(hidden)
+                output = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+                if vstage < layout.num_vstages - 1:
+                    dist.send(output.contiguous(), dst=next_rank)
+                else:
+                    logits = output
+
+        if logits is None:
+            return None, None
+        # Vocab-parallel logits [b, s, V/tp] -> full padded vocab on every TP rank.
+        parts = [torch.empty_like(logits) for _ in range(layout.tp)]
+        dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+        full = torch.cat(parts, dim=-1)
+        # One comparison per job is enough; replicas and other TP ranks skip the HF load.
+        if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
+            return None, None
+        reference = _hf_logits(job.hf_dir, input_ids)
+        if full.shape[:2] != reference.shape[:2] or full.shape[-1] < arch.vocab_size:
+            raise CheckFailure(f"megatron logits {tuple(full.shape)} vs transformers {tuple(reference.shape)}")
+        # Padded vocab rows are not part of the model: compare real columns only.
+        diff = (full[..., : arch.vocab_size] - reference).abs().max().item()
+        return float(diff), float(reference.abs().max().item())
+
+
+def _model_entry_names(vpp: int) -> list[str]:
+    return ["model"] if vpp == 1 else [f"model{i}" for i in range(vpp)]
+
+
+def _padded_vocab_size(ckpt: Mapping[str, Any], arch: HFArch) -> int:
+    padded = getattr(ckpt["args"], "padded_vocab_size", None)
+    if not isinstance(padded, int) or padded < arch.vocab_size:
+        raise CheckFailure(f"args.padded_vocab_size={padded!r} is not an int >= vocab_size {arch.vocab_size}")
+    return padded
+
+
+def _strict_load(model: Any, state_dict: Mapping[str, Any], label: str) -> None:
+    """``load_state_dict(strict=True)`` with a named report of every mismatch first.
+
+    ``_extra_state`` entries the model lacks (e.g. TE's core_attention) are dropped, and
+    ones it has may be absent: megatron's legacy loader tolerates both and they carry no
+    weights here. Everything else must match key for key and shape for shape.
+    """
+    import torch
+
+    expected = model.state_dict()
+    provided = {k: v for k, v in state_dict.items() if not (_is_extra_state(k) and k not in expected)}
+    missing = sorted(k for k in expected if k not in provided and not _is_extra_state(k))
+    unexpected = sorted(k for k in provided if k not in expected)
+    bad_shapes = []
+    for key, value in provided.items():
+        if key not in expected or _is_extra_state(key):
+            continue
+        if not isinstance(value, torch.Tensor):
+            bad_shapes.append(f"{key}: {type(value).__name__} instead of a tensor")
+        elif value.shape != expected[key].shape:
+            bad_shapes.append(f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}")
+    lines = []
+    if missing:
+        lines.append(f"missing keys {missing}")
+    if unexpected:
+        lines.append(f"unexpected keys {unexpected}")
+    if bad_shapes:
+        lines.append(f"shape mismatches {bad_shapes}")
+    if lines:
+        raise CheckFailure(f"{label}: " + "; ".join(lines))
+    model.load_state_dict(provided, strict=True)
+
+
+def _logits_input_ids(vocab_size: int) -> Any:
+    import torch
+
+    generator = torch.Generator().manual_seed(LOGITS_SEED)
+    return torch.randint(0, vocab_size, (LOGITS_BATCH, LOGITS_SEQ), generator=generator)
+
+
+def _hf_logits(hf_dir: str, input_ids: Any) -> Any:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def _all_ranks_true(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    failures = torch.tensor([0 if flag else 1], dtype=torch.int64)
+    dist.all_reduce(failures, op=dist.ReduceOp.SUM)
+    return int(failures.item()) == 0
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CheckFailure):
+        return str(exc)
+    # Unexpected exceptions keep their traceback: they usually mean a harness or
+    # megatron-side surprise rather than a bad checkpoint.
+    return "".join(traceback.format_exception(exc)).strip()
+
+
+def _worker_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description="mcore_harness worker (spawned by run_checks)")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--jobs", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--collective-timeout", type=float, default=COLLECTIVE_TIMEOUT_S)
+    opts = parser.parse_args(argv)
+
+    started = time.monotonic()
+    _apply_cpu_workarounds()
+    import torch.distributed as dist
+    import megatron.core  # noqa: F401 - import cost belongs to startup, not to job 0
+
+    jobs = [_job_from_json(data) for data in json.loads(opts.jobs.read_text())]
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{opts.port}",
+        rank=opts.rank,
+        world_size=opts.world_size,
+        timeout=datetime.timedelta(seconds=opts.collective_timeout),
+    )
+    startup_s = round(time.monotonic() - started, 3)
+    worker = _Worker(opts.rank, opts.world_size, opts.collective_timeout)
+    results: list[dict[str, Any]] = []
+    out_file = opts.out / f"rank{opts.rank}.json"
+    for index, job in enumerate(jobs):
+        result = worker.run_job(index, job)
+        result["worker_startup_s"] = startup_s
+        results.append(result)
+        # Rewritten after every job so a later hang still leaves the finished reports.
+        tmp = out_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results))
+        tmp.replace(out_file)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker_main(sys.argv[1:]))

@@ -1,0 +1,340 @@
+"""Self-check of tests/mcore_harness.py, independent of the converter.
+
+Tiny random transformers models are turned into Megatron-Core legacy checkpoints by a
+hand-written reference writer (HF->MCore mapping of env.md §2.3); the harness must accept
+them (strict load + logits within 1e-4) and must reject deliberately broken copies.
+Everything that needs megatron runs in ONE run_checks call (one spawn of 4 workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mcore_harness import (
+    CheckJob,
+    Layout,
+    assert_all_ok,
+    job_problems,
+    rank_dir_name,
+    read_hf_arch,
+    rename_te_to_local,
+    run_checks,
+)
+
+WORLD_SIZE = 4
+VOCAB_DIVISIBLE_BY = 128  # megatron-LM's default make_vocab_size_divisible_by
+
+
+# --------------------------------------------------------------------------------------
+# Tiny HF models
+# --------------------------------------------------------------------------------------
+
+
+def _save_tiny_model(
+    out: Path, model_type: str, num_layers: int, tied: bool = False, rope_theta: float = 10000.0
+) -> Path:
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+
+    common: dict[str, Any] = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=num_layers,
+        vocab_size=100,
+        max_position_embeddings=64,
+        tie_word_embeddings=tied,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+    )
+    if model_type == "llama":
+        config = LlamaConfig(**common)
+    elif model_type == "qwen2":
+        config = Qwen2Config(**common)
+    else:
+        # head_dim 32 != hidden/heads: catches code that assumes hidden == heads*head_dim.
+        config = Qwen3Config(**common, head_dim=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random norms and biases too (HF initializes them to 1 / 0), so that swapped or
+    # dropped norms change the logits.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            else:
+                param.normal_(0.0, 0.1)
+    model.save_pretrained(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Reference HF -> MCore legacy writer (deliberately independent of the converter)
+# --------------------------------------------------------------------------------------
+
+
+def _padded_vocab(vocab: int, tp: int) -> int:
+    multiple = VOCAB_DIVISIBLE_BY * tp
+    return -(-vocab // multiple) * multiple
+
+
+def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
+
+
+def _qkv_shard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, tp: int, rank: int) -> torch.Tensor:
+    """MCore fused QKV: per query group [its q heads; k; v], groups split over TP."""
+    trailing = q.shape[1:]  # (hidden,) for weights, () for biases
+    fused = torch.cat(
+        [q.reshape(groups, -1, *trailing), k.reshape(groups, -1, *trailing), v.reshape(groups, -1, *trailing)],
+        dim=1,
+    )
+    return fused.chunk(tp, dim=0)[rank].reshape(-1, *trailing).clone()
+
+
+def _layer_state(
+    hf: dict[str, torch.Tensor], arch: Any, layer: int, tp: int, rank: int, te: bool
+) -> dict[str, Any]:
+    src = f"model.layers.{layer}."
+    attn = src + "self_attn."
+    groups = arch.num_kv_heads
+    out: dict[str, Any] = {
+        "self_attention.linear_qkv.weight": _qkv_shard(
+            hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"], groups, tp, rank
+        ),
+        "self_attention.linear_qkv._extra_state": None,
+        "self_attention.linear_proj.weight": hf[attn + "o_proj.weight"].chunk(tp, dim=1)[rank].clone(),
+        "self_attention.linear_proj._extra_state": None,
+        "mlp.linear_fc1.weight": torch.cat(
+            [hf[src + "mlp.gate_proj.weight"].chunk(tp)[rank], hf[src + "mlp.up_proj.weight"].chunk(tp)[rank]]
+        ),
+        "mlp.linear_fc1._extra_state": None,
+        "mlp.linear_fc2.weight": hf[src + "mlp.down_proj.weight"].chunk(tp, dim=1)[rank].clone(),
+        "mlp.linear_fc2._extra_state": None,
+    }
+    if arch.qkv_bias:
+        out["self_attention.linear_qkv.bias"] = _qkv_shard(
+            hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"], hf[attn + "v_proj.bias"], groups, tp, rank
+        )
+    if arch.qk_norm:
+        out["self_attention.q_layernorm.weight"] = hf[attn + "q_norm.weight"].clone()
+        out["self_attention.k_layernorm.weight"] = hf[attn + "k_norm.weight"].clone()
+    if te:
+        # TE spec: the norms are fused into the following linear; TE attention has state.
+        out["self_attention.linear_qkv.layer_norm_weight"] = hf[src + "input_layernorm.weight"].clone()
+        out["mlp.linear_fc1.layer_norm_weight"] = hf[src + "post_attention_layernorm.weight"].clone()
+        out["self_attention.core_attention._extra_state"] = None
+    else:
+        out["input_layernorm.weight"] = hf[src + "input_layernorm.weight"].clone()
+        out["pre_mlp_layernorm.weight"] = hf[src + "post_attention_layernorm.weight"].clone()
+    return out
+
+
+def write_reference_checkpoint(
+    hf_dir: Path,
+    out: Path,
+    layout: Layout,
+    tied: bool,
+    te: bool = False,
+    extra_state: bool = True,
+    vstage_of: Callable[[int, int], int] | None = None,
+) -> Path:
+    """Write ``out`` as our converter should; ``extra_state=False`` omits the ``_extra_state``
+    entries, ``vstage_of(pp_rank, chunk)`` overrides the interleaved chunk -> stage rule."""
+    vstage_of = vstage_of or layout.vstage
+    hf = load_file(str(hf_dir / "model.safetensors"))
+    arch = read_hf_arch(hf_dir)
+    tp, pp = layout.tp, layout.pp
+    padded = _padded_vocab(arch.vocab_size, tp)
+    embedding = _pad_rows(hf["model.embed_tokens.weight"], padded)
+    output = _pad_rows(hf["model.embed_tokens.weight" if tied else "lm_head.weight"], padded)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        num_layers=arch.num_layers,
+        padded_vocab_size=padded,
+        make_vocab_size_divisible_by=VOCAB_DIVISIBLE_BY,
+        untie_embeddings_and_output_weights=not tied,
+    )
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            chunks = []
+            for chunk in range(layout.vpp):
+                vstage = vstage_of(pp_rank, chunk)
+                sd: dict[str, Any] = {}
+                if vstage == 0:
+                    sd["embedding.word_embeddings.weight"] = embedding.chunk(tp)[tp_rank].clone()
+                offset = layout.layer_offset(vstage)
+                for local in range(layout.layers_per_vstage[vstage]):
+                    for key, value in _layer_state(hf, arch, offset + local, tp, tp_rank, te).items():
+                        sd[f"decoder.layers.{local}.{key}"] = value
+                if vstage == layout.num_vstages - 1:
+                    sd["decoder.final_layernorm.weight"] = hf["model.norm.weight"].clone()
+                    # Tied with one stage: the output layer reuses the embedding, no weight.
+                    if not (tied and layout.num_vstages == 1):
+                        sd["output_layer.weight"] = output.chunk(tp)[tp_rank].clone()
+                    sd["output_layer._extra_state"] = None
+                if not extra_state:
+                    sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
+                chunks.append(sd)
+            ckpt: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0, "args": args}
+            if layout.vpp == 1:
+                ckpt["model"] = chunks[0]
+            else:
+                ckpt.update({f"model{i}": sd for i, sd in enumerate(chunks)})
+            path = out / "release" / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
+            path.parent.mkdir(parents=True)
+            torch.save(ckpt, path)
+    (out / "latest_checkpointed_iteration.txt").write_text("release")
+    return out
+
+
+def _rank_file(ckpt: Path, tp_rank: int, pp_rank: int, pp: int) -> Path:
+    return ckpt / "release" / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
+
+
+def _edit_rank_file(path: Path, edit: Any) -> None:
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    edit(ckpt["model"])
+    torch.save(ckpt, path)
+
+
+# --------------------------------------------------------------------------------------
+# Cheap tests (no spawn)
+# --------------------------------------------------------------------------------------
+
+
+def test_layout_validation() -> None:
+    assert Layout(2, 3, 1, [2, 2, 1]).layers_per_vstage == (2, 2, 1)
+    assert Layout.even(1, 2, 8, vpp=2).layers_per_vstage == (2, 2, 2, 2)
+    lay = Layout(1, 2, 2, (1, 2, 1, 1))
+    # chunk s of pp rank p is virtual stage p + s*pp
+    assert [lay.vstage(1, 0), lay.vstage(0, 1)] == [1, 2]
+    assert [lay.layer_offset(v) for v in range(4)] == [0, 1, 3, 4]
+    with pytest.raises(ValueError):
+        Layout(1, 2, 1, (4,))
+    with pytest.raises(ValueError):
+        Layout(1, 1, 2, (2, 2))
+
+
+def test_rank_dir_name() -> None:
+    assert rank_dir_name(1, 0, 1) == "mp_rank_01"
+    assert rank_dir_name(0, 2, 3) == "mp_rank_00_002"
+
+
+def test_rename_te_to_local() -> None:
+    keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_", "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    renamed = rename_te_to_local(
+        {
+            "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": 1,
+            "decoder.layers.3.self_attention.linear_qkv.weight": 2,
+            "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": 3,
+            "decoder.final_layernorm.weight": 4,
+        },
+        keys_map,
+    )
+    assert renamed == {
+        "decoder.layers.3.input_layernorm.weight": 1,
+        "decoder.layers.3.self_attention.linear_qkv.weight": 2,
+        "decoder.layers.0.pre_mlp_layernorm.weight": 3,
+        "decoder.final_layernorm.weight": 4,
+    }
+    with pytest.raises(KeyError, match="local-style key"):
+        rename_te_to_local({"decoder.layers.0.input_layernorm.weight": 1}, keys_map)
+
+
+# --------------------------------------------------------------------------------------
+# The one spawn: positive and negative jobs together
+# --------------------------------------------------------------------------------------
+
+
+def test_harness_accepts_reference_and_rejects_corruptions(tmp_path: Path) -> None:
+    llama = _save_tiny_model(tmp_path / "hf_llama", "llama", num_layers=5)
+    qwen3 = _save_tiny_model(tmp_path / "hf_qwen3", "qwen3", num_layers=3, tied=True)
+    qwen2 = _save_tiny_model(tmp_path / "hf_qwen2", "qwen2", num_layers=2, rope_theta=1e6)
+
+    tp2pp2 = Layout(2, 2, 1, (3, 2))  # uneven
+    vpp = Layout(1, 2, 2, (1, 2, 1, 1))  # interleaved + uneven; dp=2 replicas
+
+    def reference(name: str, hf: Path, layout: Layout, **kwargs: Any) -> Path:
+        return write_reference_checkpoint(hf, tmp_path / name, layout, **{"tied": False, **kwargs})
+
+    good = reference("llama_tp2pp2", llama, tp2pp2)
+    positive = [
+        CheckJob(str(llama), str(good), tp2pp2, check_logits=True),
+        CheckJob(str(llama), str(reference("llama_vpp", llama, vpp)), vpp, check_logits=True),
+        CheckJob(str(llama), str(reference("llama_te", llama, tp2pp2, te=True)), tp2pp2, te_names=True, check_logits=True),
+        CheckJob(str(qwen3), str(reference("qwen3_tied", qwen3, Layout(2, 2, 1, (2, 1)), tied=True)),
+                 Layout(2, 2, 1, (2, 1)), tied=True, check_logits=True),
+        # qkv bias, rope theta 1e6, and no _extra_state entries at all.
+        CheckJob(str(qwen2), str(reference("qwen2_tp2", qwen2, Layout.even(2, 1, 2), extra_state=False)),
+                 Layout.even(2, 1, 2), check_logits=True),
+    ]
+
+    # Negative 1: a key deleted from one rank file.
+    missing = Path(shutil.copytree(good, tmp_path / "neg_missing"))
+    _edit_rank_file(_rank_file(missing, 1, 1, 2), lambda sd: sd.pop("decoder.layers.1.mlp.linear_fc2.weight"))
+    # Negative 2: two TP ranks' files swapped: same keys and shapes, only logits can tell.
+    swapped = Path(shutil.copytree(good, tmp_path / "neg_swapped"))
+    a, b = _rank_file(swapped, 0, 0, 2), _rank_file(swapped, 1, 0, 2)
+    tmp = a.with_suffix(".swap")
+    a.rename(tmp), b.rename(a), tmp.rename(b)
+    # Negative 3: an unexpected key and a wrong shape in one file.
+    shapes = Path(shutil.copytree(good, tmp_path / "neg_shapes"))
+
+    def corrupt(sd: dict[str, Any]) -> None:
+        sd["decoder.layers.0.self_attention.bogus.weight"] = torch.zeros(1)
+        sd["decoder.layers.0.mlp.linear_fc2.weight"] = torch.zeros(64, 128)
+
+    _edit_rank_file(_rank_file(shapes, 0, 0, 2), corrupt)
+    # Negative 4: a stray rank directory that no megatron rank would open.
+    stray = Path(shutil.copytree(good, tmp_path / "neg_stray"))
+    shutil.copytree(stray / "release" / "mp_rank_00_001", stray / "release" / "mp_rank_00_002")
+    negative = [
+        CheckJob(str(llama), str(missing), tp2pp2),
+        CheckJob(str(llama), str(swapped), tp2pp2, check_logits=True),
+        CheckJob(str(llama), str(shapes), tp2pp2),
+        CheckJob(str(llama), str(stray), tp2pp2),
+        # Negative 5: the right files read with the wrong stage split.
+        CheckJob(str(llama), str(good), Layout(2, 2, 1, (2, 3))),
+        # Negative 6: TE names in a file read as local names.
+        CheckJob(str(llama), str(tmp_path / "llama_te"), tp2pp2),
+        # Negative 7: VPP chunks assigned contiguously (stage p*vpp+s) instead of
+        # interleaved; with (1,1,1,2) the key sets agree and only the logits differ.
+        CheckJob(str(llama), str(reference("neg_vpp_order", llama, Layout(1, 2, 2, (1, 1, 1, 2)),
+                                           vstage_of=lambda p, s: p * 2 + s)),
+                 Layout(1, 2, 2, (1, 1, 1, 2)), check_logits=True),
+    ]
+
+    jobs = positive + negative
+    results = run_checks(WORLD_SIZE, jobs)
+
+    n_pos = len(positive)
+    assert_all_ok([r for r in results if r["job"] < n_pos], positive, WORLD_SIZE)
+    for index, job in enumerate(positive):
+        diffs = [r["max_abs_diff"] for r in results if r["job"] == index and r["max_abs_diff"] is not None]
+        assert len(diffs) == 1 and diffs[0] <= 1e-4, (index, diffs)
+    vpp_layers = {r["pp_rank"]: r["layers_per_chunk"] for r in results if r["job"] == 1}
+    assert vpp_layers == {0: [1, 1], 1: [2, 1]}
+
+    problems = job_problems(results, jobs, WORLD_SIZE)
+    assert sorted(problems) == list(range(n_pos, len(jobs))), problems
+    text = {i - n_pos: "\n".join(lines) for i, lines in problems.items()}
+    assert "missing keys ['decoder.layers.1.mlp.linear_fc2.weight']" in text[0]
+    assert "logits max|diff|" in text[1]
+    assert "decoder.layers.0.self_attention.bogus.weight" in text[2]
+    assert "decoder.layers.0.mlp.linear_fc2.weight: file (64, 128) vs model (64, 64)" in text[2]
+    assert "never opened ['mp_rank_00_002']" in text[3]
+    assert "decoder.layers.2." in text[4]
+    assert "self_attention.linear_qkv.layer_norm_weight" in text[5]
+    assert "logits max|diff|" in text[6] and "rank" not in text[6]
+    with pytest.raises(AssertionError, match="job 6"):
+        assert_all_ok(results, jobs, WORLD_SIZE)

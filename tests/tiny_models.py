@@ -1,0 +1,57 @@
+"""Tiny random HF checkpoints generated with transformers (never downloaded, never in git)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Small but not degenerate: 4 heads in 2 query groups, head_dim 16, vocab that needs padding.
+BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+            num_hidden_layers=4, vocab_size=250, max_position_embeddings=64, rms_norm_eps=1e-6)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    family: str  # llama, qwen2, qwen3
+    tied: bool = False
+    num_layers: int = 4
+    vocab_size: int = 250
+    num_key_value_heads: int = 2
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def key(self) -> str:
+        t = "tied" if self.tied else "untied"
+        return f"{self.family}_{t}_L{self.num_layers}_V{self.vocab_size}_G{self.num_key_value_heads}_{str(self.dtype)[6:]}"
+
+
+def make_config(spec: TinySpec):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    kw = dict(BASE, num_hidden_layers=spec.num_layers, vocab_size=spec.vocab_size,
+              num_key_value_heads=spec.num_key_value_heads, tie_word_embeddings=spec.tied)
+    if spec.family == "llama":
+        return LlamaConfig(**kw)
+    if spec.family == "qwen2":
+        return Qwen2Config(**kw)
+    if spec.family == "qwen3":
+        return Qwen3Config(head_dim=16, **kw)
+    raise ValueError(spec.family)
+
+
+def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
+    """Save a randomly initialised model (non-trivial norms and biases) to ``path``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_config(spec))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Norm weights start at 1 and biases at 0; randomise so every mapping error shows.
+            if p.dim() == 1:
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+    model.to(spec.dtype)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    return path

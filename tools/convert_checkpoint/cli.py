@@ -1,0 +1,35 @@
+"""Entry point: parse flags, plan and validate, then execute (or print the plan)."""
+from __future__ import annotations
+
+import sys
+import time
+
+from .errors import ConversionError
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Imports inside so that `--help` and flag errors stay fast.
+    from .execute import execute
+    from .options import parse_options
+    from .plan import build_plan, describe_plan
+
+    try:
+        opts = parse_options(argv)
+        start = time.perf_counter()
+        plan = build_plan(opts)
+        if opts.dry_run:
+            print(describe_plan(plan, verbose=opts.verbose))
+            return 0
+        print(describe_plan(plan), file=sys.stderr)
+        results = execute(plan, opts.max_workers, opts.overwrite, opts.progress)
+    except ConversionError as e:
+        print(f"convert-checkpoint: error: {e}", file=sys.stderr)
+        return e.exit_code
+    seconds = time.perf_counter() - start
+    gb = sum(r.nbytes for r in results) / 1e9
+    print(f"done: {len(results)} files, {gb:.3f} GB in {seconds:.1f} s -> {plan.target_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Family convert YAMLs: which module convertors map which HF names to which MCore names.
+
+The schema is ours and deliberately small (see README "Convert YAML schema"). A family is
+picked by the HF ``model_type``/``architectures`` unless ``--convert_file`` names one.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import yaml
+
+from ..errors import ConversionError
+
+CONFIG_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "models"))
+
+
+@dataclass(frozen=True)
+class ModuleSpec:
+    convertor: str
+    options: Mapping[str, Any]
+    origin: str  # "<file>: layer module 3" for error messages
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    path: str
+    model_types: tuple[str, ...]
+    architectures: tuple[str, ...]
+    hf_model_type: str
+    hf_architectures: tuple[str, ...]
+    config_fields: Mapping[str, tuple[str, ...]]
+    config_defaults: Mapping[str, Any]
+    fixed_arch: Mapping[str, Any]
+    global_modules: tuple[ModuleSpec, ...]
+    layer_prefix: str
+    layer_modules: tuple[ModuleSpec, ...]
+    ignore: tuple[re.Pattern, ...]
+
+    def is_ignored(self, hf_name: str) -> bool:
+        return any(p.fullmatch(hf_name) for p in self.ignore)
+
+
+_TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights"}
+
+
+def _require(data: Mapping, key: str, path: str, kind: type) -> Any:
+    if key not in data:
+        raise ConversionError(f"convert YAML {path}: missing key '{key}'")
+    value = data[key]
+    if not isinstance(value, kind):
+        raise ConversionError(f"convert YAML {path}: '{key}' must be a {kind.__name__}")
+    return value
+
+
+def _as_tuple(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _modules(items: Any, path: str, where: str) -> tuple[ModuleSpec, ...]:
+    if not isinstance(items, list):
+        raise ConversionError(f"convert YAML {path}: weights.{where} must be a list")
+    specs = []
+    for i, item in enumerate(items):
+        if not isinstance(item, dict) or "convertor" not in item:
+            raise ConversionError(f"convert YAML {path}: weights.{where}[{i}] needs a 'convertor' key")
+        options = {k: v for k, v in item.items() if k != "convertor"}
+        specs.append(ModuleSpec(item["convertor"], options, f"{path}: weights.{where}[{i}]"))
+    return tuple(specs)
+
+
+def load_family(path: str) -> FamilySpec:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConversionError(f"--convert_file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConversionError(f"convert YAML {path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"convert YAML {path}: expected a mapping")
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConversionError(f"convert YAML {path}: unknown key(s) {', '.join(unknown)}")
+    name = _require(data, "family", path, str)
+    match = data.get("match") or {}
+    hf = _require(data, "hf_config", path, dict)
+    weights = _require(data, "weights", path, dict)
+    fields = {k: _as_tuple(v) for k, v in (hf.get("fields") or {}).items()}
+    try:
+        ignore = tuple(re.compile(p) for p in weights.get("ignore") or ())
+    except re.error as e:
+        raise ConversionError(f"convert YAML {path}: bad ignore pattern ({e})") from None
+    return FamilySpec(
+        name=name,
+        path=path,
+        model_types=_as_tuple(match.get("model_type")),
+        architectures=_as_tuple(match.get("architectures")),
+        hf_model_type=_require(hf, "model_type", path, str),
+        hf_architectures=_as_tuple(hf.get("architectures")),
+        config_fields=fields,
+        config_defaults=dict(hf.get("defaults") or {}),
+        fixed_arch=dict(data.get("architecture") or {}),
+        global_modules=_modules(weights.get("global", []), path, "global"),
+        layer_prefix=_require(weights, "layer_prefix", path, str),
+        layer_modules=_modules(weights.get("layer", []), path, "layer"),
+        ignore=ignore,
+    )
+
+
+def builtin_family_paths() -> list[str]:
+    return sorted(glob.glob(os.path.join(CONFIG_ROOT, "*", "ckpt_convert", "*_convert.yaml")))
+
+
+def builtin_families() -> dict[str, FamilySpec]:
+    families = {}
+    for path in builtin_family_paths():
+        spec = load_family(path)
+        families[spec.name] = spec
+    return families
+
+
+def family_by_name(name: str) -> FamilySpec:
+    families = builtin_families()
+    if name not in families:
+        raise ConversionError(f"unknown model family {name!r}; known: {', '.join(sorted(families))}")
+    return families[name]
+
+
+def family_for_hf_config(config: Mapping[str, Any]) -> FamilySpec:
+    """Pick the family whose ``match`` names this config's model_type (or architectures)."""
+    model_type = config.get("model_type")
+    archs = set(config.get("architectures") or ())
+    families = builtin_families().values()
+    for spec in families:
+        if model_type in spec.model_types:
+            return spec
+    for spec in families:
+        if archs & set(spec.architectures):
+            return spec
+    known = ", ".join(sorted(t for s in families for t in s.model_types))
+    raise ConversionError(
+        f"unknown model family: config.json has model_type {model_type!r} and architectures {sorted(archs)}; "
+        f"supported model types: {known} (or pass --convert_file)"
+    )

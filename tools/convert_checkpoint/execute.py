@@ -1,0 +1,143 @@
+"""Execute a plan: each output file is built independently from lazily read slices.
+
+Files go to a pool of ``--max_workers`` processes (forked, so they share the source index and
+memory maps); a worker holds about one output file at a time. Every file is written under a
+temporary name and renamed into place; the top-level markers (tracker file, index, config)
+are written last, so a directory that has them is complete.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import torch
+
+from . import tensor_expr as te
+from .formats import huggingface as hf_format
+from .formats import mcore_legacy
+from .formats.safetensors_io import PlannedTensor, write_streaming
+from .plan import OutputFile, Plan, hf_config_json
+
+# Set in the parent before forking workers; read-only afterwards.
+_SOURCE = None
+
+
+@dataclass(frozen=True)
+class FileResult:
+    relpath: str
+    nbytes: int
+    seconds: float
+
+
+def _tmp_path(path: str) -> str:
+    head, tail = os.path.split(path)
+    return os.path.join(head, f".{tail}.tmp-{os.getpid()}")
+
+
+def _build_file(out: OutputFile, target_root: str, args, iteration) -> FileResult:
+    start = time.perf_counter()
+    reader = _SOURCE.reader()
+    path = os.path.join(target_root, out.relpath)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _tmp_path(path)
+    try:
+        if out.fmt == "mcore":
+            containers = {
+                key: {j.name: (None if j.expr is None else te.materialize(j.expr, reader)) for j in jobs}
+                for key, jobs in out.containers
+            }
+            mcore_legacy.save_rank_file(tmp, containers, args, iteration)
+            del containers
+        else:
+            (_, jobs), = out.containers
+            by_name = {j.name: j.expr for j in jobs}
+            planned = [PlannedTensor(j.name, j.expr.dtype, j.expr.shape) for j in jobs]
+            write_streaming(tmp, planned, lambda t: te.materialize(by_name[t.name], reader), {"format": "pt"})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        reader.close()
+    return FileResult(out.relpath, out.nbytes, time.perf_counter() - start)
+
+
+def _prepare_target(target: str, overwrite: bool) -> None:
+    if os.path.isdir(target) and os.listdir(target) and overwrite:
+        for name in os.listdir(target):
+            p = os.path.join(target, name)
+            shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+    os.makedirs(target, exist_ok=True)
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers/huggingface_hub
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not enabled or None, file=sys.stderr)
+
+
+def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress: bool = True) -> list[FileResult]:
+    global _SOURCE
+    _SOURCE = plan.source
+    target = plan.target_dir
+    _prepare_target(target, overwrite)
+    if plan.direction == "hf->mcore":
+        iteration = None
+        root = os.path.join(target, mcore_legacy.iteration_dir_name(iteration))
+    else:
+        iteration = None
+        root = target
+    bar = _progress(plan.total_bytes, progress)
+    results: list[FileResult] = []
+    try:
+        if max_workers <= 1 or len(plan.files) <= 1:
+            for f in plan.files:
+                results.append(_build_file(f, root, plan.mcore_args, iteration))
+                if bar:
+                    bar.update(f.nbytes)
+        else:
+            # torch's intra-op threads would oversubscribe the cores next to N workers.
+            ctx = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                futures = [pool.submit(_build_file, f, root, plan.mcore_args, iteration) for f in plan.files]
+                for fut in as_completed(futures):
+                    r = fut.result()
+                    results.append(r)
+                    if bar:
+                        bar.update(r.nbytes)
+    finally:
+        if bar:
+            bar.close()
+        _SOURCE = None
+    _write_markers(plan, target)
+    return results
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = _tmp_path(path)
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _write_markers(plan: Plan, target: str) -> None:
+    if plan.direction == "hf->mcore":
+        _write_text(os.path.join(target, mcore_legacy.TRACKER_NAME), "release")
+        return
+    if plan.hf_reference_dir:
+        hf_format.copy_reference_files(plan.hf_reference_dir, target)
+    config = hf_config_json(plan)
+    if config is not None:
+        _write_text(os.path.join(target, "config.json"), config)
+    weight_map = {j.name: f.relpath for f in plan.files for _, jobs in f.containers for j in jobs}
+    index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_text(os.path.join(target, hf_format.INDEX_NAME), json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,179 @@
+"""safetensors without loading files whole.
+
+Reading parses only the JSON header (to build the lazy index) and later ``pread``s exactly the
+byte ranges of the rows a shard needs, straight into the destination tensor. Writing streams
+one tensor at a time after a header computed from the plan, so memory stays at the largest
+tensor rather than the whole file (``safetensors.torch.save_file`` needs all of them at once).
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from ..errors import ConversionError
+from ..tensor_expr import Leaf
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+
+
+def read_header(path: str) -> dict[str, TensorEntry]:
+    """Index of one safetensors file; a corrupt or truncated file is a ConversionError."""
+    name = os.path.basename(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ConversionError(f"corrupt safetensors file {path}: shorter than its 8-byte header length")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(size - 8, _MAX_HEADER):
+            raise ConversionError(f"corrupt or truncated safetensors file {path}: header length {header_len} exceeds the file")
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:
+            raise ConversionError(f"corrupt safetensors file {path}: unreadable header ({e})") from None
+    data_start = 8 + header_len
+    entries: dict[str, TensorEntry] = {}
+    for key, meta in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[meta["dtype"]]
+            shape = tuple(int(s) for s in meta["shape"])
+            begin, end = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"corrupt safetensors file {path}: bad header entry for tensor {key}") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * dtype.itemsize or begin < 0:
+            raise ConversionError(f"corrupt safetensors file {path}: tensor {key} has {end - begin} bytes for shape {list(shape)}")
+        if data_start + end > size:
+            raise ConversionError(
+                f"truncated safetensors file {path}: tensor {key} ends at byte {data_start + end}, file has {size}"
+            )
+        entries[key] = TensorEntry(dtype, shape, data_start + begin)
+    del name
+    return entries
+
+
+class SafetensorsReader:
+    """Reads leaf windows from safetensors files under one root, one open fd per file."""
+
+    def __init__(self, root: str, entries: Mapping[str, Mapping[str, TensorEntry]]):
+        self._root = root
+        self._entries = entries  # file -> tensor name -> entry
+        self._fds: dict[str, int] = {}
+
+    def _fd(self, file: str) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = os.open(os.path.join(self._root, file), os.O_RDONLY)
+            self._fds[file] = fd
+        return fd
+
+    def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
+        entry = self._entries[leaf.ref.file][leaf.ref.name]
+        shape = entry.shape
+        row_bytes = entry.dtype.itemsize
+        for s in shape[1:]:
+            row_bytes *= s
+        full_rows = tuple(leaf.offsets[1:]) == (0,) * (len(shape) - 1) and tuple(leaf.shape[1:]) == shape[1:]
+        if not shape:  # scalar
+            self._pread_into(leaf.ref.file, entry.begin, out.reshape(1))
+        elif full_rows and out.is_contiguous():
+            start = entry.begin + leaf.offsets[0] * row_bytes
+            self._pread_into(leaf.ref.file, start, out)
+        else:
+            rows = torch.empty((leaf.shape[0],) + shape[1:], dtype=entry.dtype)
+            self._pread_into(leaf.ref.file, entry.begin + leaf.offsets[0] * row_bytes, rows)
+            window = rows
+            for dim in range(1, len(shape)):
+                window = window.narrow(dim, leaf.offsets[dim], leaf.shape[dim])
+            out.copy_(window)
+
+    def _pread_into(self, file: str, offset: int, out: torch.Tensor) -> None:
+        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        fd = self._fd(file)
+        done = 0
+        total = len(view)
+        while done < total:
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise ConversionError(f"truncated safetensors file {file}: short read")
+            done += n
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def write_streaming(
+    path: str,
+    tensors: Iterable[PlannedTensor],
+    produce: Callable[[PlannedTensor], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose header is known up front, producing tensors one by one."""
+    tensors = list(tensors)
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data must start 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in tensors:
+            value = produce(t)
+            if value.dtype != t.dtype or tuple(value.shape) != t.shape:
+                raise RuntimeError(f"planned {t.name} as {t.dtype}{list(t.shape)}, got {value.dtype}{list(value.shape)}")
+            f.write(memoryview(value.contiguous().view(torch.uint8).reshape(-1).numpy()))
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,120 @@
+"""Where each canonical tensor lands: rank file, model chunk, local name and TP shard."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable
+
+from ..formats.mcore_legacy import FILE_NAME, rank_dir_name
+from .pipeline import PipelineLayout
+from .tensor_parallel import Split
+
+if TYPE_CHECKING:  # avoids an import cycle with module_convertor
+    from ..module_convertor.base import CanonicalTensor
+
+LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+TRANSFORMER_IMPLS = ("transformer_engine", "local")
+
+# Megatron-Core's own local->TE name map (``sharded_state_dict_keys_map`` of the local layer
+# spec): TE fuses these norms into the following linear. Applied only when that linear exists.
+TE_FUSED_NORMS = (
+    ("input_layernorm.", "self_attention.linear_qkv.layer_norm_", "self_attention.linear_qkv.weight"),
+    ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_", "mlp.linear_fc1.weight"),
+)
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int
+    pipeline: PipelineLayout
+    transformer_impl: str
+    padded_vocab_size: int
+    tied_embeddings: bool
+
+    def rank_file(self, tp_rank: int, pp_rank: int) -> str:
+        return os.path.join(rank_dir_name(tp_rank, pp_rank, self.pipeline.pp), FILE_NAME)
+
+    def rank_files(self) -> list[str]:
+        return [self.rank_file(t, p) for t in range(self.tp) for p in range(self.pipeline.pp)]
+
+
+@dataclass(frozen=True)
+class Placement:
+    file: str
+    container: str
+    name: str  # name inside the container
+    tp_rank: int
+    canonical: "CanonicalTensor"
+    # A tied output layer on the last stage: written from the embedding, skipped on read.
+    tied_copy: bool = False
+
+
+@dataclass(frozen=True)
+class ExtraState:
+    file: str
+    container: str
+    name: str  # <module>._extra_state
+
+
+def _local_name(canonical_name: str, layout: ParallelLayout, layer_names: set[str]) -> tuple[int, int, str]:
+    """(pipeline rank, chunk, name inside the chunk) for a canonical tensor name."""
+    pipe = layout.pipeline
+    m = LAYER_RE.match(canonical_name)
+    if m:
+        layer, rest = int(m.group(1)), m.group(2)
+        rank, chunk, local = pipe.locate(layer)
+        if layout.transformer_impl == "transformer_engine":
+            for norm_prefix, fused_prefix, fused_weight in TE_FUSED_NORMS:
+                if rest.startswith(norm_prefix) and f"decoder.layers.{layer}.{fused_weight}" in layer_names:
+                    rest = fused_prefix + rest[len(norm_prefix):]
+        return rank, chunk, f"decoder.layers.{local}.{rest}"
+    if canonical_name.startswith("embedding."):
+        rank, chunk = pipe.rank_and_chunk(0)
+    else:  # final norm, output layer: with the last decoder layer
+        rank, chunk = pipe.rank_and_chunk(pipe.last_vstage)
+    return rank, chunk, canonical_name
+
+
+def place(tensors: Iterable["CanonicalTensor"], layout: ParallelLayout) -> tuple[list[Placement], list[ExtraState]]:
+    from ..module_convertor.embedding import OUTPUT_LAYER, WORD_EMBEDDINGS
+    from ..module_convertor.base import CanonicalTensor
+
+    tensors = list(tensors)
+    names = {t.name for t in tensors}
+    pipe = layout.pipeline
+    placements: list[Placement] = []
+    extras: list[ExtraState] = []
+
+    def add(t: CanonicalTensor, rank: int, chunk: int, local: str, tied_copy: bool = False) -> None:
+        container = pipe.container(chunk)
+        for tp_rank in range(layout.tp):
+            file = layout.rank_file(tp_rank, rank)
+            placements.append(Placement(file, container, local, tp_rank, t, tied_copy))
+            if t.extra_state_module is not None:
+                # The module path carries the same local renumbering as the weight name.
+                suffix_len = len(t.name) - len(t.extra_state_module)
+                module = local[:-suffix_len]
+                extras.append(ExtraState(file, container, f"{module}._extra_state"))
+
+    for t in tensors:
+        rank, chunk, local = _local_name(t.name, layout, names)
+        add(t, rank, chunk, local)
+        if t.name == WORD_EMBEDDINGS and layout.tied_embeddings and pipe.pp > 1:
+            # Megatron keeps its own output-layer copy of tied embeddings on the last stage.
+            copy = CanonicalTensor(OUTPUT_LAYER, t.shape, Split.VOCAB, "output_layer")
+            last_rank, last_chunk = pipe.rank_and_chunk(pipe.last_vstage)
+            add(copy, last_rank, last_chunk, OUTPUT_LAYER, tied_copy=True)
+    return placements, extras
+
+
+def placement_sort_key(name: str) -> tuple:
+    """Model order inside a chunk: embedding, layers in order, final norm, output layer."""
+    m = re.match(r"^decoder\.layers\.(\d+)\.", name)
+    if name.startswith("embedding."):
+        return (0, 0)
+    if m:
+        return (1, int(m.group(1)))
+    if name.startswith("decoder."):
+        return (2, 0)
+    return (3, 0)

@@ -1,0 +1,80 @@
+"""GQA/MHA attention: HF q, k, v projections <-> Megatron's fused ``linear_qkv``.
+
+Megatron stores qkv per query group: for group g the rows are the g-th group's
+``heads / groups`` query heads, then its key head, then its value head. Sharding by TP is then
+a plain row chunk (``groups / tp`` groups per rank), so every shard reads only its own rows.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from .. import tensor_expr as te
+from ..errors import ConversionError
+from ..layout.tensor_parallel import Split
+from ..tensor_expr import Expr
+from .base import CanonicalTensor, ModuleConvertor, register
+
+
+@register
+class FusedQKV(ModuleConvertor):
+    kind = "qkv"
+    options = ("hf", "mcore")
+    required = ("hf", "mcore")
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        hf = self.opt("hf")
+        if not (isinstance(hf, list) and len(hf) == 3):
+            raise ConversionError(f"{self.spec.origin}: 'hf' of convertor qkv must list the q, k and v modules")
+        self._q, self._k, self._v = (self.hf_name(m) for m in hf)
+        self._fused = self.mcore_name(self.opt("mcore"))
+
+    def _suffixes(self) -> tuple[str, ...]:
+        return ("weight", "bias") if self.arch.add_qkv_bias else ("weight",)
+
+    def _rows(self) -> tuple[int, int, int]:
+        a = self.arch
+        return a.q_dim, a.kv_dim, a.q_dim + 2 * a.kv_dim
+
+    def hf_shapes(self):
+        q_rows, kv_rows, _ = self._rows()
+        shapes = {}
+        for suffix in self._suffixes():
+            tail = (self.arch.hidden_size,) if suffix == "weight" else ()
+            shapes[f"{self._q}.{suffix}"] = (q_rows,) + tail
+            shapes[f"{self._k}.{suffix}"] = (kv_rows,) + tail
+            shapes[f"{self._v}.{suffix}"] = (kv_rows,) + tail
+        return shapes
+
+    def canonical(self):
+        _, _, rows = self._rows()
+        out = [CanonicalTensor(f"{self._fused}.weight", (rows, self.arch.hidden_size), Split.COLUMN, self._fused)]
+        if self.arch.add_qkv_bias:
+            out.append(CanonicalTensor(f"{self._fused}.bias", (rows,), Split.COLUMN))
+        return out
+
+    def to_canonical(self, hf: Mapping[str, Expr]):
+        a = self.arch
+        groups, d = a.num_query_groups, a.kv_channels
+        q_per_group = a.num_attention_heads // groups * d
+        out = {}
+        for suffix in self._suffixes():
+            q, k, v = (hf[f"{m}.{suffix}"] for m in (self._q, self._k, self._v))
+            parts = []
+            for g in range(groups):
+                parts += [te.narrow(q, 0, g * q_per_group, q_per_group), te.narrow(k, 0, g * d, d), te.narrow(v, 0, g * d, d)]
+            out[f"{self._fused}.{suffix}"] = te.cat(parts, 0)
+        return out
+
+    def to_hf(self, canonical: Mapping[str, Expr]):
+        a = self.arch
+        groups, d = a.num_query_groups, a.kv_channels
+        q_per_group = a.num_attention_heads // groups * d
+        stride = q_per_group + 2 * d
+        out = {}
+        for suffix in self._suffixes():
+            fused = canonical[f"{self._fused}.{suffix}"]
+            out[f"{self._q}.{suffix}"] = te.cat([te.narrow(fused, 0, g * stride, q_per_group) for g in range(groups)], 0)
+            out[f"{self._k}.{suffix}"] = te.cat([te.narrow(fused, 0, g * stride + q_per_group, d) for g in range(groups)], 0)
+            out[f"{self._v}.{suffix}"] = te.cat([te.narrow(fused, 0, g * stride + q_per_group + d, d) for g in range(groups)], 0)
+        return out

@@ -1,0 +1,100 @@
+"""Module convertors: one small class per kind of module, chosen by name in the family YAML.
+
+A convertor maps the HF tensors of one module to *canonical* tensors (full, unsharded, in
+Megatron-Core local-spec naming with global layer indices) and back. Both directions work on
+symbolic expressions (``tensor_expr``), so the same code serves HF->MCore and MCore->HF and
+no data is read while planning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from ..config.arch import ModelArch
+from ..config.family import ModuleSpec
+from ..errors import ConversionError
+from ..layout.tensor_parallel import Split
+from ..tensor_expr import Expr
+
+
+@dataclass(frozen=True)
+class CanonicalTensor:
+    name: str  # e.g. decoder.layers.7.self_attention.linear_qkv.weight
+    shape: tuple[int, ...]
+    split: Split
+    # The Megatron module owning this weight when it is a linear layer: its ``_extra_state``
+    # entry is written next to it (TE and local specs both declare one per linear).
+    extra_state_module: str | None = None
+
+
+_REGISTRY: dict[str, type["ModuleConvertor"]] = {}
+
+
+def register(cls: type["ModuleConvertor"]) -> type["ModuleConvertor"]:
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def convertor_kinds() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+class ModuleConvertor:
+    kind: ClassVar[str]
+    # Option names the YAML entry may use (besides ``convertor``).
+    options: ClassVar[tuple[str, ...]] = ()
+    required: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, spec: ModuleSpec, arch: ModelArch, hf_prefix: str, mcore_prefix: str):
+        unknown = sorted(set(spec.options) - set(self.options))
+        if unknown:
+            raise ConversionError(f"{spec.origin}: convertor '{self.kind}' does not take option(s) {', '.join(unknown)}")
+        missing = [o for o in self.required if o not in spec.options]
+        if missing:
+            raise ConversionError(f"{spec.origin}: convertor '{self.kind}' needs option(s) {', '.join(missing)}")
+        self.spec = spec
+        self.arch = arch
+        self.hf_prefix = hf_prefix
+        self.mcore_prefix = mcore_prefix
+
+    def opt(self, name: str, default: Any = None) -> Any:
+        return self.spec.options.get(name, default)
+
+    def hf_name(self, suffix: str) -> str:
+        return self.hf_prefix + suffix
+
+    def mcore_name(self, suffix: str) -> str:
+        return self.mcore_prefix + suffix
+
+    def shape_option(self, default: list) -> tuple[int, ...]:
+        shape = self.opt("shape", default)
+        if not isinstance(shape, list):
+            raise ConversionError(f"{self.spec.origin}: 'shape' must be a list of sizes or size names")
+        return tuple(self.arch.size(s) for s in shape)
+
+    # --- the contract -------------------------------------------------------------------
+    def hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF tensors of this module (read on HF->MCore, written on MCore->HF) with their shapes."""
+        raise NotImplementedError
+
+    def optional_hf(self) -> set[str]:
+        """HF tensors that may exist and are dropped on purpose (e.g. a tied lm_head copy)."""
+        return set()
+
+    def canonical(self) -> list[CanonicalTensor]:
+        raise NotImplementedError
+
+    def to_canonical(self, hf: Mapping[str, Expr]) -> dict[str, Expr]:
+        raise NotImplementedError
+
+    def to_hf(self, canonical: Mapping[str, Expr]) -> dict[str, Expr]:
+        raise NotImplementedError
+
+
+def create(spec: ModuleSpec, arch: ModelArch, hf_prefix: str, mcore_prefix: str) -> ModuleConvertor:
+    cls = _REGISTRY.get(spec.convertor)
+    if cls is None:
+        raise ConversionError(
+            f"{spec.origin}: unknown convertor '{spec.convertor}'; known: {', '.join(convertor_kinds())}"
+        )
+    return cls(spec, arch, hf_prefix, mcore_prefix)

@@ -1,0 +1,60 @@
+"""Word embeddings and the output layer (vocab-padded, tied or untied)."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..layout.tensor_parallel import Split
+from ..tensor_expr import Expr
+from .base import CanonicalTensor, ModuleConvertor, register
+
+WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
+OUTPUT_LAYER = "output_layer.weight"
+
+
+@register
+class WordEmbedding(ModuleConvertor):
+    kind = "word_embedding"
+    options = ("hf",)
+    required = ("hf",)
+
+    def hf_shapes(self):
+        return {self.opt("hf"): (self.arch.vocab_size, self.arch.hidden_size)}
+
+    def canonical(self):
+        return [CanonicalTensor(WORD_EMBEDDINGS, (self.arch.vocab_size, self.arch.hidden_size), Split.VOCAB)]
+
+    def to_canonical(self, hf: Mapping[str, Expr]):
+        return {WORD_EMBEDDINGS: hf[self.opt("hf")]}
+
+    def to_hf(self, canonical: Mapping[str, Expr]):
+        return {self.opt("hf"): canonical[WORD_EMBEDDINGS]}
+
+
+@register
+class OutputLayer(ModuleConvertor):
+    """The LM head. With tied embeddings it has no canonical tensor of its own: the layout
+    writes the embedding copy Megatron expects on the last stage (PP > 1) and nothing at PP = 1,
+    and an HF ``lm_head`` that merely duplicates the embedding is accepted and dropped."""
+
+    kind = "output_layer"
+    options = ("hf",)
+    required = ("hf",)
+
+    def hf_shapes(self):
+        if self.arch.tied_embeddings:
+            return {}
+        return {self.opt("hf"): (self.arch.vocab_size, self.arch.hidden_size)}
+
+    def optional_hf(self):
+        return {self.opt("hf")} if self.arch.tied_embeddings else set()
+
+    def canonical(self):
+        if self.arch.tied_embeddings:
+            return []
+        return [CanonicalTensor(OUTPUT_LAYER, (self.arch.vocab_size, self.arch.hidden_size), Split.VOCAB, "output_layer")]
+
+    def to_canonical(self, hf: Mapping[str, Expr]):
+        return {} if self.arch.tied_embeddings else {OUTPUT_LAYER: hf[self.opt("hf")]}
+
+    def to_hf(self, canonical: Mapping[str, Expr]):
+        return {} if self.arch.tied_embeddings else {self.opt("hf"): canonical[OUTPUT_LAYER]}

@@ -1,0 +1,61 @@
+"""One HF tensor <-> one canonical tensor: norms, plain column/row-parallel linears."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..layout.tensor_parallel import Split
+from ..tensor_expr import Expr
+from .base import CanonicalTensor, ModuleConvertor, register
+
+
+class _OneToOne(ModuleConvertor):
+    options = ("hf", "mcore", "shape")
+    required = ("hf", "mcore")
+    split: Split = Split.REPLICATED
+    is_linear = False
+    default_shape: list = ["hidden_size"]
+
+    def _hf(self) -> str:
+        return self.hf_name(self.opt("hf"))
+
+    def _mcore(self) -> str:
+        return self.mcore_name(self.opt("mcore"))
+
+    def hf_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {self._hf(): self.shape_option(self.default_shape)}
+
+    def canonical(self) -> list[CanonicalTensor]:
+        name = self._mcore()
+        module = name.rsplit(".", 1)[0] if self.is_linear else None
+        return [CanonicalTensor(name, self.shape_option(self.default_shape), self.split, module)]
+
+    def to_canonical(self, hf: Mapping[str, Expr]) -> dict[str, Expr]:
+        return {self._mcore(): hf[self._hf()]}
+
+    def to_hf(self, canonical: Mapping[str, Expr]) -> dict[str, Expr]:
+        return {self._hf(): canonical[self._mcore()]}
+
+
+@register
+class Norm(_OneToOne):
+    """RMSNorm/LayerNorm weight (or bias), q/k layernorm: replicated on every TP rank."""
+
+    kind = "norm"
+
+
+@register
+class ColumnParallelLinear(_OneToOne):
+    """A linear whose output rows are split over TP (weight, or its bias with shape [out])."""
+
+    kind = "column_parallel"
+    split = Split.COLUMN
+    is_linear = True
+
+
+@register
+class RowParallelLinear(_OneToOne):
+    """A linear whose input columns are split over TP (attention output, MLP fc2)."""
+
+    kind = "row_parallel"
+    split = Split.ROW
+    is_linear = True

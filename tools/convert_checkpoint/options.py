@@ -1,0 +1,196 @@
+"""Command-line flags (the incumbent's names, underscore and dash spellings) -> frozen options."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from dataclasses import dataclass
+
+from .errors import ConversionError
+from .layout.pipeline import parse_layer_list
+from .layout.placement import TRANSFORMER_IMPLS
+
+PLATFORMS = ("huggingface", "mcore")
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    load_platform: str
+    save_platform: str
+    load_ckpt_path: str
+    save_ckpt_path: str
+    config_file: str | None = None
+    convert_file: str | None = None
+    # None = not given: HF->MCore uses 1, MCore->HF reads the layout off the rank files.
+    tensor_model_parallel_size: int | None = None
+    pipeline_model_parallel_size: int | None = None
+    virtual_stages: int | None = None
+    num_layers_per_virtual_pipeline_stage: int | None = None
+    custom_pipeline_layers: tuple[int, ...] | None = None
+    make_vocab_size_divisible_by: int = 128
+    pad_vocab_size_to: int | None = None
+    add_embedding_padding: bool = True
+    transformer_impl: str | None = None  # None = default (transformer_engine) / detect on load
+    hf_config_path: str | None = None
+    max_shard_size: int = 5 * 1000**3
+    max_workers: int = 1
+    overwrite: bool = False
+    dry_run: bool = False
+    verbose: bool = False
+    progress: bool = True
+
+
+# Incumbent flags we parse so scripts do not break, but whose features are not built yet.
+# Giving one with a value that would change the result is an error, never silently ignored.
+_NOT_YET = {
+    "expert_parallel_size": "expert parallelism (MoE models) is not supported yet; only 1 is accepted",
+    "expert_tensor_parallel_size": "expert tensor parallelism (MoE models) is not supported yet; only 1 is accepted",
+    "moe_grouped_gemm": "mixture-of-experts models are not supported yet",
+    "mtp_num_layers": "multi-token-prediction layers are not supported yet; only 0 is accepted",
+    "convert_to_fp8": "FP8 output is not supported yet",
+    "quant_method": "FP8 quantization is not supported yet",
+    "fp8_force_no_requant": "FP8 checkpoints are not supported yet",
+    "force_pow_2_scales": "FP8 checkpoints are not supported yet",
+    "amax_epsilon": "FP8 quantization is not supported yet",
+    "pretrain_as_fp8": "FP8 checkpoints are not supported yet",
+    "distributed_convert": "multi-process (torchrun) conversion is not supported yet; use --max_workers",
+    "torch_dtype": "dtype casting is not supported yet: tensors keep their source dtype",
+    "vocab_size": "overriding the vocabulary size is not supported; it comes from the checkpoint",
+    "vpp_scheduler": "the dualpipev schedule is not supported yet",
+    "pipeline_model_parallel_layout": "layout strings are not supported yet; use --custom_pipeline_layers",
+    "decoder_first_pipeline_num_layers": "not supported yet; use --custom_pipeline_layers",
+    "decoder_last_pipeline_num_layers": "not supported yet; use --custom_pipeline_layers",
+    "load_lora_ckpt_path": "LoRA merging is not supported yet",
+    "hf_dequantize_int4": "INT4 checkpoints are not supported yet",
+    "hf_dequantize_mxfp4": "MXFP4 checkpoints are not supported yet",
+    "adapter_convert_file": "vision-language models are not supported yet",
+    "vision_patch_convert_file": "vision-language models are not supported yet",
+}
+# Values of the not-yet flags that are harmless (the default behaviour).
+_HARMLESS = {"expert_parallel_size": {"1"}, "expert_tensor_parallel_size": {"1"}, "mtp_num_layers": {"0"}}
+_BOOL_FLAGS = {"moe_grouped_gemm", "convert_to_fp8", "fp8_force_no_requant", "force_pow_2_scales", "pretrain_as_fp8",
+               "distributed_convert", "hf_dequantize_int4", "hf_dequantize_mxfp4"}
+
+
+def _spellings(name: str) -> list[str]:
+    under = "--" + name.replace("-", "_")
+    dash = "--" + name.replace("_", "-")
+    return [under] if under == dash else [under, dash]
+
+
+def _str2bool(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected a size like 5GB or 500MiB, got {text!r}")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    return int(float(m.group(1)) * base**power)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Flag errors as one line and exit code 2, like every other input error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(
+        prog="convert-checkpoint",
+        description="Convert LLM checkpoints between HuggingFace safetensors and Megatron-Core "
+        "legacy per-rank checkpoints, resharding over tensor and pipeline parallel ranks.",
+    )
+
+    def add(name: str, **kw) -> None:
+        p.add_argument(*_spellings(name), dest=name.replace("-", "_"), **kw)
+
+    add("load_platform", choices=PLATFORMS, required=True, help="source format")
+    add("save_platform", choices=PLATFORMS, required=True, help="target format")
+    add("load_ckpt_path", required=True, help="source checkpoint directory")
+    add("save_ckpt_path", required=True, help="target directory (must be empty unless --overwrite)")
+    add("config_file", help="architecture YAML (optional: derived from config.json or the checkpoint's args)")
+    add("convert_file", help="family convert YAML (optional: picked by config.json model_type)")
+    add("tensor_model_parallel_size", type=_positive, help="TP size (MCore->HF: read off the rank files)")
+    add("pipeline_model_parallel_size", type=_positive, help="PP size (MCore->HF: read off the rank files)")
+    add("num-virtual-stages-per-pipeline-rank", type=_positive, help="virtual pipeline chunks per rank (VPP)")
+    add("num_layers_per_virtual_pipeline_stage", type=_positive, help="layers per virtual stage (alternative VPP spec)")
+    add("custom_pipeline_layers", help="layers per virtual stage, e.g. 8,7,8,8 (pp x vpp entries)")
+    add("make_vocab_size_divisible_by", type=_positive, default=128, help="pad vocab to a multiple of this x TP (default 128)")
+    add("pad_vocab_size_to", type=_positive, help="explicit padded vocab size")
+    add("add_embedding_padding", type=_str2bool, default=True, help="pad embedding rows (default true)")
+    add("transformer_impl", choices=TRANSFORMER_IMPLS, help="MCore naming: transformer_engine (default) or local")
+    add("hf_config_path", help="MCore->HF: reference HF dir whose config/tokenizer files are copied")
+    add("max_shard_size", type=_size, default=5 * 1000**3, help="HF output shard cap (default 5GB)")
+    add("safetensors", action="store_true", help="accepted for compatibility; HF I/O is always safetensors")
+    add("max_workers", type=_positive, default=1, help="worker processes, each building one output file")
+    add("megatron_path", help="accepted for compatibility; prepended to sys.path")
+    add("overwrite", action="store_true", help="replace an existing, non-empty output directory")
+    add("dry_run", action="store_true", help="validate and print the plan; write nothing")
+    add("verbose", action="store_true", help="with --dry_run: print every tensor's recipe")
+    add("no_progress", action="store_true", help="hide progress bars")
+    for name in _NOT_YET:
+        if name in _BOOL_FLAGS:
+            add(name, action="store_true", help=argparse.SUPPRESS)
+        else:
+            add(name, help=argparse.SUPPRESS)
+    return p
+
+
+def parse_options(argv: list[str] | None = None) -> ConvertOptions:
+    ns = build_parser().parse_args(argv)
+    for name, why in _NOT_YET.items():
+        value = getattr(ns, name)
+        if value in (None, False) or str(value) in _HARMLESS.get(name, ()):
+            continue
+        raise ConversionError(f"--{name} {'' if value is True else value}: {why}".replace("  ", " "))
+    if ns.megatron_path:
+        sys.path.insert(0, ns.megatron_path)
+    if ns.load_platform == ns.save_platform:
+        raise ConversionError(
+            f"--load_platform and --save_platform are both {ns.load_platform}; only huggingface<->mcore conversions are supported"
+        )
+    custom = parse_layer_list(ns.custom_pipeline_layers) if ns.custom_pipeline_layers else None
+    return ConvertOptions(
+        load_platform=ns.load_platform,
+        save_platform=ns.save_platform,
+        load_ckpt_path=ns.load_ckpt_path,
+        save_ckpt_path=ns.save_ckpt_path,
+        config_file=ns.config_file,
+        convert_file=ns.convert_file,
+        tensor_model_parallel_size=ns.tensor_model_parallel_size,
+        pipeline_model_parallel_size=ns.pipeline_model_parallel_size,
+        virtual_stages=ns.num_virtual_stages_per_pipeline_rank,
+        num_layers_per_virtual_pipeline_stage=ns.num_layers_per_virtual_pipeline_stage,
+        custom_pipeline_layers=custom,
+        make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by,
+        pad_vocab_size_to=ns.pad_vocab_size_to,
+        add_embedding_padding=ns.add_embedding_padding,
+        transformer_impl=ns.transformer_impl,
+        hf_config_path=ns.hf_config_path,
+        max_shard_size=ns.max_shard_size,
+        max_workers=ns.max_workers,
+        overwrite=ns.overwrite,
+        dry_run=ns.dry_run,
+        verbose=ns.verbose,
+        progress=not ns.no_progress,
+    )
