@@ -179,7 +179,9 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
     rope_params = cfg.get("rope_parameters") or {}
     rope_scaling = cfg.get("rope_scaling") or {}
     rope_theta = rope_params.get("rope_theta", cfg.get("rope_theta")) or 10000.0
-    rope_type = rope_params.get("rope_type") or rope_scaling.get("rope_type") or rope_scaling.get("type") or "default"
+    rope_type = (
+        rope_params.get("rope_type") or rope_scaling.get("rope_type") or rope_scaling.get("type") or "default"
+    )
     return HFArch(
         model_type=model_type,
         hidden_size=hidden,
@@ -335,7 +337,8 @@ def run_checks(
             rank_results = json.loads(out_file.read_text()) if out_file.exists() else []
             if len(rank_results) != len(jobs):
                 raise RuntimeError(
-                    f"rank {rank} reported {len(rank_results)} of {len(jobs)} jobs; log tail:\n{_tail(logs[rank])}"
+                    f"rank {rank} reported {len(rank_results)} of {len(jobs)} jobs; "
+                    f"log tail:\n{_tail(logs[rank])}"
                 )
             results.extend(rank_results)
     results.sort(key=lambda r: (r["job"], r["rank"]))
@@ -376,9 +379,8 @@ def job_problems(
             lines.append(f"results from ranks {ranks}, expected 0..{world_size - 1}")
         for res in job_results:
             if not res["ok"]:
-                lines.append(
-                    f"rank {res['rank']} (tp{res['tp_rank']} pp{res['pp_rank']} dp{res['dp_rank']}): {res['err']}"
-                )
+                where = f"tp{res['tp_rank']} pp{res['pp_rank']} dp{res['dp_rank']}"
+                lines.append(f"rank {res['rank']} ({where}): {res['err']}")
 
         release = Path(job.mcore_dir, RELEASE_DIR)
         on_disk = {p.name for p in release.glob("mp_rank_*")} if release.is_dir() else set()
@@ -663,7 +665,8 @@ class _Worker:
         expected_numbers = list(range(offset + 1, offset + want + 1))
         if numbers != expected_numbers:
             raise CheckFailure(
-                f"megatron built virtual stage {vstage} with layers {numbers}, layout expects {expected_numbers}"
+                f"megatron built virtual stage {vstage} with layers {numbers},"
+                f" layout expects {expected_numbers}"
             )
         first, last = vstage == 0, vstage == layout.num_vstages - 1
         if (model.pre_process, model.post_process) != (first, last):
@@ -681,7 +684,9 @@ class _Worker:
 
     # ----- loading -----
 
-    def load_chunks(self, job: CheckJob, arch: HFArch, ckpt: Mapping[str, Any], chunks: Sequence[Any]) -> None:
+    def load_chunks(
+        self, job: CheckJob, arch: HFArch, ckpt: Mapping[str, Any], chunks: Sequence[Any]
+    ) -> None:
         names = _model_entry_names(job.layout.vpp)
         for chunk, (entry, model) in enumerate(zip(names, chunks)):
             state_dict = ckpt[entry]
@@ -697,7 +702,9 @@ class _Worker:
 
     # ----- logits -----
 
-    def check_logits(self, job: CheckJob, arch: HFArch, chunks: Sequence[Any]) -> tuple[float | None, float | None]:
+    def check_logits(
+        self, job: CheckJob, arch: HFArch, chunks: Sequence[Any]
+    ) -> tuple[float | None, float | None]:
         """Pipelined fp32 forward; the last stage compares with transformers.
 
         Returns (max|diff|, max|logit|) on the rank that compared, (None, None) elsewhere.
@@ -746,7 +753,9 @@ class _Worker:
             return None, None
         reference = _hf_logits(job.hf_dir, input_ids)
         if full.shape[:2] != reference.shape[:2] or full.shape[-1] < arch.vocab_size:
-            raise CheckFailure(f"megatron logits {tuple(full.shape)} vs transformers {tuple(reference.shape)}")
+            raise CheckFailure(
+                f"megatron logits {tuple(full.shape)} vs transformers {tuple(reference.shape)}"
+            )
         # Padded vocab rows are not part of the model: compare real columns only.
         diff = (full[..., : arch.vocab_size] - reference).abs().max().item()
         return float(diff), float(reference.abs().max().item())

@@ -88,13 +88,12 @@ def _pad_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([weight, weight.new_zeros(rows - weight.shape[0], weight.shape[1])])
 
 
-def _qkv_shard(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, tp: int, rank: int) -> torch.Tensor:
+def _qkv_shard(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, tp: int, rank: int
+) -> torch.Tensor:
     """MCore fused QKV: per query group [its q heads; k; v], groups split over TP."""
     trailing = q.shape[1:]  # (hidden,) for weights, () for biases
-    fused = torch.cat(
-        [q.reshape(groups, -1, *trailing), k.reshape(groups, -1, *trailing), v.reshape(groups, -1, *trailing)],
-        dim=1,
-    )
+    fused = torch.cat([t.reshape(groups, -1, *trailing) for t in (q, k, v)], dim=1)
     return fused.chunk(tp, dim=0)[rank].reshape(-1, *trailing).clone()
 
 
@@ -106,7 +105,7 @@ def _layer_state(
     groups = arch.num_kv_heads
     out: dict[str, Any] = {
         "self_attention.linear_qkv.weight": _qkv_shard(
-            hf[attn + "q_proj.weight"], hf[attn + "k_proj.weight"], hf[attn + "v_proj.weight"], groups, tp, rank
+            *(hf[attn + f"{name}_proj.weight"] for name in "qkv"), groups, tp, rank
         ),
         "self_attention.linear_qkv._extra_state": None,
         "self_attention.linear_proj.weight": hf[attn + "o_proj.weight"].chunk(tp, dim=1)[rank].clone(),
@@ -120,7 +119,7 @@ def _layer_state(
     }
     if arch.qkv_bias:
         out["self_attention.linear_qkv.bias"] = _qkv_shard(
-            hf[attn + "q_proj.bias"], hf[attn + "k_proj.bias"], hf[attn + "v_proj.bias"], groups, tp, rank
+            *(hf[attn + f"{name}_proj.bias"] for name in "qkv"), groups, tp, rank
         )
     if arch.qk_norm:
         out["self_attention.q_layernorm.weight"] = hf[attn + "q_norm.weight"].clone()
@@ -231,7 +230,10 @@ def test_rank_dir_name() -> None:
 
 
 def test_rename_te_to_local() -> None:
-    keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_", "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    keys_map = {
+        "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+    }
     renamed = rename_te_to_local(
         {
             "decoder.layers.3.self_attention.linear_qkv.layer_norm_weight": 1,
@@ -271,7 +273,8 @@ def test_harness_accepts_reference_and_rejects_corruptions(tmp_path: Path) -> No
     positive = [
         CheckJob(str(llama), str(good), tp2pp2, check_logits=True),
         CheckJob(str(llama), str(reference("llama_vpp", llama, vpp)), vpp, check_logits=True),
-        CheckJob(str(llama), str(reference("llama_te", llama, tp2pp2, te=True)), tp2pp2, te_names=True, check_logits=True),
+        CheckJob(str(llama), str(reference("llama_te", llama, tp2pp2, te=True)), tp2pp2,
+                 te_names=True, check_logits=True),
         CheckJob(str(qwen3), str(reference("qwen3_tied", qwen3, Layout(2, 2, 1, (2, 1)), tied=True)),
                  Layout(2, 2, 1, (2, 1)), tied=True, check_logits=True),
         # qkv bias, rope theta 1e6, and no _extra_state entries at all.
@@ -285,8 +288,9 @@ def test_harness_accepts_reference_and_rejects_corruptions(tmp_path: Path) -> No
     # Negative 2: two TP ranks' files swapped: same keys and shapes, only logits can tell.
     swapped = Path(shutil.copytree(good, tmp_path / "neg_swapped"))
     a, b = _rank_file(swapped, 0, 0, 2), _rank_file(swapped, 1, 0, 2)
-    tmp = a.with_suffix(".swap")
-    a.rename(tmp), b.rename(a), tmp.rename(b)
+    a.rename(a.with_suffix(".swap"))
+    b.rename(a)
+    a.with_suffix(".swap").rename(b)
     # Negative 3: an unexpected key and a wrong shape in one file.
     shapes = Path(shutil.copytree(good, tmp_path / "neg_shapes"))
 

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Small but not degenerate: 4 heads in 2 query groups, head_dim 16, vocab that needs padding.
-BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+# Small but not degenerate: 8 heads in 4 query groups (TP up to 4), head_dim 8 (Qwen3: 16, so
+# q_dim != hidden), a vocab that needs padding.
+BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=4,
             num_hidden_layers=4, vocab_size=250, max_position_embeddings=64, rms_norm_eps=1e-6)
 
 
@@ -17,7 +18,7 @@ class TinySpec:
     tied: bool = False
     num_layers: int = 4
     vocab_size: int = 250
-    num_key_value_heads: int = 2
+    num_key_value_heads: int = 4
     dtype: torch.dtype = torch.float32
 
     @property

@@ -52,15 +52,9 @@ class PipelineLayout:
 
 
 def balanced_split(num_layers: int, stages: int) -> tuple[int, ...]:
-    """Incumbent-compatible split: fill stages with ceil(n / stages) layers, the last takes the rest."""
-    per = -(-num_layers // stages)
-    counts = []
-    left = num_layers
-    for _ in range(stages):
-        take = min(per, left)
-        counts.append(take)
-        left -= take
-    return tuple(counts)
+    """Even split; the first ``num_layers % stages`` virtual stages take one layer more."""
+    base, extra = divmod(num_layers, stages)
+    return tuple(base + (1 if s < extra else 0) for s in range(stages))
 
 
 def parse_layer_list(text: str) -> tuple[int, ...]:

@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""Time a HF -> MCore -> HF round trip of a ~3 GB Llama checkpoint against plain ``cp -r``.
+
+Steps (each preceded by an untimed ``sync``; with ``--cold`` also by dropping the page cache):
+
+  cp-hf      cp -r HF_DIR          + sync   (baseline for hf->mcore)
+  hf->mcore  convert-checkpoint TP=2 PP=2 + sync
+  cp-mcore   cp -r MCORE_DIR       + sync   (baseline for mcore->hf)
+  mcore->hf  convert-checkpoint back to HF + sync
+
+The trailing ``sync`` is timed for every step: the converter fsyncs its safetensors output but
+``torch.save`` does not, and ``cp`` does not either, so each step pays for getting its bytes to
+disk. Memory is sampled every ~50 ms over the whole process tree (workers included).
+Finally the round-tripped HF checkpoint is compared bit for bit with the source.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import psutil
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_llama_checkpoint  # noqa: E402  (sibling script, not a package)
+
+GB = 10**9
+TIME_TARGET = 1.5  # conversion may take at most this many times the matching cp
+RSS_SLACK = 1 * GB  # peak RSS target: 2 x largest output file + this
+
+
+@dataclass
+class Peak:
+    rss_tree: int = 0  # max over samples of the summed RSS of the process and all descendants
+    rss_single: int = 0  # max RSS of any one process in the tree
+    pss_tree: int | None = None  # summed PSS (shared pages counted once); only with --pss
+    samples: int = 0
+
+
+class TreeMonitor:
+    """Polls a process tree's memory from a background thread until stopped."""
+
+    def __init__(self, pid: int, interval: float = 0.05, pss: bool = False):
+        self._root = psutil.Process(pid)
+        self._interval = interval
+        self._pss = pss
+        self._stop = threading.Event()
+        self.peak = Peak(pss_tree=0 if pss else None)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "TreeMonitor":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        try:
+            procs = [self._root] + self._root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        rss_sum = 0
+        pss_sum = 0
+        for p in procs:
+            # A worker may exit between listing and reading; skip it for this sample.
+            try:
+                if self._pss:
+                    info = p.memory_full_info()  # reads smaps_rollup: ~5 ms per GB mapped
+                    pss_sum += info.pss
+                else:
+                    info = p.memory_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            rss_sum += info.rss
+            self.peak.rss_single = max(self.peak.rss_single, info.rss)
+        self.peak.rss_tree = max(self.peak.rss_tree, rss_sum)
+        if self.peak.pss_tree is not None:
+            self.peak.pss_tree = max(self.peak.pss_tree, pss_sum)
+        self.peak.samples += 1
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self._interval)
+
+
+@dataclass
+class Step:
+    name: str
+    command: list[str]
+    output_dir: str
+    baseline: str | None = None  # name of the cp step this one is compared with
+    seconds: float = 0.0  # process + trailing sync
+    process_seconds: float = 0.0
+    sync_seconds: float = 0.0
+    peak: Peak = field(default_factory=Peak)
+    largest_file: int = 0
+    total_bytes: int = 0
+    ratio: float | None = None
+    time_ok: bool | None = None
+    rss_ok: bool | None = None
+
+
+def drop_caches() -> bool:
+    """Empty the page cache (root only); False where the kernel refuses."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def dir_sizes(root: str) -> tuple[int, int]:
+    """(largest file, total bytes) under ``root``."""
+    largest = total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            size = os.path.getsize(os.path.join(dirpath, name))
+            largest = max(largest, size)
+            total += size
+    return largest, total
+
+
+def run_step(step: Step, log_dir: str, cold: bool, pss: bool) -> None:
+    shutil.rmtree(step.output_dir, ignore_errors=True)
+    os.sync()  # leave no earlier step's dirty pages for this step's sync to pay for
+    if cold and not drop_caches():
+        raise SystemExit("--cold: cannot write /proc/sys/vm/drop_caches (needs root)")
+    log_path = os.path.join(log_dir, f"{step.name.replace('>', '')}.log")
+    with open(log_path, "w") as log:
+        start = time.perf_counter()
+        proc = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT)
+        with TreeMonitor(proc.pid, pss=pss) as mon:
+            rc = proc.wait()
+        step.process_seconds = time.perf_counter() - start
+        os.sync()
+        step.seconds = time.perf_counter() - start
+    step.sync_seconds = step.seconds - step.process_seconds
+    step.peak = mon.peak
+    if rc != 0:
+        with open(log_path) as f:
+            sys.stderr.write(f.read()[-4000:])
+        raise SystemExit(f"step {step.name} failed with exit code {rc}; log: {log_path}")
+    step.largest_file, step.total_bytes = dir_sizes(step.output_dir)
+
+
+def hf_weight_map(root: str) -> dict[str, str]:
+    with open(os.path.join(root, "model.safetensors.index.json")) as f:
+        return json.load(f)["weight_map"]
+
+
+def verify_round_trip(src: str, dst: str) -> list[str]:
+    """Problems found comparing two HF checkpoints tensor by tensor; empty means bit-exact."""
+    a_map, b_map = hf_weight_map(src), hf_weight_map(dst)
+    problems = [f"missing after round trip: {k}" for k in sorted(a_map.keys() - b_map.keys())]
+    problems += [f"extra after round trip: {k}" for k in sorted(b_map.keys() - a_map.keys())]
+    # Group by file pair so each file is opened once; one tensor pair is in memory at a time.
+    pairs: dict[tuple[str, str], list[str]] = {}
+    for k in sorted(a_map.keys() & b_map.keys()):
+        pairs.setdefault((a_map[k], b_map[k]), []).append(k)
+    for (fa, fb), keys in pairs.items():
+        with safe_open(os.path.join(src, fa), "pt") as ha, safe_open(os.path.join(dst, fb), "pt") as hb:
+            for k in keys:
+                x, y = ha.get_tensor(k), hb.get_tensor(k)
+                if x.dtype != y.dtype or x.shape != y.shape:
+                    problems.append(f"{k}: {x.dtype}{list(x.shape)} became {y.dtype}{list(y.shape)}")
+                # Compare raw bytes: torch.equal would call -0.0 == 0.0 and NaN != NaN.
+                elif not torch.equal(x.reshape(-1).view(torch.uint8), y.reshape(-1).view(torch.uint8)):
+                    problems.append(f"{k}: values differ")
+                del x, y
+    return problems
+
+
+def fmt_gb(n: int | None) -> str:
+    return "-" if n is None else f"{n / GB:.2f} GB"
+
+
+def fmt_ok(ok: bool | None) -> str:
+    return "-" if ok is None else ("yes" if ok else "NO")
+
+
+def print_table(steps: list[Step], pss: bool) -> None:
+    head = ["step", "seconds", "(sync)", "vs cp", "peak RSS tree", "peak RSS single"]
+    head += ["peak PSS tree"] if pss else []
+    head += ["largest file", f"time<={TIME_TARGET}x", "RSS<=2xfile+1GB"]
+    rows = []
+    for s in steps:
+        row = [s.name, f"{s.seconds:.1f}", f"{s.sync_seconds:.1f}", "-" if s.ratio is None else f"{s.ratio:.2f}x"]
+        row += [fmt_gb(s.peak.rss_tree), fmt_gb(s.peak.rss_single)]
+        row += [fmt_gb(s.peak.pss_tree)] if pss else []
+        row += [fmt_gb(s.largest_file), fmt_ok(s.time_ok), fmt_ok(s.rss_ok)]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    for r in [head, ["-" * w for w in widths]] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="/tmp/convert-checkpoint-bench", help="holds the generated source and all outputs")
+    ap.add_argument("--keep", action="store_true", help="keep copies and converted outputs (the generated source is always kept)")
+    ap.add_argument("--max-workers", type=int, default=2)
+    ap.add_argument("--tp", type=int, default=2)
+    ap.add_argument("--pp", type=int, default=2)
+    ap.add_argument("--size-gb", type=float, default=3.0, help="size of the generated checkpoint (only when generating)")
+    ap.add_argument("--shard-gb", type=float, default=1.0, help="HF shard size, generated and written back")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every step (root only)")
+    ap.add_argument("--pss", action="store_true", help="also sample PSS (costs CPU: ~5 ms per GB mapped per sample)")
+    ap.add_argument("--json", metavar="PATH", help="write the results here as JSON")
+    args = ap.parse_args(argv)
+
+    work = os.path.abspath(args.workdir)
+    hf_dir = os.path.join(work, "hf")
+    paths = {name: os.path.join(work, name) for name in ("hf_copy", "mcore", "mcore_copy", "hf_back", "logs")}
+    os.makedirs(paths["logs"], exist_ok=True)
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        shutil.rmtree(hf_dir, ignore_errors=True)  # a half-written earlier attempt
+        print(f"generating {args.size_gb} GB Llama checkpoint in {hf_dir}", file=sys.stderr)
+        make_llama_checkpoint.write_checkpoint(hf_dir, args.size_gb, args.shard_gb)
+    free = shutil.disk_usage(work).free
+    need = 4 * dir_sizes(hf_dir)[1]
+    if free < need:
+        raise SystemExit(f"{work}: {free / GB:.1f} GB free, the run needs about {need / GB:.1f} GB")
+
+    convert = [sys.executable, "-m", "convert_checkpoint", "--no_progress", "--max_workers", str(args.max_workers)]
+    steps = [
+        Step("cp-hf", ["cp", "-r", hf_dir, paths["hf_copy"]], paths["hf_copy"]),
+        Step(
+            "hf->mcore",
+            convert
+            + ["--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", hf_dir]
+            + ["--save_ckpt_path", paths["mcore"], "--tensor_model_parallel_size", str(args.tp)]
+            + ["--pipeline_model_parallel_size", str(args.pp)],
+            paths["mcore"],
+            baseline="cp-hf",
+        ),
+        Step("cp-mcore", ["cp", "-r", paths["mcore"], paths["mcore_copy"]], paths["mcore_copy"]),
+        Step(
+            "mcore->hf",
+            convert
+            + ["--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", paths["mcore"]]
+            + ["--save_ckpt_path", paths["hf_back"], "--max_shard_size", f"{args.shard_gb:g}GB"],
+            paths["hf_back"],
+            baseline="cp-mcore",
+        ),
+    ]
+    by_name = {s.name: s for s in steps}
+    for step in steps:
+        print(f"running {step.name} ...", file=sys.stderr)
+        run_step(step, paths["logs"], args.cold, args.pss)
+        if step.baseline:
+            step.ratio = step.seconds / by_name[step.baseline].seconds
+            step.time_ok = step.ratio <= TIME_TARGET
+            step.rss_ok = step.peak.rss_tree <= 2 * step.largest_file + RSS_SLACK
+
+    print("verifying the round trip ...", file=sys.stderr)
+    problems = verify_round_trip(hf_dir, paths["hf_back"])
+
+    print(
+        f"\nsource {fmt_gb(dir_sizes(hf_dir)[1])}, TP={args.tp} PP={args.pp}, max_workers={args.max_workers}, "
+        f"cache={'cold' if args.cold else 'warm'}, {os.cpu_count()} CPUs"
+    )
+    print_table(steps, args.pss)
+    print(f"round trip bit-exact: {'yes' if not problems else 'NO'}")
+    for p in problems[:20]:
+        print(f"  {p}")
+
+    if args.json:
+        result = {
+            "source_dir": hf_dir,
+            "source_bytes": dir_sizes(hf_dir)[1],
+            "tp": args.tp,
+            "pp": args.pp,
+            "max_workers": args.max_workers,
+            "cold": args.cold,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "memory_bytes": psutil.virtual_memory().total,
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+            },
+            "targets": {"time_ratio": TIME_TARGET, "rss": "peak RSS tree <= 2 x largest output file + 1e9"},
+            "steps": [asdict(s) for s in steps],
+            "round_trip_exact": not problems,
+            "round_trip_problems": problems,
+        }
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+            f.write("\n")
+
+    if not args.keep:
+        for name in ("hf_copy", "mcore", "mcore_copy", "hf_back"):
+            shutil.rmtree(paths[name], ignore_errors=True)
+    return 0 if not problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

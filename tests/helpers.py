@@ -1,0 +1,55 @@
+"""Shared test helpers: run the converter in-process and compare checkpoints exactly."""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors import safe_open
+
+from convert_checkpoint.cli import main
+
+
+def convert(*args: str, **flags) -> int:
+    argv = list(args)
+    for k, v in flags.items():
+        if v is True:
+            argv.append(f"--{k}")
+        elif v is not None and v is not False:
+            argv += [f"--{k}", str(v)]
+    return main(argv + ["--no_progress"])
+
+
+def hf_to_mcore(hf_dir: str, out: str, **flags) -> int:
+    return convert("--load_platform", "huggingface", "--save_platform", "mcore",
+                   "--load_ckpt_path", hf_dir, "--save_ckpt_path", out, **flags)
+
+
+def mcore_to_hf(mcore_dir: str, out: str, **flags) -> int:
+    return convert("--load_platform", "mcore", "--save_platform", "huggingface",
+                   "--load_ckpt_path", mcore_dir, "--save_ckpt_path", out, **flags)
+
+
+def load_hf_tensors(path: str) -> dict[str, torch.Tensor]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else [
+        f for f in os.listdir(path) if f.endswith(".safetensors")]
+    out = {}
+    for file in files:
+        with safe_open(os.path.join(path, file), "pt") as f:
+            for k in f.keys():
+                out[k] = f.get_tensor(k)
+    return out
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b), f"key sets differ: only left {sorted(set(a) - set(b))[:5]}, only right {sorted(set(b) - set(a))[:5]}"
+    for k in a:
+        assert a[k].dtype == b[k].dtype, f"{k}: dtype {a[k].dtype} != {b[k].dtype}"
+        assert torch.equal(a[k], b[k]), f"{k}: values differ"
+
+
+def rank_files(mcore_dir: str) -> dict[str, dict]:
+    root = os.path.join(mcore_dir, "release")
+    return {d: torch.load(os.path.join(root, d, "model_optim_rng.pt"), weights_only=True)
+            for d in sorted(os.listdir(root))}
