@@ -1,0 +1,189 @@
+"""Bad input: one clear error line naming the problem, exit code 2, nothing written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from helpers import hf_to_mcore, mcore_to_hf
+from tiny_models import TinySpec
+
+
+@pytest.fixture
+def hf_copy(tiny_hf, tmp_path):
+    path = str(tmp_path / "hf")
+    shutil.copytree(tiny_hf(TinySpec("llama")), path)
+    return path
+
+
+def _edit_tensors(hf_dir, edit):
+    path = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _edit_config(hf_dir, **changes):
+    path = os.path.join(hf_dir, "config.json")
+    config = json.load(open(path))
+    config.update(changes)
+    json.dump(config, open(path, "w"))
+
+
+def _assert_fails(capsys, rc, out_dir, *fragments):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1, err  # one line
+    assert err[0].startswith("convert-checkpoint: error: ")
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+    assert not os.path.exists(out_dir) or os.listdir(out_dir) == [], "output was written"
+
+
+def test_missing_tensor(hf_copy, tmp_path, capsys):
+    _edit_tensors(hf_copy, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    out = str(tmp_path / "out")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out), out, "missing tensor model.layers.1.mlp.up_proj.weight")
+
+
+def test_unmapped_tensor(hf_copy, tmp_path, capsys):
+    _edit_tensors(hf_copy, lambda t: t.__setitem__("model.layers.0.self_attn.extra_proj.weight", torch.zeros(2, 2)))
+    out = str(tmp_path / "out")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out), out, "unmapped tensor model.layers.0.self_attn.extra_proj.weight")
+
+
+def test_shape_mismatch_with_config(hf_copy, tmp_path, capsys):
+    _edit_config(hf_copy, intermediate_size=96)
+    out = str(tmp_path / "out")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out), out, "model.layers.0.mlp.gate_proj.weight has shape [128, 64]",
+                  "config implies [96, 64]")
+
+
+@pytest.mark.parametrize("tp,what", [(3, "num_attention_heads 8"), (8, "num_query_groups 4")])
+def test_tp_does_not_divide(hf_copy, tmp_path, capsys, tp, what):
+    out = str(tmp_path / "out")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out, tensor_model_parallel_size=tp), out,
+                  f"--tensor_model_parallel_size {tp} does not divide {what}")
+
+
+def test_tp_does_not_divide_ffn(hf_copy, tmp_path, capsys):
+    def shrink(t):
+        for i in range(4):
+            for name in ("gate_proj", "up_proj"):
+                t[f"model.layers.{i}.mlp.{name}.weight"] = t[f"model.layers.{i}.mlp.{name}.weight"][:126].clone()
+            t[f"model.layers.{i}.mlp.down_proj.weight"] = t[f"model.layers.{i}.mlp.down_proj.weight"][:, :126].clone()
+    _edit_tensors(hf_copy, shrink)
+    _edit_config(hf_copy, intermediate_size=126)
+    out = str(tmp_path / "out")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out, tensor_model_parallel_size=4), out,
+                  "--tensor_model_parallel_size 4 does not divide ffn_hidden_size 126")
+
+
+@pytest.mark.parametrize("layers,fragment", [
+    ("1,1,2", "has 3 entries, expected one per virtual stage"),
+    ("1,2", "sums to 3, but the model has 4 layers"),
+    ("4,0", "leaves a virtual stage without layers"),
+    ("2,x", "expected comma-separated integers"),
+])
+def test_bad_custom_pipeline_layers(hf_copy, tmp_path, capsys, layers, fragment):
+    out = str(tmp_path / "out")
+    rc = hf_to_mcore(hf_copy, out, pipeline_model_parallel_size=2, custom_pipeline_layers=layers)
+    _assert_fails(capsys, rc, out, "--custom_pipeline_layers" if "leaves" not in fragment else "pipeline layout", fragment)
+
+
+def test_unknown_family(hf_copy, tmp_path, capsys):
+    _edit_config(hf_copy, model_type="mystery_lm", architectures=["MysteryForCausalLM"])
+    out = str(tmp_path / "out")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out), out, "unknown model family", "'mystery_lm'")
+
+
+def test_output_not_empty_without_overwrite(hf_copy, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    rc = hf_to_mcore(hf_copy, str(out))
+    err = capsys.readouterr().err
+    assert rc == 2 and "is not empty; pass --overwrite" in err
+    assert os.listdir(out) == ["keep.txt"]
+    # With --overwrite the directory is replaced by a complete checkpoint.
+    assert hf_to_mcore(hf_copy, str(out), overwrite=True) == 0
+    assert sorted(os.listdir(out)) == ["latest_checkpointed_iteration.txt", "release"]
+
+
+def test_corrupt_safetensors_header(hf_copy, tmp_path, capsys):
+    path = os.path.join(hf_copy, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.write((10**12).to_bytes(8, "little"))
+    out = str(tmp_path / "out")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out), out, "corrupt or truncated safetensors file", "model.safetensors")
+
+
+def test_truncated_safetensors(hf_copy, tmp_path, capsys):
+    path = os.path.join(hf_copy, "model.safetensors")
+    os.truncate(path, os.path.getsize(path) - 100)
+    out = str(tmp_path / "out")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out), out, "truncated safetensors file", "model.safetensors")
+
+
+def test_garbage_safetensors_header(hf_copy, tmp_path, capsys):
+    path = os.path.join(hf_copy, "model.safetensors")
+    with open(path, "r+b") as f:
+        f.seek(8)
+        f.write(b"\xff\xfe not json")
+    out = str(tmp_path / "out")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out), out, "corrupt safetensors file", "unreadable header")
+
+
+def test_unsupported_flag_is_rejected(hf_copy, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out, expert_parallel_size=2), out, "--expert_parallel_size 2",
+                  "not supported yet")
+    assert hf_to_mcore(hf_copy, out, expert_parallel_size=1, dry_run=True) == 0  # the harmless value passes
+
+
+def test_output_inside_source_is_rejected(hf_copy, capsys):
+    out = os.path.join(hf_copy, "mcore")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out), out, "overlaps --load_ckpt_path")
+
+
+@pytest.fixture
+def mcore_copy(tiny_hf, tmp_path):
+    path = str(tmp_path / "mcore")
+    assert hf_to_mcore(tiny_hf(TinySpec("llama")), path, tensor_model_parallel_size=2, pipeline_model_parallel_size=2) == 0
+    return path
+
+
+def test_mcore_missing_rank_file(mcore_copy, tmp_path, capsys):
+    shutil.rmtree(os.path.join(mcore_copy, "release", "mp_rank_01_001"))
+    out = str(tmp_path / "hf")
+    _assert_fails(capsys, mcore_to_hf(mcore_copy, out), out, "missing mp_rank_01_001/model_optim_rng.pt")
+
+
+def test_mcore_layout_flag_disagrees(mcore_copy, tmp_path, capsys):
+    out = str(tmp_path / "hf")
+    _assert_fails(capsys, mcore_to_hf(mcore_copy, out, tensor_model_parallel_size=4), out,
+                  "--tensor_model_parallel_size 4 disagrees with the checkpoint, whose rank files hold 2")
+
+
+def test_mcore_unmapped_and_missing_tensor(mcore_copy, tmp_path, capsys):
+    path = os.path.join(mcore_copy, "release", "mp_rank_00_000", "model_optim_rng.pt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["decoder.layers.0.self_attention.rogue.weight"] = torch.zeros(1)
+    torch.save(ckpt, path)
+    out = str(tmp_path / "hf")
+    _assert_fails(capsys, mcore_to_hf(mcore_copy, out), out, "unmapped tensor model/decoder.layers.0.self_attention.rogue.weight")
+    del ckpt["model"]["decoder.layers.0.self_attention.rogue.weight"]
+    del ckpt["model"]["decoder.layers.1.mlp.linear_fc2.weight"]
+    torch.save(ckpt, path)
+    _assert_fails(capsys, mcore_to_hf(mcore_copy, out), out, "missing tensor model/decoder.layers.1.mlp.linear_fc2.weight")
+
+
+def test_mcore_corrupt_rank_file(mcore_copy, tmp_path, capsys):
+    path = os.path.join(mcore_copy, "release", "mp_rank_01_000", "model_optim_rng.pt")
+    os.truncate(path, os.path.getsize(path) // 2)
+    out = str(tmp_path / "hf")
+    _assert_fails(capsys, mcore_to_hf(mcore_copy, out), out, "cannot read Megatron checkpoint file", "mp_rank_01_000")
