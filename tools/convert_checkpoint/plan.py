@@ -298,6 +298,7 @@ def _resolve_mcore_arch(opts: ConvertOptions, args: argparse.Namespace | None) -
         )
     if not saved and not opts.config_file:
         raise ConversionError("cannot tell the architecture of this Megatron checkpoint; pass --config_file")
+    values.update(family.fixed_arch)  # facts of the family (e.g. Qwen2's qkv bias) hold for every model
     return ModelArch.from_dict(values, opts.config_file or "checkpoint args"), family
 
 
