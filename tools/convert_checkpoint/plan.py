@@ -22,8 +22,8 @@ from .errors import ConversionError
 from .formats import huggingface as hf_format
 from .formats import mcore_legacy
 from .layout.pipeline import PipelineLayout, build_pipeline_layout
-from .layout.placement import ParallelLayout, Placement, place, placement_sort_key
-from .layout.tensor_parallel import Split, divides, padded_vocab_size, shard, shard_shape, unshard
+from .layout.placement import ParallelLayout, place, placement_sort_key
+from .layout.tensor_parallel import divides, padded_vocab_size, shard, shard_shape, unshard
 from .module_convertor import CanonicalTensor, ModuleConvertor, create
 from .options import ConvertOptions
 from .tensor_expr import Expr

@@ -5,9 +5,8 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-import yaml
-
 from ..errors import ConversionError
+from .yaml_file import load_mapping
 
 
 @dataclass(frozen=True)
@@ -77,16 +76,7 @@ class ModelArch:
 
 def load_arch_yaml(path: str) -> dict[str, Any]:
     """An architecture YAML (``--config_file``): a flat mapping of ModelArch fields."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConversionError(f"--config_file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConversionError(f"--config_file {path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"--config_file {path}: expected a mapping of architecture fields")
-    return data
+    return load_mapping(path, "--config_file")
 
 
 def _lookup(config: Mapping[str, Any], key: str) -> Any:

@@ -11,9 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import yaml
-
 from ..errors import ConversionError
+from .yaml_file import load_mapping
 
 CONFIG_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "models"))
 
@@ -76,15 +75,7 @@ def _modules(items: Any, path: str, where: str) -> tuple[ModuleSpec, ...]:
 
 
 def load_family(path: str) -> FamilySpec:
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise ConversionError(f"--convert_file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConversionError(f"convert YAML {path}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"convert YAML {path}: expected a mapping")
+    data = load_mapping(path, "convert YAML")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ConversionError(f"convert YAML {path}: unknown key(s) {', '.join(unknown)}")

@@ -46,7 +46,6 @@ class TensorEntry:
 
 def read_header(path: str) -> dict[str, TensorEntry]:
     """Index of one safetensors file; a corrupt or truncated file is a ConversionError."""
-    name = os.path.basename(path)
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -80,7 +79,6 @@ def read_header(path: str) -> dict[str, TensorEntry]:
                 f"truncated safetensors file {path}: tensor {key} ends at byte {data_start + end}, file has {size}"
             )
         entries[key] = TensorEntry(dtype, shape, data_start + begin)
-    del name
     return entries
 
 
