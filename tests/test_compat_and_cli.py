@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from helpers import hf_to_mcore, rank_files
+from helpers import hf_to_mcore, mcore_to_hf, rank_files
 from tiny_models import TinySpec, make_tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,6 +92,9 @@ def test_explicit_yamls_override_and_record_family(tiny_hf, tmp_path):
     args = rank_files(out)["mp_rank_00"]["args"]
     assert args.norm_epsilon == 1e-5 and args.convert_checkpoint_family == "llama"
     assert args.convert_checkpoint_arch["num_layers"] == 4
+    back = str(tmp_path / "back")
+    assert mcore_to_hf(out, back) == 0
+    assert json.load(open(os.path.join(back, "config.json")))["rms_norm_eps"] == 1e-5  # the override is kept
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])

@@ -446,7 +446,14 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
                 )
     else:
         saved = getattr(args, "convert_checkpoint_hf_config", None) if args is not None else None
-        hf_config = dict(saved) if saved else hf_config_from_arch(arch, family.hf_model_type, list(family.hf_architectures), family.config_fields)
+        if saved:
+            hf_config = dict(saved)
+            # An architecture YAML may have overridden fields on the way in; keep config.json true.
+            for arch_field, hf_keys in family.config_fields.items():
+                if hf_keys[0] in hf_config and getattr(arch, arch_field) is not None:
+                    hf_config[hf_keys[0]] = getattr(arch, arch_field)
+        else:
+            hf_config = hf_config_from_arch(arch, family.hf_model_type, list(family.hf_architectures), family.config_fields)
     return Plan(
         direction="mcore->hf",
         source_dir=src.root,
