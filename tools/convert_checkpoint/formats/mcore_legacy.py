@@ -73,17 +73,27 @@ class McoreSource:
 
 
 class McoreReader:
+    """Reads leaf windows through its own memory maps, dropped on ``close``.
+
+    Pages touched through a map count towards RSS until it is unmapped, so each output file
+    gets fresh maps instead of reusing the planner's (which would grow to the whole model).
+    """
+
     def __init__(self, src: McoreSource):
         self._src = src
+        self._open: dict[str, dict] = {}
 
     def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
-        t = self._src.files[leaf.ref.file][leaf.ref.container][leaf.ref.name]
+        file = leaf.ref.file
+        if file not in self._open:
+            self._open[file] = load_file(os.path.join(self._src.root, file))
+        t = self._open[file][leaf.ref.container][leaf.ref.name]
         for dim, (o, s) in enumerate(zip(leaf.offsets, leaf.shape)):
             t = t.narrow(dim, o, s)
         out.copy_(t)
 
     def close(self) -> None:
-        pass
+        self._open.clear()
 
 
 def resolve_checkpoint_dir(path: str) -> tuple[str, int | None]:
@@ -139,4 +149,7 @@ def save_rank_file(path: str, containers: dict[str, dict], args: argparse.Namesp
     payload["checkpoint_version"] = CHECKPOINT_VERSION
     payload["iteration"] = 0 if iteration is None else iteration
     payload["args"] = args
-    torch.save(payload, path)
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())  # durable before the caller renames it into place
