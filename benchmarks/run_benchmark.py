@@ -1,17 +1,22 @@
 #!/usr/bin/env python
 """Time a HF -> MCore -> HF round trip of a ~3 GB Llama checkpoint against plain ``cp -r``.
 
-Steps (each preceded by an untimed ``sync``; with ``--cold`` also by dropping the page cache):
+Steps, repeated ``--repeat`` times (median time and worst memory are reported):
 
-  cp-hf      cp -r HF_DIR          + sync   (baseline for hf->mcore)
-  hf->mcore  convert-checkpoint TP=2 PP=2 + sync
-  cp-mcore   cp -r MCORE_DIR       + sync   (baseline for mcore->hf)
+  cp-hf      cp -r HF_DIR                  + sync   (baseline for hf->mcore)
+  hf->mcore  convert-checkpoint TP=2 PP=2  + sync
+  cp-mcore   cp -r MCORE_DIR               + sync   (baseline for mcore->hf)
   mcore->hf  convert-checkpoint back to HF + sync
 
-The trailing ``sync`` is timed for every step: the converter fsyncs its safetensors output but
-``torch.save`` does not, and ``cp`` does not either, so each step pays for getting its bytes to
-disk. Memory is sampled every ~50 ms over the whole process tree (workers included).
-Finally the round-tripped HF checkpoint is compared bit for bit with the source.
+Before each step, untimed: the previous output is removed, ``sync`` runs, the machine idles
+for ``--settle`` seconds (see ``prefault`` for why) and, with ``--cold``, the page cache is
+dropped. The trailing ``sync`` is timed for every step: the converter fsyncs its output files
+and ``cp`` fsyncs nothing, so each step pays for getting its bytes to disk. Each copy is
+deleted right after it is timed. Memory is sampled every ~50 ms over the whole process tree
+(workers included). Finally the round-tripped HF checkpoint is compared bit for bit with the
+source.
+
+    python benchmarks/run_benchmark.py [--workdir DIR] [--max-workers 2] [--repeat 3] [--json PATH]
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -31,7 +38,7 @@ import torch
 from safetensors import safe_open
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import make_llama_checkpoint  # noqa: E402  (sibling script, not a package)
+import make_llama_checkpoint  # sibling script, not a package
 
 GB = 10**9
 TIME_TARGET = 1.5  # conversion may take at most this many times the matching cp
@@ -42,6 +49,8 @@ RSS_SLACK = 1 * GB  # peak RSS target: 2 x largest output file + this
 class Peak:
     rss_tree: int = 0  # max over samples of the summed RSS of the process and all descendants
     rss_single: int = 0  # max RSS of any one process in the tree
+    # RSS minus file-backed/shared pages: memory the tree owns, not mmapped page cache.
+    anon_tree: int = 0
     pss_tree: int | None = None  # summed PSS (shared pages counted once); only with --pss
     samples: int = 0
 
@@ -57,13 +66,13 @@ class TreeMonitor:
         self.peak = Peak(pss_tree=0 if pss else None)
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "TreeMonitor":
+    def start(self) -> None:
         self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> Peak:
         self._stop.set()
         self._thread.join()
+        return self.peak
 
     def _sample(self) -> None:
         try:
@@ -71,6 +80,7 @@ class TreeMonitor:
         except psutil.NoSuchProcess:
             return
         rss_sum = 0
+        anon_sum = 0
         pss_sum = 0
         for p in procs:
             # A worker may exit between listing and reading; skip it for this sample.
@@ -83,8 +93,10 @@ class TreeMonitor:
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
             rss_sum += info.rss
+            anon_sum += info.rss - info.shared
             self.peak.rss_single = max(self.peak.rss_single, info.rss)
         self.peak.rss_tree = max(self.peak.rss_tree, rss_sum)
+        self.peak.anon_tree = max(self.peak.anon_tree, anon_sum)
         if self.peak.pss_tree is not None:
             self.peak.pss_tree = max(self.peak.pss_tree, pss_sum)
         self.peak.samples += 1
@@ -96,20 +108,70 @@ class TreeMonitor:
 
 
 @dataclass
+class Run:
+    """One timed execution of a step."""
+
+    seconds: float  # process + trailing sync
+    process_seconds: float
+    sync_seconds: float
+    user_seconds: float  # CPU time of the whole tree (reaped workers roll up into their parent)
+    sys_seconds: float
+    peak: Peak
+
+
+@dataclass
 class Step:
     name: str
     command: list[str]
     output_dir: str
     baseline: str | None = None  # name of the cp step this one is compared with
-    seconds: float = 0.0  # process + trailing sync
-    process_seconds: float = 0.0
-    sync_seconds: float = 0.0
-    peak: Peak = field(default_factory=Peak)
+    delete_after: bool = False  # copies go at once: their page cache would squeeze later steps
+    runs: list[Run] = field(default_factory=list)
     largest_file: int = 0
     total_bytes: int = 0
-    ratio: float | None = None
+    ratio: float | None = None  # median / median of the baseline
+    best_ratio: float | None = None  # best / best of the baseline: less exposed to noisy neighbours
     time_ok: bool | None = None
     rss_ok: bool | None = None
+
+    @property
+    def seconds(self) -> float:
+        return statistics.median(r.seconds for r in self.runs)
+
+    @property
+    def best_seconds(self) -> float:
+        return min(r.seconds for r in self.runs)
+
+    @property
+    def sync_seconds(self) -> float:
+        return statistics.median(r.sync_seconds for r in self.runs)
+
+    @property
+    def cpu_seconds(self) -> float:
+        return statistics.median(r.user_seconds + r.sys_seconds for r in self.runs)
+
+    @property
+    def peak(self) -> Peak:
+        """The worst of every run."""
+        pss = [r.peak.pss_tree for r in self.runs if r.peak.pss_tree is not None]
+        return Peak(
+            rss_tree=max(r.peak.rss_tree for r in self.runs),
+            rss_single=max(r.peak.rss_single for r in self.runs),
+            anon_tree=max(r.peak.anon_tree for r in self.runs),
+            pss_tree=max(pss) if pss else None,
+            samples=sum(r.peak.samples for r in self.runs),
+        )
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(
+            seconds=self.seconds,
+            best_seconds=self.best_seconds,
+            sync_seconds=self.sync_seconds,
+            cpu_seconds=self.cpu_seconds,
+            peak=asdict(self.peak),
+        )
+        return d
 
 
 def drop_caches() -> bool:
@@ -134,27 +196,52 @@ def dir_sizes(root: str) -> tuple[int, int]:
     return largest, total
 
 
-def run_step(step: Step, log_dir: str, cold: bool, pss: bool) -> None:
+def prefault(nbytes: int) -> None:
+    """Touch, then free, up to ``nbytes`` of memory, never more than is free (no cache eviction).
+
+    On VMs with virtio-balloon free page reporting (e.g. Firecracker), memory freed in 2 MB
+    blocks goes back to the host about 2 s later, and touching it again costs ~2 s/GB of system
+    time. Prefaulting makes the pool warm right before a step; it helps a step that starts
+    allocating at once (``cp``) more than one that first spends 1.5 s importing torch, so the
+    default is ``--settle`` instead.
+    """
+    n = min(nbytes, psutil.virtual_memory().free - GB)
+    if n > 0:
+        buf = torch.ones(n, dtype=torch.uint8)
+        del buf
+
+
+def run_step(step: Step, log_dir: str, cold: bool, pss: bool, prefault_bytes: int, settle: float) -> None:
     shutil.rmtree(step.output_dir, ignore_errors=True)
     os.sync()  # leave no earlier step's dirty pages for this step's sync to pay for
+    time.sleep(settle)
+    prefault(prefault_bytes)  # after the idle, or the idle would undo it
     if cold and not drop_caches():
         raise SystemExit("--cold: cannot write /proc/sys/vm/drop_caches (needs root)")
     log_path = os.path.join(log_dir, f"{step.name.replace('>', '')}.log")
     with open(log_path, "w") as log:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
         proc = subprocess.Popen(step.command, stdout=log, stderr=subprocess.STDOUT)
-        with TreeMonitor(proc.pid, pss=pss) as mon:
+        monitor = TreeMonitor(proc.pid, pss=pss)
+        monitor.start()
+        try:
             rc = proc.wait()
-        step.process_seconds = time.perf_counter() - start
+        finally:
+            peak = monitor.stop()
+        process_seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         os.sync()
-        step.seconds = time.perf_counter() - start
-    step.sync_seconds = step.seconds - step.process_seconds
-    step.peak = mon.peak
+        seconds = time.perf_counter() - start
     if rc != 0:
         with open(log_path) as f:
             sys.stderr.write(f.read()[-4000:])
         raise SystemExit(f"step {step.name} failed with exit code {rc}; log: {log_path}")
+    user, sys_ = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    step.runs.append(Run(seconds, process_seconds, seconds - process_seconds, user, sys_, peak))
     step.largest_file, step.total_bytes = dir_sizes(step.output_dir)
+    if step.delete_after:
+        shutil.rmtree(step.output_dir)
 
 
 def hf_weight_map(root: str) -> dict[str, str]:
@@ -185,7 +272,13 @@ def verify_round_trip(src: str, dst: str) -> list[str]:
 
 
 def fmt_gb(n: int | None) -> str:
-    return "-" if n is None else f"{n / GB:.2f} GB"
+    if n is None:
+        return "-"
+    return f"{n / GB:.2f} GB" if n >= GB // 10 else f"{n / 10**6:.0f} MB"
+
+
+def fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
 
 
 def fmt_ok(ok: bool | None) -> str:
@@ -193,32 +286,63 @@ def fmt_ok(ok: bool | None) -> str:
 
 
 def print_table(steps: list[Step], pss: bool) -> None:
-    head = ["step", "seconds", "(sync)", "vs cp", "peak RSS tree", "peak RSS single"]
+    head = ["step", "median s", "(sync)", "vs cp", "best s", "vs cp", "CPU s"]
+    head += ["peak RSS tree", "peak RSS single", "peak anon tree"]
     head += ["peak PSS tree"] if pss else []
-    head += ["largest file", f"time<={TIME_TARGET}x", "RSS<=2xfile+1GB"]
+    head += ["largest file", f"time<={TIME_TARGET:g}x cp", "RSS<=2xfile+1GB"]
     rows = []
     for s in steps:
-        row = [s.name, f"{s.seconds:.1f}", f"{s.sync_seconds:.1f}", "-" if s.ratio is None else f"{s.ratio:.2f}x"]
-        row += [fmt_gb(s.peak.rss_tree), fmt_gb(s.peak.rss_single)]
-        row += [fmt_gb(s.peak.pss_tree)] if pss else []
+        peak = s.peak
+        row = [s.name, f"{s.seconds:.1f}", f"{s.sync_seconds:.1f}", fmt_ratio(s.ratio)]
+        row += [f"{s.best_seconds:.1f}", fmt_ratio(s.best_ratio), f"{s.cpu_seconds:.1f}"]
+        row += [fmt_gb(peak.rss_tree), fmt_gb(peak.rss_single), fmt_gb(peak.anon_tree)]
+        row += [fmt_gb(peak.pss_tree)] if pss else []
         row += [fmt_gb(s.largest_file), fmt_ok(s.time_ok), fmt_ok(s.rss_ok)]
         rows.append(row)
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     for r in [head, ["-" * w for w in widths]] + rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def build_steps(hf_dir: str, paths: dict[str, str], args: argparse.Namespace) -> list[Step]:
+    convert = [sys.executable, "-m", "convert_checkpoint", "--no_progress", "--max_workers", str(args.max_workers)]
+    to_mcore = ["--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", hf_dir]
+    to_mcore += ["--save_ckpt_path", paths["mcore"], "--tensor_model_parallel_size", str(args.tp)]
+    to_mcore += ["--pipeline_model_parallel_size", str(args.pp)]
+    to_hf = ["--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", paths["mcore"]]
+    to_hf += ["--save_ckpt_path", paths["hf_back"], "--max_shard_size", f"{args.shard_gb:g}GB"]
+    return [
+        Step("cp-hf", ["cp", "-r", hf_dir, paths["hf_copy"]], paths["hf_copy"], delete_after=True),
+        Step("hf->mcore", convert + to_mcore, paths["mcore"], baseline="cp-hf"),
+        Step("cp-mcore", ["cp", "-r", paths["mcore"], paths["mcore_copy"]], paths["mcore_copy"], delete_after=True),
+        Step("mcore->hf", convert + to_hf, paths["hf_back"], baseline="cp-mcore"),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/convert-checkpoint-bench", help="holds the generated source and all outputs")
-    ap.add_argument("--keep", action="store_true", help="keep copies and converted outputs (the generated source is always kept)")
+    ap.add_argument("--keep", action="store_true", help="keep the converted outputs (the generated source is always kept)")
     ap.add_argument("--max-workers", type=int, default=2)
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--size-gb", type=float, default=3.0, help="size of the generated checkpoint (only when generating)")
     ap.add_argument("--shard-gb", type=float, default=1.0, help="HF shard size, generated and written back")
+    ap.add_argument("--repeat", type=int, default=3, help="run the sequence N times; report median time, worst memory")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every step (root only)")
     ap.add_argument("--pss", action="store_true", help="also sample PSS (costs CPU: ~5 ms per GB mapped per sample)")
+    ap.add_argument(
+        "--prefault-gb",
+        type=float,
+        default=0.0,
+        help="memory to touch and free right before each step (0: off; see README)",
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=3.0,
+        help="seconds to idle before each step, so every step starts from the same memory state (see README)",
+    )
     ap.add_argument("--json", metavar="PATH", help="write the results here as JSON")
     args = ap.parse_args(argv)
 
@@ -228,41 +352,24 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(paths["logs"], exist_ok=True)
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         shutil.rmtree(hf_dir, ignore_errors=True)  # a half-written earlier attempt
-        print(f"generating {args.size_gb} GB Llama checkpoint in {hf_dir}", file=sys.stderr)
+        print(f"generating {args.size_gb:g} GB Llama checkpoint in {hf_dir}", file=sys.stderr)
         make_llama_checkpoint.write_checkpoint(hf_dir, args.size_gb, args.shard_gb)
+    source_bytes = dir_sizes(hf_dir)[1]
     free = shutil.disk_usage(work).free
-    need = 4 * dir_sizes(hf_dir)[1]
-    if free < need:
-        raise SystemExit(f"{work}: {free / GB:.1f} GB free, the run needs about {need / GB:.1f} GB")
+    if free < 3 * source_bytes:  # mcore + one copy + hf_back
+        raise SystemExit(f"{work}: {free / GB:.1f} GB free, the run needs about {3 * source_bytes / GB:.1f} GB")
 
-    convert = [sys.executable, "-m", "convert_checkpoint", "--no_progress", "--max_workers", str(args.max_workers)]
-    steps = [
-        Step("cp-hf", ["cp", "-r", hf_dir, paths["hf_copy"]], paths["hf_copy"]),
-        Step(
-            "hf->mcore",
-            convert
-            + ["--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", hf_dir]
-            + ["--save_ckpt_path", paths["mcore"], "--tensor_model_parallel_size", str(args.tp)]
-            + ["--pipeline_model_parallel_size", str(args.pp)],
-            paths["mcore"],
-            baseline="cp-hf",
-        ),
-        Step("cp-mcore", ["cp", "-r", paths["mcore"], paths["mcore_copy"]], paths["mcore_copy"]),
-        Step(
-            "mcore->hf",
-            convert
-            + ["--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", paths["mcore"]]
-            + ["--save_ckpt_path", paths["hf_back"], "--max_shard_size", f"{args.shard_gb:g}GB"],
-            paths["hf_back"],
-            baseline="cp-mcore",
-        ),
-    ]
+    prefault_bytes = int(args.prefault_gb * GB)
+    steps = build_steps(hf_dir, paths, args)
     by_name = {s.name: s for s in steps}
+    for rep in range(args.repeat):
+        for step in steps:
+            print(f"[{rep + 1}/{args.repeat}] {step.name} ...", file=sys.stderr)
+            run_step(step, paths["logs"], args.cold, args.pss, prefault_bytes, args.settle)
     for step in steps:
-        print(f"running {step.name} ...", file=sys.stderr)
-        run_step(step, paths["logs"], args.cold, args.pss)
         if step.baseline:
             step.ratio = step.seconds / by_name[step.baseline].seconds
+            step.best_ratio = step.best_seconds / by_name[step.baseline].best_seconds
             step.time_ok = step.ratio <= TIME_TARGET
             step.rss_ok = step.peak.rss_tree <= 2 * step.largest_file + RSS_SLACK
 
@@ -270,8 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     problems = verify_round_trip(hf_dir, paths["hf_back"])
 
     print(
-        f"\nsource {fmt_gb(dir_sizes(hf_dir)[1])}, TP={args.tp} PP={args.pp}, max_workers={args.max_workers}, "
-        f"cache={'cold' if args.cold else 'warm'}, {os.cpu_count()} CPUs"
+        f"\nsource {fmt_gb(source_bytes)}, TP={args.tp} PP={args.pp}, max_workers={args.max_workers}, "
+        f"cache={'cold' if args.cold else 'warm'}, settle={args.settle:g}s, prefault={args.prefault_gb:g}GB, "
+        f"runs={args.repeat} (median time, worst memory), {os.cpu_count()} CPUs"
     )
     print_table(steps, args.pss)
     print(f"round trip bit-exact: {'yes' if not problems else 'NO'}")
@@ -281,11 +389,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         result = {
             "source_dir": hf_dir,
-            "source_bytes": dir_sizes(hf_dir)[1],
+            "source_bytes": source_bytes,
             "tp": args.tp,
             "pp": args.pp,
             "max_workers": args.max_workers,
             "cold": args.cold,
+            "repeat": args.repeat,
+            "prefault_bytes": prefault_bytes,
+            "settle_seconds": args.settle,
             "machine": {
                 "cpus": os.cpu_count(),
                 "memory_bytes": psutil.virtual_memory().total,
@@ -293,8 +404,11 @@ def main(argv: list[str] | None = None) -> int:
                 "python": platform.python_version(),
                 "torch": torch.__version__,
             },
-            "targets": {"time_ratio": TIME_TARGET, "rss": "peak RSS tree <= 2 x largest output file + 1e9"},
-            "steps": [asdict(s) for s in steps],
+            "targets": {
+                "time": f"conversion seconds <= {TIME_TARGET} x matching cp seconds",
+                "rss": "peak RSS of the process tree <= 2 x largest output file + 1e9 bytes",
+            },
+            "steps": [s.to_json() for s in steps],
             "round_trip_exact": not problems,
             "round_trip_problems": problems,
         }
@@ -303,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             f.write("\n")
 
     if not args.keep:
-        for name in ("hf_copy", "mcore", "mcore_copy", "hf_back"):
+        for name in ("mcore", "hf_back"):
             shutil.rmtree(paths[name], ignore_errors=True)
     return 0 if not problems else 1
 

@@ -118,14 +118,28 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
         if bar:
             bar.close()
         _SOURCE = None
+    # Make every file durable before the markers that declare the checkpoint complete. Done
+    # here rather than per file so a worker never blocks on the disk between files.
+    for f in plan.files:
+        _fsync(os.path.join(root, f.relpath))
     _write_markers(plan, target)
     return results
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_text(path: str, text: str) -> None:
     tmp = _tmp_path(path)
     with open(tmp, "w") as f:
         f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

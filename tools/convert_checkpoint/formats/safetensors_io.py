@@ -173,5 +173,3 @@ def write_streaming(
             if value.dtype != t.dtype or tuple(value.shape) != t.shape:
                 raise RuntimeError(f"planned {t.name} as {t.dtype}{list(t.shape)}, got {value.dtype}{list(value.shape)}")
             f.write(memoryview(value.contiguous().view(torch.uint8).reshape(-1).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
