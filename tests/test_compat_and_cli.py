@@ -14,7 +14,10 @@ from helpers import hf_to_mcore, mcore_to_hf, rank_files
 from tiny_models import TinySpec, make_tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-INCUMBENT = os.path.join(REPO, "..", "shared", "reference", "incumbent-layouts", "llama_tp2pp2.txt")
+# The shared reference sits next to the checkout (also in CI); /work/shared covers clones elsewhere.
+_LISTING = os.path.join("shared", "reference", "incumbent-layouts", "llama_tp2pp2.txt")
+INCUMBENT = next((p for p in (os.path.join(REPO, "..", _LISTING), os.path.join("/work", _LISTING)) if os.path.exists(p)),
+                 os.path.join(REPO, "..", _LISTING))
 
 
 def _parse_incumbent_listing(path: str) -> dict[str, dict]:
