@@ -8,6 +8,7 @@ are written last, so a directory that has them is complete.
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -40,6 +41,42 @@ def _tmp_path(path: str) -> str:
     return os.path.join(head, f".{tail}.tmp-{os.getpid()}")
 
 
+class _Arena:
+    """Per-process buffer that output tensors are carved from, reused across files.
+
+    Allocating and freeing a fresh buffer per file makes every file pay first-touch page
+    faults again (costly on VMs that hand freed memory back to the host). Each carved tensor
+    has its own storage (``torch.frombuffer``), so ``torch.save`` writes only its bytes.
+    """
+
+    _ALIGN = 64
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def carve(self, specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+        sizes = [dtype.itemsize * math.prod(shape) for dtype, shape in specs]
+        total = sum(-(-n // self._ALIGN) * self._ALIGN for n in sizes)
+        if self._buffer is None or self._buffer.numel() < total:
+            self._buffer = None  # free the old one first
+            self._buffer = torch.empty(max(total, 1), dtype=torch.uint8)
+        view = memoryview(self._buffer.numpy())
+        out, offset = [], 0
+        for (dtype, shape), n in zip(specs, sizes):
+            if n == 0:
+                out.append(torch.empty(shape, dtype=dtype))
+                continue
+            out.append(torch.frombuffer(view, dtype=dtype, count=n // dtype.itemsize, offset=offset).view(shape))
+            offset += -(-n // self._ALIGN) * self._ALIGN
+        return out
+
+    def release(self) -> None:
+        self._buffer = None
+
+
+_ARENA = _Arena()
+
+
 def _build_file(out: OutputFile, target_root: str, args, iteration) -> FileResult:
     start = time.perf_counter()
     reader = _SOURCE.reader()
@@ -48,17 +85,27 @@ def _build_file(out: OutputFile, target_root: str, args, iteration) -> FileResul
     tmp = _tmp_path(path)
     try:
         if out.fmt == "mcore":
-            containers = {
-                key: {j.name: (None if j.expr is None else te.materialize(j.expr, reader)) for j in jobs}
-                for key, jobs in out.containers
-            }
+            tensor_jobs = [j for _, jobs in out.containers for j in jobs if j.expr is not None]
+            buffers = _ARENA.carve([(j.expr.dtype, j.expr.shape) for j in tensor_jobs])
+            values = {}
+            for job, buf in zip(tensor_jobs, buffers):
+                te.materialize_into(job.expr, reader, buf)
+                values[id(job)] = buf
+            containers = {key: {j.name: values.get(id(j)) for j in jobs} for key, jobs in out.containers}
             mcore_legacy.save_rank_file(tmp, containers, args, iteration)
-            del containers
+            del containers, values, buffers
         else:
             (_, jobs), = out.containers
             by_name = {j.name: j.expr for j in jobs}
             planned = [PlannedTensor(j.name, j.expr.dtype, j.expr.shape) for j in jobs]
-            write_streaming(tmp, planned, lambda t: te.materialize(by_name[t.name], reader), {"format": "pt"})
+
+            def produce(t: PlannedTensor) -> torch.Tensor:
+                # Tensors are written one at a time, so each reuses the arena's first bytes.
+                (buf,) = _ARENA.carve([(t.dtype, t.shape)])
+                te.materialize_into(by_name[t.name], reader, buf)
+                return buf
+
+            write_streaming(tmp, planned, produce, {"format": "pt"})
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -118,6 +165,7 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
         if bar:
             bar.close()
         _SOURCE = None
+        _ARENA.release()
     # Make every file durable before the markers that declare the checkpoint complete. Done
     # here rather than per file so a worker never blocks on the disk between files.
     for f in plan.files:
