@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConversionError as e:
         print(f"convert-checkpoint: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # disk full, permissions ... while writing: the files in flight were removed
+        print(f"convert-checkpoint: error: {e}", file=sys.stderr)
+        return 1
     seconds = time.perf_counter() - start
     gb = sum(r.nbytes for r in results) / 1e9
     print(f"done: {len(results)} files, {gb:.3f} GB in {seconds:.1f} s -> {plan.target_dir}", file=sys.stderr)

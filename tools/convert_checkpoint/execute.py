@@ -137,12 +137,9 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
     _SOURCE = plan.source
     target = plan.target_dir
     _prepare_target(target, overwrite)
-    if plan.direction == "hf->mcore":
-        iteration = None
-        root = os.path.join(target, mcore_legacy.iteration_dir_name(iteration))
-    else:
-        iteration = None
-        root = target
+    # Megatron output is a "release" checkpoint (iteration None), as the incumbent writes.
+    iteration = None
+    root = os.path.join(target, mcore_legacy.iteration_dir_name(iteration)) if plan.direction == "hf->mcore" else target
     bar = _progress(plan.total_bytes, progress)
     results: list[FileResult] = []
     try:
