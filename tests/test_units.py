@@ -71,3 +71,8 @@ def test_pipeline_splits():
         build_pipeline_layout(4, 1, 2, None)
     with pytest.raises(ConversionError, match="num_layers_per_virtual_pipeline_stage"):
         build_pipeline_layout(8, 2, 2, None, layers_per_vstage_flag=3)
+    # The alternative VPP spec implies the number of virtual stages.
+    implied = build_pipeline_layout(8, 2, None, None, layers_per_vstage_flag=2)
+    assert (implied.vpp, implied.layers_per_vstage) == (2, (2, 2, 2, 2))
+    with pytest.raises(ConversionError, match="does not divide 8 layers"):
+        build_pipeline_layout(8, 2, None, None, layers_per_vstage_flag=3)

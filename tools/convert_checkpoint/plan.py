@@ -228,7 +228,7 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
     pipe = build_pipeline_layout(
         arch.num_layers,
         opts.pipeline_model_parallel_size or 1,
-        opts.virtual_stages or 1,
+        opts.virtual_stages,
         opts.custom_pipeline_layers,
         opts.num_layers_per_virtual_pipeline_stage,
     )

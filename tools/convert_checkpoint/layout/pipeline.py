@@ -70,10 +70,20 @@ def parse_layer_list(text: str) -> tuple[int, ...]:
 def build_pipeline_layout(
     num_layers: int,
     pp: int,
-    vpp: int,
+    vpp: int | None,
     custom: tuple[int, ...] | None,
     layers_per_vstage_flag: int | None = None,
 ) -> PipelineLayout:
+    """``vpp`` None means "not given": 1, or implied by ``layers_per_vstage_flag``."""
+    if vpp is None:
+        vpp = 1
+        if layers_per_vstage_flag is not None:
+            if num_layers % (pp * layers_per_vstage_flag):
+                raise ConversionError(
+                    f"--num_layers_per_virtual_pipeline_stage {layers_per_vstage_flag} x pipeline size {pp} "
+                    f"does not divide {num_layers} layers"
+                )
+            vpp = num_layers // (pp * layers_per_vstage_flag)
     if pp < 1 or vpp < 1:
         raise ConversionError("--pipeline_model_parallel_size and --num-virtual-stages-per-pipeline-rank must be >= 1")
     if vpp > 1 and pp == 1:
