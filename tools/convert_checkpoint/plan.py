@@ -433,17 +433,10 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
     for conv in convertors:
         hf_exprs.update(conv.to_hf({t.name: canonical[t.name] for t in conv.canonical()}))
 
-    hf_config = None
+    hf_config, notes = None, []
     reference = opts.hf_config_path
     if reference:
-        ref_config = hf_format.read_config(reference)
-        ref_arch = arch_from_hf_config(ref_config, family.name, family.config_fields, family.config_defaults, family.fixed_arch)
-        for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
-            if getattr(ref_arch, key) != getattr(arch, key):
-                raise ConversionError(
-                    f"--hf_config_path {reference}: its config.json has {key} {getattr(ref_arch, key)}, "
-                    f"the checkpoint has {getattr(arch, key)}"
-                )
+        _check_reference_config(reference, family, arch)
     else:
         saved = getattr(args, "convert_checkpoint_hf_config", None) if args is not None else None
         if saved:
@@ -454,6 +447,7 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
                     hf_config[hf_keys[0]] = getattr(arch, arch_field)
         else:
             hf_config = hf_config_from_arch(arch, family.hf_model_type, list(family.hf_architectures), family.config_fields)
+            notes.append("config.json synthesized from the architecture; pass --hf_config_path to reuse the original one")
     return Plan(
         direction="mcore->hf",
         source_dir=src.root,
@@ -465,10 +459,21 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
         source_tensor_count=sum(len(src.state_dict(f, k)) for f in src.files for k in src.containers(f)),
         hf_config=hf_config,
         hf_reference_dir=reference,
-        notes=[] if reference or hf_config is None or args is None or getattr(args, "convert_checkpoint_hf_config", None)
-        else ["config.json synthesized from the architecture; pass --hf_config_path to reuse the original one"],
+        notes=notes,
         source=src,
     )
+
+
+def _check_reference_config(reference: str, family: FamilySpec, arch: ModelArch) -> None:
+    """The --hf_config_path config must describe the same model as the checkpoint."""
+    ref_config = hf_format.read_config(reference)
+    ref_arch = arch_from_hf_config(ref_config, family.name, family.config_fields, family.config_defaults, family.fixed_arch)
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
+        if getattr(ref_arch, key) != getattr(arch, key):
+            raise ConversionError(
+                f"--hf_config_path {reference}: its config.json has {key} {getattr(ref_arch, key)}, "
+                f"the checkpoint has {getattr(arch, key)}"
+            )
 
 
 def build_plan(opts: ConvertOptions) -> Plan:
