@@ -1,0 +1,153 @@
+"""Plan HF -> Megatron-Core: HF tensors -> canonical -> per-rank TP/PP/VPP shards."""
+from __future__ import annotations
+
+import argparse
+from typing import Mapping
+
+from .config.arch import ModelArch, arch_from_hf_config
+from .config.family import FamilySpec, family_for_hf_config, load_family
+from .errors import ConversionError
+from .formats import huggingface as hf_format
+from .layout.pipeline import build_pipeline_layout
+from .layout.placement import ParallelLayout, place, placement_sort_key
+from .layout.tensor_parallel import shard
+from .module_convertor import ModuleConvertor
+from .module_convertor.embedding import WORD_EMBEDDINGS
+from .options import ConvertOptions
+from .plan import (OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
+                   merge_arch_yaml, natural_key, resolve_padded_vocab, validate_tensor_parallel)
+from .tensor_expr import Expr
+
+def _gather_hf(src: hf_format.HFSource, convertors: list[ModuleConvertor], family: FamilySpec) -> dict[str, Expr]:
+    """Canonical expressions over the HF files; every HF tensor must be consumed or ignored."""
+    canonical: dict[str, Expr] = {}
+    consumed: set[str] = set()
+    for conv in convertors:
+        exprs: dict[str, Expr] = {}
+        for name, shape in conv.hf_shapes().items():
+            if name not in src.tensor_file:
+                raise ConversionError(f"missing tensor {name} in {src.root} (expected by {conv.spec.origin})")
+            leaf = src.leaf(name)
+            if leaf.shape != shape:
+                raise ConversionError(
+                    f"tensor {name} has shape {list(leaf.shape)}, but the config implies {list(shape)}"
+                )
+            exprs[name] = leaf
+            consumed.add(name)
+        consumed |= {n for n in conv.optional_hf() if n in src.tensor_file}
+        try:
+            canonical.update(conv.to_canonical(exprs))
+        except ValueError as e:  # mixed dtypes inside one fused tensor
+            raise ConversionError(f"{conv.spec.origin}: cannot fuse {', '.join(exprs)}: {e}") from None
+    unmapped = sorted((n for n in src.tensor_file if n not in consumed and not family.is_ignored(n)), key=natural_key)
+    if unmapped:
+        more = f" (and {len(unmapped) - 1} more)" if len(unmapped) > 1 else ""
+        raise ConversionError(
+            f"unmapped tensor {unmapped[0]} in {src.tensor_file[unmapped[0]]}{more}: no convertor of family "
+            f"'{family.name}' ({family.path}) consumes it and it is not in its ignore list"
+        )
+    return canonical
+
+
+def _mcore_args(arch: ModelArch, family: FamilySpec, layout: ParallelLayout, opts: ConvertOptions, hf_config: dict) -> argparse.Namespace:
+    pipe = layout.pipeline
+    return argparse.Namespace(
+        # Megatron's own argument names, so Megatron tooling can read them.
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        group_query_attention=arch.num_query_groups != arch.num_attention_heads,
+        kv_channels=arch.kv_channels,
+        vocab_size=arch.vocab_size,
+        padded_vocab_size=layout.padded_vocab_size,
+        make_vocab_size_divisible_by=opts.make_vocab_size_divisible_by,
+        normalization=arch.normalization,
+        norm_epsilon=arch.norm_epsilon,
+        add_qkv_bias=arch.add_qkv_bias,
+        add_bias_linear=False,
+        qk_layernorm=arch.qk_layernorm,
+        swiglu=True,
+        untie_embeddings_and_output_weights=not arch.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rotary_base,
+        max_position_embeddings=arch.max_position_embeddings,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=pipe.pp,
+        virtual_pipeline_model_parallel_size=pipe.vpp if pipe.vpp > 1 else None,
+        expert_model_parallel_size=1,
+        transformer_impl=layout.transformer_impl,
+        # Ours: enough to convert back without any flag.
+        convert_checkpoint_family=family.name,
+        convert_checkpoint_arch=arch.to_dict(),
+        convert_checkpoint_pipeline_layers=list(pipe.layers_per_vstage),
+        convert_checkpoint_hf_config=hf_config,
+    )
+
+
+def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
+    check_target_dir(opts)
+    src = hf_format.open_source(opts.load_ckpt_path)
+    family = load_family(opts.convert_file) if opts.convert_file else family_for_hf_config(src.config)
+    derived = arch_from_hf_config(src.config, family.name, family.config_fields, family.config_defaults, family.fixed_arch)
+    arch = ModelArch.from_dict(merge_arch_yaml(derived.to_dict(), opts), opts.config_file or "config.json")
+    convertors = build_convertors(family, arch)
+    canonical_exprs = _gather_hf(src, convertors, family)
+    tensors = canonical_tensors(convertors)
+
+    tp = opts.tensor_model_parallel_size or 1
+    pipe = build_pipeline_layout(
+        arch.num_layers,
+        opts.pipeline_model_parallel_size or 1,
+        opts.virtual_stages,
+        opts.custom_pipeline_layers,
+        opts.num_layers_per_virtual_pipeline_stage,
+    )
+    layout = ParallelLayout(
+        tp=tp,
+        pipeline=pipe,
+        transformer_impl=opts.transformer_impl or "transformer_engine",
+        padded_vocab_size=resolve_padded_vocab(opts, arch.vocab_size, tp),
+        tied_embeddings=arch.tied_embeddings,
+    )
+    validate_tensor_parallel(arch, tensors, layout)
+    placements, extras = place(tensors, layout)
+
+    jobs: dict[tuple[str, str], list[TensorJob]] = {}
+    for p in placements:
+        expr = canonical_exprs[WORD_EMBEDDINGS if p.tied_copy else p.canonical.name]
+        sharded = shard(expr, p.canonical.split, layout.tp, p.tp_rank, layout.padded_vocab_size)
+        jobs.setdefault((p.file, p.container), []).append(TensorJob(p.name, sharded))
+    for x in extras:
+        jobs.setdefault((x.file, x.container), []).append(TensorJob(x.name, None))
+    files = _mcore_files(layout, jobs)
+    notes = []
+    if arch.tied_embeddings and any(n in src.tensor_file for c in convertors for n in c.optional_hf()):
+        notes.append("tied embeddings: the HF lm_head copy was dropped (Megatron shares the embedding)")
+    return Plan(
+        direction="hf->mcore",
+        source_dir=src.root,
+        target_dir=opts.save_ckpt_path,
+        arch=arch,
+        family=family,
+        layout=layout,
+        files=files,
+        source_tensor_count=len(src.tensor_file),
+        mcore_args=_mcore_args(arch, family, layout, opts, src.config),
+        notes=notes,
+        source=src,
+    )
+
+
+def _mcore_files(layout: ParallelLayout, jobs: Mapping[tuple[str, str], list[TensorJob]]) -> list[OutputFile]:
+    files = []
+    for relpath in layout.rank_files():
+        containers = []
+        for chunk in range(layout.pipeline.vpp):
+            key = layout.pipeline.container(chunk)
+            # Stable sort keeps each layer's module order and puts extra states after their weights.
+            ordered = sorted(jobs.get((relpath, key), []), key=lambda j: placement_sort_key(j.name))
+            containers.append((key, tuple(ordered)))
+        files.append(OutputFile(relpath, "mcore", tuple(containers)))
+    return files

@@ -1,0 +1,214 @@
+"""Plan Megatron-Core -> HF: rank files -> canonical (layout read off the files) -> HF shards."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Mapping
+
+from . import tensor_expr as te
+from .config.arch import ModelArch, arch_from_hf_config, hf_config_from_arch
+from .config.family import FamilySpec, family_by_name, load_family
+from .errors import ConversionError
+from .formats import huggingface as hf_format
+from .formats import mcore_legacy
+from .layout.pipeline import PipelineLayout
+from .layout.placement import ParallelLayout, place
+from .layout.tensor_parallel import shard_shape, unshard
+from .module_convertor import CanonicalTensor
+from .options import ConvertOptions
+from .plan import (OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
+                   merge_arch_yaml, natural_key)
+from .tensor_expr import Expr
+
+def _resolve_mcore_arch(opts: ConvertOptions, args: argparse.Namespace | None) -> tuple[ModelArch, FamilySpec]:
+    saved = dict(getattr(args, "convert_checkpoint_arch", None) or {}) if args is not None else {}
+    values = merge_arch_yaml(saved, opts)
+    if opts.convert_file:
+        family = load_family(opts.convert_file)
+        values["family"] = family.name
+    elif "family" in values:
+        family = family_by_name(values["family"])
+    else:
+        raise ConversionError(
+            "cannot tell the model family of this Megatron checkpoint (it was not written by convert_checkpoint); "
+            "pass --config_file with a 'family' field or --convert_file"
+        )
+    if not saved and not opts.config_file:
+        raise ConversionError("cannot tell the architecture of this Megatron checkpoint; pass --config_file")
+    values.update(family.fixed_arch)  # facts of the family (e.g. Qwen2's qkv bias) hold for every model
+    return ModelArch.from_dict(values, opts.config_file or "checkpoint args"), family
+
+
+def _infer_mcore_layout(src: mcore_legacy.McoreSource, opts: ConvertOptions, arch: ModelArch) -> ParallelLayout:
+    """Read TP, PP, VPP, layers per chunk and naming off the rank files; flags must agree."""
+    tp_ranks, pp_ranks = set(), set()
+    for d in src.rank_dirs():
+        tp_rank, pp_rank, ep_rank = mcore_legacy.parse_rank_dir(d)
+        if ep_rank is not None:
+            raise ConversionError(f"{d}: expert-parallel checkpoints (mp_rank_TT_PPP_EEE) are not supported yet")
+        tp_ranks.add(tp_rank)
+        pp_ranks.add(pp_rank if pp_rank is not None else 0)
+    tp, pp = max(tp_ranks) + 1, max(pp_ranks) + 1
+    first = mcore_legacy.rank_dir_name(0, 0, pp) + "/" + mcore_legacy.FILE_NAME
+    if first not in src.files:
+        raise ConversionError(f"{src.root}: rank file {first} is missing")
+    containers = src.containers(first)
+    vpp = len(containers)
+    if containers != (["model"] if vpp == 1 else [f"model{i}" for i in range(vpp)]):
+        raise ConversionError(f"{first}: unexpected model entries {containers}")
+    counts = [0] * (pp * vpp)
+    for p in range(pp):
+        file = mcore_legacy.rank_dir_name(0, p, pp) + "/" + mcore_legacy.FILE_NAME
+        if file not in src.files:
+            raise ConversionError(f"{src.root}: rank file {file} is missing")
+        for chunk, key in enumerate(src.containers(file)):
+            layers = {int(m.group(1)) for n in src.state_dict(file, key) if (m := re.match(r"decoder\.layers\.(\d+)\.", n))}
+            counts[chunk * pp + p] = max(layers) + 1 if layers else 0
+    for flag, given, found in (
+        ("--tensor_model_parallel_size", opts.tensor_model_parallel_size, tp),
+        ("--pipeline_model_parallel_size", opts.pipeline_model_parallel_size, pp),
+        ("--num-virtual-stages-per-pipeline-rank", opts.virtual_stages, vpp),
+    ):
+        if given is not None and given != found:
+            raise ConversionError(f"{flag} {given} disagrees with the checkpoint, whose rank files hold {found}")
+    if opts.custom_pipeline_layers is not None and tuple(opts.custom_pipeline_layers) != tuple(counts):
+        raise ConversionError(
+            f"--custom_pipeline_layers {','.join(map(str, opts.custom_pipeline_layers))} disagrees with the checkpoint, "
+            f"whose chunks hold {','.join(map(str, counts))} layers"
+        )
+    if sum(counts) != arch.num_layers:
+        raise ConversionError(
+            f"the checkpoint's model chunks hold {sum(counts)} decoder layers ({','.join(map(str, counts))}), "
+            f"but the architecture has num_layers {arch.num_layers}"
+        )
+    pipe = PipelineLayout(pp, vpp, tuple(counts))
+    te_named = any(
+        n.endswith((".layer_norm_weight", ".layer_norm_bias"))
+        for f in src.files
+        for key in src.containers(f)
+        for n in src.state_dict(f, key)
+    )
+    impl = "transformer_engine" if te_named else "local"
+    if opts.transformer_impl is not None and opts.transformer_impl != impl:
+        raise ConversionError(f"--transformer_impl {opts.transformer_impl} disagrees with the checkpoint's {impl} names")
+    embed = src.state_dict(first, containers[0]).get("embedding.word_embeddings.weight")
+    padded = tuple(embed.shape)[0] * tp if embed is not None else arch.vocab_size
+    if padded < arch.vocab_size:
+        raise ConversionError(f"embedding rows {padded} are fewer than vocab_size {arch.vocab_size}")
+    return ParallelLayout(tp, pipe, impl, padded, arch.tied_embeddings)
+
+
+def _gather_mcore(
+    src: mcore_legacy.McoreSource, tensors: list[CanonicalTensor], layout: ParallelLayout
+) -> dict[str, Expr]:
+    expected_files = set(layout.rank_files())
+    present = set(src.files)
+    if present != expected_files:
+        extra = sorted(present - expected_files)
+        missing = sorted(expected_files - present)
+        raise ConversionError(
+            f"{src.root}: rank files do not match TP={layout.tp} PP={layout.pipeline.pp}: "
+            + (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+        )
+    placements, _ = place(tensors, layout)
+    shards: dict[str, dict[int, Expr]] = {}
+    consumed: set[tuple[str, str, str]] = set()
+    for p in placements:
+        sd = src.state_dict(p.file, p.container) if p.container in src.files[p.file] else None
+        if sd is None or p.name not in sd:
+            raise ConversionError(f"missing tensor {p.container}/{p.name} in {os.path.join(src.root, p.file)}")
+        value = sd[p.name]
+        want = shard_shape(p.canonical.shape, p.canonical.split, layout.tp, layout.padded_vocab_size)
+        if tuple(value.shape) != want:
+            raise ConversionError(
+                f"tensor {p.container}/{p.name} in {p.file} has shape {list(value.shape)}, expected {list(want)} "
+                f"for TP={layout.tp} and the configured architecture"
+            )
+        consumed.add((p.file, p.container, p.name))
+        if not p.tied_copy:
+            shards.setdefault(p.canonical.name, {})[p.tp_rank] = src.leaf(p.file, p.container, p.name)
+    for file in sorted(src.files):
+        for key in src.containers(file):
+            for name in src.state_dict(file, key):
+                # _extra_state holds TE/FP8 metadata, never weights.
+                if (file, key, name) not in consumed and not name.endswith("._extra_state"):
+                    raise ConversionError(
+                        f"unmapped tensor {key}/{name} in {os.path.join(src.root, file)}: "
+                        "the family's convertors do not produce it"
+                    )
+    canonical = {}
+    for t in tensors:
+        per_rank = shards[t.name]
+        canonical[t.name] = unshard([per_rank[r] for r in range(layout.tp)], t.split, t.shape[0])
+    return canonical
+
+
+def _hf_files(hf_exprs: Mapping[str, Expr], max_shard_size: int) -> list[OutputFile]:
+    groups: list[list[TensorJob]] = [[]]
+    size = 0
+    for name in sorted(hf_exprs, key=natural_key):
+        n = te.nbytes(hf_exprs[name])
+        if groups[-1] and size + n > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(TensorJob(name, hf_exprs[name]))
+        size += n
+    names = hf_format.shard_file_names(len(groups))
+    return [OutputFile(fname, "safetensors", (("", tuple(jobs)),)) for fname, jobs in zip(names, groups)]
+
+
+def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
+    check_target_dir(opts)
+    src = mcore_legacy.open_source(opts.load_ckpt_path)
+    args = src.args()
+    arch, family = _resolve_mcore_arch(opts, args)
+    layout = _infer_mcore_layout(src, opts, arch)
+    convertors = build_convertors(family, arch)
+    tensors = canonical_tensors(convertors)
+    canonical = _gather_mcore(src, tensors, layout)
+    hf_exprs: dict[str, Expr] = {}
+    for conv in convertors:
+        hf_exprs.update(conv.to_hf({t.name: canonical[t.name] for t in conv.canonical()}))
+
+    hf_config, notes = None, []
+    reference = opts.hf_config_path
+    if reference:
+        _check_reference_config(reference, family, arch)
+    else:
+        saved = getattr(args, "convert_checkpoint_hf_config", None) if args is not None else None
+        if saved:
+            hf_config = dict(saved)
+            # An architecture YAML may have overridden fields on the way in; keep config.json true.
+            for arch_field, hf_keys in family.config_fields.items():
+                if hf_keys[0] in hf_config and getattr(arch, arch_field) is not None:
+                    hf_config[hf_keys[0]] = getattr(arch, arch_field)
+        else:
+            hf_config = hf_config_from_arch(arch, family.hf_model_type, list(family.hf_architectures), family.config_fields)
+            notes.append("config.json synthesized from the architecture; pass --hf_config_path to reuse the original one")
+    return Plan(
+        direction="mcore->hf",
+        source_dir=src.root,
+        target_dir=opts.save_ckpt_path,
+        arch=arch,
+        family=family,
+        layout=layout,
+        files=_hf_files(hf_exprs, opts.max_shard_size),
+        source_tensor_count=sum(len(src.state_dict(f, k)) for f in src.files for k in src.containers(f)),
+        hf_config=hf_config,
+        hf_reference_dir=reference,
+        notes=notes,
+        source=src,
+    )
+
+
+def _check_reference_config(reference: str, family: FamilySpec, arch: ModelArch) -> None:
+    """The --hf_config_path config must describe the same model as the checkpoint."""
+    ref_config = hf_format.read_config(reference)
+    ref_arch = arch_from_hf_config(ref_config, family.name, family.config_fields, family.config_defaults, family.fixed_arch)
+    for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
+        if getattr(ref_arch, key) != getattr(arch, key):
+            raise ConversionError(
+                f"--hf_config_path {reference}: its config.json has {key} {getattr(ref_arch, key)}, "
+                f"the checkpoint has {getattr(arch, key)}"
+            )
