@@ -195,3 +195,12 @@ def test_mcore_reference_config_of_another_model(mcore_copy, tiny_hf, tmp_path, 
     out = str(tmp_path / "hf")
     _assert_fails(capsys, mcore_to_hf(mcore_copy, out, hf_config_path=other), out,
                   "--hf_config_path", "num_layers 6, the checkpoint has 4")
+
+
+def test_overwrite_keeps_old_output_when_validation_fails(hf_copy, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("previous run")
+    rc = hf_to_mcore(hf_copy, str(out), tensor_model_parallel_size=3, overwrite=True)
+    assert rc == 2 and "does not divide" in capsys.readouterr().err
+    assert os.listdir(out) == ["old.txt"]  # validation runs before anything is removed

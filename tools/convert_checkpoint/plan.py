@@ -159,7 +159,8 @@ def describe_plan(plan: Plan, verbose: bool = False) -> str:
         f"impl={lay.transformer_impl}  vocab={plan.arch.vocab_size} padded={lay.padded_vocab_size}  "
         f"tied={plan.arch.tied_embeddings}",
         f"source: {plan.source_dir} ({plan.source_tensor_count} tensors)",
-        f"target: {plan.target_dir} ({len(plan.files)} files, {plan.total_bytes / 1e9:.3f} GB)",
+        f"target: {plan.target_dir} ({len(plan.files)} files, {plan.total_bytes / 1e9:.3f} GB; "
+        f"each worker holds about one output file: largest {max((f.nbytes for f in plan.files), default=0) / 1e9:.3f} GB)",
     ]
     for f in plan.files:
         lines.append(f"  {f.relpath}: {f.tensor_count} tensors, {f.nbytes / 1e6:.1f} MB")
