@@ -117,7 +117,7 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
     jobs: dict[tuple[str, str], list[TensorJob]] = {}
     for p in placements:
         expr = canonical_exprs[WORD_EMBEDDINGS if p.tied_copy else p.canonical.name]
-        sharded = shard(expr, p.canonical.split, layout.tp, p.tp_rank, layout.padded_vocab_size)
+        sharded = shard(expr, p.canonical.split, p.shard_count, p.shard_rank, layout.padded_vocab_size)
         jobs.setdefault((p.file, p.container), []).append(TensorJob(p.name, sharded))
     for x in extras:
         jobs.setdefault((x.file, x.container), []).append(TensorJob(x.name, None))

@@ -119,7 +119,7 @@ def _gather_mcore(
         if sd is None or p.name not in sd:
             raise ConversionError(f"missing tensor {p.container}/{p.name} in {os.path.join(src.root, p.file)}")
         value = sd[p.name]
-        want = shard_shape(p.canonical.shape, p.canonical.split, layout.tp, layout.padded_vocab_size)
+        want = shard_shape(p.canonical.shape, p.canonical.split, p.shard_count, layout.padded_vocab_size)
         if tuple(value.shape) != want:
             raise ConversionError(
                 f"tensor {p.container}/{p.name} in {p.file} has shape {list(value.shape)}, expected {list(want)} "
@@ -127,7 +127,7 @@ def _gather_mcore(
             )
         consumed.add((p.file, p.container, p.name))
         if not p.tied_copy:
-            shards.setdefault(p.canonical.name, {})[p.tp_rank] = src.leaf(p.file, p.container, p.name)
+            shards.setdefault(p.canonical.name, {}).setdefault(p.shard_rank, src.leaf(p.file, p.container, p.name))
     for file in sorted(src.files):
         for key in src.containers(file):
             for name in src.state_dict(file, key):
@@ -140,7 +140,7 @@ def _gather_mcore(
     canonical = {}
     for t in tensors:
         per_rank = shards[t.name]
-        canonical[t.name] = unshard([per_rank[r] for r in range(layout.tp)], t.split, t.shape[0])
+        canonical[t.name] = unshard([per_rank[r] for r in range(len(per_rank))], t.split, t.shape[0])
     return canonical
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable
 
 from ..formats.mcore_legacy import FILE_NAME, rank_dir_name
+from .expert_parallel import expert_rank_files
 from .pipeline import PipelineLayout
 from .tensor_parallel import Split
 
@@ -31,12 +32,24 @@ class ParallelLayout:
     transformer_impl: str
     padded_vocab_size: int
     tied_embeddings: bool
+    ep: int = 1
+    etp: int | None = None  # None: experts split like dense layers, by TP
+    num_experts: int = 0
+    grouped_gemm: bool = False
 
-    def rank_file(self, tp_rank: int, pp_rank: int) -> str:
-        return os.path.join(rank_dir_name(tp_rank, pp_rank, self.pipeline.pp), FILE_NAME)
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    def expert_files(self) -> dict[tuple[int, int], int]:
+        """(TP rank, EP rank) of each file of a stage -> ETP rank of the experts it holds."""
+        return expert_rank_files(self.tp, self.ep, self.expert_tp)
+
+    def rank_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
+        return os.path.join(rank_dir_name(tp_rank, pp_rank, self.pipeline.pp, ep_rank, self.ep), FILE_NAME)
 
     def rank_files(self) -> list[str]:
-        return [self.rank_file(t, p) for t in range(self.tp) for p in range(self.pipeline.pp)]
+        return [self.rank_file(t, p, e) for (t, e) in sorted(self.expert_files()) for p in range(self.pipeline.pp)]
 
 
 @dataclass(frozen=True)
@@ -44,7 +57,8 @@ class Placement:
     file: str
     container: str
     name: str  # name inside the container
-    tp_rank: int
+    shard_rank: int  # TP rank (ETP rank for experts)
+    shard_count: int  # TP size (ETP size for experts)
     canonical: "CanonicalTensor"
     # A tied output layer on the last stage: written from the embedding, skipped on read.
     tied_copy: bool = False
@@ -55,6 +69,21 @@ class ExtraState:
     file: str
     container: str
     name: str  # <module>._extra_state
+
+
+EXPERT_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
+
+
+def _expert_local_name(local: str, expert: int, layout: ParallelLayout) -> tuple[str, str]:
+    """(weight name, module name) of a routed expert with its EP-local index."""
+    m = EXPERT_RE.match(local)
+    if m is None:
+        raise ValueError(f"expert tensor {local} does not follow mlp.experts.local_experts.<e>.linear_fc<n>")
+    head, _, linear, suffix = m.groups()
+    index = expert % (layout.num_experts // layout.ep)
+    if layout.grouped_gemm:  # TE GroupedLinear: one module, one weight<i> per local expert
+        return f"{head}{linear}.{suffix}{index}", f"{head}{linear}"
+    return f"{head}local_experts.{index}.{linear}.{suffix}", f"{head}local_experts.{index}.{linear}"
 
 
 def _local_name(canonical_name: str, layout: ParallelLayout, layer_names: set[str]) -> tuple[int, int, str]:
@@ -86,16 +115,29 @@ def place(tensors: Iterable["CanonicalTensor"], layout: ParallelLayout) -> tuple
     placements: list[Placement] = []
     extras: list[ExtraState] = []
 
+    files = layout.expert_files()
+    experts_per_rank = layout.num_experts // layout.ep if layout.num_experts else 0
+    seen_extras: set[ExtraState] = set()
+
     def add(t: CanonicalTensor, rank: int, chunk: int, local: str, tied_copy: bool = False) -> None:
         container = pipe.container(chunk)
-        for tp_rank in range(layout.tp):
-            file = layout.rank_file(tp_rank, rank)
-            placements.append(Placement(file, container, local, tp_rank, t, tied_copy))
-            if t.extra_state_module is not None:
-                # The module path carries the same local renumbering as the weight name.
-                suffix_len = len(t.name) - len(t.extra_state_module)
-                module = local[:-suffix_len]
-                extras.append(ExtraState(file, container, f"{module}._extra_state"))
+        module = None
+        if t.extra_state_module is not None:
+            # The module path carries the same local renumbering as the weight name.
+            module = local[: -(len(t.name) - len(t.extra_state_module))]
+        if t.expert is not None:
+            local, module = _expert_local_name(local, t.expert, layout)
+        for (tp_rank, ep_rank), etp_rank in sorted(files.items()):
+            if t.expert is not None and t.expert // experts_per_rank != ep_rank:
+                continue
+            shard_rank, count = (etp_rank, layout.expert_tp) if t.expert is not None else (tp_rank, layout.tp)
+            file = layout.rank_file(tp_rank, rank, ep_rank)
+            placements.append(Placement(file, container, local, shard_rank, count, t, tied_copy))
+            if module is not None:
+                extra = ExtraState(file, container, f"{module}._extra_state")
+                if extra not in seen_extras:  # grouped experts share one module
+                    seen_extras.add(extra)
+                    extras.append(extra)
 
     for t in tensors:
         rank, chunk, local = _local_name(t.name, layout, names)

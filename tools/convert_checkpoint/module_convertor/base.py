@@ -25,6 +25,8 @@ class CanonicalTensor:
     # The Megatron module owning this weight when it is a linear layer: its ``_extra_state``
     # entry is written next to it (TE and local specs both declare one per linear).
     extra_state_module: str | None = None
+    # Global index of a routed expert: the layout puts it on its EP rank and splits it by ETP.
+    expert: int | None = None
 
 
 _REGISTRY: dict[str, type["ModuleConvertor"]] = {}
