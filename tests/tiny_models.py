@@ -14,7 +14,7 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_ke
 
 @dataclass(frozen=True)
 class TinySpec:
-    family: str  # llama, qwen2, qwen3
+    family: str  # llama, qwen2, qwen3, qwen3_moe, mixtral
     tied: bool = False
     num_layers: int = 4
     vocab_size: int = 250
@@ -28,7 +28,7 @@ class TinySpec:
 
 
 def make_config(spec: TinySpec):
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     kw = dict(BASE, num_hidden_layers=spec.num_layers, vocab_size=spec.vocab_size,
               num_key_value_heads=spec.num_key_value_heads, tie_word_embeddings=spec.tied)
@@ -38,6 +38,10 @@ def make_config(spec: TinySpec):
         return Qwen2Config(**kw)
     if spec.family == "qwen3":
         return Qwen3Config(head_dim=16, **kw)
+    if spec.family == "qwen3_moe":  # 4 experts of size 32 on every layer
+        return Qwen3MoeConfig(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, **kw)
+    if spec.family == "mixtral":  # Mixtral's intermediate_size is the expert size
+        return MixtralConfig(**dict(kw, intermediate_size=32), num_local_experts=4, num_experts_per_tok=2)
     raise ValueError(spec.family)
 
 

@@ -31,6 +31,9 @@ class ConvertOptions:
     pad_vocab_size_to: int | None = None
     add_embedding_padding: bool = True
     transformer_impl: str | None = None  # None = default (transformer_engine) / detect on load
+    expert_parallel_size: int | None = None  # None: 1 (HF->MCore) / read off the files (MCore->HF)
+    expert_tensor_parallel_size: int | None = None  # None: = TP
+    moe_grouped_gemm: bool = False
     hf_config_path: str | None = None
     max_shard_size: int = 5 * 1000**3
     max_workers: int = 1
@@ -43,9 +46,6 @@ class ConvertOptions:
 # Incumbent flags we parse so scripts do not break, but whose features are not built yet.
 # Giving one with a value that would change the result is an error, never silently ignored.
 _NOT_YET = {
-    "expert_parallel_size": "expert parallelism (MoE models) is not supported yet; only 1 is accepted",
-    "expert_tensor_parallel_size": "expert tensor parallelism (MoE models) is not supported yet; only 1 is accepted",
-    "moe_grouped_gemm": "mixture-of-experts models are not supported yet",
     "mtp_num_layers": "multi-token-prediction layers are not supported yet; only 0 is accepted",
     "convert_to_fp8": "FP8 output is not supported yet",
     "quant_method": "FP8 quantization is not supported yet",
@@ -67,8 +67,8 @@ _NOT_YET = {
     "vision_patch_convert_file": "vision-language models are not supported yet",
 }
 # Values of the not-yet flags that are harmless (the default behaviour).
-_HARMLESS = {"expert_parallel_size": {"1"}, "expert_tensor_parallel_size": {"1"}, "mtp_num_layers": {"0"}}
-_BOOL_FLAGS = {"moe_grouped_gemm", "convert_to_fp8", "fp8_force_no_requant", "force_pow_2_scales", "pretrain_as_fp8",
+_HARMLESS = {"mtp_num_layers": {"0"}}
+_BOOL_FLAGS = {"convert_to_fp8", "fp8_force_no_requant", "force_pow_2_scales", "pretrain_as_fp8",
                "distributed_convert", "hf_dequantize_int4", "hf_dequantize_mxfp4"}
 
 
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("pad_vocab_size_to", type=_positive, help="explicit padded vocab size")
     add("add_embedding_padding", type=_str2bool, default=True, help="pad embedding rows (default true)")
     add("transformer_impl", choices=TRANSFORMER_IMPLS, help="MCore naming: transformer_engine (default) or local")
+    add("expert_parallel_size", type=_positive, help="EP: routed experts split over this many ranks (MoE models)")
+    add("expert_tensor_parallel_size", type=_positive, help="ETP: TP size of each expert (default: TP)")
+    add("moe-grouped-gemm", action="store_true", help="TE grouped-linear expert names (linear_fc1.weight<i>)")
     add("hf_config_path", help="MCore->HF: reference HF dir whose config/tokenizer files are copied")
     add("max_shard_size", type=_size, default=5 * 1000**3, help="HF output shard cap (default 5GB)")
     add("safetensors", action="store_true", help="accepted for compatibility; HF I/O is always safetensors")
@@ -186,6 +189,9 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         pad_vocab_size_to=ns.pad_vocab_size_to,
         add_embedding_padding=ns.add_embedding_padding,
         transformer_impl=ns.transformer_impl,
+        expert_parallel_size=ns.expert_parallel_size,
+        expert_tensor_parallel_size=ns.expert_tensor_parallel_size,
+        moe_grouped_gemm=ns.moe_grouped_gemm,
         hf_config_path=ns.hf_config_path,
         max_shard_size=ns.max_shard_size,
         max_workers=ns.max_workers,

@@ -95,7 +95,7 @@ def natural_key(name: str) -> list:
 
 
 def validate_tensor_parallel(arch: ModelArch, tensors: list[CanonicalTensor], layout: ParallelLayout) -> None:
-    tp = layout.tp
+    tp, etp = layout.tp, layout.expert_tp
     for what, value in (
         ("num_attention_heads", arch.num_attention_heads),
         ("num_query_groups", arch.num_query_groups),
@@ -104,10 +104,23 @@ def validate_tensor_parallel(arch: ModelArch, tensors: list[CanonicalTensor], la
     ):
         if value % tp:
             raise ConversionError(f"--tensor_model_parallel_size {tp} does not divide {what} {value}")
+    if arch.num_experts:
+        if arch.num_experts % layout.ep:
+            raise ConversionError(f"--expert_parallel_size {layout.ep} does not divide num_experts {arch.num_experts}")
+        if arch.moe_ffn_hidden_size % etp:
+            flag = "--expert_tensor_parallel_size" if layout.etp is not None else "--tensor_model_parallel_size"
+            raise ConversionError(f"{flag} {etp} does not divide moe_ffn_hidden_size {arch.moe_ffn_hidden_size}")
+    elif layout.ep > 1 or layout.etp is not None or layout.grouped_gemm:
+        raise ConversionError(
+            "--expert_parallel_size, --expert_tensor_parallel_size and --moe-grouped-gemm apply to "
+            f"mixture-of-experts models; this {arch.family} model has no routed experts"
+        )
+    layout.expert_files()  # raises on an EP/ETP/TP combination a legacy checkpoint cannot hold
     for t in tensors:
-        if not divides(t.shape, t.split, tp, layout.padded_vocab_size):
+        parts, flag = (etp, "--expert_tensor_parallel_size") if t.expert is not None else (tp, "--tensor_model_parallel_size")
+        if not divides(t.shape, t.split, parts, layout.padded_vocab_size):
             raise ConversionError(
-                f"--tensor_model_parallel_size {tp} does not divide tensor {t.name} of shape {list(t.shape)} ({t.split.value} split)"
+                f"{flag} {parts} does not divide tensor {t.name} of shape {list(t.shape)} ({t.split.value} split)"
             )
 
 

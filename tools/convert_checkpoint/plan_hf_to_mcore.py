@@ -76,7 +76,11 @@ def _mcore_args(arch: ModelArch, family: FamilySpec, layout: ParallelLayout, opt
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=pipe.pp,
         virtual_pipeline_model_parallel_size=pipe.vpp if pipe.vpp > 1 else None,
-        expert_model_parallel_size=1,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        num_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_grouped_gemm=layout.grouped_gemm,
         transformer_impl=layout.transformer_impl,
         # Ours: enough to convert back without any flag.
         convert_checkpoint_family=family.name,
@@ -110,6 +114,11 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
         transformer_impl=opts.transformer_impl or "transformer_engine",
         padded_vocab_size=resolve_padded_vocab(opts, arch.vocab_size, tp),
         tied_embeddings=arch.tied_embeddings,
+        # A MoE model without --expert_parallel_size keeps every expert (EP=1), never skips them.
+        ep=opts.expert_parallel_size or 1,
+        etp=opts.expert_tensor_parallel_size,
+        num_experts=arch.num_experts or 0,
+        grouped_gemm=opts.moe_grouped_gemm,
     )
     validate_tensor_parallel(arch, tensors, layout)
     placements, extras = place(tensors, layout)

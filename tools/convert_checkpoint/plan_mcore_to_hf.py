@@ -40,17 +40,39 @@ def _resolve_mcore_arch(opts: ConvertOptions, args: argparse.Namespace | None) -
     return ModelArch.from_dict(values, opts.config_file or "checkpoint args"), family
 
 
+def _single_suffix_is_expert_rank(src: mcore_legacy.McoreSource, opts: ConvertOptions) -> bool:
+    """``mp_rank_TT_XXX`` is ambiguous: Megatron drops PPP at PP=1 and EEE at EP=1.
+
+    Decided by the flags if given, else by the saved args, else by content: pipeline stages
+    hold different decoder layers, while EP ranks of one stage hold the same dense names."""
+    if opts.expert_parallel_size is not None or opts.pipeline_model_parallel_size is not None:
+        return (opts.expert_parallel_size or 1) > 1 and (opts.pipeline_model_parallel_size or 1) == 1
+    args = src.args()
+    if args is not None and hasattr(args, "pipeline_model_parallel_size"):
+        return getattr(args, "pipeline_model_parallel_size", 1) == 1 and (getattr(args, "expert_model_parallel_size", None) or 1) > 1
+    dirs = src.rank_dirs()
+    if not dirs or len(dirs[0].split("_")) != 4:
+        return False
+
+    def dense_names(d: str) -> set[str]:
+        file = f"{d}/{mcore_legacy.FILE_NAME}"
+        return {n for key in src.containers(file) for n in src.state_dict(file, key) if ".experts." not in n}
+
+    return all(dense_names(d) == dense_names(dirs[0]) for d in dirs if d.startswith(dirs[0][:11]))
+
+
 def _infer_mcore_layout(src: mcore_legacy.McoreSource, opts: ConvertOptions, arch: ModelArch) -> ParallelLayout:
     """Read TP, PP, VPP, layers per chunk and naming off the rank files; flags must agree."""
-    tp_ranks, pp_ranks = set(), set()
+    tp_ranks, pp_ranks, ep_ranks = set(), set(), set()
+    single_suffix_is_ep = _single_suffix_is_expert_rank(src, opts)
     for d in src.rank_dirs():
-        tp_rank, pp_rank, ep_rank = mcore_legacy.parse_rank_dir(d)
-        if ep_rank is not None:
-            raise ConversionError(f"{d}: expert-parallel checkpoints (mp_rank_TT_PPP_EEE) are not supported yet")
+        tp_rank, a, b = mcore_legacy.parse_rank_dir(d)
+        pp_rank, ep_rank = (a, b) if b is not None else ((0, a) if single_suffix_is_ep else (a, 0))
         tp_ranks.add(tp_rank)
-        pp_ranks.add(pp_rank if pp_rank is not None else 0)
-    tp, pp = max(tp_ranks) + 1, max(pp_ranks) + 1
-    first = mcore_legacy.rank_dir_name(0, 0, pp) + "/" + mcore_legacy.FILE_NAME
+        pp_ranks.add(pp_rank or 0)
+        ep_ranks.add(ep_rank or 0)
+    tp, pp, ep = max(tp_ranks) + 1, max(pp_ranks) + 1, max(ep_ranks) + 1
+    first = mcore_legacy.rank_dir_name(0, 0, pp, 0, ep) + "/" + mcore_legacy.FILE_NAME
     if first not in src.files:
         raise ConversionError(f"{src.root}: rank file {first} is missing")
     containers = src.containers(first)
@@ -59,7 +81,7 @@ def _infer_mcore_layout(src: mcore_legacy.McoreSource, opts: ConvertOptions, arc
         raise ConversionError(f"{first}: unexpected model entries {containers}")
     counts = [0] * (pp * vpp)
     for p in range(pp):
-        file = mcore_legacy.rank_dir_name(0, p, pp) + "/" + mcore_legacy.FILE_NAME
+        file = mcore_legacy.rank_dir_name(0, p, pp, 0, ep) + "/" + mcore_legacy.FILE_NAME
         if file not in src.files:
             raise ConversionError(f"{src.root}: rank file {file} is missing")
         for chunk, key in enumerate(src.containers(file)):
@@ -96,7 +118,37 @@ def _infer_mcore_layout(src: mcore_legacy.McoreSource, opts: ConvertOptions, arc
     padded = tuple(embed.shape)[0] * tp if embed is not None else arch.vocab_size
     if padded < arch.vocab_size:
         raise ConversionError(f"embedding rows {padded} are fewer than vocab_size {arch.vocab_size}")
-    return ParallelLayout(tp, pipe, impl, padded, arch.tied_embeddings)
+    etp, grouped = _infer_experts(src, first, arch, tp)
+    for flag, given, found in (
+        ("--expert_parallel_size", opts.expert_parallel_size, ep),
+        ("--expert_tensor_parallel_size", opts.expert_tensor_parallel_size, etp or tp),
+    ):
+        if given is not None and given != found:
+            raise ConversionError(f"{flag} {given} disagrees with the checkpoint, whose rank files hold {found}")
+    if opts.moe_grouped_gemm and not grouped:
+        raise ConversionError("--moe-grouped-gemm disagrees with the checkpoint, whose experts use local_experts names")
+    return ParallelLayout(tp, pipe, impl, padded, arch.tied_embeddings, ep=ep, etp=etp,
+                          num_experts=arch.num_experts or 0, grouped_gemm=grouped)
+
+
+_GROUPED_FC1 = re.compile(r"\.mlp\.experts\.linear_fc1\.weight\d+$")
+_LOCAL_FC1 = re.compile(r"\.mlp\.experts\.local_experts\.\d+\.linear_fc1\.weight$")
+
+
+def _infer_experts(src: mcore_legacy.McoreSource, file: str, arch: ModelArch, tp: int) -> tuple[int | None, bool]:
+    """(ETP size, or None when it equals TP; grouped-GEMM naming) from an expert fc1 shard."""
+    if not arch.num_experts:
+        return None, False
+    for key in src.containers(file):
+        for name, value in src.state_dict(file, key).items():
+            grouped = bool(_GROUPED_FC1.search(name))
+            if grouped or _LOCAL_FC1.search(name):
+                rows = tuple(value.shape)[0]
+                if rows == 0 or (2 * arch.moe_ffn_hidden_size) % rows:
+                    raise ConversionError(f"{file}: expert tensor {name} has {rows} rows, which no ETP size gives")
+                etp = 2 * arch.moe_ffn_hidden_size // rows
+                return (None if etp == tp else etp), grouped
+    raise ConversionError(f"{file}: the architecture has {arch.num_experts} experts, but the file holds no expert weights")
 
 
 def _gather_mcore(

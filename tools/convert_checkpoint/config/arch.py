@@ -26,6 +26,8 @@ class ModelArch:
     tied_embeddings: bool = False
     rotary_base: float | None = None
     max_position_embeddings: int | None = None
+    num_experts: int | None = None  # routed experts per MoE layer; None for dense models
+    moe_ffn_hidden_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "vocab_size"):

@@ -1,0 +1,74 @@
+"""Routed experts: per-expert HF gate/up/down <-> Megatron ``local_experts.<e>.linear_fc1/fc2``.
+
+Canonical names use the global expert index; the layout maps it to its EP rank, the local
+index there, the ETP split, and grouped-GEMM names when asked.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+from .. import tensor_expr as te
+from ..errors import ConversionError
+from ..layout.tensor_parallel import Split
+from ..tensor_expr import Expr
+from .base import CanonicalTensor, ModuleConvertor, register
+
+
+@register
+class RoutedExperts(ModuleConvertor):
+    """YAML: ``{convertor: experts, hf: "mlp.experts.{expert}.", gate: .., up: .., down: .., mcore: mlp.experts}``."""
+
+    kind = "experts"
+    options = ("hf", "gate", "up", "down", "mcore")
+    required = ("hf", "gate", "up", "down", "mcore")
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        if not self.arch.num_experts or not self.arch.moe_ffn_hidden_size:
+            raise ConversionError(f"{self.spec.origin}: convertor 'experts' needs num_experts and moe_ffn_hidden_size")
+        if "{expert}" not in self.opt("hf"):
+            raise ConversionError(f"{self.spec.origin}: 'hf' of convertor experts must contain {{expert}}")
+
+    def _hf(self, expert: int, which: str) -> str:
+        return self.hf_name(self.opt("hf").format(expert=expert) + self.opt(which))
+
+    def _mcore(self, expert: int, linear: str) -> str:
+        return self.mcore_name(f"{self.opt('mcore')}.local_experts.{expert}.{linear}.weight")
+
+    def hf_shapes(self):
+        a = self.arch
+        up_shape, down_shape = (a.moe_ffn_hidden_size, a.hidden_size), (a.hidden_size, a.moe_ffn_hidden_size)
+        shapes = {}
+        for e in range(a.num_experts):
+            shapes[self._hf(e, "gate")] = up_shape
+            shapes[self._hf(e, "up")] = up_shape
+            shapes[self._hf(e, "down")] = down_shape
+        return shapes
+
+    def canonical(self):
+        a = self.arch
+        out = []
+        for e in range(a.num_experts):
+            fc1, fc2 = self._mcore(e, "linear_fc1"), self._mcore(e, "linear_fc2")
+            out.append(CanonicalTensor(fc1, (2 * a.moe_ffn_hidden_size, a.hidden_size), Split.GATED_COLUMN,
+                                       fc1.rsplit(".", 1)[0], expert=e))
+            out.append(CanonicalTensor(fc2, (a.hidden_size, a.moe_ffn_hidden_size), Split.ROW,
+                                       fc2.rsplit(".", 1)[0], expert=e))
+        return out
+
+    def to_canonical(self, hf: Mapping[str, Expr]):
+        out = {}
+        for e in range(self.arch.num_experts):
+            out[self._mcore(e, "linear_fc1")] = te.cat([hf[self._hf(e, "gate")], hf[self._hf(e, "up")]], 0)
+            out[self._mcore(e, "linear_fc2")] = hf[self._hf(e, "down")]
+        return out
+
+    def to_hf(self, canonical: Mapping[str, Expr]):
+        ffn = self.arch.moe_ffn_hidden_size
+        out = {}
+        for e in range(self.arch.num_experts):
+            fc1 = canonical[self._mcore(e, "linear_fc1")]
+            out[self._hf(e, "gate")] = te.narrow(fc1, 0, 0, ffn)
+            out[self._hf(e, "up")] = te.narrow(fc1, 0, ffn, ffn)
+            out[self._hf(e, "down")] = canonical[self._mcore(e, "linear_fc2")]
+        return out
