@@ -7,7 +7,7 @@ stage local rank r has dense TP rank ``r % tp``, expert-TP rank ``r % etp`` and 
 every ``lcm(tp, etp * ep)`` ranks, the smallest world that holds the layout. (The incumbent
 only walks ``max(tp, etp * ep)`` ranks and so misses files when neither divides the other.)
 
-Not wired into the planner yet (issue 4); tested against megatron-core's RankGenerator.
+Tested against megatron-core's RankGenerator (tests/test_expert_layout.py).
 """
 from __future__ import annotations
 
