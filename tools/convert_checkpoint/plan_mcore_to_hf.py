@@ -49,7 +49,9 @@ def _single_suffix_is_expert_rank(src: mcore_legacy.McoreSource, opts: ConvertOp
         return (opts.expert_parallel_size or 1) > 1 and (opts.pipeline_model_parallel_size or 1) == 1
     args = src.args()
     if args is not None and hasattr(args, "pipeline_model_parallel_size"):
-        return getattr(args, "pipeline_model_parallel_size", 1) == 1 and (getattr(args, "expert_model_parallel_size", None) or 1) > 1
+        # Megatron calls it expert_model_parallel_size, the incumbent expert_parallel_size.
+        ep = getattr(args, "expert_model_parallel_size", None) or getattr(args, "expert_parallel_size", None) or 1
+        return getattr(args, "pipeline_model_parallel_size", 1) == 1 and ep > 1
     dirs = src.rank_dirs()
     if not dirs or len(dirs[0].split("_")) != 4:
         return False
