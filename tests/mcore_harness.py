@@ -5,11 +5,14 @@ written by our converter: "would megatron-core itself accept these files?"
 
 For every job, each of ``world_size`` gloo worker processes:
 
-a. derives its file name from megatron-core's ``parallel_state`` (never from our
-   converter's code), so a wrong rank -> file mapping shows up as a file nobody opened;
+a. derives its file name from megatron-core's ``parallel_state`` tensor / pipeline /
+   expert ranks (never from our converter's code), so a wrong rank -> file mapping shows
+   up as a file nobody opened;
 b. builds the real ``GPTModel`` chunk(s) of its rank with the *local* layer spec, honoring
-   an uneven / interleaved (VPP) layout through ``pipeline_model_parallel_layout``;
-c. strict-loads every chunk, reporting missing / unexpected / mis-shaped keys by name;
+   an uneven / interleaved (VPP) layout through ``pipeline_model_parallel_layout``, and
+   for MoE models (Qwen3-MoE, Mixtral) routed experts split over EP and ETP;
+c. strict-loads every chunk, reporting missing / unexpected / mis-shaped keys by name
+   (TE names and grouped-GEMM expert names are first mapped back to local-spec names);
 d. optionally runs a pipelined fp32 forward pass and compares the logits with
    ``transformers`` on the same input ids.
 
@@ -59,6 +62,9 @@ LOGITS_SEED = 1234
 
 _EXTRA_STATE_SUFFIX = "_extra_state"
 _LAYER_KEY_RE = re.compile(r"^(decoder\.layers\.\d+\.)(.+)$")
+_GROUPED_EXPERT_KEY_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
+_GROUPED_EXTRA_STATE_RE = re.compile(r"^decoder\.layers\.\d+\.mlp\.experts\.linear_fc[12]\._extra_state$")
+_LOCAL_EXPERT_KEY_RE = re.compile(r"^decoder\.layers\.\d+\.mlp\.experts\.local_experts\.")
 
 
 # --------------------------------------------------------------------------------------
@@ -72,19 +78,25 @@ class Layout:
 
     ``layers_per_vstage`` lists the decoder layers of every virtual pipeline stage in
     virtual-stage order; chunk ``s`` of pipeline rank ``p`` is virtual stage ``p + s*pp``
-    (megatron's interleaved schedule).
+    (megatron's interleaved schedule). ``ep`` / ``etp`` are the expert-parallel and
+    expert-tensor-parallel sizes of routed experts; ``etp=None`` means megatron's default,
+    ETP = TP.
     """
 
     tp: int
     pp: int
     vpp: int
     layers_per_vstage: tuple[int, ...]
+    ep: int = 1
+    etp: int | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence but store a tuple so the dataclass stays hashable.
         object.__setattr__(self, "layers_per_vstage", tuple(int(n) for n in self.layers_per_vstage))
-        if min(self.tp, self.pp, self.vpp) < 1:
-            raise ValueError(f"tp, pp and vpp must be >= 1: {self}")
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp)
+        if min(self.tp, self.pp, self.vpp, self.ep, self.expert_tp) < 1:
+            raise ValueError(f"tp, pp, vpp, ep and etp must be >= 1: {self}")
         if self.vpp > 1 and self.pp == 1:
             raise ValueError(f"virtual pipeline stages need pp > 1: {self}")
         if len(self.layers_per_vstage) != self.pp * self.vpp:
@@ -93,12 +105,27 @@ class Layout:
             raise ValueError(f"negative layer count: {self}")
 
     @classmethod
-    def even(cls, tp: int, pp: int, num_layers: int, vpp: int = 1) -> Layout:
+    def even(
+        cls, tp: int, pp: int, num_layers: int, vpp: int = 1, ep: int = 1, etp: int | None = None
+    ) -> Layout:
         """Layout with ``num_layers`` spread evenly (must divide) over the pp*vpp stages."""
         stages = pp * vpp
         if num_layers % stages:
             raise ValueError(f"{num_layers} layers do not divide into {stages} stages")
-        return cls(tp, pp, vpp, (num_layers // stages,) * stages)
+        return cls(tp, pp, vpp, (num_layers // stages,) * stages, ep, etp)
+
+    @property
+    def expert_tp(self) -> int:
+        """ETP as an int (``etp`` is resolved to TP in ``__post_init__``)."""
+        return self.tp if self.etp is None else self.etp
+
+    def world_size_problem(self, world_size: int) -> str | None:
+        """Why megatron cannot lay this out over ``world_size`` ranks, or None."""
+        # Dense ranks are tp*pp*dp; expert ranks are etp*ep*pp*expert_dp (same pp).
+        for name, size in (("tp*pp", self.tp * self.pp), ("etp*ep*pp", self.expert_tp * self.ep * self.pp)):
+            if world_size % size:
+                return f"world_size {world_size} not divisible by {name}={size}"
+        return None
 
     @property
     def num_layers(self) -> int:
@@ -126,13 +153,20 @@ class CheckJob:
     te_names: bool = False
     check_logits: bool = False
     tied: bool = False  # share_embeddings_and_output_weights
+    grouped_gemm: bool = False  # experts named like TE GroupedLinear (mlp.experts.linear_fc1.weight<j>)
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    """Legacy per-rank directory under ``release/`` (megatron-LM's naming rule)."""
-    if pp == 1:
-        return f"mp_rank_{tp_rank:02d}"
-    return f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
+    """Legacy per-rank directory under ``release/`` (megatron-LM's naming rule).
+
+    ``mp_rank_TT``, then ``_PPP`` only if pp > 1, then ``_EEE`` only if ep > 1.
+    """
+    name = f"mp_rank_{tp_rank:02d}"
+    if pp > 1:
+        name += f"_{pp_rank:03d}"
+    if ep > 1:
+        name += f"_{ep_rank:03d}"
+    return name
 
 
 # --------------------------------------------------------------------------------------
@@ -157,13 +191,42 @@ class HFArch:
     qkv_bias: bool
     qk_norm: bool
     tie_word_embeddings: bool
+    # Routed experts on every layer (0 = dense model); no shared experts.
+    num_experts: int = 0
+    moe_ffn_hidden_size: int = 0
+    moe_topk: int = 0
+    # HF renormalizes the top-k softmax probabilities (Mixtral always, Qwen3-MoE if norm_topk_prob).
+    moe_renormalize: bool = False
 
 
-_SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+
+
+def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """MoE fields of HFArch for Qwen3-MoE / Mixtral; {} for dense families."""
+    if model_type not in ("qwen3_moe", "mixtral"):
+        return {}
+    # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, older versions as num_experts.
+    num_experts = cfg.get("num_local_experts") or cfg["num_experts"]
+    if model_type == "qwen3_moe":
+        if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
+            # Dense layers between MoE layers would need moe_layer_freq and a block spec.
+            raise ValueError("only Qwen3-MoE with an MoE MLP on every layer is supported")
+        if cfg.get("shared_expert_intermediate_size"):
+            raise ValueError("shared experts are not supported")
+        expert_ffn, renormalize = cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob", False))
+    else:
+        expert_ffn, renormalize = cfg["intermediate_size"], True  # Mixtral's intermediate_size is per expert
+    return {
+        "num_experts": int(num_experts),
+        "moe_ffn_hidden_size": int(expert_ffn),
+        "moe_topk": int(cfg["num_experts_per_tok"]),
+        "moe_renormalize": renormalize,
+    }
 
 
 def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
-    """Parse the subset of a Llama / Qwen2 / Qwen3 ``config.json`` the harness needs."""
+    """Parse the subset of a Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral ``config.json`` the harness needs."""
     cfg: dict[str, Any] = json.loads(Path(hf_dir, "config.json").read_text())
     model_type = cfg.get("model_type")
     if model_type not in _SUPPORTED_MODEL_TYPES:
@@ -197,8 +260,9 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
         # Qwen2 always has q/k/v biases; the others declare it with attention_bias.
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        **_read_moe(cfg, model_type),
     )
 
 
@@ -207,17 +271,23 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
 # --------------------------------------------------------------------------------------
 
 
-def rename_te_to_local(state_dict: Mapping[str, Any], keys_map: Mapping[str, str]) -> dict[str, Any]:
+def rename_te_to_local(
+    state_dict: Mapping[str, Any],
+    keys_map: Mapping[str, str],
+    layer_keys_maps: Mapping[int, Mapping[str, str]] | None = None,
+) -> dict[str, Any]:
     """Rename TE-spec layer keys to local-spec keys.
 
     ``keys_map`` is megatron-core's ``sharded_state_dict_keys_map`` (local prefix -> TE
     prefix, relative to one layer, e.g. ``"input_layernorm." ->
     "self_attention.linear_qkv.layer_norm_"``); it is inverted and applied to every
-    ``decoder.layers.{i}.`` key. A local-style name for a mapped module, or two keys
+    ``decoder.layers.{i}.`` key. ``layer_keys_maps`` replaces it for the given local layer
+    indices (an MoE layer keeps its own pre-MLP norm under TE, so it has no
+    ``pre_mlp_layernorm.`` entry). A local-style name for a mapped module, or two keys
     collapsing onto one name, is an error: the file would not be a consistent TE-named
     checkpoint.
     """
-    inverse = {te: local for local, te in keys_map.items()}
+    layer_keys_maps = layer_keys_maps or {}
     out: dict[str, Any] = {}
     problems: list[str] = []
     for key, value in state_dict.items():
@@ -225,7 +295,9 @@ def rename_te_to_local(state_dict: Mapping[str, Any], keys_map: Mapping[str, str
         match = _LAYER_KEY_RE.match(key)
         if match:
             prefix, rest = match.groups()
-            if any(rest.startswith(local) for local in keys_map):
+            layer_map = layer_keys_maps.get(int(prefix.split(".")[2]), keys_map)
+            inverse = {te: local for local, te in layer_map.items()}
+            if any(rest.startswith(local) for local in layer_map):
                 problems.append(f"local-style key in a TE-named checkpoint: {key}")
             for te_prefix, local_prefix in inverse.items():
                 if rest.startswith(te_prefix):
@@ -233,6 +305,39 @@ def rename_te_to_local(state_dict: Mapping[str, Any], keys_map: Mapping[str, str
                     break
         if new_key in out:
             problems.append(f"two keys map to {new_key} after TE->local renaming")
+        out[new_key] = value
+    if problems:
+        raise KeyError("; ".join(problems))
+    return out
+
+
+def rename_grouped_experts_to_local(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Map TE GroupedLinear expert keys to the local spec's SequentialMLP keys.
+
+    With grouped GEMM, megatron's TE spec stores the experts of one EP rank as
+    ``mlp.experts.linear_fc{1,2}.weight{j}`` (``j`` = local expert index) plus one
+    ``mlp.experts.linear_fc{1,2}._extra_state``. The local spec cannot build that module
+    (it ignores grouped GEMM: SequentialMLP, or a legacy GroupedMLP that needs the
+    grouped_gemm package), so every ``weight{j}`` becomes
+    ``mlp.experts.local_experts.{j}.linear_fc{1,2}.weight`` (same tensor, same shape), and
+    the shared extra state, which holds no weights, is dropped. A ``local_experts`` key in
+    the same file is an error: the file would mix the two namings.
+    """
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in state_dict.items():
+        new_key: str | None = key
+        if _LOCAL_EXPERT_KEY_RE.match(key):
+            problems.append(f"SequentialMLP-style expert key in a grouped-GEMM checkpoint: {key}")
+        elif match := _GROUPED_EXPERT_KEY_RE.match(key):
+            prefix, linear, param, index = match.groups()
+            new_key = f"{prefix}local_experts.{index}.{linear}.{param}"
+        elif _GROUPED_EXTRA_STATE_RE.match(key):
+            new_key = None
+        if new_key is None:
+            continue
+        if new_key in out:
+            problems.append(f"two keys map to {new_key} after grouped->local renaming")
         out[new_key] = value
     if problems:
         raise KeyError("; ".join(problems))
@@ -281,16 +386,18 @@ def run_checks(
     """Spawn ``world_size`` gloo workers once and run every job on every rank.
 
     Returns one result dict per (job, rank), sorted by job then rank, with keys:
-    ``job, rank, tp_rank, pp_rank, dp_rank, files, ok, err, max_abs_diff,
-    max_abs_logit, layers_per_chunk, seconds, worker_startup_s``.
-    A job failure is reported in ``ok``/``err``; a worker crash or the whole run
+    ``job, rank, tp_rank, pp_rank, dp_rank, ep_rank, files, ok, err, max_abs_diff,
+    max_abs_logit, layers_per_chunk, local_experts, renamed, seconds, worker_startup_s``.
+    ``local_experts`` lists, per chunk, the global expert indices megatron placed on the
+    rank (``[]`` for a dense model); ``renamed`` counts keys renamed from TE / grouped-GEMM
+    names. A job failure is reported in ``ok``/``err``; a worker crash or the whole run
     exceeding ``timeout_s`` raises (with the workers' log tails).
     """
     jobs = list(jobs)
     for index, job in enumerate(jobs):
-        model_parallel = job.layout.tp * job.layout.pp
-        if world_size % model_parallel:
-            raise ValueError(f"job {index}: world_size {world_size} not divisible by tp*pp={model_parallel}")
+        problem = job.layout.world_size_problem(world_size)
+        if problem:
+            raise ValueError(f"job {index}: {problem}")
     if not jobs:
         return []
 
@@ -379,7 +486,7 @@ def job_problems(
             lines.append(f"results from ranks {ranks}, expected 0..{world_size - 1}")
         for res in job_results:
             if not res["ok"]:
-                where = f"tp{res['tp_rank']} pp{res['pp_rank']} dp{res['dp_rank']}"
+                where = f"tp{res['tp_rank']} pp{res['pp_rank']} ep{res['ep_rank']} dp{res['dp_rank']}"
                 lines.append(f"rank {res['rank']} ({where}): {res['err']}")
 
         release = Path(job.mcore_dir, RELEASE_DIR)
@@ -414,7 +521,10 @@ def assert_all_ok(
         parts = []
         for index, lines in sorted(problems.items()):
             job = jobs[index]
-            header = f"job {index}: {job.mcore_dir} {job.layout} te_names={job.te_names} tied={job.tied}"
+            header = (
+                f"job {index}: {job.mcore_dir} {job.layout} te_names={job.te_names} tied={job.tied}"
+                f" grouped_gemm={job.grouped_gemm}"
+            )
             parts.append(header + "\n" + "\n".join(f"  - {line}" for line in lines))
         raise AssertionError("megatron-core checks failed:\n" + "\n".join(parts))
 
@@ -454,26 +564,37 @@ def _apply_cpu_workarounds() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
 
 
+def _patch_megatron_after_import() -> None:
+    """Workarounds that need megatron imported (unlike ``_apply_cpu_workarounds``)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    # megatron-core 0.16.1 imports te_general_gemm only inside `try: ... except ImportError`
+    # with no fallback, so without TE every MoE router forward raises NameError in
+    # RouterGatingLinearFunction.forward. None selects its torch.mm path.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None  # type: ignore[attr-defined]
+
+
 class _Worker:
     def __init__(self, rank: int, world_size: int, collective_timeout_s: float) -> None:
         self.rank = rank
         self.world_size = world_size
         self.collective_timeout_s = collective_timeout_s
-        self._parallel_key: tuple[int, int, int] | None = None
+        self._parallel_key: tuple[int, ...] | None = None
 
     # ----- parallel state -----
 
     def init_parallel(self, layout: Layout) -> None:
         """(Re)initialize megatron's parallel state for ``layout``.
 
-        Consecutive jobs with the same (tp, pp, vpp) reuse the groups: destroy_model_parallel
-        only forgets groups without freeing them, so re-creating them per job would pile up
-        gloo groups for nothing.
+        Consecutive jobs with the same (tp, pp, vpp, ep, etp) reuse the groups:
+        destroy_model_parallel only forgets groups without freeing them, so re-creating them
+        per job would pile up gloo groups for nothing.
         """
         from megatron.core import parallel_state as ps
         from megatron.core import tensor_parallel
 
-        key = (layout.tp, layout.pp, layout.vpp)
+        key = (layout.tp, layout.pp, layout.vpp, layout.ep, layout.expert_tp)
         if key != self._parallel_key:
             self._parallel_key = None
             ps.destroy_model_parallel()
@@ -481,6 +602,8 @@ class _Worker:
                 tensor_model_parallel_size=layout.tp,
                 pipeline_model_parallel_size=layout.pp,
                 virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+                expert_model_parallel_size=layout.ep,
+                expert_tensor_parallel_size=layout.expert_tp,
                 distributed_timeout_minutes=max(1, math.ceil(self.collective_timeout_s / 60)),
                 # The extra gloo copies of the data-parallel groups are for optimizers only.
                 create_gloo_process_groups=False,
@@ -502,12 +625,15 @@ class _Worker:
             "tp_rank": None,
             "pp_rank": None,
             "dp_rank": None,
+            "ep_rank": None,
             "files": [],
             "ok": True,
             "err": None,
             "max_abs_diff": None,
             "max_abs_logit": None,
             "layers_per_chunk": None,
+            "local_experts": None,
+            "renamed": 0,
         }
         chunks: list[Any] = []
         arch: HFArch | None = None
@@ -515,12 +641,16 @@ class _Worker:
             self.init_parallel(job.layout)
             tp_rank = ps.get_tensor_model_parallel_rank()
             pp_rank = ps.get_pipeline_model_parallel_rank()
-            result.update(tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=ps.get_data_parallel_rank())
-            ckpt = self.open_rank_file(job, tp_rank, pp_rank, result["files"])
+            ep_rank = ps.get_expert_model_parallel_rank()
+            result.update(
+                tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=ep_rank, dp_rank=ps.get_data_parallel_rank()
+            )
             arch = read_hf_arch(job.hf_dir)
+            ckpt = self.open_rank_file(job, arch, tp_rank, pp_rank, ep_rank, result["files"])
             chunks = self.build_chunks(job, arch, padded_vocab_size=_padded_vocab_size(ckpt, arch))
             result["layers_per_chunk"] = [len(model.decoder.layers) for model in chunks]
-            self.load_chunks(job, arch, ckpt, chunks)
+            result["local_experts"] = [_local_expert_indices(model) for model in chunks]
+            result["renamed"] = self.load_chunks(job, arch, ckpt, chunks)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a report
             result.update(ok=False, err=_describe(exc))
 
@@ -538,7 +668,9 @@ class _Worker:
         result["seconds"] = round(time.monotonic() - started, 3)
         return result
 
-    def open_rank_file(self, job: CheckJob, tp_rank: int, pp_rank: int, opened: list[str]) -> dict[str, Any]:
+    def open_rank_file(
+        self, job: CheckJob, arch: HFArch, tp_rank: int, pp_rank: int, ep_rank: int, opened: list[str]
+    ) -> dict[str, Any]:
         import torch
 
         tracker = Path(job.mcore_dir, TRACKER_FILE)
@@ -546,7 +678,7 @@ class _Worker:
             raise CheckFailure(f"missing {tracker}")
         if tracker.read_text().strip() != RELEASE_DIR:
             raise CheckFailure(f"{tracker} contains {tracker.read_text().strip()!r}, expected 'release'")
-        name = rank_dir_name(tp_rank, pp_rank, job.layout.pp)
+        name = rank_dir_name(tp_rank, pp_rank, job.layout.pp, ep_rank, job.layout.ep)
         opened.append(name)
         path = Path(job.mcore_dir, RELEASE_DIR, name, CKPT_FILE)
         if not path.is_file():
@@ -566,10 +698,20 @@ class _Worker:
         args = ckpt.get("args")
         if not isinstance(args, argparse.Namespace):
             raise CheckFailure(f"{name}: 'args' is {type(args).__name__}, expected argparse.Namespace")
-        for field, want in (
+        expected_args: list[tuple[str, Any]] = [
             ("tensor_model_parallel_size", job.layout.tp),
             ("pipeline_model_parallel_size", job.layout.pp),
-        ):
+        ]
+        if arch.num_experts:
+            expected_args += [
+                ("expert_model_parallel_size", job.layout.ep),
+                ("expert_tensor_parallel_size", job.layout.expert_tp),
+                ("num_experts", arch.num_experts),
+                ("moe_ffn_hidden_size", arch.moe_ffn_hidden_size),
+                ("moe_grouped_gemm", job.grouped_gemm),
+            ]
+        # Like megatron-LM's check_checkpoint_args: an absent arg is not checked.
+        for field, want in expected_args:
             have = getattr(args, field, want)
             if have != want:
                 raise CheckFailure(f"{name}: args.{field}={have}, expected {want}")
@@ -595,6 +737,7 @@ class _Worker:
             pipeline_layout[0].insert(0, "embedding")
             pipeline_layout[-1].append("loss")
         return TransformerConfig(
+            **self.moe_config(job, arch),
             num_layers=arch.num_layers,
             hidden_size=arch.hidden_size,
             ffn_hidden_size=arch.ffn_hidden_size,
@@ -620,10 +763,42 @@ class _Worker:
             perform_initialization=False,
         )
 
+    @staticmethod
+    def moe_config(job: CheckJob, arch: HFArch) -> dict[str, Any]:
+        """TransformerConfig fields for routed experts that route exactly like transformers."""
+        if not arch.num_experts:
+            return {}
+        # HF: p = softmax(all router logits) in fp32, keep the top-k, renormalize them if
+        # moe_renormalize. Megatron with pre_softmax=True takes the top-k of the full
+        # softmax unscaled (= HF without renormalization); with pre_softmax=False it takes
+        # softmax over the top-k logits, which equals the renormalized top-k of the full
+        # softmax. Megatron refuses pre_softmax=False for top-1 (check_logits reports it).
+        pre_softmax = not arch.moe_renormalize or arch.moe_topk == 1
+        return {
+            "num_moe_experts": arch.num_experts,
+            "moe_ffn_hidden_size": arch.moe_ffn_hidden_size,
+            "moe_router_topk": arch.moe_topk,
+            "moe_router_score_function": "softmax",
+            "moe_router_pre_softmax": pre_softmax,
+            "moe_router_topk_scaling_factor": None,
+            "moe_router_dtype": "fp32",
+            "moe_router_load_balancing_type": "none",
+            "moe_aux_loss_coeff": 0.0,
+            "moe_token_dispatcher_type": "allgather",  # W4: alltoall needs CUDA streams
+            "moe_grouped_gemm": False,  # the local spec has no grouped GEMM without the grouped_gemm package
+            "expert_model_parallel_size": job.layout.ep,
+            "expert_tensor_parallel_size": job.layout.expert_tp,
+        }
+
     def layer_spec(self, arch: HFArch) -> Any:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        return get_gpt_layer_local_spec(qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+        return get_gpt_layer_local_spec(
+            num_experts=arch.num_experts or None,
+            moe_grouped_gemm=False,
+            qk_layernorm=arch.qk_norm,
+            normalization="RMSNorm",
+        )
 
     def build_chunks(self, job: CheckJob, arch: HFArch, padded_vocab_size: int) -> list[Any]:
         from megatron.core import parallel_state as ps
@@ -676,29 +851,48 @@ class _Worker:
             )
 
     @staticmethod
-    def te_keys_map(model: Any, spec: Any) -> dict[str, str]:
-        """megatron-core's own local->TE layer key map, read from a built layer (or the spec)."""
-        for layer in model.decoder.layers:
-            return dict(layer.submodules_config.sharded_state_dict_keys_map)
-        return dict(spec.submodules.sharded_state_dict_keys_map)
+    def te_keys_maps(model: Any, spec: Any) -> tuple[dict[str, str], dict[int, dict[str, str]]]:
+        """megatron-core's own local->TE layer key map: the spec's, and per built layer.
+
+        An entry is kept for a layer only where the layer has the module TE fuses the norm
+        into: the local spec declares ``"pre_mlp_layernorm." -> "mlp.linear_fc1.layer_norm_"``
+        for MoE layers too, but TE's MoE layer keeps a separate ``pre_mlp_layernorm``
+        (there is no ``mlp.linear_fc1``), so that entry does not apply there.
+        """
+        spec_map = dict(spec.submodules.sharded_state_dict_keys_map)
+        per_layer: dict[int, dict[str, str]] = {}
+        for index, layer in enumerate(model.decoder.layers):
+            per_layer[index] = {
+                local: te
+                for local, te in layer.submodules_config.sharded_state_dict_keys_map.items()
+                if _has_submodule(layer, te.rsplit(".", 1)[0])
+            }
+        return spec_map, per_layer
 
     # ----- loading -----
 
     def load_chunks(
         self, job: CheckJob, arch: HFArch, ckpt: Mapping[str, Any], chunks: Sequence[Any]
-    ) -> None:
+    ) -> int:
+        """Strict-load every chunk; returns how many keys were renamed to local-spec names."""
         names = _model_entry_names(job.layout.vpp)
+        renamed = 0
         for chunk, (entry, model) in enumerate(zip(names, chunks)):
             state_dict = ckpt[entry]
             if not isinstance(state_dict, Mapping):
                 raise CheckFailure(f"{entry} is {type(state_dict).__name__}, expected a state dict")
-            if job.te_names:
-                keys_map = self.te_keys_map(model, self.layer_spec(arch))
-                try:
-                    state_dict = rename_te_to_local(state_dict, keys_map)
-                except KeyError as exc:
-                    raise CheckFailure(f"{entry}: {exc.args[0]}") from None
+            original = set(state_dict)
+            try:
+                if job.grouped_gemm:
+                    state_dict = rename_grouped_experts_to_local(state_dict)
+                if job.te_names:
+                    keys_map, layer_maps = self.te_keys_maps(model, self.layer_spec(arch))
+                    state_dict = rename_te_to_local(state_dict, keys_map, layer_maps)
+            except KeyError as exc:
+                raise CheckFailure(f"{entry}: {exc.args[0]}") from None
+            renamed += len(original - set(state_dict))
             _strict_load(model, state_dict, label=f"{entry} (chunk {chunk})")
+        return renamed
 
     # ----- logits -----
 
@@ -715,6 +909,10 @@ class _Worker:
 
         if arch.rope_type != "default":
             raise CheckFailure(f"logits check supports only default rope, config has {arch.rope_type!r}")
+        if arch.num_experts and arch.moe_topk == 1 and arch.moe_renormalize:
+            # HF weighs the single expert by 1.0; megatron 0.16 requires pre-softmax for
+            # top-1 and then weighs it by its softmax probability.
+            raise CheckFailure("logits check: top-1 routing with renormalization has no megatron equivalent")
         layout = job.layout
         input_ids = _logits_input_ids(arch.vocab_size)
         batch, seq = input_ids.shape
@@ -759,6 +957,23 @@ class _Worker:
         # Padded vocab rows are not part of the model: compare real columns only.
         diff = (full[..., : arch.vocab_size] - reference).abs().max().item()
         return float(diff), float(reference.abs().max().item())
+
+
+def _has_submodule(module: Any, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _local_expert_indices(model: Any) -> list[int]:
+    """Global indices of the routed experts megatron placed on this rank ([] if dense)."""
+    for layer in model.decoder.layers:
+        indices = getattr(layer.mlp, "local_expert_indices", None)
+        if indices is not None:
+            return [int(i) for i in indices]
+    return []
 
 
 def _model_entry_names(vpp: int) -> list[str]:
@@ -853,6 +1068,8 @@ def _worker_main(argv: Sequence[str]) -> int:
     _apply_cpu_workarounds()
     import torch.distributed as dist
     import megatron.core  # noqa: F401 - import cost belongs to startup, not to job 0
+
+    _patch_megatron_after_import()
 
     jobs = [_job_from_json(data) for data in json.loads(opts.jobs.read_text())]
     dist.init_process_group(

@@ -24,6 +24,7 @@ from mcore_harness import (
     job_problems,
     rank_dir_name,
     read_hf_arch,
+    rename_grouped_experts_to_local,
     rename_te_to_local,
     run_checks,
 )
@@ -222,11 +223,19 @@ def test_layout_validation() -> None:
         Layout(1, 2, 1, (4,))
     with pytest.raises(ValueError):
         Layout(1, 1, 2, (2, 2))
+    # ETP defaults to TP (megatron's default); world size must fit tp*pp and etp*ep*pp.
+    moe = Layout(2, 2, 1, (2, 2), ep=2)
+    assert moe.etp == 2 and moe.world_size_problem(8) is None
+    assert "etp*ep*pp=8" in (moe.world_size_problem(4) or "")
+    assert Layout(2, 1, 1, (4,), ep=4, etp=1).world_size_problem(4) is None
+    assert "tp*pp=4" in (Layout(4, 1, 1, (4,), ep=2, etp=1).world_size_problem(2) or "")
 
 
 def test_rank_dir_name() -> None:
     assert rank_dir_name(1, 0, 1) == "mp_rank_01"
     assert rank_dir_name(0, 2, 3) == "mp_rank_00_002"
+    assert rank_dir_name(1, 0, 1, ep_rank=3, ep=4) == "mp_rank_01_003"
+    assert rank_dir_name(1, 1, 2, ep_rank=0, ep=2) == "mp_rank_01_001_000"
 
 
 def test_rename_te_to_local() -> None:
@@ -251,6 +260,43 @@ def test_rename_te_to_local() -> None:
     }
     with pytest.raises(KeyError, match="local-style key"):
         rename_te_to_local({"decoder.layers.0.input_layernorm.weight": 1}, keys_map)
+    # Per-layer maps: an MoE layer (1) keeps pre_mlp_layernorm under TE.
+    moe_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    assert rename_te_to_local(
+        {
+            "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": 1,
+            "decoder.layers.1.pre_mlp_layernorm.weight": 2,
+            "decoder.layers.1.self_attention.linear_qkv.layer_norm_weight": 3,
+        },
+        keys_map,
+        {0: keys_map, 1: moe_map},
+    ) == {
+        "decoder.layers.0.pre_mlp_layernorm.weight": 1,
+        "decoder.layers.1.pre_mlp_layernorm.weight": 2,
+        "decoder.layers.1.input_layernorm.weight": 3,
+    }
+
+
+def test_rename_grouped_experts_to_local() -> None:
+    experts = "decoder.layers.2.mlp.experts."
+    renamed = rename_grouped_experts_to_local(
+        {
+            experts + "linear_fc1.weight0": 1,
+            experts + "linear_fc1.weight1": 2,
+            experts + "linear_fc2.weight10": 3,
+            experts + "linear_fc1._extra_state": None,
+            experts + "linear_fc2._extra_state": None,
+            "decoder.layers.2.mlp.router.weight": 4,
+        }
+    )
+    assert renamed == {
+        experts + "local_experts.0.linear_fc1.weight": 1,
+        experts + "local_experts.1.linear_fc1.weight": 2,
+        experts + "local_experts.10.linear_fc2.weight": 3,
+        "decoder.layers.2.mlp.router.weight": 4,
+    }
+    with pytest.raises(KeyError, match="SequentialMLP-style expert key"):
+        rename_grouped_experts_to_local({experts + "local_experts.0.linear_fc1.weight": 1})
 
 
 # --------------------------------------------------------------------------------------
