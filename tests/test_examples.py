@@ -12,7 +12,8 @@ from helpers import assert_same_tensors, hf_to_mcore, load_hf_tensors, mcore_to_
 from tiny_models import TinySpec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EXAMPLES = {"llama3_8b": "llama", "qwen2_5_7b": "qwen2", "qwen3_8b": "qwen3"}
+EXAMPLES = {"llama3_8b": "llama", "qwen2_5_7b": "qwen2", "qwen3_8b": "qwen3",
+            "qwen3_30b_a3b": "qwen3_moe", "mixtral_8x7b": "mixtral"}
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
