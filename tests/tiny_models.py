@@ -14,21 +14,27 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_ke
 
 @dataclass(frozen=True)
 class TinySpec:
-    family: str  # llama, qwen2, qwen3, qwen3_moe, mixtral
+    family: str  # llama, qwen2, qwen3, qwen3_moe, mixtral, deepseek_v3, deepseek_v2
     tied: bool = False
     num_layers: int = 4
     vocab_size: int = 250
     num_key_value_heads: int = 4
     dtype: torch.dtype = torch.float32
+    # DeepSeek families: MTP layers synthesized on disk (transformers creates none), and
+    # dense layers before the first MoE layer (first_k_dense_replace).
+    mtp_layers: int = 0
+    first_dense: int = 1
 
     @property
     def key(self) -> str:
         t = "tied" if self.tied else "untied"
-        return f"{self.family}_{t}_L{self.num_layers}_V{self.vocab_size}_G{self.num_key_value_heads}_{str(self.dtype)[6:]}"
+        return (f"{self.family}_{t}_L{self.num_layers}_V{self.vocab_size}_G{self.num_key_value_heads}_"
+                f"M{self.mtp_layers}_D{self.first_dense}_{str(self.dtype)[6:]}")
 
 
 def make_config(spec: TinySpec):
-    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import (DeepseekV2Config, DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen2Config,
+                              Qwen3Config, Qwen3MoeConfig)
 
     kw = dict(BASE, num_hidden_layers=spec.num_layers, vocab_size=spec.vocab_size,
               num_key_value_heads=spec.num_key_value_heads, tie_word_embeddings=spec.tied)
@@ -42,7 +48,46 @@ def make_config(spec: TinySpec):
         return Qwen3MoeConfig(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, **kw)
     if spec.family == "mixtral":  # Mixtral's intermediate_size is the expert size
         return MixtralConfig(**dict(kw, intermediate_size=32), num_local_experts=4, num_experts_per_tok=2)
+    # MLA (8 heads: q_lora 32, kv_lora 16, nope 16, rope 8, v 16), 4 routed experts of size 32,
+    # shared experts, dense first layer(s). MHA: num_key_value_heads = heads.
+    mla = dict(kw, num_key_value_heads=8, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+               v_head_dim=16, n_routed_experts=4, moe_intermediate_size=32, num_experts_per_tok=2,
+               first_k_dense_replace=spec.first_dense)
+    if spec.family == "deepseek_v3":  # sigmoid router with score-correction bias, 2 expert groups
+        return DeepseekV3Config(**mla, q_lora_rank=32, n_shared_experts=1, n_group=2, topk_group=1,
+                                routed_scaling_factor=2.5, norm_topk_prob=True,
+                                num_nextn_predict_layers=spec.mtp_layers)
+    if spec.family == "deepseek_v2":  # V2-Lite style: no q-LoRA, softmax greedy routing, 2 shared experts
+        return DeepseekV2Config(**mla, q_lora_rank=None, n_shared_experts=2, topk_method="greedy")
     raise ValueError(spec.family)
+
+
+def add_mtp_layers(path: str, num_layers: int, mtp_layers: int, seed: int = 1) -> None:
+    """Append DeepSeek MTP layers ``model.layers.{num_layers + k}.*`` to a saved tiny model.
+
+    Each is a full decoder layer (random values with the shapes of the last layer) plus enorm,
+    hnorm, eh_proj, shared_head.norm, and the copies of the embedding and LM head that real
+    DeepSeek checkpoints carry."""
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    gen = torch.Generator().manual_seed(seed)
+    last = f"model.layers.{num_layers - 1}."
+    hidden = tensors["model.norm.weight"].shape[0]
+    dtype = tensors["model.norm.weight"].dtype
+    for k in range(mtp_layers):
+        head = f"model.layers.{num_layers + k}."
+        for name, value in list(tensors.items()):
+            if name.startswith(last):
+                noise = torch.randn(value.shape, generator=gen).to(dtype) * 0.1
+                tensors[head + name[len(last):]] = (value + noise).contiguous()
+        for norm in ("enorm", "hnorm", "shared_head.norm"):
+            tensors[f"{head}{norm}.weight"] = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+        tensors[f"{head}eh_proj.weight"] = (0.05 * torch.randn(hidden, 2 * hidden, generator=gen)).to(dtype)
+        tensors[f"{head}embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
+        tensors[f"{head}shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
@@ -59,4 +104,6 @@ def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
     model.to(spec.dtype)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
+    if spec.mtp_layers:
+        add_mtp_layers(path, spec.num_layers, spec.mtp_layers)
     return path
