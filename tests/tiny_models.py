@@ -101,6 +101,9 @@ def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
             # Norm weights start at 1 and biases at 0; randomise so every mapping error shows.
             if p.dim() == 1:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # a buffer, zero at init: make routing see it
+                b.copy_(torch.randn_like(b) * 0.1)
     model.to(spec.dtype)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
