@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .errors import ConversionError
 from .layout.pipeline import parse_layer_list
-from .layout.placement import TRANSFORMER_IMPLS
+from .layout.placement import MTP_INNER_NAMES, TRANSFORMER_IMPLS
 
 PLATFORMS = ("huggingface", "mcore")
 
@@ -34,6 +34,8 @@ class ConvertOptions:
     expert_parallel_size: int | None = None  # None: 1 (HF->MCore) / read off the files (MCore->HF)
     expert_tensor_parallel_size: int | None = None  # None: = TP
     moe_grouped_gemm: bool = False
+    mtp_num_layers: int | None = None  # None: from config.json (num_nextn_predict_layers) / the checkpoint
+    mtp_layer_name: str | None = None  # None: transformer_layer (HF->MCore) / detected (MCore->HF)
     hf_config_path: str | None = None
     max_shard_size: int = 5 * 1000**3
     max_workers: int = 1
@@ -46,7 +48,6 @@ class ConvertOptions:
 # Incumbent flags we parse so scripts do not break, but whose features are not built yet.
 # Giving one with a value that would change the result is an error, never silently ignored.
 _NOT_YET = {
-    "mtp_num_layers": "multi-token-prediction layers are not supported yet; only 0 is accepted",
     "convert_to_fp8": "FP8 output is not supported yet",
     "quant_method": "FP8 quantization is not supported yet",
     "fp8_force_no_requant": "FP8 checkpoints are not supported yet",
@@ -67,7 +68,7 @@ _NOT_YET = {
     "vision_patch_convert_file": "vision-language models are not supported yet",
 }
 # Values of the not-yet flags that are harmless (the default behaviour).
-_HARMLESS = {"mtp_num_layers": {"0"}}
+_HARMLESS: dict[str, set[str]] = {}
 _BOOL_FLAGS = {"convert_to_fp8", "fp8_force_no_requant", "force_pow_2_scales", "pretrain_as_fp8",
                "distributed_convert", "hf_dequantize_int4", "hf_dequantize_mxfp4"}
 
@@ -107,6 +108,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """Flag errors as one line and exit code 2, like every other input error."""
 
@@ -142,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("expert_parallel_size", type=_positive, help="EP: routed experts split over this many ranks (MoE models)")
     add("expert_tensor_parallel_size", type=_positive, help="ETP: TP size of each expert (default: TP)")
     add("moe-grouped-gemm", action="store_true", help="TE grouped-linear expert names (linear_fc1.weight<i>)")
+    add("mtp_num_layers", type=_non_negative,
+        help="MTP layers (default: config.json num_nextn_predict_layers, or the checkpoint's); 0: the model has none")
+    add("mtp_layer_name", choices=MTP_INNER_NAMES,
+        help="name of an MTP layer's decoder layer: transformer_layer (megatron-core <= 0.16, default) or mtp_model_layer (0.19+)")
     add("hf_config_path", help="MCore->HF: reference HF dir whose config/tokenizer files are copied")
     add("max_shard_size", type=_size, default=5 * 1000**3, help="HF output shard cap (default 5GB)")
     add("safetensors", action="store_true", help="accepted for compatibility; HF I/O is always safetensors")
@@ -192,6 +207,8 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         expert_parallel_size=ns.expert_parallel_size,
         expert_tensor_parallel_size=ns.expert_tensor_parallel_size,
         moe_grouped_gemm=ns.moe_grouped_gemm,
+        mtp_num_layers=ns.mtp_num_layers,
+        mtp_layer_name=ns.mtp_layer_name,
         hf_config_path=ns.hf_config_path,
         max_shard_size=ns.max_shard_size,
         max_workers=ns.max_workers,

@@ -69,12 +69,28 @@ class Plan:
 
 # --- helpers shared by both directions ---------------------------------------------------
 
+MTP_INNER_LAYER = "transformer_layer"  # canonical name of an MTP layer's decoder layer
+
+
+def _layer_convertors(family: FamilySpec, arch: ModelArch, layer: int, hf_prefix: str, mcore_prefix: str) -> list[ModuleConvertor]:
+    kind = "moe" if arch.is_moe_layer(layer) else "dense"
+    return [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.layer_modules if spec.when in (None, kind)]
+
+
 def build_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConvertor]:
     convertors = [create(spec, arch, "", "") for spec in family.global_modules]
     for layer in range(arch.num_layers):
         hf_prefix = family.layer_prefix.format(layer=layer)
-        mcore_prefix = f"decoder.layers.{layer}."
-        convertors += [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.layer_modules]
+        convertors += _layer_convertors(family, arch, layer, hf_prefix, f"decoder.layers.{layer}.")
+    if arch.mtp_num_layers and family.mtp is None:
+        raise ConversionError(f"model family {family.name} has no multi-token-prediction layers (mtp_num_layers {arch.mtp_num_layers})")
+    for k in range(arch.mtp_num_layers):
+        # HF stores MTP layer k as decoder layer num_layers + k; it is as MoE as the last layer.
+        layer = arch.num_layers + k
+        hf_prefix = family.mtp.layer_prefix.format(layer=layer)
+        mcore_prefix = f"mtp.layers.{k}."
+        convertors += [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.mtp.modules]
+        convertors += _layer_convertors(family, arch, layer, hf_prefix, f"{mcore_prefix}{MTP_INNER_LAYER}.")
     return convertors
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Mapping
 
-from .config.arch import ModelArch, arch_from_hf_config
+from .config.arch import ModelArch
 from .config.family import FamilySpec, family_for_hf_config, load_family
 from .errors import ConversionError
 from .formats import huggingface as hf_format
@@ -13,20 +13,39 @@ from .layout.placement import ParallelLayout, place, placement_sort_key
 from .layout.tensor_parallel import shard
 from .module_convertor import ModuleConvertor
 from .module_convertor.embedding import WORD_EMBEDDINGS
+from .module_convertor.moe import RoutedExperts
+from .module_convertor.shared_copy import SharedCopy
 from .options import ConvertOptions
-from .plan import (OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
+from .plan import (MTP_INNER_LAYER, OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
                    merge_arch_yaml, natural_key, resolve_padded_vocab, validate_tensor_parallel)
 from .tensor_expr import Expr
 
-def _gather_hf(src: hf_format.HFSource, convertors: list[ModuleConvertor], family: FamilySpec) -> dict[str, Expr]:
+def _check_expert_count(src: hf_format.HFSource, convertors: list[ModuleConvertor], arch: ModelArch) -> None:
+    """A MoE checkpoint must hold exactly the configured number of experts per MoE layer."""
+    for conv in convertors:
+        if isinstance(conv, RoutedExperts):
+            found = conv.experts_present(src.tensor_file)
+            if found != arch.num_experts:
+                raise ConversionError(
+                    f"{src.root}: MoE layer {conv.hf_prefix or conv.mcore_prefix} holds {found} routed experts, "
+                    f"but the config says num_experts {arch.num_experts}"
+                )
+            return  # one layer is enough: a layer with a hole fails as a missing tensor below
+
+
+def _gather_hf(src: hf_format.HFSource, convertors: list[ModuleConvertor], family: FamilySpec, arch: ModelArch) -> dict[str, Expr]:
     """Canonical expressions over the HF files; every HF tensor must be consumed or ignored."""
     canonical: dict[str, Expr] = {}
     consumed: set[str] = set()
+    _check_expert_count(src, convertors, arch)
     for conv in convertors:
         exprs: dict[str, Expr] = {}
         for name, shape in conv.hf_shapes().items():
             if name not in src.tensor_file:
-                raise ConversionError(f"missing tensor {name} in {src.root} (expected by {conv.spec.origin})")
+                hint = ""
+                if conv.mcore_prefix.startswith("mtp."):
+                    hint = "; this is a multi-token-prediction layer: pass --mtp_num_layers 0 if the checkpoint has none"
+                raise ConversionError(f"missing tensor {name} in {src.root} (expected by {conv.spec.origin}){hint}")
             leaf = src.leaf(name)
             if leaf.shape != shape:
                 raise ConversionError(
@@ -35,6 +54,7 @@ def _gather_hf(src: hf_format.HFSource, convertors: list[ModuleConvertor], famil
             exprs[name] = leaf
             consumed.add(name)
         consumed |= {n for n in conv.optional_hf() if n in src.tensor_file}
+        # (A shared copy, e.g. an MTP layer's embed_tokens, is consumed and has no canonical tensor.)
         try:
             canonical.update(conv.to_canonical(exprs))
         except ValueError as e:  # mixed dtypes inside one fused tensor
@@ -81,6 +101,16 @@ def _mcore_args(arch: ModelArch, family: FamilySpec, layout: ParallelLayout, opt
         num_experts=arch.num_experts,
         moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
         moe_grouped_gemm=layout.grouped_gemm,
+        moe_layer_freq=arch.moe_layer_freq,
+        moe_shared_expert_intermediate_size=arch.shared_expert_ffn_hidden_size,
+        moe_router_enable_expert_bias=arch.router_expert_bias,
+        multi_latent_attention=arch.multi_latent_attention,
+        q_lora_rank=arch.q_lora_rank,
+        kv_lora_rank=arch.kv_lora_rank,
+        qk_head_dim=arch.qk_head_dim,
+        qk_pos_emb_head_dim=arch.qk_pos_emb_head_dim,
+        v_head_dim=arch.v_head_dim,
+        mtp_num_layers=arch.mtp_num_layers or None,
         transformer_impl=layout.transformer_impl,
         # Ours: enough to convert back without any flag.
         convert_checkpoint_family=family.name,
@@ -94,10 +124,12 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
     check_target_dir(opts)
     src = hf_format.open_source(opts.load_ckpt_path)
     family = load_family(opts.convert_file) if opts.convert_file else family_for_hf_config(src.config)
-    derived = arch_from_hf_config(src.config, family.name, family.config_fields, family.config_defaults, family.fixed_arch)
+    derived = family.arch_from_config(src.config)
     arch = ModelArch.from_dict(merge_arch_yaml(derived.to_dict(), opts), opts.config_file or "config.json")
+    if opts.mtp_num_layers is not None:
+        arch = arch.replace(mtp_num_layers=opts.mtp_num_layers)
     convertors = build_convertors(family, arch)
-    canonical_exprs = _gather_hf(src, convertors, family)
+    canonical_exprs = _gather_hf(src, convertors, family, arch)
     tensors = canonical_tensors(convertors)
 
     tp = opts.tensor_model_parallel_size or 1
@@ -119,13 +151,15 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
         etp=opts.expert_tensor_parallel_size,
         num_experts=arch.num_experts or 0,
         grouped_gemm=opts.moe_grouped_gemm,
+        mtp_num_layers=arch.mtp_num_layers,
+        mtp_inner_name=opts.mtp_layer_name or MTP_INNER_LAYER,
     )
     validate_tensor_parallel(arch, tensors, layout)
     placements, extras = place(tensors, layout)
 
     jobs: dict[tuple[str, str], list[TensorJob]] = {}
     for p in placements:
-        expr = canonical_exprs[WORD_EMBEDDINGS if p.tied_copy else p.canonical.name]
+        expr = canonical_exprs[WORD_EMBEDDINGS if p.embedding_copy else p.canonical.name]
         sharded = shard(expr, p.canonical.split, p.shard_count, p.shard_rank, layout.padded_vocab_size)
         jobs.setdefault((p.file, p.container), []).append(TensorJob(p.name, sharded))
     for x in extras:
@@ -134,6 +168,10 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
     notes = []
     if arch.tied_embeddings and any(n in src.tensor_file for c in convertors for n in c.optional_hf()):
         notes.append("tied embeddings: the HF lm_head copy was dropped (Megatron shares the embedding)")
+    copies = [n for c in convertors if isinstance(c, SharedCopy) for n in c.hf_shapes()]
+    if copies:
+        notes.append(f"{len(copies)} MTP copies of the embedding / LM head (e.g. {copies[0]}) were dropped: "
+                     "Megatron's MTP layers share the main model's")
     return Plan(
         direction="hf->mcore",
         source_dir=src.root,

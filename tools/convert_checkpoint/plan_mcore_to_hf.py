@@ -7,17 +7,17 @@ import re
 from typing import Mapping
 
 from . import tensor_expr as te
-from .config.arch import ModelArch, arch_from_hf_config, hf_config_from_arch
+from .config.arch import ModelArch, hf_config_from_arch
 from .config.family import FamilySpec, family_by_name, load_family
 from .errors import ConversionError
 from .formats import huggingface as hf_format
 from .formats import mcore_legacy
 from .layout.pipeline import PipelineLayout
-from .layout.placement import ParallelLayout, place
-from .layout.tensor_parallel import shard_shape, unshard
+from .layout.placement import MTP_INNER_NAMES, ParallelLayout, place
+from .layout.tensor_parallel import Split, shard_shape, unshard
 from .module_convertor import CanonicalTensor
 from .options import ConvertOptions
-from .plan import (OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
+from .plan import (MTP_INNER_LAYER, OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
                    merge_arch_yaml, natural_key)
 from .tensor_expr import Expr
 
@@ -37,6 +37,8 @@ def _resolve_mcore_arch(opts: ConvertOptions, args: argparse.Namespace | None) -
     if not saved and not opts.config_file:
         raise ConversionError("cannot tell the architecture of this Megatron checkpoint; pass --config_file")
     values.update(family.fixed_arch)  # facts of the family (e.g. Qwen2's qkv bias) hold for every model
+    if opts.mtp_num_layers is not None:
+        values["mtp_num_layers"] = opts.mtp_num_layers
     return ModelArch.from_dict(values, opts.config_file or "checkpoint args"), family
 
 
@@ -120,7 +122,7 @@ def _infer_mcore_layout(src: mcore_legacy.McoreSource, opts: ConvertOptions, arc
     padded = tuple(embed.shape)[0] * tp if embed is not None else arch.vocab_size
     if padded < arch.vocab_size:
         raise ConversionError(f"embedding rows {padded} are fewer than vocab_size {arch.vocab_size}")
-    etp, grouped = _infer_experts(src, first, arch, tp)
+    etp, grouped = _infer_experts(src, first, arch, tp, ep)
     for flag, given, found in (
         ("--expert_parallel_size", opts.expert_parallel_size, ep),
         ("--expert_tensor_parallel_size", opts.expert_tensor_parallel_size, etp or tp),
@@ -130,25 +132,54 @@ def _infer_mcore_layout(src: mcore_legacy.McoreSource, opts: ConvertOptions, arc
     if opts.moe_grouped_gemm and not grouped:
         raise ConversionError("--moe-grouped-gemm disagrees with the checkpoint, whose experts use local_experts names")
     return ParallelLayout(tp, pipe, impl, padded, arch.tied_embeddings, ep=ep, etp=etp,
-                          num_experts=arch.num_experts or 0, grouped_gemm=grouped)
+                          num_experts=arch.num_experts or 0, grouped_gemm=grouped,
+                          mtp_num_layers=arch.mtp_num_layers, mtp_inner_name=_infer_mtp_inner_name(src, opts, pipe, ep))
+
+
+def _infer_mtp_inner_name(src: mcore_legacy.McoreSource, opts: ConvertOptions, pipe: PipelineLayout, ep: int) -> str:
+    """megatron-core <= 0.16 names an MTP layer's decoder layer transformer_layer, 0.19 mtp_model_layer."""
+    rank, chunk = pipe.rank_and_chunk(pipe.last_vstage)
+    file = mcore_legacy.rank_dir_name(0, rank, pipe.pp, 0, ep) + "/" + mcore_legacy.FILE_NAME
+    found = {m.group(1) for n in src.state_dict(file, pipe.container(chunk)) if (m := _MTP_INNER.match(n))}
+    if len(found) > 1:
+        raise ConversionError(f"{file}: MTP layers use both {' and '.join(sorted(found))} names")
+    detected = found.pop() if found else None
+    if opts.mtp_layer_name is not None and detected is not None and opts.mtp_layer_name != detected:
+        raise ConversionError(f"--mtp_layer_name {opts.mtp_layer_name} disagrees with the checkpoint's {detected} names")
+    return detected or opts.mtp_layer_name or MTP_INNER_LAYER
+
+
+_MTP_INNER = re.compile(rf"^mtp\.layers\.\d+\.({'|'.join(MTP_INNER_NAMES)})\.")
 
 
 _GROUPED_FC1 = re.compile(r"\.mlp\.experts\.linear_fc1\.weight\d+$")
 _LOCAL_FC1 = re.compile(r"\.mlp\.experts\.local_experts\.\d+\.linear_fc1\.weight$")
 
 
-def _infer_experts(src: mcore_legacy.McoreSource, file: str, arch: ModelArch, tp: int) -> tuple[int | None, bool]:
+_EXPERT_INDEX = re.compile(r"^\.mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc1\.weight|linear_fc1\.weight(\d+))$")
+
+
+def _infer_experts(src: mcore_legacy.McoreSource, file: str, arch: ModelArch, tp: int, ep: int) -> tuple[int | None, bool]:
     """(ETP size, or None when it equals TP; grouped-GEMM naming) from an expert fc1 shard."""
     if not arch.num_experts:
         return None, False
     for key in src.containers(file):
-        for name, value in src.state_dict(file, key).items():
+        state = src.state_dict(file, key)
+        for name, value in state.items():
             grouped = bool(_GROUPED_FC1.search(name))
             if grouped or _LOCAL_FC1.search(name):
                 rows = tuple(value.shape)[0]
                 if rows == 0 or (2 * arch.moe_ffn_hidden_size) % rows:
                     raise ConversionError(f"{file}: expert tensor {name} has {rows} rows, which no ETP size gives")
                 etp = 2 * arch.moe_ffn_hidden_size // rows
+                layer = name[: name.index(".mlp.experts.")]
+                local = {m.group(1) or m.group(2) for n in state
+                         if n.startswith(layer) and (m := _EXPERT_INDEX.match(n[len(layer):]))}
+                if len(local) * ep != arch.num_experts:
+                    raise ConversionError(
+                        f"{file}: MoE layer {layer} holds {len(local)} experts per expert-parallel rank x EP {ep} = "
+                        f"{len(local) * ep} experts, but the architecture says num_experts {arch.num_experts}"
+                    )
                 return (None if etp == tp else etp), grouped
     raise ConversionError(f"{file}: the architecture has {arch.num_experts} experts, but the file holds no expert weights")
 
@@ -167,20 +198,22 @@ def _gather_mcore(
         )
     placements, _ = place(tensors, layout)
     shards: dict[str, dict[int, Expr]] = {}
+    splits: dict[str, Split] = {}
     consumed: set[tuple[str, str, str]] = set()
     for p in placements:
         sd = src.state_dict(p.file, p.container) if p.container in src.files[p.file] else None
         if sd is None or p.name not in sd:
             raise ConversionError(f"missing tensor {p.container}/{p.name} in {os.path.join(src.root, p.file)}")
         value = sd[p.name]
-        want = shard_shape(p.canonical.shape, p.canonical.split, p.shard_count, layout.padded_vocab_size)
+        want = shard_shape(p.canonical.shape, p.split, p.shard_count, layout.padded_vocab_size)
         if tuple(value.shape) != want:
             raise ConversionError(
                 f"tensor {p.container}/{p.name} in {p.file} has shape {list(value.shape)}, expected {list(want)} "
                 f"for TP={layout.tp} and the configured architecture"
             )
         consumed.add((p.file, p.container, p.name))
-        if not p.tied_copy:
+        splits[p.canonical.name] = p.split
+        if not p.embedding_copy:
             shards.setdefault(p.canonical.name, {}).setdefault(p.shard_rank, src.leaf(p.file, p.container, p.name))
     for file in sorted(src.files):
         for key in src.containers(file):
@@ -194,7 +227,7 @@ def _gather_mcore(
     canonical = {}
     for t in tensors:
         per_rank = shards[t.name]
-        canonical[t.name] = unshard([per_rank[r] for r in range(len(per_rank))], t.split, t.shape[0])
+        canonical[t.name] = unshard([per_rank[r] for r in range(len(per_rank))], splits[t.name], t.shape[0])
     return canonical
 
 
@@ -223,7 +256,7 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
     canonical = _gather_mcore(src, tensors, layout)
     hf_exprs: dict[str, Expr] = {}
     for conv in convertors:
-        hf_exprs.update(conv.to_hf({t.name: canonical[t.name] for t in conv.canonical()}))
+        hf_exprs.update(conv.to_hf({name: canonical[name] for name in conv.reads()}))
 
     hf_config, notes = None, []
     reference = opts.hf_config_path
@@ -259,7 +292,7 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
 def _check_reference_config(reference: str, family: FamilySpec, arch: ModelArch) -> None:
     """The --hf_config_path config must describe the same model as the checkpoint."""
     ref_config = hf_format.read_config(reference)
-    ref_arch = arch_from_hf_config(ref_config, family.name, family.config_fields, family.config_defaults, family.fixed_arch)
+    ref_arch = family.arch_from_config(ref_config)
     for key in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "vocab_size"):
         if getattr(ref_arch, key) != getattr(arch, key):
             raise ConversionError(

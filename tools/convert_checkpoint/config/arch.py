@@ -28,8 +28,37 @@ class ModelArch:
     max_position_embeddings: int | None = None
     num_experts: int | None = None  # routed experts per MoE layer; None for dense models
     moe_ffn_hidden_size: int | None = None
+    # Which decoder layers are MoE (1) or dense (0), Megatron's list form of --moe-layer-freq.
+    # None: every layer of a MoE model is MoE.
+    moe_layer_pattern: tuple[int, ...] | None = None
+    num_shared_experts: int | None = None
+    shared_expert_ffn_hidden_size: int | None = None  # default: num_shared_experts x moe_ffn
+    router_expert_bias: bool = False  # DeepSeek-V3's e_score_correction_bias
+    # Multi-latent attention (DeepSeek): q_lora_rank None means no q down-projection (V2-Lite).
+    multi_latent_attention: bool = False
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_head_dim: int | None = None  # the no-position part of each q/k head
+    qk_pos_emb_head_dim: int | None = None  # the rotary part
+    v_head_dim: int | None = None
+    mtp_num_layers: int = 0  # DeepSeek multi-token-prediction layers after the decoder
 
     def __post_init__(self) -> None:
+        if self.moe_layer_pattern is not None:
+            object.__setattr__(self, "moe_layer_pattern", tuple(int(x) for x in self.moe_layer_pattern))
+            if len(self.moe_layer_pattern) != self.num_layers or set(self.moe_layer_pattern) - {0, 1}:
+                raise ConversionError(
+                    f"moe_layer_pattern must list 0 or 1 for each of the {self.num_layers} layers, got {list(self.moe_layer_pattern)}"
+                )
+        if self.shared_expert_ffn_hidden_size is None and self.num_shared_experts and self.moe_ffn_hidden_size:
+            object.__setattr__(self, "shared_expert_ffn_hidden_size", self.num_shared_experts * self.moe_ffn_hidden_size)
+        if not isinstance(self.mtp_num_layers, int) or self.mtp_num_layers < 0:
+            raise ConversionError(f"mtp_num_layers must be a non-negative integer, got {self.mtp_num_layers!r}")
+        if self.multi_latent_attention:
+            for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or value <= 0:
+                    raise ConversionError(f"multi-latent attention needs a positive {name}, got {value!r}")
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -49,6 +78,44 @@ class ModelArch:
     @property
     def kv_dim(self) -> int:
         return self.num_query_groups * self.kv_channels
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Decoder layer ``layer`` (MTP layers: the last decoder layer's kind) has routed experts."""
+        if not self.num_experts:
+            return False
+        if self.moe_layer_pattern is None:
+            return True
+        return bool(self.moe_layer_pattern[min(layer, self.num_layers - 1)])
+
+    @property
+    def moe_layer_freq(self) -> list[int] | int:
+        """Megatron's --moe-layer-freq: 1 (every layer) or the per-layer list."""
+        return list(self.moe_layer_pattern) if self.moe_layer_pattern is not None else 1
+
+    # Multi-latent attention sizes.
+    @property
+    def mla_q_head_dim(self) -> int:
+        return self.qk_head_dim + self.qk_pos_emb_head_dim
+
+    @property
+    def mla_q_dim(self) -> int:
+        return self.num_attention_heads * self.mla_q_head_dim
+
+    @property
+    def mla_kv_down_dim(self) -> int:
+        return self.kv_lora_rank + self.qk_pos_emb_head_dim
+
+    @property
+    def mla_kv_up_dim(self) -> int:
+        return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
+
+    @property
+    def mla_v_dim(self) -> int:
+        return self.num_attention_heads * self.v_head_dim
+
+    @property
+    def double_hidden_size(self) -> int:  # MTP eh_proj input: [embedding; hidden]
+        return 2 * self.hidden_size
 
     def size(self, symbol: str | int) -> int:
         if isinstance(symbol, int):
@@ -97,6 +164,7 @@ def arch_from_hf_config(
     field_map: Mapping[str, tuple[str, ...]],
     defaults: Mapping[str, Any],
     fixed: Mapping[str, Any],
+    moe_layers: Mapping[str, Any] | None = None,
 ) -> ModelArch:
     values: dict[str, Any] = {"family": family}
     for arch_field, hf_keys in field_map.items():
@@ -113,7 +181,29 @@ def arch_from_hf_config(
         values["num_query_groups"] = values["num_attention_heads"]
     if "kv_channels" not in values and "hidden_size" in values and "num_attention_heads" in values:
         values["kv_channels"] = values["hidden_size"] // values["num_attention_heads"]
+    if values.get("num_experts") and "num_layers" in values:
+        values["moe_layer_pattern"] = moe_layer_pattern(config, moe_layers or {}, values["num_layers"])
     return ModelArch.from_dict(values, "config.json")
+
+
+def moe_layer_pattern(config: Mapping[str, Any], rule: Mapping[str, Any], num_layers: int) -> tuple[int, ...] | None:
+    """Which layers are MoE, from the family's ``hf_config.moe_layers`` rule and config.json.
+
+    Rule keys name config.json keys: ``first_dense`` (DeepSeek's first_k_dense_replace: layers
+    below it are dense), ``dense_list`` (Qwen's mlp_only_layers) and ``step`` (Qwen's
+    decoder_sparse_step: layer l is MoE when (l + 1) % step == 0). None when all are MoE."""
+    if not rule:
+        return None
+    unknown = sorted(set(rule) - {"first_dense", "dense_list", "step"})
+    if unknown:
+        raise ConversionError(f"convert YAML hf_config.moe_layers: unknown key(s) {', '.join(unknown)}")
+    first_dense = int(_lookup(config, rule["first_dense"]) or 0) if "first_dense" in rule else 0
+    dense_list = set(_lookup(config, rule["dense_list"]) or ()) if "dense_list" in rule else set()
+    step = int(_lookup(config, rule["step"]) or 1) if "step" in rule else 1
+    pattern = tuple(
+        0 if (layer < first_dense or layer in dense_list or (layer + 1) % step) else 1 for layer in range(num_layers)
+    )
+    return None if all(pattern) else pattern
 
 
 def hf_config_from_arch(arch: ModelArch, model_type: str, architectures: list[str], field_map: Mapping[str, tuple[str, ...]]) -> dict:

@@ -12,9 +12,13 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..errors import ConversionError
+from .arch import ModelArch, arch_from_hf_config
 from .yaml_file import load_mapping
 
 CONFIG_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "models"))
+
+
+LAYER_KINDS = ("moe", "dense")
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,15 @@ class ModuleSpec:
     convertor: str
     options: Mapping[str, Any]
     origin: str  # "<file>: layer module 3" for error messages
+    when: str | None = None  # "moe" / "dense": only in layers of that kind
+
+
+@dataclass(frozen=True)
+class MtpSpec:
+    """DeepSeek multi-token prediction: layer k is stored in HF as decoder layer num_layers + k."""
+
+    layer_prefix: str  # HF, with {layer} = num_layers + k
+    modules: tuple[ModuleSpec, ...]  # the MTP-specific tensors (norms, eh_proj, copies)
 
 
 @dataclass(frozen=True)
@@ -39,9 +52,15 @@ class FamilySpec:
     layer_prefix: str
     layer_modules: tuple[ModuleSpec, ...]
     ignore: tuple[re.Pattern, ...]
+    moe_layers: Mapping[str, Any] = None  # rule for which layers are MoE (config.arch.moe_layer_pattern)
+    mtp: MtpSpec | None = None
 
     def is_ignored(self, hf_name: str) -> bool:
         return any(p.fullmatch(hf_name) for p in self.ignore)
+
+    def arch_from_config(self, config: Mapping[str, Any]) -> ModelArch:
+        return arch_from_hf_config(config, self.name, self.config_fields, self.config_defaults, self.fixed_arch,
+                                   self.moe_layers)
 
 
 _TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights"}
@@ -69,9 +88,21 @@ def _modules(items: Any, path: str, where: str) -> tuple[ModuleSpec, ...]:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or "convertor" not in item:
             raise ConversionError(f"convert YAML {path}: weights.{where}[{i}] needs a 'convertor' key")
-        options = {k: v for k, v in item.items() if k != "convertor"}
-        specs.append(ModuleSpec(item["convertor"], options, f"{path}: weights.{where}[{i}]"))
+        origin = f"{path}: weights.{where}[{i}]"
+        when = item.get("when")
+        if when is not None and when not in LAYER_KINDS:
+            raise ConversionError(f"{origin}: 'when' must be one of {', '.join(LAYER_KINDS)}, got {when!r}")
+        options = {k: v for k, v in item.items() if k not in ("convertor", "when")}
+        specs.append(ModuleSpec(item["convertor"], options, origin, when))
     return tuple(specs)
+
+
+def _mtp(data: Any, path: str) -> MtpSpec | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("layer_prefix"), str):
+        raise ConversionError(f"convert YAML {path}: weights.mtp needs a 'layer_prefix' string and 'modules'")
+    return MtpSpec(data["layer_prefix"], _modules(data.get("modules", []), path, "mtp.modules"))
 
 
 def load_family(path: str) -> FamilySpec:
@@ -102,6 +133,8 @@ def load_family(path: str) -> FamilySpec:
         layer_prefix=_require(weights, "layer_prefix", path, str),
         layer_modules=_modules(weights.get("layer", []), path, "layer"),
         ignore=ignore,
+        moe_layers=dict(hf.get("moe_layers") or {}),
+        mtp=_mtp(weights.get("mtp"), path),
     )
 
 

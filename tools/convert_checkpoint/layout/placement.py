@@ -15,13 +15,20 @@ if TYPE_CHECKING:  # avoids an import cycle with module_convertor
     from ..module_convertor.base import CanonicalTensor
 
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# MTP layer k: its own tensors and a full decoder layer under an inner name (canonical:
+# megatron-core 0.16's and the incumbent's ``transformer_layer``; 0.19 renamed it).
+MTP_RE = re.compile(r"^(mtp\.layers\.\d+\.)(?:(transformer_layer)\.)?(.+)$")
+MTP_INNER_NAMES = ("transformer_layer", "mtp_model_layer")
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
 # Megatron-Core's own local->TE name map (``sharded_state_dict_keys_map`` of the local layer
 # spec): TE fuses these norms into the following linear. Applied only when that linear exists.
+# For multi-latent attention with q/k norms the TE spec fuses q/kv norms into the up-projections.
 TE_FUSED_NORMS = (
     ("input_layernorm.", "self_attention.linear_qkv.layer_norm_", "self_attention.linear_qkv.weight"),
     ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_", "mlp.linear_fc1.weight"),
+    ("self_attention.q_layernorm.", "self_attention.linear_q_up_proj.layer_norm_", "self_attention.linear_q_up_proj.weight"),
+    ("self_attention.kv_layernorm.", "self_attention.linear_kv_up_proj.layer_norm_", "self_attention.linear_kv_up_proj.weight"),
 )
 
 
@@ -36,6 +43,8 @@ class ParallelLayout:
     etp: int | None = None  # None: experts split like dense layers, by TP
     num_experts: int = 0
     grouped_gemm: bool = False
+    mtp_num_layers: int = 0
+    mtp_inner_name: str = "transformer_layer"  # megatron-core >= 0.19: mtp_model_layer
 
     @property
     def expert_tp(self) -> int:
@@ -60,8 +69,9 @@ class Placement:
     shard_rank: int  # TP rank (ETP rank for experts)
     shard_count: int  # TP size (ETP size for experts)
     canonical: "CanonicalTensor"
-    # A tied output layer on the last stage: written from the embedding, skipped on read.
-    tied_copy: bool = False
+    split: Split  # how this transformer implementation splits it (canonical.split or te_split)
+    # A copy of the word embedding (tied output layer, MTP stage): written from it, skipped on read.
+    embedding_copy: bool = False
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,7 @@ class ExtraState:
     name: str  # <module>._extra_state
 
 
-EXPERT_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
+EXPERT_RE = re.compile(r"^(.*\.mlp\.experts\.)local_experts\.(\d+)\.(linear_fc[12])\.(weight|bias)$")
 
 
 def _expert_local_name(local: str, expert: int, layout: ParallelLayout) -> tuple[str, str]:
@@ -86,6 +96,15 @@ def _expert_local_name(local: str, expert: int, layout: ParallelLayout) -> tuple
     return f"{head}local_experts.{index}.{linear}.{suffix}", f"{head}local_experts.{index}.{linear}"
 
 
+def _te_name(layer_prefix: str, rest: str, layout: ParallelLayout, names: set[str]) -> str:
+    """A layer tensor's name under the chosen spec: TE fuses some norms into the next linear."""
+    if layout.transformer_impl == "transformer_engine":
+        for norm_prefix, fused_prefix, fused_weight in TE_FUSED_NORMS:
+            if rest.startswith(norm_prefix) and layer_prefix + fused_weight in names:
+                return fused_prefix + rest[len(norm_prefix):]
+    return rest
+
+
 def _local_name(canonical_name: str, layout: ParallelLayout, layer_names: set[str]) -> tuple[int, int, str]:
     """(pipeline rank, chunk, name inside the chunk) for a canonical tensor name."""
     pipe = layout.pipeline
@@ -93,11 +112,15 @@ def _local_name(canonical_name: str, layout: ParallelLayout, layer_names: set[st
     if m:
         layer, rest = int(m.group(1)), m.group(2)
         rank, chunk, local = pipe.locate(layer)
-        if layout.transformer_impl == "transformer_engine":
-            for norm_prefix, fused_prefix, fused_weight in TE_FUSED_NORMS:
-                if rest.startswith(norm_prefix) and f"decoder.layers.{layer}.{fused_weight}" in layer_names:
-                    rest = fused_prefix + rest[len(norm_prefix):]
-        return rank, chunk, f"decoder.layers.{local}.{rest}"
+        return rank, chunk, f"decoder.layers.{local}.{_te_name(f'decoder.layers.{layer}.', rest, layout, layer_names)}"
+    m = MTP_RE.match(canonical_name)
+    if m:  # MTP layers live with the last decoder layer
+        head, inner, rest = m.groups()
+        rank, chunk = pipe.rank_and_chunk(pipe.last_vstage)
+        if inner is None:
+            return rank, chunk, canonical_name
+        rest = _te_name(f"{head}{inner}.", rest, layout, layer_names)
+        return rank, chunk, f"{head}{layout.mtp_inner_name}.{rest}"
     if canonical_name.startswith("embedding."):
         rank, chunk = pipe.rank_and_chunk(0)
     else:  # final norm, output layer: with the last decoder layer
@@ -119,7 +142,7 @@ def place(tensors: Iterable["CanonicalTensor"], layout: ParallelLayout) -> tuple
     experts_per_rank = layout.num_experts // layout.ep if layout.num_experts else 0
     seen_extras: set[ExtraState] = set()
 
-    def add(t: CanonicalTensor, rank: int, chunk: int, local: str, tied_copy: bool = False) -> None:
+    def add(t: CanonicalTensor, rank: int, chunk: int, local: str, embedding_copy: bool = False) -> None:
         container = pipe.container(chunk)
         module = None
         if t.extra_state_module is not None:
@@ -127,12 +150,13 @@ def place(tensors: Iterable["CanonicalTensor"], layout: ParallelLayout) -> tuple
             module = local[: -(len(t.name) - len(t.extra_state_module))]
         if t.expert is not None:
             local, module = _expert_local_name(local, t.expert, layout)
+        split = t.te_split if (t.te_split is not None and layout.transformer_impl == "transformer_engine") else t.split
         for (tp_rank, ep_rank), etp_rank in sorted(files.items()):
             if t.expert is not None and t.expert // experts_per_rank != ep_rank:
                 continue
             shard_rank, count = (etp_rank, layout.expert_tp) if t.expert is not None else (tp_rank, layout.tp)
             file = layout.rank_file(tp_rank, rank, ep_rank)
-            placements.append(Placement(file, container, local, shard_rank, count, t, tied_copy))
+            placements.append(Placement(file, container, local, shard_rank, count, t, split, embedding_copy))
             if module is not None:
                 extra = ExtraState(file, container, f"{module}._extra_state")
                 if extra not in seen_extras:  # grouped experts share one module
@@ -142,16 +166,19 @@ def place(tensors: Iterable["CanonicalTensor"], layout: ParallelLayout) -> tuple
     for t in tensors:
         rank, chunk, local = _local_name(t.name, layout, names)
         add(t, rank, chunk, local)
+        last_rank, last_chunk = pipe.rank_and_chunk(pipe.last_vstage)
         if t.name == WORD_EMBEDDINGS and layout.tied_embeddings and pipe.pp > 1:
             # Megatron keeps its own output-layer copy of tied embeddings on the last stage.
             copy = CanonicalTensor(OUTPUT_LAYER, t.shape, Split.VOCAB, "output_layer")
-            last_rank, last_chunk = pipe.rank_and_chunk(pipe.last_vstage)
-            add(copy, last_rank, last_chunk, OUTPUT_LAYER, tied_copy=True)
+            add(copy, last_rank, last_chunk, OUTPUT_LAYER, embedding_copy=True)
+        if t.name == WORD_EMBEDDINGS and layout.mtp_num_layers and (last_rank, last_chunk) != (rank, chunk):
+            # MTP layers embed the shifted tokens themselves: the last stage holds an embedding copy.
+            add(t, last_rank, last_chunk, WORD_EMBEDDINGS, embedding_copy=True)
     return placements, extras
 
 
 def placement_sort_key(name: str) -> tuple:
-    """Model order inside a chunk: embedding, layers in order, final norm, output layer."""
+    """Model order inside a chunk: embedding, layers in order, final norm, output layer, MTP."""
     m = re.match(r"^decoder\.layers\.(\d+)\.", name)
     if name.startswith("embedding."):
         return (0, 0)
@@ -159,4 +186,7 @@ def placement_sort_key(name: str) -> tuple:
         return (1, int(m.group(1)))
     if name.startswith("decoder."):
         return (2, 0)
+    m = re.match(r"^mtp\.layers\.(\d+)\.", name)
+    if m:
+        return (4, int(m.group(1)))
     return (3, 0)

@@ -27,6 +27,8 @@ class CanonicalTensor:
     extra_state_module: str | None = None
     # Global index of a routed expert: the layout puts it on its EP rank and splits it by ETP.
     expert: int | None = None
+    # The split under the TE spec when it differs (MLA down-projections are replicated there).
+    te_split: Split | None = None
 
 
 _REGISTRY: dict[str, type["ModuleConvertor"]] = {}
@@ -85,6 +87,10 @@ class ModuleConvertor:
 
     def canonical(self) -> list[CanonicalTensor]:
         raise NotImplementedError
+
+    def reads(self) -> list[str]:
+        """Canonical tensors ``to_hf`` needs: its own, or another module's for a shared copy."""
+        return [t.name for t in self.canonical()]
 
     def to_canonical(self, hf: Mapping[str, Expr]) -> dict[str, Expr]:
         raise NotImplementedError

@@ -5,6 +5,7 @@ index there, the ETP split, and grouped-GEMM names when asked.
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 from .. import tensor_expr as te
@@ -34,6 +35,12 @@ class RoutedExperts(ModuleConvertor):
 
     def _mcore(self, expert: int, linear: str) -> str:
         return self.mcore_name(f"{self.opt('mcore')}.local_experts.{expert}.{linear}.weight")
+
+    def experts_present(self, hf_names) -> int:
+        """How many experts of this layer the checkpoint holds (by their gate weights)."""
+        pattern = re.compile(re.escape(self.hf_name(self.opt("hf"))).replace(re.escape("{expert}"), r"(\d+)")
+                             + re.escape(self.opt("gate")) + "$")
+        return len({m.group(1) for n in hf_names if (m := pattern.match(n))})
 
     def hf_shapes(self):
         a = self.arch

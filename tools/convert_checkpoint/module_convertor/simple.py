@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from ..errors import ConversionError
 from ..layout.tensor_parallel import Split
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
 
 class _OneToOne(ModuleConvertor):
-    options = ("hf", "mcore", "shape")
+    options = ("hf", "mcore", "shape", "te_split")
     required = ("hf", "mcore")
     split: Split = Split.REPLICATED
     is_linear = False
@@ -27,7 +28,18 @@ class _OneToOne(ModuleConvertor):
     def canonical(self) -> list[CanonicalTensor]:
         name = self._mcore()
         module = name.rsplit(".", 1)[0] if self.is_linear else None
-        return [CanonicalTensor(name, self.shape_option(self.default_shape), self.split, module)]
+        return [CanonicalTensor(name, self.shape_option(self.default_shape), self.split, module, te_split=self._te_split())]
+
+    def _te_split(self) -> Split | None:
+        """``te_split: replicated``: TE keeps the full tensor on every TP rank (MLA down-projections,
+        TE ``duplicated`` linears) while the local spec splits it."""
+        value = self.opt("te_split")
+        if value is None:
+            return None
+        try:
+            return Split(value)
+        except ValueError:
+            raise ConversionError(f"{self.spec.origin}: te_split must be one of {', '.join(s.value for s in Split)}") from None
 
     def to_canonical(self, hf: Mapping[str, Expr]) -> dict[str, Expr]:
         return {self._mcore(): hf[self._hf()]}
@@ -59,3 +71,10 @@ class RowParallelLinear(_OneToOne):
     kind = "row_parallel"
     split = Split.ROW
     is_linear = True
+
+
+@register
+class Replicated(_OneToOne):
+    """Any other tensor kept whole on every TP rank (router weight, router expert bias)."""
+
+    kind = "replicated"

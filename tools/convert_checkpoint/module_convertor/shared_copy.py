@@ -1,0 +1,46 @@
+"""HF tensors that duplicate another module's weight (DeepSeek MTP layers' embed_tokens and
+shared_head.head). Megatron shares the original, so they have no canonical tensor: they are
+checked for shape and dropped on the way in, and written as copies on the way out."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from ..errors import ConversionError
+from ..tensor_expr import Expr
+from .base import ModuleConvertor, register
+from .embedding import OUTPUT_LAYER, WORD_EMBEDDINGS
+
+
+@register
+class SharedCopy(ModuleConvertor):
+    """YAML: ``{convertor: shared_copy, hf: embed_tokens.weight, of: embedding}`` (or ``of: output_layer``)."""
+
+    kind = "shared_copy"
+    options = ("hf", "of")
+    required = ("hf", "of")
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        if self.opt("of") not in ("embedding", "output_layer"):
+            raise ConversionError(f"{self.spec.origin}: 'of' must be embedding or output_layer")
+
+    def _source(self) -> str:
+        # A tied LM head is the embedding itself.
+        if self.opt("of") == "output_layer" and not self.arch.tied_embeddings:
+            return OUTPUT_LAYER
+        return WORD_EMBEDDINGS
+
+    def hf_shapes(self):
+        return {self.hf_name(self.opt("hf")): (self.arch.vocab_size, self.arch.hidden_size)}
+
+    def canonical(self):
+        return []
+
+    def reads(self):
+        return [self._source()]
+
+    def to_canonical(self, hf: Mapping[str, Expr]):
+        return {}
+
+    def to_hf(self, canonical: Mapping[str, Expr]):
+        return {self.hf_name(self.opt("hf")): canonical[self._source()]}
