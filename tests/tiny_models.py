@@ -24,12 +24,13 @@ class TinySpec:
     # dense layers before the first MoE layer (first_k_dense_replace).
     mtp_layers: int = 0
     first_dense: int = 1
+    mlp_only_layers: tuple[int, ...] = ()  # Qwen3-MoE: dense layers
 
     @property
     def key(self) -> str:
         t = "tied" if self.tied else "untied"
         return (f"{self.family}_{t}_L{self.num_layers}_V{self.vocab_size}_G{self.num_key_value_heads}_"
-                f"M{self.mtp_layers}_D{self.first_dense}_{str(self.dtype)[6:]}")
+                f"M{self.mtp_layers}_D{self.first_dense}_Q{''.join(map(str, self.mlp_only_layers))}_{str(self.dtype)[6:]}")
 
 
 def make_config(spec: TinySpec):
@@ -45,7 +46,8 @@ def make_config(spec: TinySpec):
     if spec.family == "qwen3":
         return Qwen3Config(head_dim=16, **kw)
     if spec.family == "qwen3_moe":  # 4 experts of size 32 on every layer
-        return Qwen3MoeConfig(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, **kw)
+        return Qwen3MoeConfig(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                              mlp_only_layers=list(spec.mlp_only_layers), **kw)
     if spec.family == "mixtral":  # Mixtral's intermediate_size is the expert size
         return MixtralConfig(**dict(kw, intermediate_size=32), num_local_experts=4, num_experts_per_tok=2)
     # MLA (8 heads: q_lora 32, kv_lora 16, nope 16, rope 8, v 16), 4 routed experts of size 32,

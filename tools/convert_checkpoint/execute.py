@@ -139,7 +139,7 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
     _prepare_target(target, overwrite)
     # Megatron output is a "release" checkpoint (iteration None), as the incumbent writes.
     iteration = None
-    root = os.path.join(target, mcore_legacy.iteration_dir_name(iteration)) if plan.direction == "hf->mcore" else target
+    root = os.path.join(target, mcore_legacy.iteration_dir_name(iteration)) if plan.direction.endswith("->mcore") else target
     bar = _progress(plan.total_bytes, progress)
     results: list[FileResult] = []
     try:
@@ -189,7 +189,7 @@ def _write_text(path: str, text: str) -> None:
 
 
 def _write_markers(plan: Plan, target: str) -> None:
-    if plan.direction == "hf->mcore":
+    if plan.direction.endswith("->mcore"):
         _write_text(os.path.join(target, mcore_legacy.TRACKER_NAME), "release")
         return
     if plan.hf_reference_dir:

@@ -183,9 +183,9 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         raise ConversionError(f"--{name} {'' if value is True else value}: {why}".replace("  ", " "))
     if ns.megatron_path:
         sys.path.insert(0, ns.megatron_path)
-    if ns.load_platform == ns.save_platform:
+    if ns.load_platform == ns.save_platform == "huggingface":
         raise ConversionError(
-            f"--load_platform and --save_platform are both {ns.load_platform}; only huggingface<->mcore conversions are supported"
+            "--load_platform and --save_platform are both huggingface; supported: huggingface<->mcore and mcore->mcore"
         )
     custom = parse_layer_list(ns.custom_pipeline_layers) if ns.custom_pipeline_layers else None
     return ConvertOptions(

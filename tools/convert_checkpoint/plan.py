@@ -48,7 +48,7 @@ class OutputFile:
 
 @dataclass
 class Plan:
-    direction: str  # "hf->mcore" or "mcore->hf"
+    direction: str  # "hf->mcore", "mcore->hf" or "mcore->mcore"
     source_dir: str
     target_dir: str
     arch: ModelArch
@@ -171,11 +171,14 @@ def build_plan(opts: ConvertOptions) -> Plan:
     # Imported here: both planners build on the helpers above.
     from .plan_hf_to_mcore import plan_hf_to_mcore
     from .plan_mcore_to_hf import plan_mcore_to_hf
+    from .plan_mcore_to_mcore import plan_mcore_to_mcore
 
     if opts.load_platform == "huggingface" and opts.save_platform == "mcore":
         return plan_hf_to_mcore(opts)
     if opts.load_platform == "mcore" and opts.save_platform == "huggingface":
         return plan_mcore_to_hf(opts)
+    if opts.load_platform == "mcore" and opts.save_platform == "mcore":
+        return plan_mcore_to_mcore(opts)
     raise ConversionError(f"unsupported direction {opts.load_platform} -> {opts.save_platform}")
 
 

@@ -11,7 +11,7 @@ from .formats import huggingface as hf_format
 from .layout.pipeline import build_pipeline_layout
 from .layout.placement import ParallelLayout, place, placement_sort_key
 from .layout.tensor_parallel import shard
-from .module_convertor import ModuleConvertor
+from .module_convertor import CanonicalTensor, ModuleConvertor
 from .module_convertor.embedding import WORD_EMBEDDINGS
 from .module_convertor.moe import RoutedExperts
 from .module_convertor.shared_copy import SharedCopy
@@ -69,7 +69,7 @@ def _gather_hf(src: hf_format.HFSource, convertors: list[ModuleConvertor], famil
     return canonical
 
 
-def _mcore_args(arch: ModelArch, family: FamilySpec, layout: ParallelLayout, opts: ConvertOptions, hf_config: dict) -> argparse.Namespace:
+def mcore_args(arch: ModelArch, family: FamilySpec, layout: ParallelLayout, opts: ConvertOptions, hf_config: dict) -> argparse.Namespace:
     pipe = layout.pipeline
     return argparse.Namespace(
         # Megatron's own argument names, so Megatron tooling can read them.
@@ -132,39 +132,8 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
     canonical_exprs = _gather_hf(src, convertors, family, arch)
     tensors = canonical_tensors(convertors)
 
-    tp = opts.tensor_model_parallel_size or 1
-    pipe = build_pipeline_layout(
-        arch.num_layers,
-        opts.pipeline_model_parallel_size or 1,
-        opts.virtual_stages,
-        opts.custom_pipeline_layers,
-        opts.num_layers_per_virtual_pipeline_stage,
-    )
-    layout = ParallelLayout(
-        tp=tp,
-        pipeline=pipe,
-        transformer_impl=opts.transformer_impl or "transformer_engine",
-        padded_vocab_size=resolve_padded_vocab(opts, arch.vocab_size, tp),
-        tied_embeddings=arch.tied_embeddings,
-        # A MoE model without --expert_parallel_size keeps every expert (EP=1), never skips them.
-        ep=opts.expert_parallel_size or 1,
-        etp=opts.expert_tensor_parallel_size,
-        num_experts=arch.num_experts or 0,
-        grouped_gemm=opts.moe_grouped_gemm,
-        mtp_num_layers=arch.mtp_num_layers,
-        mtp_inner_name=opts.mtp_layer_name or MTP_INNER_LAYER,
-    )
-    validate_tensor_parallel(arch, tensors, layout)
-    placements, extras = place(tensors, layout)
-
-    jobs: dict[tuple[str, str], list[TensorJob]] = {}
-    for p in placements:
-        expr = canonical_exprs[WORD_EMBEDDINGS if p.embedding_copy else p.canonical.name]
-        sharded = shard(expr, p.canonical.split, p.shard_count, p.shard_rank, layout.padded_vocab_size)
-        jobs.setdefault((p.file, p.container), []).append(TensorJob(p.name, sharded))
-    for x in extras:
-        jobs.setdefault((x.file, x.container), []).append(TensorJob(x.name, None))
-    files = _mcore_files(layout, jobs)
+    layout = target_layout(opts, arch)
+    files = mcore_output_files(canonical_exprs, tensors, arch, layout)
     notes = []
     if arch.tied_embeddings and any(n in src.tensor_file for c in convertors for n in c.optional_hf()):
         notes.append("tied embeddings: the HF lm_head copy was dropped (Megatron shares the embedding)")
@@ -181,10 +150,52 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
         layout=layout,
         files=files,
         source_tensor_count=len(src.tensor_file),
-        mcore_args=_mcore_args(arch, family, layout, opts, src.config),
+        mcore_args=mcore_args(arch, family, layout, opts, src.config),
         notes=notes,
         source=src,
     )
+
+
+def target_layout(opts: ConvertOptions, arch: ModelArch) -> ParallelLayout:
+    """The Megatron layout the flags ask for (HF->MCore and MCore->MCore)."""
+    tp = opts.tensor_model_parallel_size or 1
+    pipe = build_pipeline_layout(
+        arch.num_layers,
+        opts.pipeline_model_parallel_size or 1,
+        opts.virtual_stages,
+        opts.custom_pipeline_layers,
+        opts.num_layers_per_virtual_pipeline_stage,
+    )
+    return ParallelLayout(
+        tp=tp,
+        pipeline=pipe,
+        transformer_impl=opts.transformer_impl or "transformer_engine",
+        padded_vocab_size=resolve_padded_vocab(opts, arch.vocab_size, tp),
+        tied_embeddings=arch.tied_embeddings,
+        # A MoE model without --expert_parallel_size keeps every expert (EP=1), never skips them.
+        ep=opts.expert_parallel_size or 1,
+        etp=opts.expert_tensor_parallel_size,
+        num_experts=arch.num_experts or 0,
+        grouped_gemm=opts.moe_grouped_gemm,
+        mtp_num_layers=arch.mtp_num_layers,
+        mtp_inner_name=opts.mtp_layer_name or MTP_INNER_LAYER,
+    )
+
+
+def mcore_output_files(
+    canonical_exprs: Mapping[str, Expr], tensors: list[CanonicalTensor], arch: ModelArch, layout: ParallelLayout
+) -> list[OutputFile]:
+    """Validate the layout, then shard every canonical tensor into its rank files."""
+    validate_tensor_parallel(arch, tensors, layout)
+    placements, extras = place(tensors, layout)
+    jobs: dict[tuple[str, str], list[TensorJob]] = {}
+    for p in placements:
+        expr = canonical_exprs[WORD_EMBEDDINGS if p.embedding_copy else p.canonical.name]
+        sharded = shard(expr, p.split, p.shard_count, p.shard_rank, layout.padded_vocab_size)
+        jobs.setdefault((p.file, p.container), []).append(TensorJob(p.name, sharded))
+    for x in extras:
+        jobs.setdefault((x.file, x.container), []).append(TensorJob(x.name, None))
+    return _mcore_files(layout, jobs)
 
 
 def _mcore_files(layout: ParallelLayout, jobs: Mapping[tuple[str, str], list[TensorJob]]) -> list[OutputFile]:

@@ -21,7 +21,7 @@ from .plan import (MTP_INNER_LAYER, OutputFile, Plan, TensorJob, build_convertor
                    merge_arch_yaml, natural_key)
 from .tensor_expr import Expr
 
-def _resolve_mcore_arch(opts: ConvertOptions, args: argparse.Namespace | None) -> tuple[ModelArch, FamilySpec]:
+def resolve_mcore_arch(opts: ConvertOptions, args: argparse.Namespace | None) -> tuple[ModelArch, FamilySpec]:
     saved = dict(getattr(args, "convert_checkpoint_arch", None) or {}) if args is not None else {}
     values = merge_arch_yaml(saved, opts)
     if opts.convert_file:
@@ -65,7 +65,7 @@ def _single_suffix_is_expert_rank(src: mcore_legacy.McoreSource, opts: ConvertOp
     return all(dense_names(d) == dense_names(dirs[0]) for d in dirs if d.startswith(dirs[0][:11]))
 
 
-def _infer_mcore_layout(src: mcore_legacy.McoreSource, opts: ConvertOptions, arch: ModelArch) -> ParallelLayout:
+def infer_mcore_layout(src: mcore_legacy.McoreSource, opts: ConvertOptions, arch: ModelArch) -> ParallelLayout:
     """Read TP, PP, VPP, layers per chunk and naming off the rank files; flags must agree."""
     tp_ranks, pp_ranks, ep_ranks = set(), set(), set()
     single_suffix_is_ep = _single_suffix_is_expert_rank(src, opts)
@@ -184,7 +184,7 @@ def _infer_experts(src: mcore_legacy.McoreSource, file: str, arch: ModelArch, tp
     raise ConversionError(f"{file}: the architecture has {arch.num_experts} experts, but the file holds no expert weights")
 
 
-def _gather_mcore(
+def gather_mcore(
     src: mcore_legacy.McoreSource, tensors: list[CanonicalTensor], layout: ParallelLayout
 ) -> dict[str, Expr]:
     expected_files = set(layout.rank_files())
@@ -249,11 +249,11 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
     check_target_dir(opts)
     src = mcore_legacy.open_source(opts.load_ckpt_path)
     args = src.args()
-    arch, family = _resolve_mcore_arch(opts, args)
-    layout = _infer_mcore_layout(src, opts, arch)
+    arch, family = resolve_mcore_arch(opts, args)
+    layout = infer_mcore_layout(src, opts, arch)
     convertors = build_convertors(family, arch)
     tensors = canonical_tensors(convertors)
-    canonical = _gather_mcore(src, tensors, layout)
+    canonical = gather_mcore(src, tensors, layout)
     hf_exprs: dict[str, Expr] = {}
     for conv in convertors:
         hf_exprs.update(conv.to_hf({name: canonical[name] for name in conv.reads()}))
