@@ -122,7 +122,8 @@ def infer_mcore_layout(src: mcore_legacy.McoreSource, opts: ConvertOptions, arch
     padded = tuple(embed.shape)[0] * tp if embed is not None else arch.vocab_size
     if padded < arch.vocab_size:
         raise ConversionError(f"embedding rows {padded} are fewer than vocab_size {arch.vocab_size}")
-    etp, grouped = _infer_experts(src, first, arch, tp, ep)
+    stage_files = [mcore_legacy.rank_dir_name(0, p, pp, 0, ep) + "/" + mcore_legacy.FILE_NAME for p in range(pp)]
+    etp, grouped = _infer_experts(src, stage_files, arch, tp, ep)
     for flag, given, found in (
         ("--expert_parallel_size", opts.expert_parallel_size, ep),
         ("--expert_tensor_parallel_size", opts.expert_tensor_parallel_size, etp or tp),
@@ -159,11 +160,12 @@ _LOCAL_FC1 = re.compile(r"\.mlp\.experts\.local_experts\.\d+\.linear_fc1\.weight
 _EXPERT_INDEX = re.compile(r"^\.mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc1\.weight|linear_fc1\.weight(\d+))$")
 
 
-def _infer_experts(src: mcore_legacy.McoreSource, file: str, arch: ModelArch, tp: int, ep: int) -> tuple[int | None, bool]:
-    """(ETP size, or None when it equals TP; grouped-GEMM naming) from an expert fc1 shard."""
+def _infer_experts(src: mcore_legacy.McoreSource, files: list[str], arch: ModelArch, tp: int, ep: int) -> tuple[int | None, bool]:
+    """(ETP size, or None when it equals TP; grouped-GEMM naming) from the first expert fc1 shard
+    in the stages' files (a stage may hold only dense layers)."""
     if not arch.num_experts:
         return None, False
-    for key in src.containers(file):
+    for file, key in ((f, k) for f in files for k in src.containers(f)):
         state = src.state_dict(file, key)
         for name, value in state.items():
             grouped = bool(_GROUPED_FC1.search(name))
@@ -181,7 +183,7 @@ def _infer_experts(src: mcore_legacy.McoreSource, file: str, arch: ModelArch, tp
                         f"{len(local) * ep} experts, but the architecture says num_experts {arch.num_experts}"
                     )
                 return (None if etp == tp else etp), grouped
-    raise ConversionError(f"{file}: the architecture has {arch.num_experts} experts, but the file holds no expert weights")
+    raise ConversionError(f"{files[0]}: the architecture has {arch.num_experts} experts, but no stage holds expert weights")
 
 
 def gather_mcore(
@@ -268,7 +270,7 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
             hf_config = dict(saved)
             # An architecture YAML may have overridden fields on the way in; keep config.json true.
             for arch_field, hf_keys in family.config_fields.items():
-                if hf_keys[0] in hf_config and getattr(arch, arch_field) is not None:
+                if hf_config.get(hf_keys[0]) is not None and getattr(arch, arch_field) is not None:
                     hf_config[hf_keys[0]] = getattr(arch, arch_field)
         else:
             hf_config = hf_config_from_arch(arch, family.hf_model_type, list(family.hf_architectures), family.config_fields)
