@@ -61,7 +61,24 @@ LOGITS_SEQ = 12
 LOGITS_SEED = 1234
 
 _EXTRA_STATE_SUFFIX = "_extra_state"
-_LAYER_KEY_RE = re.compile(r"^(decoder\.layers\.\d+\.)(.+)$")
+# A decoder layer, or the transformer layer inside an MTP layer (megatron-core 0.16 calls it
+# transformer_layer, 0.19 mtp_model_layer).
+_LAYER_KEY_RE = re.compile(r"^(decoder\.layers\.\d+\.|mtp\.layers\.\d+\.(?:transformer_layer|mtp_model_layer)\.)(.+)$")
+# MLA down projections: TELinear(parallel_mode="duplicated") under TE, TP-split under local.
+_MLA_DOWN_PROJ_RE = re.compile(r"(?:^|\.)self_attention\.linear_(?:q|kv)_down_proj\.weight$")
+# Local -> TE layer key map of MLA layers. The MLA local spec of megatron-core 0.16 declares
+# no sharded_state_dict_keys_map; this is the one megatron declares for MLA in
+# post_training/modelopt/gpt/model_specs.py (get_gpt_modelopt_spec(remap_te_layernorm=True):
+# mla_qk_layernorm_map + the dense layers' pre-MLP entry). The TE spec fuses q_layernorm /
+# kv_layernorm into linear_q_up_proj / linear_kv_up_proj (TELayerNormColumnParallelLinear)
+# and a dense layer's pre-MLP norm into mlp.linear_fc1; MoE layers keep pre_mlp_layernorm
+# and input_layernorm stays a separate TENorm. Entries apply per layer only where the
+# fusing module exists (te_keys_maps filters them).
+MLA_TE_KEYS_MAP = {
+    "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
+    "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
+    "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+}
 _GROUPED_EXPERT_KEY_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
 _GROUPED_EXTRA_STATE_RE = re.compile(r"^decoder\.layers\.\d+\.mlp\.experts\.linear_fc[12]\._extra_state$")
 _LOCAL_EXPERT_KEY_RE = re.compile(r"^decoder\.layers\.\d+\.mlp\.experts\.local_experts\.")
@@ -191,19 +208,42 @@ class HFArch:
     qkv_bias: bool
     qk_norm: bool
     tie_word_embeddings: bool
-    # Routed experts on every layer (0 = dense model); no shared experts.
+    # Routed experts (0 = dense model): on every layer unless ``moe_layers`` says otherwise.
     num_experts: int = 0
     moe_ffn_hidden_size: int = 0
     moe_topk: int = 0
-    # HF renormalizes the top-k softmax probabilities (Mixtral always, Qwen3-MoE if norm_topk_prob).
+    # HF renormalizes the top-k probabilities (Mixtral always, Qwen3-MoE / DeepSeek-V3 if norm_topk_prob).
     moe_renormalize: bool = False
+    # ----- DeepSeek-V2/V3 (multi-latent attention) -----
+    mla: bool = False
+    q_lora_rank: int | None = None  # None: a plain q_proj (V2-Lite)
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    # HF rotates interleaved pairs (x0,x1),(x2,x3).. of the rope dims (V3 rope_interleave, V2 always).
+    rope_interleave: bool = False
+    # One entry per decoder layer, 1 = MoE MLP, 0 = dense MLP; () = MoE on every layer (if num_experts).
+    moe_layers: tuple[int, ...] = ()
+    shared_expert_ffn_hidden_size: int = 0  # n_shared_experts * moe_intermediate_size; 0 = none
+    moe_score_function: str = "softmax"  # "softmax" or "sigmoid" (V3)
+    moe_expert_bias: bool = False  # V3's e_score_correction_bias (added for selection only)
+    moe_num_groups: int | None = None  # group-limited routing: n_group / topk_group
+    moe_group_topk: int | None = None
+    # How many of its best scores HF sums to rank a group (V3: 2, V2 group_limited_greedy: max = 1).
+    moe_group_score_topn: int | None = None
+    moe_scaling_factor: float | None = None  # routed_scaling_factor (None = 1)
+    mtp_layers: int = 0  # DeepSeek multi-token prediction layers (num_nextn_predict_layers)
 
 
-_SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral")
+_SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
+_MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
 def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     """MoE fields of HFArch for Qwen3-MoE / Mixtral; {} for dense families."""
+    if model_type in _MLA_MODEL_TYPES:
+        return _read_deepseek(cfg, model_type)
     if model_type not in ("qwen3_moe", "mixtral"):
         return {}
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, older versions as num_experts.
@@ -225,8 +265,60 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     }
 
 
+def _read_deepseek(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """MLA, MoE-layer pattern, shared experts, router and MTP fields of a DeepSeek-V2/V3 config."""
+    num_layers = int(cfg["num_hidden_layers"])
+    num_experts = int(cfg.get("n_routed_experts") or 0)
+    if not num_experts:
+        raise ValueError("DeepSeek configs without routed experts are not supported")
+    if int(cfg.get("moe_layer_freq", 1)) != 1:
+        # transformers ignores moe_layer_freq (MoE on every layer from first_k_dense_replace on).
+        raise ValueError(f"moe_layer_freq={cfg['moe_layer_freq']} is not supported")
+    first_dense = int(cfg.get("first_k_dense_replace") or 0)
+    q_lora = cfg.get("q_lora_rank")
+    fields: dict[str, Any] = {
+        "mla": True,
+        "q_lora_rank": int(q_lora) if q_lora else None,
+        "kv_lora_rank": int(cfg["kv_lora_rank"]),
+        "qk_nope_head_dim": int(cfg["qk_nope_head_dim"]),
+        "qk_rope_head_dim": int(cfg["qk_rope_head_dim"]),
+        "v_head_dim": int(cfg["v_head_dim"]),
+        "num_experts": num_experts,
+        "moe_ffn_hidden_size": int(cfg["moe_intermediate_size"]),
+        "moe_topk": int(cfg["num_experts_per_tok"]),
+        "moe_layers": tuple(0 if i < first_dense else 1 for i in range(num_layers)),
+        "shared_expert_ffn_hidden_size": int(cfg.get("n_shared_experts") or 0) * int(cfg["moe_intermediate_size"]),
+        "moe_scaling_factor": float(cfg.get("routed_scaling_factor") or 1.0),
+    }
+    if model_type == "deepseek_v3":
+        # noaux_tc: sigmoid scores, score-correction bias for selection, groups ranked by
+        # the sum of their 2 best biased scores, optional renormalization, then scaling.
+        fields.update(
+            rope_interleave=bool(cfg.get("rope_interleave", True)),
+            moe_score_function="sigmoid",
+            moe_expert_bias=True,
+            moe_renormalize=bool(cfg.get("norm_topk_prob", False)),
+            mtp_layers=int(cfg.get("num_nextn_predict_layers") or 0),
+        )
+        groups = int(cfg.get("n_group") or 1)
+        if groups > 1:
+            fields.update(moe_num_groups=groups, moe_group_topk=int(cfg["topk_group"]), moe_group_score_topn=2)
+    else:
+        # V2: softmax over all experts, top-k never renormalized; rope on complex pairs.
+        fields.update(rope_interleave=True, moe_score_function="softmax", moe_renormalize=False)
+        method = cfg.get("topk_method", "greedy")
+        if method == "group_limited_greedy":
+            fields.update(
+                moe_num_groups=int(cfg["n_group"]), moe_group_topk=int(cfg["topk_group"]), moe_group_score_topn=1
+            )
+        elif method != "greedy":
+            raise ValueError(f"DeepSeek-V2 topk_method {method!r} is not supported")
+    return fields
+
+
 def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
-    """Parse the subset of a Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral ``config.json`` the harness needs."""
+    """Parse the subset of a Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral / DeepSeek-V2/V3
+    ``config.json`` the harness needs."""
     cfg: dict[str, Any] = json.loads(Path(hf_dir, "config.json").read_text())
     model_type = cfg.get("model_type")
     if model_type not in _SUPPORTED_MODEL_TYPES:
@@ -235,6 +327,8 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
         raise ValueError(f"only SwiGLU (hidden_act='silu') is supported, got {cfg.get('hidden_act')!r}")
     if cfg.get("mlp_bias"):
         raise ValueError("mlp_bias=True is not supported (the harness builds add_bias_linear=False)")
+    if model_type in _MLA_MODEL_TYPES and cfg.get("attention_bias"):
+        raise ValueError("MLA with attention_bias=True is not supported")
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])
     # transformers 5 keeps rope settings under "rope_parameters"; older configs use the
@@ -260,7 +354,8 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
         # Qwen2 always has q/k/v biases; the others declare it with attention_bias.
         qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
-        qk_norm=model_type in ("qwen3", "qwen3_moe"),
+        # MLA: the q_a / kv_a layernorms are megatron's qk_layernorm (q_layernorm / kv_layernorm).
+        qk_norm=model_type in ("qwen3", "qwen3_moe", *_MLA_MODEL_TYPES),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         **_read_moe(cfg, model_type),
     )
@@ -274,16 +369,18 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
 def rename_te_to_local(
     state_dict: Mapping[str, Any],
     keys_map: Mapping[str, str],
-    layer_keys_maps: Mapping[int, Mapping[str, str]] | None = None,
+    layer_keys_maps: Mapping[int | str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
     """Rename TE-spec layer keys to local-spec keys.
 
     ``keys_map`` is megatron-core's ``sharded_state_dict_keys_map`` (local prefix -> TE
     prefix, relative to one layer, e.g. ``"input_layernorm." ->
     "self_attention.linear_qkv.layer_norm_"``); it is inverted and applied to every
-    ``decoder.layers.{i}.`` key. ``layer_keys_maps`` replaces it for the given local layer
-    indices (an MoE layer keeps its own pre-MLP norm under TE, so it has no
-    ``pre_mlp_layernorm.`` entry). A local-style name for a mapped module, or two keys
+    ``decoder.layers.{i}.`` key and to the transformer layer of every MTP layer
+    (``mtp.layers.{k}.transformer_layer.``). ``layer_keys_maps`` replaces it for the given
+    local decoder layer indices (int) or full layer prefixes (str, e.g.
+    ``"mtp.layers.0.transformer_layer."``): an MoE layer keeps its own pre-MLP norm under
+    TE, so it has no ``pre_mlp_layernorm.`` entry. A local-style name for a mapped module, or two keys
     collapsing onto one name, is an error: the file would not be a consistent TE-named
     checkpoint.
     """
@@ -295,7 +392,12 @@ def rename_te_to_local(
         match = _LAYER_KEY_RE.match(key)
         if match:
             prefix, rest = match.groups()
-            layer_map = layer_keys_maps.get(int(prefix.split(".")[2]), keys_map)
+            if prefix in layer_keys_maps:
+                layer_map = layer_keys_maps[prefix]
+            elif prefix.startswith("decoder."):
+                layer_map = layer_keys_maps.get(int(prefix.split(".")[2]), keys_map)
+            else:
+                layer_map = keys_map
             inverse = {te: local for local, te in layer_map.items()}
             if any(rest.startswith(local) for local in layer_map):
                 problems.append(f"local-style key in a TE-named checkpoint: {key}")
@@ -309,6 +411,38 @@ def rename_te_to_local(
     if problems:
         raise KeyError("; ".join(problems))
     return out
+
+
+def split_duplicated_to_tp(
+    state_dict: Mapping[str, Any], tp: int, tp_rank: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """TE-spec MLA down projections (full on every TP rank) -> this rank's local-spec shard.
+
+    Under the TE spec megatron builds ``linear_q_down_proj`` / ``linear_kv_down_proj`` as
+    ``TELinear(parallel_mode="duplicated")``: every TP rank holds the full weight. The local
+    spec builds them as ``ColumnParallelLinear(gather_output=False)`` and MLA gathers their
+    outputs over TP in rank order (gather_from_tensor_model_parallel_region), so TP rank
+    ``r`` owns output rows ``[r*n/tp, (r+1)*n/tp)``: the contiguous dim-0 split megatron
+    uses to partition a column-parallel master weight (``_initialize_affine_weight_cpu``)
+    and the shard dist-checkpointing would load into a local model from the TE model's
+    replicated global tensor (``make_sharded_tensors_for_checkpoint``, tp axis 0). Returns
+    the state dict with those keys sliced, and the full tensors (to check that all TP
+    ranks hold the same copy). Rows must divide by ``tp``; otherwise raises KeyError.
+    """
+    out: dict[str, Any] = {}
+    full: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in state_dict.items():
+        if _MLA_DOWN_PROJ_RE.search(key) and hasattr(value, "shape") and tp > 1:
+            if value.shape[0] % tp:
+                problems.append(f"{key}: {tuple(value.shape)} rows do not split over TP={tp}")
+            else:
+                full[key] = value
+                value = value.chunk(tp, dim=0)[tp_rank].clone()
+        out[key] = value
+    if problems:
+        raise KeyError("; ".join(problems))
+    return out, full
 
 
 def rename_grouped_experts_to_local(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -574,6 +708,18 @@ def _patch_megatron_after_import() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None  # type: ignore[attr-defined]
 
+    # megatron-core 0.16.1 without TE: extensions/transformer_engine.py swaps the missing
+    # `transformer_engine` for a MagicMock, so multi_latent_attention.py's
+    # `from ...transformer_engine import TELinear` succeeds and sets HAVE_TE = True with
+    # TELinear a mock; MultiLatentAttention.__init__ then fails on
+    # `isinstance(self.linear_proj, TELinear)` (TypeError). HAVE_TE = False skips that
+    # fp8-only branch; the spec checks `in [TELinear]` compare by identity and stay False.
+    from megatron.core.transformer import multi_latent_attention as mla
+    from megatron.core.extensions import transformer_engine as te_ext
+
+    if not getattr(te_ext, "HAVE_TE", True):
+        mla.HAVE_TE = False  # type: ignore[attr-defined]
+
 
 class _Worker:
     def __init__(self, rank: int, world_size: int, collective_timeout_s: float) -> None:
@@ -581,6 +727,8 @@ class _Worker:
         self.world_size = world_size
         self.collective_timeout_s = collective_timeout_s
         self._parallel_key: tuple[int, ...] | None = None
+        # (key, full tensor) of the TE-duplicated weights loaded in the current job.
+        self.duplicated: list[tuple[str, Any]] = []
 
     # ----- parallel state -----
 
@@ -637,6 +785,7 @@ class _Worker:
         }
         chunks: list[Any] = []
         arch: HFArch | None = None
+        self.duplicated = []
         try:
             self.init_parallel(job.layout)
             tp_rank = ps.get_tensor_model_parallel_rank()
@@ -654,8 +803,13 @@ class _Worker:
         except Exception as exc:  # noqa: BLE001 - every failure becomes a report
             result.update(ok=False, err=_describe(exc))
 
-        # The pipelined forward needs every rank: run it only if all of them loaded.
+        # The collectives below need every rank: run them only if all of them loaded.
         loaded_everywhere = _all_ranks_true(result["ok"])
+        if job.te_names and loaded_everywhere and arch is not None and arch.mla:
+            try:
+                self.check_duplicated_copies()
+            except Exception as exc:  # noqa: BLE001
+                result.update(ok=False, err=_describe(exc))
         if job.check_logits and loaded_everywhere and arch is not None:
             try:
                 diff, max_logit = self.check_logits(job, arch, chunks)
@@ -663,6 +817,7 @@ class _Worker:
             except Exception as exc:  # noqa: BLE001
                 result.update(ok=False, err=_describe(exc))
         del chunks
+        self.duplicated = []
         # Keep the ranks in step between jobs (the next job may re-create groups).
         dist.barrier()
         result["seconds"] = round(time.monotonic() - started, 3)
@@ -710,10 +865,30 @@ class _Worker:
                 ("moe_ffn_hidden_size", arch.moe_ffn_hidden_size),
                 ("moe_grouped_gemm", job.grouped_gemm),
             ]
-        # Like megatron-LM's check_checkpoint_args: an absent arg is not checked.
+        if arch.mla:
+            # megatron-LM's argument names (--q-lora-rank, --qk-head-dim, --mtp-num-layers...).
+            expected_args += [
+                ("multi_latent_attention", True),
+                ("q_lora_rank", arch.q_lora_rank),
+                ("kv_lora_rank", arch.kv_lora_rank),
+                ("qk_head_dim", arch.qk_nope_head_dim),
+                ("qk_pos_emb_head_dim", arch.qk_rope_head_dim),
+                ("v_head_dim", arch.v_head_dim),
+                ("mtp_num_layers", arch.mtp_layers or None),
+                ("moe_shared_expert_intermediate_size", arch.shared_expert_ffn_hidden_size or None),
+                ("moe_router_enable_expert_bias", arch.moe_expert_bias),
+                ("moe_router_score_function", arch.moe_score_function),
+            ]
+            freq = getattr(args, "moe_layer_freq", None)
+            if freq is not None and arch.moe_layers:
+                pattern = [1 if i % freq == 0 else 0 for i in range(arch.num_layers)] if isinstance(freq, int) else freq
+                if list(pattern) != list(arch.moe_layers):
+                    raise CheckFailure(f"{name}: args.moe_layer_freq={freq!r}, HF config means {list(arch.moe_layers)}")
+        # Like megatron-LM's check_checkpoint_args: an absent arg is not checked. None, 0 and
+        # False all mean "off" (e.g. mtp_num_layers: megatron-LM's default is None).
         for field, want in expected_args:
             have = getattr(args, field, want)
-            if have != want:
+            if have != want and (have or want):
                 raise CheckFailure(f"{name}: args.{field}={have}, expected {want}")
         return ckpt
 
@@ -722,7 +897,7 @@ class _Worker:
     def transformer_config(self, job: CheckJob, arch: HFArch) -> Any:
         import torch
         import torch.nn.functional as F
-        from megatron.core.transformer.transformer_config import TransformerConfig
+        from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
         layout = job.layout
         if layout.num_layers != arch.num_layers:
@@ -735,9 +910,12 @@ class _Worker:
             # num_layers_in_first/last_pipeline_stage cannot express (e.g. [1,3,1]).
             pipeline_layout = [["decoder"] * n for n in layout.layers_per_vstage]
             pipeline_layout[0].insert(0, "embedding")
-            pipeline_layout[-1].append("loss")
-        return TransformerConfig(
+            # MTP layers follow the decoder on the last (virtual) stage, before the loss.
+            pipeline_layout[-1].extend(["mtp"] * arch.mtp_layers + ["loss"])
+        config_class, mla = (MLATransformerConfig, self.mla_config(arch)) if arch.mla else (TransformerConfig, {})
+        return config_class(
             **self.moe_config(job, arch),
+            **mla,
             num_layers=arch.num_layers,
             hidden_size=arch.hidden_size,
             ffn_hidden_size=arch.ffn_hidden_size,
@@ -757,6 +935,7 @@ class _Worker:
             pipeline_model_parallel_size=layout.pp,
             virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
             pipeline_model_parallel_layout=pipeline_layout,
+            mtp_num_layers=arch.mtp_layers or None,
             params_dtype=torch.float32,
             pipeline_dtype=torch.float32,
             use_cpu_initialization=True,
@@ -764,23 +943,50 @@ class _Worker:
         )
 
     @staticmethod
+    def mla_config(arch: HFArch) -> dict[str, Any]:
+        """MLATransformerConfig fields that make megatron's MLA compute what transformers does.
+
+        * ``qk_head_dim`` is HF's qk_nope_head_dim (megatron's q head is qk_head_dim +
+          qk_pos_emb_head_dim = HF's qk_head_dim).
+        * ``rope_type="rope"``: MLATransformerConfig defaults to "yarn"; plain rope is HF's
+          "default" rope_type (check_logits refuses other HF rope types).
+        * ``rotary_interleaved`` stays False (megatron rejects it with MLA): with
+          ``multi_latent_attention`` megatron's rope first de-interleaves the rope dims
+          (``x[0::2] ++ x[1::2]``, rope_utils._apply_rotary_pos_emb_bshd) and then rotates
+          halves, which is exactly HF's ``rope_interleave=True`` path (V3) and, up to one
+          permutation shared by q and k, HF V2's complex-pair rope: same attention scores.
+        * softmax scale = mscale**2 / sqrt(q_head_dim) with mscale = yarn_get_mscale(
+          rotary_scaling_factor, mscale_all_dim) = 1 for rotary_scaling_factor=1 (set here so
+          the yarn default of 40 cannot leak in), which is HF's qk_head_dim**-0.5.
+        * ``qk_layernorm=True`` (set by the caller) builds q_layernorm / kv_layernorm, HF's
+          q_a_layernorm / kv_a_layernorm, with the model's rms_norm_eps.
+        """
+        return {
+            "multi_latent_attention": True,
+            "q_lora_rank": arch.q_lora_rank,
+            "kv_lora_rank": arch.kv_lora_rank,
+            "qk_head_dim": arch.qk_nope_head_dim,
+            "qk_pos_emb_head_dim": arch.qk_rope_head_dim,
+            "v_head_dim": arch.v_head_dim,
+            "rope_type": "rope",
+            "rotary_base": arch.rope_theta,
+            "rotary_percent": 1.0,
+            "rotary_scaling_factor": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.0,
+            "rotary_interleaved": False,
+            "apply_rope_fusion": False,
+        }
+
+    @staticmethod
     def moe_config(job: CheckJob, arch: HFArch) -> dict[str, Any]:
         """TransformerConfig fields for routed experts that route exactly like transformers."""
         if not arch.num_experts:
             return {}
-        # HF: p = softmax(all router logits) in fp32, keep the top-k, renormalize them if
-        # moe_renormalize. Megatron with pre_softmax=True takes the top-k of the full
-        # softmax unscaled (= HF without renormalization); with pre_softmax=False it takes
-        # softmax over the top-k logits, which equals the renormalized top-k of the full
-        # softmax. Megatron refuses pre_softmax=False for top-1 (check_logits reports it).
-        pre_softmax = not arch.moe_renormalize or arch.moe_topk == 1
-        return {
+        common = {
             "num_moe_experts": arch.num_experts,
             "moe_ffn_hidden_size": arch.moe_ffn_hidden_size,
             "moe_router_topk": arch.moe_topk,
-            "moe_router_score_function": "softmax",
-            "moe_router_pre_softmax": pre_softmax,
-            "moe_router_topk_scaling_factor": None,
             "moe_router_dtype": "fp32",
             "moe_router_load_balancing_type": "none",
             "moe_aux_loss_coeff": 0.0,
@@ -788,6 +994,42 @@ class _Worker:
             "moe_grouped_gemm": False,  # the local spec has no grouped GEMM without the grouped_gemm package
             "expert_model_parallel_size": job.layout.ep,
             "expert_tensor_parallel_size": job.layout.expert_tp,
+        }
+        if arch.moe_layers:
+            common["moe_layer_freq"] = list(arch.moe_layers)  # e.g. DeepSeek's first_k_dense_replace
+        if arch.shared_expert_ffn_hidden_size:
+            # Megatron adds the shared experts' output ungated, like HF's DeepSeek MoE.
+            common["moe_shared_expert_intermediate_size"] = arch.shared_expert_ffn_hidden_size
+            common["moe_shared_expert_overlap"] = False
+        if arch.moe_num_groups:
+            # Megatron ranks a group by the sum of its top (topk // group_topk) scores;
+            # check_logits refuses configs where HF sums a different number.
+            common["moe_router_num_groups"] = arch.moe_num_groups
+            common["moe_router_group_topk"] = arch.moe_group_topk
+        if arch.moe_score_function == "sigmoid":
+            # DeepSeek-V3 (noaux_tc): sigmoid scores; top-k picked on scores + expert_bias but
+            # weighted by the unbiased scores, renormalized (megatron always does for top-k > 1;
+            # HF if norm_topk_prob, else check_logits refuses) and times routed_scaling_factor.
+            return {
+                **common,
+                "moe_router_score_function": "sigmoid",
+                "moe_router_enable_expert_bias": arch.moe_expert_bias,
+                "moe_router_topk_scaling_factor": arch.moe_scaling_factor,
+                "moe_router_pre_softmax": False,  # unused by the sigmoid path
+            }
+        # HF: p = softmax(all router logits) in fp32, keep the top-k, renormalize them if
+        # moe_renormalize. Megatron with pre_softmax=True takes the top-k of the full
+        # softmax unscaled (= HF without renormalization); with pre_softmax=False it takes
+        # softmax over the top-k logits, which equals the renormalized top-k of the full
+        # softmax. Megatron refuses pre_softmax=False for top-1 (check_logits reports it).
+        # DeepSeek-V2 (greedy, never renormalized) then scales by routed_scaling_factor.
+        pre_softmax = not arch.moe_renormalize or arch.moe_topk == 1
+        scaling = arch.moe_scaling_factor if arch.moe_scaling_factor not in (None, 1.0) else None
+        return {
+            **common,
+            "moe_router_score_function": "softmax",
+            "moe_router_pre_softmax": pre_softmax,
+            "moe_router_topk_scaling_factor": scaling,
         }
 
     def layer_spec(self, arch: HFArch) -> Any:
@@ -800,20 +1042,49 @@ class _Worker:
             normalization="RMSNorm",
         )
 
+    @staticmethod
+    def mla_block_spec(config: Any, vp_stage: int | None, pp_rank: int) -> Any:
+        """Local-spec decoder block of one (virtual) stage: dense / MoE layers per
+        ``config.moe_layer_freq``, MLA attention with W6 applied to every layer spec."""
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+        block = get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
+        )
+        sdpa = _sdpa_core_attention_class()
+        for layer_spec in block.layer_specs:
+            # W6: the local DotProductAttention takes no k_channels / v_channels (MLA's q/k
+            # head dim differs from v's); a parameter-free SDPA keeps the state dict unchanged.
+            layer_spec.submodules.self_attention.submodules.core_attention = sdpa
+        return block
+
     def build_chunks(self, job: CheckJob, arch: HFArch, padded_vocab_size: int) -> list[Any]:
         from megatron.core import parallel_state as ps
         from megatron.core.models.gpt import GPTModel
 
         layout = job.layout
         config = self.transformer_config(job, arch)
-        spec = self.layer_spec(arch)
         pp_rank = ps.get_pipeline_model_parallel_rank()
         chunks = []
         for chunk in range(layout.vpp):
             vp_stage = chunk if layout.vpp > 1 else None
+            mtp_spec = None
+            if arch.mla:
+                spec = self.mla_block_spec(config, vp_stage, pp_rank)
+                if arch.mtp_layers:
+                    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+                    # None except on the last (virtual) stage; the MTP layer reuses the spec of
+                    # the stage's last decoder layer (W6 already applied to it).
+                    mtp_spec = get_gpt_mtp_block_spec(
+                        config, spec, use_transformer_engine=False, vp_stage=vp_stage, pp_rank=pp_rank
+                    )
+            else:
+                spec = self.layer_spec(arch)
             model = GPTModel(
                 config=config,
                 transformer_layer_spec=spec,
+                mtp_block_spec=mtp_spec,
                 vocab_size=padded_vocab_size,
                 max_sequence_length=arch.max_position_embeddings,
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -825,13 +1096,14 @@ class _Worker:
                 vp_stage=vp_stage,
             )
             model.eval()  # W5; also disables dropout
-            self.verify_chunk_structure(model, layout, layout.vstage(pp_rank, chunk))
+            self.verify_chunk_structure(model, layout, layout.vstage(pp_rank, chunk), arch.mtp_layers)
             chunks.append(model)
         return chunks
 
     @staticmethod
-    def verify_chunk_structure(model: Any, layout: Layout, vstage: int) -> None:
-        """The built chunk must hold exactly the layers the layout assigns to ``vstage``."""
+    def verify_chunk_structure(model: Any, layout: Layout, vstage: int, mtp_layers: int = 0) -> None:
+        """The built chunk must hold exactly the layers the layout assigns to ``vstage``
+        (and the ``mtp_layers`` MTP layers if it is the last virtual stage)."""
         want = layout.layers_per_vstage[vstage]
         offset = layout.layer_offset(vstage)
         layers = list(model.decoder.layers)
@@ -849,6 +1121,10 @@ class _Worker:
                 f"virtual stage {vstage}: megatron pre/post_process={model.pre_process}/{model.post_process},"
                 f" layout expects {first}/{last}"
             )
+        built_mtp = len(model.mtp.layers) if getattr(model, "mtp_process", False) else 0
+        want_mtp = mtp_layers if last else 0
+        if built_mtp != want_mtp:
+            raise CheckFailure(f"virtual stage {vstage}: megatron built {built_mtp} MTP layers, expected {want_mtp}")
 
     @staticmethod
     def te_keys_maps(model: Any, spec: Any) -> tuple[dict[str, str], dict[int, dict[str, str]]]:
@@ -871,10 +1147,37 @@ class _Worker:
 
     # ----- loading -----
 
+    @staticmethod
+    def mla_te_keys_maps(model: Any) -> dict[int | str, dict[str, str]]:
+        """``MLA_TE_KEYS_MAP`` per built decoder layer (by local index) and per MTP transformer
+        layer (by key prefix), kept only where the layer has the module TE fuses the norm into
+        (no linear_q_up_proj without q-LoRA; no mlp.linear_fc1 in MoE layers)."""
+        layers: list[tuple[int | str, Any]] = list(enumerate(model.decoder.layers))
+        if getattr(model, "mtp_process", False):
+            for index, mtp_layer in enumerate(model.mtp.layers):
+                for name in ("transformer_layer", "mtp_model_layer"):
+                    if hasattr(mtp_layer, name):
+                        layers.append((f"mtp.layers.{index}.{name}.", getattr(mtp_layer, name)))
+        return {
+            where: {
+                local: te
+                for local, te in MLA_TE_KEYS_MAP.items()
+                if _has_submodule(layer, te.rsplit(".", 1)[0]) and _has_submodule(layer, local.rstrip("."))
+            }
+            for where, layer in layers
+        }
+
     def load_chunks(
         self, job: CheckJob, arch: HFArch, ckpt: Mapping[str, Any], chunks: Sequence[Any]
     ) -> int:
-        """Strict-load every chunk; returns how many keys were renamed to local-spec names."""
+        """Strict-load every chunk; returns how many keys were renamed to local-spec names.
+
+        For TE-named MLA checkpoints the replicated down projections are also sliced to this
+        TP rank's local-spec shard; their full copies are kept in ``self.duplicated`` for
+        ``check_duplicated_copies``.
+        """
+        from megatron.core import parallel_state as ps
+
         names = _model_entry_names(job.layout.vpp)
         renamed = 0
         for chunk, (entry, model) in enumerate(zip(names, chunks)):
@@ -885,7 +1188,15 @@ class _Worker:
             try:
                 if job.grouped_gemm:
                     state_dict = rename_grouped_experts_to_local(state_dict)
-                if job.te_names:
+                if job.te_names and arch.mla:
+                    state_dict = rename_te_to_local(state_dict, {}, self.mla_te_keys_maps(model))
+                    full: dict[str, Any]
+                    state_dict, full = split_duplicated_to_tp(
+                        state_dict, job.layout.tp, ps.get_tensor_model_parallel_rank()
+                    )
+                    self.check_duplicated_shapes(model, full, job.layout.tp, entry)
+                    self.duplicated.extend(sorted(full.items()))
+                elif job.te_names:
                     keys_map, layer_maps = self.te_keys_maps(model, self.layer_spec(arch))
                     state_dict = rename_te_to_local(state_dict, keys_map, layer_maps)
             except KeyError as exc:
@@ -893,6 +1204,41 @@ class _Worker:
             renamed += len(original - set(state_dict))
             _strict_load(model, state_dict, label=f"{entry} (chunk {chunk})")
         return renamed
+
+    @staticmethod
+    def check_duplicated_shapes(model: Any, full: Mapping[str, Any], tp: int, entry: str) -> None:
+        """A TE-spec down projection must be the full weight: TP times the local shard's rows."""
+        expected = model.state_dict()
+        bad = []
+        for key, value in full.items():
+            if key in expected and tuple(value.shape) != (expected[key].shape[0] * tp, *expected[key].shape[1:]):
+                want = (expected[key].shape[0] * tp, *expected[key].shape[1:])
+                bad.append(f"{key}: file {tuple(value.shape)} vs full {want}")
+        if bad:
+            raise CheckFailure(f"{entry}: TE spec keeps MLA down projections whole on every TP rank: {bad}")
+
+    def check_duplicated_copies(self) -> None:
+        """Every TP rank must hold the same copy of each TE-duplicated weight (TP rank 0's).
+
+        A collective over the TP group: run on every rank, only after every rank loaded (the
+        key lists then agree within a TP group, which shares one pipeline stage).
+        """
+        import torch
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_tensor_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return
+        src = dist.get_process_group_ranks(group)[0]
+        differ = []
+        for key, value in self.duplicated:
+            reference = value.detach().clone().contiguous()
+            dist.broadcast(reference, src=src, group=group)
+            if not torch.equal(reference, value):
+                differ.append(key)
+        if differ:
+            raise CheckFailure(f"TE-duplicated weights differ from TP rank 0's copy: {differ}")
 
     # ----- logits -----
 
@@ -913,6 +1259,17 @@ class _Worker:
             # HF weighs the single expert by 1.0; megatron 0.16 requires pre-softmax for
             # top-1 and then weighs it by its softmax probability.
             raise CheckFailure("logits check: top-1 routing with renormalization has no megatron equivalent")
+        if arch.moe_score_function == "sigmoid" and arch.moe_topk > 1 and not arch.moe_renormalize:
+            # megatron's sigmoid router always divides the top-k scores by their sum.
+            raise CheckFailure("logits check: sigmoid routing without norm_topk_prob has no megatron equivalent")
+        if arch.moe_group_topk and arch.moe_group_score_topn != arch.moe_topk // arch.moe_group_topk:
+            raise CheckFailure(
+                f"logits check: HF ranks expert groups by their top-{arch.moe_group_score_topn} scores,"
+                f" megatron by their top-{arch.moe_topk // arch.moe_group_topk} (topk // group_topk)"
+            )
+        if arch.mla and not arch.rope_interleave:
+            # megatron's MLA rope always de-interleaves the rope dims first (see mla_config).
+            raise CheckFailure("logits check: MLA with rope_interleave=False has no megatron equivalent")
         layout = job.layout
         input_ids = _logits_input_ids(arch.vocab_size)
         batch, seq = input_ids.shape
@@ -930,12 +1287,16 @@ class _Worker:
         with torch.no_grad():
             for chunk, model in enumerate(chunks):
                 vstage = layout.vstage(pp_rank, chunk)
+                last = vstage == layout.num_vstages - 1
                 if vstage > 0:
                     hidden = torch.empty(seq, batch, arch.hidden_size, dtype=torch.float32)
                     dist.recv(hidden, src=prev_rank)
                     model.set_input_tensor(hidden)
+                if last and arch.mtp_layers:
+                    logits = self.forward_with_mtp(model, arch, input_ids, position_ids, attention_mask)
+                    continue
                 output = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
-                if vstage < layout.num_vstages - 1:
+                if not last:
                     dist.send(output.contiguous(), dst=next_rank)
                 else:
                     logits = output
@@ -957,6 +1318,63 @@ class _Worker:
         # Padded vocab rows are not part of the model: compare real columns only.
         diff = (full[..., : arch.vocab_size] - reference).abs().max().item()
         return float(diff), float(reference.abs().max().item())
+
+    @staticmethod
+    def forward_with_mtp(model: Any, arch: HFArch, input_ids: Any, position_ids: Any, attention_mask: Any) -> Any:
+        """Last-stage forward of a model with MTP layers; returns the main logits [b, s, V/tp].
+
+        With ``mtp_num_layers`` set, GPTModel's post-processing runs the MTP block and needs
+        labels (it returns the loss then, not logits). The output layer is called once per
+        MTP layer and then once for the main hidden states: the last call's output is the
+        main model's logits, the only ones transformers can be compared with. The hook clones:
+        megatron's vocab-parallel cross entropy then modifies the logits in place.
+        """
+        calls: list[Any] = []
+        hook = model.output_layer.register_forward_hook(lambda _module, _args, out: calls.append(out[0].clone()))
+        try:
+            model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, labels=input_ids)
+        finally:
+            hook.remove()
+        if len(calls) != 1 + arch.mtp_layers:
+            raise CheckFailure(f"output layer ran {len(calls)} times, expected 1 + {arch.mtp_layers} MTP layers")
+        return calls[-1].transpose(0, 1)  # [s, b, V/tp] -> [b, s, V/tp]
+
+
+_SDPA_CLASS: Any = None
+
+
+def _sdpa_core_attention_class() -> Any:
+    """W6: a parameter-free core attention for MLA on the local spec (built once, lazily).
+
+    MLASelfAttention builds its core attention with ``k_channels`` / ``v_channels`` (q/k
+    heads are qk_head_dim + qk_pos_emb_head_dim wide, v heads v_head_dim), which only TE's
+    attention accepts. This module takes megatron's constructor arguments, holds no
+    parameters or buffers (so the layer's state dict is unchanged) and computes
+    softmax(q k^T * softmax_scale + causal mask) v with torch's SDPA in fp32.
+    """
+    global _SDPA_CLASS
+    if _SDPA_CLASS is None:
+        import torch
+        import torch.nn.functional as F
+
+        class SDPACoreAttention(torch.nn.Module):
+            def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str = "self",
+                         softmax_scale: float | None = None, **_: Any) -> None:
+                super().__init__()
+                self.softmax_scale = softmax_scale
+
+            def forward(self, query: Any, key: Any, value: Any, attention_mask: Any, **_: Any) -> Any:
+                # [s, b, n, d] -> [b, n, s, d]; attention_mask: True = masked (megatron's convention).
+                q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+                seq_q, seq_k = q.shape[2], k.shape[2]
+                if attention_mask is None:
+                    attention_mask = torch.triu(torch.ones(seq_q, seq_k, dtype=torch.bool), diagonal=1)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
+                # [b, n, s, dv] -> [s, b, n*dv]
+                return out.permute(2, 0, 1, 3).reshape(seq_q, q.shape[0], -1)
+
+        _SDPA_CLASS = SDPACoreAttention
+    return _SDPA_CLASS
 
 
 def _has_submodule(module: Any, path: str) -> bool:

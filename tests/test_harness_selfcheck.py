@@ -196,6 +196,138 @@ def write_reference_checkpoint(
     return out
 
 
+def _mla_layer_state(
+    hf: dict[str, torch.Tensor], arch: Any, src: str, moe: bool, layout: Layout, tp_rank: int, ep_rank: int, te: bool
+) -> dict[str, Any]:
+    """One DeepSeek decoder layer (HF prefix ``src``) as megatron's MLA layer of one rank."""
+    tp = layout.tp
+    attn = src + "self_attn."
+
+    def split(weight: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return weight.chunk(tp, dim=dim)[tp_rank].clone()
+
+    # Local spec: ColumnParallelLinear down projections (row-split); TE: duplicated, full.
+    down = (lambda w: w.clone()) if te else split
+    out: dict[str, Any] = {"input_layernorm.weight": hf[src + "input_layernorm.weight"].clone()}
+    linears = ["linear_kv_down_proj", "linear_kv_up_proj", "linear_proj"]
+    if arch.q_lora_rank:
+        linears += ["linear_q_down_proj", "linear_q_up_proj"]
+        out["self_attention.linear_q_down_proj.weight"] = down(hf[attn + "q_a_proj.weight"])
+        q_norm = "self_attention.linear_q_up_proj.layer_norm_weight" if te else "self_attention.q_layernorm.weight"
+        out[q_norm] = hf[attn + "q_a_layernorm.weight"].clone()
+        out["self_attention.linear_q_up_proj.weight"] = split(hf[attn + "q_b_proj.weight"])
+    else:
+        linears.append("linear_q_proj")
+        out["self_attention.linear_q_proj.weight"] = split(hf[attn + "q_proj.weight"])
+    out["self_attention.linear_kv_down_proj.weight"] = down(hf[attn + "kv_a_proj_with_mqa.weight"])
+    kv_norm = "self_attention.linear_kv_up_proj.layer_norm_weight" if te else "self_attention.kv_layernorm.weight"
+    out[kv_norm] = hf[attn + "kv_a_layernorm.weight"].clone()
+    out["self_attention.linear_kv_up_proj.weight"] = split(hf[attn + "kv_b_proj.weight"])
+    out["self_attention.linear_proj.weight"] = split(hf[attn + "o_proj.weight"], dim=1)
+    out.update({f"self_attention.{name}._extra_state": None for name in linears})
+    if te:
+        out["self_attention.core_attention._extra_state"] = None
+
+    def fc1_fc2(prefix: str, dest: str, parts: int, rank: int) -> None:
+        out[dest + "linear_fc1.weight"] = torch.cat(
+            [hf[prefix + "gate_proj.weight"].chunk(parts)[rank], hf[prefix + "up_proj.weight"].chunk(parts)[rank]]
+        )
+        out[dest + "linear_fc2.weight"] = hf[prefix + "down_proj.weight"].chunk(parts, dim=1)[rank].clone()
+        out[dest + "linear_fc1._extra_state"] = None
+        out[dest + "linear_fc2._extra_state"] = None
+
+    post_norm = hf[src + "post_attention_layernorm.weight"].clone()
+    if not moe:
+        out["mlp.linear_fc1.layer_norm_weight" if te else "pre_mlp_layernorm.weight"] = post_norm
+        fc1_fc2(src + "mlp.", "mlp.", tp, tp_rank)
+        return out
+    out["pre_mlp_layernorm.weight"] = post_norm
+    out["mlp.router.weight"] = hf[src + "mlp.gate.weight"].clone()
+    if arch.moe_expert_bias:
+        out["mlp.router.expert_bias"] = hf[src + "mlp.gate.e_score_correction_bias"].float().clone()
+    per_rank = arch.num_experts // layout.ep
+    for local in range(per_rank):
+        expert = ep_rank * per_rank + local
+        # ETP = TP here, so the expert TP rank is the TP rank.
+        fc1_fc2(f"{src}mlp.experts.{expert}.", f"mlp.experts.local_experts.{local}.", layout.expert_tp, tp_rank)
+    if arch.shared_expert_ffn_hidden_size:
+        fc1_fc2(src + "mlp.shared_experts.", "mlp.shared_experts.", tp, tp_rank)
+    return out
+
+
+def write_reference_mla_checkpoint(hf_dir: Path, out: Path, layout: Layout, te: bool = False) -> Path:
+    """DeepSeek-V2/V3 (MLA, MoE + shared experts, dense first layers, MTP) written by hand as
+    megatron-core 0.16 lays it out, for ETP = TP."""
+    if layout.expert_tp != layout.tp:
+        raise ValueError("the reference MLA writer assumes ETP = TP")
+    hf = load_file(str(hf_dir / "model.safetensors"))
+    arch = read_hf_arch(hf_dir)
+    tp, pp, ep = layout.tp, layout.pp, layout.ep
+    padded = _padded_vocab(arch.vocab_size, tp)
+    embedding = _pad_rows(hf["model.embed_tokens.weight"], padded)
+    output = _pad_rows(hf["lm_head.weight"], padded)
+    args = argparse.Namespace(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        num_layers=arch.num_layers,
+        padded_vocab_size=padded,
+        num_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_grouped_gemm=False,
+        multi_latent_attention=True,
+        q_lora_rank=arch.q_lora_rank,
+        kv_lora_rank=arch.kv_lora_rank,
+        qk_head_dim=arch.qk_nope_head_dim,
+        qk_pos_emb_head_dim=arch.qk_rope_head_dim,
+        v_head_dim=arch.v_head_dim,
+        mtp_num_layers=arch.mtp_layers or None,
+        moe_layer_freq=list(arch.moe_layers),
+    )
+    for pp_rank in range(pp):
+        for tp_rank in range(tp):
+            for ep_rank in range(ep):
+                chunks = []
+                for chunk in range(layout.vpp):
+                    vstage = layout.vstage(pp_rank, chunk)
+                    last = vstage == layout.num_vstages - 1
+                    sd: dict[str, Any] = {}
+                    # The MTP stage needs the embedding as well (its own copy under PP).
+                    if vstage == 0 or (last and arch.mtp_layers):
+                        sd["embedding.word_embeddings.weight"] = embedding.chunk(tp)[tp_rank].clone()
+                    offset = layout.layer_offset(vstage)
+                    for local in range(layout.layers_per_vstage[vstage]):
+                        layer = offset + local
+                        state = _mla_layer_state(hf, arch, f"model.layers.{layer}.", bool(arch.moe_layers[layer]),
+                                                 layout, tp_rank, ep_rank, te)
+                        sd.update({f"decoder.layers.{local}.{key}": value for key, value in state.items()})
+                    if last:
+                        sd["decoder.final_layernorm.weight"] = hf["model.norm.weight"].clone()
+                        sd["output_layer.weight"] = output.chunk(tp)[tp_rank].clone()
+                        sd["output_layer._extra_state"] = None
+                        for k in range(arch.mtp_layers):
+                            src, dst = f"model.layers.{arch.num_layers + k}.", f"mtp.layers.{k}."
+                            sd[dst + "enorm.weight"] = hf[src + "enorm.weight"].clone()
+                            sd[dst + "hnorm.weight"] = hf[src + "hnorm.weight"].clone()
+                            sd[dst + "eh_proj.weight"] = hf[src + "eh_proj.weight"].chunk(tp)[tp_rank].clone()
+                            sd[dst + "eh_proj._extra_state"] = None
+                            state = _mla_layer_state(hf, arch, src, True, layout, tp_rank, ep_rank, te)
+                            sd.update({f"{dst}transformer_layer.{key}": value for key, value in state.items()})
+                            sd[dst + "final_layernorm.weight"] = hf[src + "shared_head.norm.weight"].clone()
+                    chunks.append(sd)
+                ckpt: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0, "args": args}
+                if layout.vpp == 1:
+                    ckpt["model"] = chunks[0]
+                else:
+                    ckpt.update({f"model{i}": sd for i, sd in enumerate(chunks)})
+                path = out / "release" / rank_dir_name(tp_rank, pp_rank, pp, ep_rank, ep) / "model_optim_rng.pt"
+                path.parent.mkdir(parents=True)
+                torch.save(ckpt, path)
+    (out / "latest_checkpointed_iteration.txt").write_text("release")
+    return out
+
+
 def _rank_file(ckpt: Path, tp_rank: int, pp_rank: int, pp: int) -> Path:
     return ckpt / "release" / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
 
