@@ -25,7 +25,8 @@ LAYOUTS = [
     (2, 2, "1,3", 1, 1, True, "transformer_engine"),
 ]
 DEEPSEEK_V3 = TinySpec("deepseek_v3", mtp_layers=1)
-MODELS = [TinySpec("qwen3_moe"), TinySpec("mixtral"), DEEPSEEK_V3, TinySpec("deepseek_v2")]
+MODELS = [TinySpec("qwen3_moe"), TinySpec("mixtral"), DEEPSEEK_V3, TinySpec("deepseek_v2"),
+          TinySpec("qwen2_moe", mlp_only_layers=(1,))]
 
 
 def _rank_dirs(path):
@@ -246,3 +247,17 @@ def test_expert_flags_on_dense_model_are_rejected(tiny_hf, tmp_path, capsys):
     out = str(tmp_path / "out")
     assert hf_to_mcore(tiny_hf(TinySpec("llama")), out, expert_parallel_size=2) == 2
     assert "has no routed experts" in capsys.readouterr().err
+
+
+def test_shared_expert_gate_and_dense_layer(tiny_hf, tmp_path):
+    """Qwen2-MoE: the shared-expert gate is Megatron's shared_experts.gate_weight; a layer in
+    mlp_only_layers is a dense MLP (TE: its pre-MLP norm fused into fc1)."""
+    hf_dir = tiny_hf(TinySpec("qwen2_moe", mlp_only_layers=(1,)))
+    hf = load_hf_tensors(hf_dir)
+    out = str(tmp_path / "m")
+    assert hf_to_mcore(hf_dir, out, tensor_model_parallel_size=2) == 0
+    sd = _model(out, "mp_rank_01")
+    assert torch.equal(sd["decoder.layers.0.mlp.shared_experts.gate_weight"], hf["model.layers.0.mlp.shared_expert_gate.weight"])
+    assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in sd and "decoder.layers.1.mlp.router.weight" not in sd
+    args = torch.load(os.path.join(out, "release", "mp_rank_00", "model_optim_rng.pt"), weights_only=True)["args"]
+    assert args.moe_layer_freq == [1, 0, 1, 1] and args.moe_shared_expert_intermediate_size == 64

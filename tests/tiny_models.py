@@ -14,7 +14,7 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_ke
 
 @dataclass(frozen=True)
 class TinySpec:
-    family: str  # llama, qwen2, qwen3, qwen3_moe, mixtral, deepseek_v3, deepseek_v2
+    family: str  # llama, qwen2, qwen3, qwen3_moe, qwen2_moe, mixtral, deepseek_v3, deepseek_v2
     tied: bool = False
     num_layers: int = 4
     vocab_size: int = 250
@@ -35,7 +35,7 @@ class TinySpec:
 
 def make_config(spec: TinySpec):
     from transformers import (DeepseekV2Config, DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen2Config,
-                              Qwen3Config, Qwen3MoeConfig)
+                              Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     kw = dict(BASE, num_hidden_layers=spec.num_layers, vocab_size=spec.vocab_size,
               num_key_value_heads=spec.num_key_value_heads, tie_word_embeddings=spec.tied)
@@ -48,6 +48,9 @@ def make_config(spec: TinySpec):
     if spec.family == "qwen3_moe":  # 4 experts of size 32 on every layer
         return Qwen3MoeConfig(head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
                               mlp_only_layers=list(spec.mlp_only_layers), **kw)
+    if spec.family == "qwen2_moe":  # shared expert (size 64) with a sigmoid gate, dense layers from mlp_only_layers
+        return Qwen2MoeConfig(moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts=4,
+                              num_experts_per_tok=2, mlp_only_layers=list(spec.mlp_only_layers), **kw)
     if spec.family == "mixtral":  # Mixtral's intermediate_size is the expert size
         return MixtralConfig(**dict(kw, intermediate_size=32), num_local_experts=4, num_experts_per_tok=2)
     # MLA (8 heads: q_lora 32, kv_lora 16, nope 16, rope 8, v 16), 4 routed experts of size 32,
