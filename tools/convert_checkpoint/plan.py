@@ -189,7 +189,10 @@ def describe_plan(plan: Plan, verbose: bool = False) -> str:
         f"plan: {plan.direction}  family={plan.family.name}  layers={plan.arch.num_layers}  "
         f"TP={lay.tp} PP={pipe.pp} VPP={pipe.vpp} layers/stage={','.join(map(str, pipe.layers_per_vstage))}  "
         f"impl={lay.transformer_impl}  vocab={plan.arch.vocab_size} padded={lay.padded_vocab_size}  "
-        f"tied={plan.arch.tied_embeddings}",
+        f"tied={plan.arch.tied_embeddings}"
+        + (f"  experts={plan.arch.num_experts} EP={lay.ep} ETP={lay.expert_tp} grouped={lay.grouped_gemm}"
+           if plan.arch.num_experts else "")
+        + (f"  MTP={plan.arch.mtp_num_layers} ({lay.mtp_inner_name})" if plan.arch.mtp_num_layers else ""),
         f"source: {plan.source_dir} ({plan.source_tensor_count} tensors)",
         f"target: {plan.target_dir} ({len(plan.files)} files, {plan.total_bytes / 1e9:.3f} GB; "
         f"each worker holds about one output file: largest {max((f.nbytes for f in plan.files), default=0) / 1e9:.3f} GB)",
