@@ -10,11 +10,17 @@ a. derives its file name from megatron-core's ``parallel_state`` tensor / pipeli
    up as a file nobody opened;
 b. builds the real ``GPTModel`` chunk(s) of its rank with the *local* layer spec, honoring
    an uneven / interleaved (VPP) layout through ``pipeline_model_parallel_layout``, and
-   for MoE models (Qwen3-MoE, Mixtral) routed experts split over EP and ETP;
+   for MoE models (Qwen3-MoE, Mixtral, DeepSeek) routed experts split over EP and ETP;
+   DeepSeek-V2/V3 get multi-latent attention, dense first layers (moe_layer_freq), shared
+   experts, their router (sigmoid + expert bias + expert groups + scaling for V3) and,
+   on the last stage, MTP layers;
 c. strict-loads every chunk, reporting missing / unexpected / mis-shaped keys by name
-   (TE names and grouped-GEMM expert names are first mapped back to local-spec names);
+   (TE names and grouped-GEMM expert names are first mapped back to local-spec names; the
+   TE spec's replicated MLA down projections are cut to the local spec's TP shard, and
+   all TP ranks must hold the same copy);
 d. optionally runs a pipelined fp32 forward pass and compares the logits with
-   ``transformers`` on the same input ids.
+   ``transformers`` on the same input ids (and DeepSeek's MTP logits with a reference
+   built from transformers' layers and the HF MTP weights).
 
 Spawning is the expensive part (each process imports torch + megatron, ~3 s), so
 ``run_checks`` spawns the workers once and runs every job in every process.
@@ -63,7 +69,11 @@ LOGITS_SEED = 1234
 _EXTRA_STATE_SUFFIX = "_extra_state"
 # A decoder layer, or the transformer layer inside an MTP layer (megatron-core 0.16 calls it
 # transformer_layer, 0.19 mtp_model_layer).
-_LAYER_KEY_RE = re.compile(r"^(decoder\.layers\.\d+\.|mtp\.layers\.\d+\.(?:transformer_layer|mtp_model_layer)\.)(.+)$")
+_ANY_LAYER = r"(?:decoder\.layers\.\d+\.|mtp\.layers\.\d+\.(?:transformer_layer|mtp_model_layer)\.)"
+_LAYER_KEY_RE = re.compile(rf"^({_ANY_LAYER})(.+)$")
+_GROUPED_EXPERT_KEY_RE = re.compile(rf"^({_ANY_LAYER}mlp\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
+_GROUPED_EXTRA_STATE_RE = re.compile(rf"^{_ANY_LAYER}mlp\.experts\.linear_fc[12]\._extra_state$")
+_LOCAL_EXPERT_KEY_RE = re.compile(rf"^{_ANY_LAYER}mlp\.experts\.local_experts\.")
 # MLA down projections: TELinear(parallel_mode="duplicated") under TE, TP-split under local.
 _MLA_DOWN_PROJ_RE = re.compile(r"(?:^|\.)self_attention\.linear_(?:q|kv)_down_proj\.weight$")
 # Local -> TE layer key map of MLA layers. The MLA local spec of megatron-core 0.16 declares
@@ -73,15 +83,12 @@ _MLA_DOWN_PROJ_RE = re.compile(r"(?:^|\.)self_attention\.linear_(?:q|kv)_down_pr
 # kv_layernorm into linear_q_up_proj / linear_kv_up_proj (TELayerNormColumnParallelLinear)
 # and a dense layer's pre-MLP norm into mlp.linear_fc1; MoE layers keep pre_mlp_layernorm
 # and input_layernorm stays a separate TENorm. Entries apply per layer only where the
-# fusing module exists (te_keys_maps filters them).
+# fusing module exists (mla_te_keys_maps filters them).
 MLA_TE_KEYS_MAP = {
     "self_attention.q_layernorm.": "self_attention.linear_q_up_proj.layer_norm_",
     "self_attention.kv_layernorm.": "self_attention.linear_kv_up_proj.layer_norm_",
     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
 }
-_GROUPED_EXPERT_KEY_RE = re.compile(r"^(decoder\.layers\.\d+\.mlp\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
-_GROUPED_EXTRA_STATE_RE = re.compile(r"^decoder\.layers\.\d+\.mlp\.experts\.linear_fc[12]\._extra_state$")
-_LOCAL_EXPERT_KEY_RE = re.compile(r"^decoder\.layers\.\d+\.mlp\.experts\.local_experts\.")
 
 
 # --------------------------------------------------------------------------------------
@@ -171,6 +178,13 @@ class CheckJob:
     check_logits: bool = False
     tied: bool = False  # share_embeddings_and_output_weights
     grouped_gemm: bool = False  # experts named like TE GroupedLinear (mlp.experts.linear_fc1.weight<j>)
+    # DeepSeek MTP layers in the checkpoint; None: the HF config's num_nextn_predict_layers.
+    mtp_layers: int | None = None
+
+    def arch(self) -> HFArch:
+        """The HF architecture, with this job's MTP layer count."""
+        arch = read_hf_arch(self.hf_dir)
+        return arch if self.mtp_layers is None else dataclasses.replace(arch, mtp_layers=self.mtp_layers)
 
 
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
@@ -521,10 +535,12 @@ def run_checks(
 
     Returns one result dict per (job, rank), sorted by job then rank, with keys:
     ``job, rank, tp_rank, pp_rank, dp_rank, ep_rank, files, ok, err, max_abs_diff,
-    max_abs_logit, layers_per_chunk, local_experts, renamed, seconds, worker_startup_s``.
+    max_abs_logit, mtp_max_abs_diff, layers_per_chunk, mtp_layers_per_chunk, local_experts,
+    renamed, seconds, worker_startup_s``.
     ``local_experts`` lists, per chunk, the global expert indices megatron placed on the
-    rank (``[]`` for a dense model); ``renamed`` counts keys renamed from TE / grouped-GEMM
-    names. A job failure is reported in ``ok``/``err``; a worker crash or the whole run
+    rank (``[]`` for a dense model or stage); ``renamed`` counts keys renamed from TE /
+    grouped-GEMM names; ``mtp_max_abs_diff`` is the MTP logits' difference (DeepSeek MTP
+    layers only) on the rank that compared logits. A job failure is reported in ``ok``/``err``; a worker crash or the whole run
     exceeding ``timeout_s`` raises (with the workers' log tails).
     """
     jobs = list(jobs)
@@ -638,6 +654,18 @@ def job_problems(
                 lines.append("logits check requested but no rank computed it")
             elif max(diffs) > atol:
                 lines.append(f"logits max|diff| {max(diffs):.3e} > {atol:.0e} (vs transformers)")
+            try:
+                mtp_layers = job.arch().mtp_layers
+            except (OSError, ValueError, KeyError):
+                mtp_layers = 0  # the workers report an unreadable config
+            mtp_diffs = [r["mtp_max_abs_diff"] for r in job_results if r.get("mtp_max_abs_diff") is not None]
+            if mtp_layers and diffs and not mtp_diffs:
+                lines.append("MTP logits check expected but no rank computed it")
+            elif mtp_diffs and max(mtp_diffs) > atol:
+                lines.append(
+                    f"MTP logits max|diff| {max(mtp_diffs):.3e} > {atol:.0e}"
+                    " (vs transformers' layers with the HF MTP weights)"
+                )
         if lines:
             problems[index] = lines
     return problems
@@ -779,6 +807,8 @@ class _Worker:
             "err": None,
             "max_abs_diff": None,
             "max_abs_logit": None,
+            "mtp_max_abs_diff": None,
+            "mtp_layers_per_chunk": None,
             "layers_per_chunk": None,
             "local_experts": None,
             "renamed": 0,
@@ -794,11 +824,14 @@ class _Worker:
             result.update(
                 tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=ep_rank, dp_rank=ps.get_data_parallel_rank()
             )
-            arch = read_hf_arch(job.hf_dir)
+            arch = job.arch()
             ckpt = self.open_rank_file(job, arch, tp_rank, pp_rank, ep_rank, result["files"])
             chunks = self.build_chunks(job, arch, padded_vocab_size=_padded_vocab_size(ckpt, arch))
             result["layers_per_chunk"] = [len(model.decoder.layers) for model in chunks]
             result["local_experts"] = [_local_expert_indices(model) for model in chunks]
+            result["mtp_layers_per_chunk"] = [
+                len(model.mtp.layers) if getattr(model, "mtp_process", False) else 0 for model in chunks
+            ]
             result["renamed"] = self.load_chunks(job, arch, ckpt, chunks)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a report
             result.update(ok=False, err=_describe(exc))
@@ -812,8 +845,8 @@ class _Worker:
                 result.update(ok=False, err=_describe(exc))
         if job.check_logits and loaded_everywhere and arch is not None:
             try:
-                diff, max_logit = self.check_logits(job, arch, chunks)
-                result.update(max_abs_diff=diff, max_abs_logit=max_logit)
+                diff, max_logit, mtp_diff = self.check_logits(job, arch, chunks)
+                result.update(max_abs_diff=diff, max_abs_logit=max_logit, mtp_max_abs_diff=mtp_diff)
             except Exception as exc:  # noqa: BLE001
                 result.update(ok=False, err=_describe(exc))
         del chunks
@@ -1244,10 +1277,12 @@ class _Worker:
 
     def check_logits(
         self, job: CheckJob, arch: HFArch, chunks: Sequence[Any]
-    ) -> tuple[float | None, float | None]:
+    ) -> tuple[float | None, float | None, float | None]:
         """Pipelined fp32 forward; the last stage compares with transformers.
 
-        Returns (max|diff|, max|logit|) on the rank that compared, (None, None) elsewhere.
+        Returns (max|diff|, max|logit|, MTP max|diff|) on the rank that compared, Nones
+        elsewhere; the MTP entry is None without MTP layers (see ``_hf_mtp_logits`` for
+        the reference of MTP logits, which transformers does not compute itself).
         """
         import torch
         import torch.distributed as dist
@@ -1284,6 +1319,7 @@ class _Worker:
         prev_rank = pp_ranks[(pp_rank - 1) % layout.pp]
         next_rank = pp_ranks[(pp_rank + 1) % layout.pp]
         logits = None
+        mtp_logits: list[Any] = []
         with torch.no_grad():
             for chunk, model in enumerate(chunks):
                 vstage = layout.vstage(pp_rank, chunk)
@@ -1293,7 +1329,7 @@ class _Worker:
                     dist.recv(hidden, src=prev_rank)
                     model.set_input_tensor(hidden)
                 if last and arch.mtp_layers:
-                    logits = self.forward_with_mtp(model, arch, input_ids, position_ids, attention_mask)
+                    logits, mtp_logits = self.forward_with_mtp(model, arch, input_ids, position_ids, attention_mask)
                     continue
                 output = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
                 if not last:
@@ -1302,14 +1338,19 @@ class _Worker:
                     logits = output
 
         if logits is None:
-            return None, None
-        # Vocab-parallel logits [b, s, V/tp] -> full padded vocab on every TP rank.
-        parts = [torch.empty_like(logits) for _ in range(layout.tp)]
-        dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
-        full = torch.cat(parts, dim=-1)
+            return None, None, None
+
+        def gather_vocab(part: Any) -> Any:
+            # Vocab-parallel logits [b, s, V/tp] -> full padded vocab on every TP rank.
+            parts = [torch.empty_like(part) for _ in range(layout.tp)]
+            dist.all_gather(parts, part.contiguous(), group=ps.get_tensor_model_parallel_group())
+            return torch.cat(parts, dim=-1)
+
+        full = gather_vocab(logits)
+        full_mtp = [gather_vocab(part) for part in mtp_logits]
         # One comparison per job is enough; replicas and other TP ranks skip the HF load.
         if ps.get_tensor_model_parallel_rank() != 0 or ps.get_data_parallel_rank() != 0:
-            return None, None
+            return None, None, None
         reference = _hf_logits(job.hf_dir, input_ids)
         if full.shape[:2] != reference.shape[:2] or full.shape[-1] < arch.vocab_size:
             raise CheckFailure(
@@ -1317,17 +1358,27 @@ class _Worker:
             )
         # Padded vocab rows are not part of the model: compare real columns only.
         diff = (full[..., : arch.vocab_size] - reference).abs().max().item()
-        return float(diff), float(reference.abs().max().item())
+        mtp_diff = None
+        if arch.mtp_layers:
+            mtp_reference = _hf_mtp_logits(job.hf_dir, input_ids, arch.num_layers, arch.mtp_layers)
+            mtp_diff = max(
+                float((ours[..., : arch.vocab_size] - ref).abs().max().item())
+                for ours, ref in zip(full_mtp, mtp_reference)
+            )
+        return float(diff), float(reference.abs().max().item()), mtp_diff
 
     @staticmethod
-    def forward_with_mtp(model: Any, arch: HFArch, input_ids: Any, position_ids: Any, attention_mask: Any) -> Any:
-        """Last-stage forward of a model with MTP layers; returns the main logits [b, s, V/tp].
+    def forward_with_mtp(
+        model: Any, arch: HFArch, input_ids: Any, position_ids: Any, attention_mask: Any
+    ) -> tuple[Any, list[Any]]:
+        """Last-stage forward of a model with MTP layers: (main logits, [MTP k logits]), each
+        [b, s, V/tp].
 
         With ``mtp_num_layers`` set, GPTModel's post-processing runs the MTP block and needs
         labels (it returns the loss then, not logits). The output layer is called once per
-        MTP layer and then once for the main hidden states: the last call's output is the
-        main model's logits, the only ones transformers can be compared with. The hook clones:
-        megatron's vocab-parallel cross entropy then modifies the logits in place.
+        MTP layer (in order) and then once for the main hidden states, so the last call is
+        the main model's logits. The hook clones: megatron's vocab-parallel cross entropy
+        then modifies the logits in place.
         """
         calls: list[Any] = []
         hook = model.output_layer.register_forward_hook(lambda _module, _args, out: calls.append(out[0].clone()))
@@ -1337,7 +1388,8 @@ class _Worker:
             hook.remove()
         if len(calls) != 1 + arch.mtp_layers:
             raise CheckFailure(f"output layer ran {len(calls)} times, expected 1 + {arch.mtp_layers} MTP layers")
-        return calls[-1].transpose(0, 1)  # [s, b, V/tp] -> [b, s, V/tp]
+        # [s, b, V/tp] -> [b, s, V/tp]
+        return calls[-1].transpose(0, 1), [call.transpose(0, 1) for call in calls[:-1]]
 
 
 _SDPA_CLASS: Any = None
@@ -1453,6 +1505,112 @@ def _hf_logits(hf_dir: str, input_ids: Any) -> Any:
     model.eval()
     with torch.no_grad():
         return model(input_ids=input_ids).logits
+
+
+def _hf_tensors(hf_dir: str, names: Sequence[str]) -> dict[str, Any]:
+    """The named tensors from an HF directory's safetensors files (sharded or not)."""
+    from safetensors import safe_open
+
+    index = Path(hf_dir, "model.safetensors.index.json")
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    else:
+        weight_map = {}
+        for file in sorted(Path(hf_dir).glob("*.safetensors")):
+            with safe_open(str(file), "pt") as handle:
+                weight_map.update({key: file.name for key in handle.keys()})
+    missing = [name for name in names if name not in weight_map]
+    if missing:
+        raise CheckFailure(f"MTP check: {hf_dir} lacks {missing}")
+    out: dict[str, Any] = {}
+    for name in names:
+        with safe_open(str(Path(hf_dir, weight_map[name])), "pt") as handle:
+            out[name] = handle.get_tensor(name).float()
+    return out
+
+
+def _hf_mtp_logits(hf_dir: str, input_ids: Any, num_layers: int, mtp_layers: int) -> list[Any]:
+    """Reference logits of DeepSeek's MTP layers, computed with transformers' own modules.
+
+    transformers has no MTP, but an MTP layer's decoder layer is stored as
+    ``model.layers.{num_layers + k}``: loading the model with ``num_hidden_layers =
+    num_layers + mtp_layers`` gives those layers with transformers' weight loading. MTP
+    layer k then computes (DeepSeek-V3 paper; megatron's MultiTokenPredictionLayer)::
+
+        ids_k = ids shifted left k+1 times (the vacated last position gets token 0)
+        h_0   = model.norm(output of the last main layer)
+        x     = eh_proj(cat(enorm(embed(ids_k)), hnorm(h_k)))      # embedding first
+        h_k+1 = shared_head.norm(layer_{num_layers+k}(x))            # causal, positions 0..s-1
+        logits_k = lm_head(h_k+1)
+
+    implemented by replacing the input of layer ``num_layers + k`` with a forward pre-hook.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager", num_hidden_layers=num_layers + mtp_layers
+    )
+    model.eval()
+    inner = model.model
+    names = [
+        f"model.layers.{num_layers + k}.{part}.weight"
+        for k in range(mtp_layers)
+        for part in ("enorm", "hnorm", "eh_proj", "shared_head.norm")
+    ]
+    weights = _hf_tensors(hf_dir, names)
+    norm_class, eps = type(inner.norm), inner.norm.variance_epsilon
+
+    def norm(weight: Any) -> Any:
+        module = norm_class(weight.shape[0], eps=eps)
+        module.weight.data.copy_(weight)
+        return module
+
+    outputs: dict[int, Any] = {}
+    shifted = [input_ids]
+    for _ in range(mtp_layers):
+        ids = torch.roll(shifted[-1], shifts=-1, dims=-1)
+        ids[:, -1] = 0
+        shifted.append(ids)
+    hooks = []
+
+    def keep_output(index: int) -> Any:
+        return lambda _module, _args, out: outputs.__setitem__(index, out[0] if isinstance(out, tuple) else out)
+
+    def mtp_input(k: int) -> Any:
+        head = f"model.layers.{num_layers + k}."
+
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+            previous = outputs[num_layers + k - 1]
+            if k == 0:
+                previous = inner.norm(previous)
+            else:
+                previous = norm(weights[f"model.layers.{num_layers + k - 1}.shared_head.norm.weight"])(previous)
+            embedded = norm(weights[head + "enorm.weight"])(inner.embed_tokens(shifted[k + 1]))
+            mixed = torch.cat([embedded, norm(weights[head + "hnorm.weight"])(previous)], dim=-1)
+            new_hidden = torch.nn.functional.linear(mixed, weights[head + "eh_proj.weight"])
+            if args:
+                return (new_hidden, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new_hidden}
+
+        return hook
+
+    for index in range(num_layers - 1, num_layers + mtp_layers):
+        hooks.append(inner.layers[index].register_forward_hook(keep_output(index)))
+    for k in range(mtp_layers):
+        hooks.append(inner.layers[num_layers + k].register_forward_pre_hook(mtp_input(k), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+            return [
+                model.lm_head(
+                    norm(weights[f"model.layers.{num_layers + k}.shared_head.norm.weight"])(outputs[num_layers + k])
+                )
+                for k in range(mtp_layers)
+            ]
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def _all_ranks_true(flag: bool) -> bool:
