@@ -1,8 +1,9 @@
 """Self-check of tests/mcore_harness.py, independent of the converter.
 
 Tiny random transformers models are turned into Megatron-Core legacy checkpoints by a
-hand-written reference writer (HF->MCore mapping of env.md §2.3); the harness must accept
-them (strict load + logits within 1e-4) and must reject deliberately broken copies.
+hand-written reference writer (HF->MCore mapping of env.md §2.3, and a DeepSeek MLA / MoE /
+MTP mapping); the harness must accept them (strict load + logits and MTP logits within 1e-4)
+and must reject deliberately broken copies.
 Everything that needs megatron runs in ONE run_checks call (one spawn of 4 workers).
 """
 
@@ -24,10 +25,13 @@ from mcore_harness import (
     job_problems,
     rank_dir_name,
     read_hf_arch,
+    MLA_TE_KEYS_MAP,
     rename_grouped_experts_to_local,
     rename_te_to_local,
     run_checks,
+    split_duplicated_to_tp,
 )
+from tiny_models import TinySpec, make_config
 
 WORLD_SIZE = 4
 VOCAB_DIVISIBLE_BY = 128  # megatron-LM's default make_vocab_size_divisible_by
@@ -431,12 +435,85 @@ def test_rename_grouped_experts_to_local() -> None:
         rename_grouped_experts_to_local({experts + "local_experts.0.linear_fc1.weight": 1})
 
 
+def test_rename_grouped_experts_in_mtp_layers() -> None:
+    prefix = "mtp.layers.0.transformer_layer.mlp.experts."
+    assert rename_grouped_experts_to_local(
+        {prefix + "linear_fc1.weight1": 1, prefix + "linear_fc2._extra_state": None}
+    ) == {prefix + "local_experts.1.linear_fc1.weight": 1}
+
+
+def test_rename_te_to_local_mla_and_mtp() -> None:
+    mtp = "mtp.layers.0.transformer_layer."
+    dense_map = dict(MLA_TE_KEYS_MAP)
+    moe_map = {k: v for k, v in MLA_TE_KEYS_MAP.items() if k != "pre_mlp_layernorm."}
+    renamed = rename_te_to_local(
+        {
+            "decoder.layers.0.self_attention.linear_q_up_proj.layer_norm_weight": 1,
+            "decoder.layers.0.self_attention.linear_kv_up_proj.layer_norm_weight": 2,
+            "decoder.layers.0.mlp.linear_fc1.layer_norm_weight": 3,
+            "decoder.layers.0.input_layernorm.weight": 4,
+            "decoder.layers.1.pre_mlp_layernorm.weight": 5,
+            mtp + "self_attention.linear_kv_up_proj.layer_norm_weight": 6,
+            mtp + "pre_mlp_layernorm.weight": 7,
+            "mtp.layers.0.enorm.weight": 8,
+        },
+        {},
+        {0: dense_map, 1: moe_map, mtp: moe_map},
+    )
+    assert renamed == {
+        "decoder.layers.0.self_attention.q_layernorm.weight": 1,
+        "decoder.layers.0.self_attention.kv_layernorm.weight": 2,
+        "decoder.layers.0.pre_mlp_layernorm.weight": 3,
+        "decoder.layers.0.input_layernorm.weight": 4,
+        "decoder.layers.1.pre_mlp_layernorm.weight": 5,
+        mtp + "self_attention.kv_layernorm.weight": 6,
+        mtp + "pre_mlp_layernorm.weight": 7,
+        "mtp.layers.0.enorm.weight": 8,
+    }
+    with pytest.raises(KeyError, match="local-style key"):
+        rename_te_to_local({mtp + "self_attention.kv_layernorm.weight": 1}, {}, {mtp: moe_map})
+
+
+def test_split_duplicated_to_tp() -> None:
+    full = torch.arange(24.0).reshape(6, 4)
+    sd = {
+        "decoder.layers.0.self_attention.linear_kv_down_proj.weight": full,
+        "mtp.layers.0.transformer_layer.self_attention.linear_q_down_proj.weight": full,
+        "decoder.layers.0.self_attention.linear_kv_up_proj.weight": full,
+    }
+    sliced, copies = split_duplicated_to_tp(sd, tp=2, tp_rank=1)
+    assert torch.equal(sliced["decoder.layers.0.self_attention.linear_kv_down_proj.weight"], full[3:])
+    assert torch.equal(sliced["mtp.layers.0.transformer_layer.self_attention.linear_q_down_proj.weight"], full[3:])
+    assert sliced["decoder.layers.0.self_attention.linear_kv_up_proj.weight"] is full  # not a down projection
+    assert sorted(copies) == sorted(k for k in sd if "down_proj" in k)
+    assert split_duplicated_to_tp(sd, tp=1, tp_rank=0) == (sd, {})
+    with pytest.raises(KeyError, match="do not split over TP=4"):
+        split_duplicated_to_tp(sd, tp=4, tp_rank=0)
+
+
+def test_read_hf_arch_deepseek(tmp_path: Path) -> None:
+    make_config(TinySpec("deepseek_v3", mtp_layers=1)).save_pretrained(tmp_path / "v3")
+    make_config(TinySpec("deepseek_v2")).save_pretrained(tmp_path / "v2")
+    v3, v2 = read_hf_arch(tmp_path / "v3"), read_hf_arch(tmp_path / "v2")
+    assert (v3.mla, v3.q_lora_rank, v3.kv_lora_rank, v3.qk_nope_head_dim, v3.qk_rope_head_dim, v3.v_head_dim) == (
+        True, 32, 16, 16, 8, 16)
+    assert v3.moe_layers == (0, 1, 1, 1) and v3.shared_expert_ffn_hidden_size == 32 and v3.mtp_layers == 1
+    assert (v3.moe_score_function, v3.moe_expert_bias, v3.moe_renormalize, v3.moe_scaling_factor) == (
+        "sigmoid", True, True, 2.5)
+    assert (v3.moe_num_groups, v3.moe_group_topk, v3.moe_group_score_topn, v3.rope_interleave) == (2, 1, 2, True)
+    assert (v2.q_lora_rank, v2.shared_expert_ffn_hidden_size, v2.moe_score_function, v2.moe_renormalize) == (
+        None, 64, "softmax", False)
+    assert (v2.moe_expert_bias, v2.moe_num_groups, v2.mtp_layers, v2.rope_interleave) == (False, None, 0, True)
+
+
 # --------------------------------------------------------------------------------------
 # The one spawn: positive and negative jobs together
 # --------------------------------------------------------------------------------------
 
 
-def test_harness_accepts_reference_and_rejects_corruptions(tmp_path: Path) -> None:
+def test_harness_accepts_reference_and_rejects_corruptions(
+    tmp_path: Path, tiny_hf: Callable[[TinySpec], str]
+) -> None:
     llama = _save_tiny_model(tmp_path / "hf_llama", "llama", num_layers=5)
     qwen3 = _save_tiny_model(tmp_path / "hf_qwen3", "qwen3", num_layers=3, tied=True)
     qwen2 = _save_tiny_model(tmp_path / "hf_qwen2", "qwen2", num_layers=2, rope_theta=1e6)
@@ -458,6 +535,18 @@ def test_harness_accepts_reference_and_rejects_corruptions(tmp_path: Path) -> No
         # qkv bias, rope theta 1e6, and no _extra_state entries at all.
         CheckJob(str(qwen2), str(reference("qwen2_tp2", qwen2, Layout.even(2, 1, 2), extra_state=False)),
                  Layout.even(2, 1, 2), check_logits=True),
+    ]
+    # DeepSeek (MLA, dense layer 0, shared experts, router bias and groups, MTP).
+    dsv3, dsv2 = Path(tiny_hf(TinySpec("deepseek_v3", mtp_layers=1))), Path(tiny_hf(TinySpec("deepseek_v2")))
+    tp2ep2, tp2pp2_even = Layout(2, 1, 1, (4,), ep=2), Layout(2, 2, 1, (2, 2))
+    v3_local = write_reference_mla_checkpoint(dsv3, tmp_path / "v3_tp2ep2", tp2ep2)
+    v3_te = write_reference_mla_checkpoint(dsv3, tmp_path / "v3_te_tp2pp2", tp2pp2_even, te=True)
+    positive += [
+        CheckJob(str(dsv3), str(v3_local), tp2ep2, check_logits=True),
+        # TE names with the MTP layer (and its embedding copy) on pp rank 1.
+        CheckJob(str(dsv3), str(v3_te), tp2pp2_even, te_names=True, check_logits=True),
+        CheckJob(str(dsv2), str(write_reference_mla_checkpoint(dsv2, tmp_path / "v2_te", tp2ep2, te=True)),
+                 tp2ep2, te_names=True, check_logits=True),
     ]
 
     # Negative 1: a key deleted from one rank file.
@@ -495,6 +584,30 @@ def test_harness_accepts_reference_and_rejects_corruptions(tmp_path: Path) -> No
                                            vstage_of=lambda p, s: p * 2 + s)),
                  Layout(1, 2, 2, (1, 1, 1, 2)), check_logits=True),
     ]
+    down = "decoder.layers.0.self_attention.linear_kv_down_proj.weight"
+    # Negative 8: TP rank 1 holds a different copy of a TE-replicated down projection.
+    diverged = Path(shutil.copytree(v3_te, tmp_path / "neg_te_diverged"))
+    _edit_rank_file(_rank_file(diverged, 1, 0, 2), lambda sd: sd[down].add_(0.01))
+    # Negative 9: a TE-named file whose down projection is split like the local spec's.
+    split = Path(shutil.copytree(v3_te, tmp_path / "neg_te_split"))
+    _edit_rank_file(_rank_file(split, 0, 0, 2), lambda sd: sd.update({down: sd[down].chunk(2)[0].clone()}))
+    # Negative 10: enorm and hnorm exchanged in every MTP layer: strict loads and the main
+    # logits pass, the MTP logits do not.
+    mtp_swap = Path(shutil.copytree(v3_local, tmp_path / "neg_mtp_norms"))
+
+    def swap_norms(sd: dict[str, Any]) -> None:
+        sd["mtp.layers.0.enorm.weight"], sd["mtp.layers.0.hnorm.weight"] = (
+            sd["mtp.layers.0.hnorm.weight"], sd["mtp.layers.0.enorm.weight"])
+
+    for tp_rank in range(2):
+        for ep_rank in range(2):
+            _edit_rank_file(mtp_swap / "release" / rank_dir_name(tp_rank, 0, 1, ep_rank, 2) / "model_optim_rng.pt",
+                            swap_norms)
+    negative += [
+        CheckJob(str(dsv3), str(diverged), tp2pp2_even, te_names=True),
+        CheckJob(str(dsv3), str(split), tp2pp2_even, te_names=True),
+        CheckJob(str(dsv3), str(mtp_swap), tp2ep2, check_logits=True),
+    ]
 
     jobs = positive + negative
     results = run_checks(WORLD_SIZE, jobs)
@@ -518,5 +631,12 @@ def test_harness_accepts_reference_and_rejects_corruptions(tmp_path: Path) -> No
     assert "decoder.layers.2." in text[4]
     assert "self_attention.linear_qkv.layer_norm_weight" in text[5]
     assert "logits max|diff|" in text[6] and "rank" not in text[6]
-    with pytest.raises(AssertionError, match="job 6"):
+    assert f"TE-duplicated weights differ from TP rank 0's copy: ['{down}']" in text[7]
+    assert f"{down}: file (12, 64) vs full (24, 64)" in text[8]
+    assert text[9].startswith("MTP logits max|diff|") and "\n" not in text[9], text[9]  # main logits passed
+    with pytest.raises(AssertionError, match=f"job {n_pos + 1}"):
         assert_all_ok(results, jobs, WORLD_SIZE)
+    # Every DeepSeek positive compared the main logits once and, for V3, the MTP logits once.
+    for index, mtp in ((n_pos - 3, 1), (n_pos - 2, 1), (n_pos - 1, 0)):
+        mtp_diffs = [r["mtp_max_abs_diff"] for r in results if r["job"] == index and r["mtp_max_abs_diff"] is not None]
+        assert len(mtp_diffs) == mtp and all(d <= 1e-4 for d in mtp_diffs), (index, mtp_diffs)
