@@ -262,10 +262,14 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         return {}
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, older versions as num_experts.
     num_experts = cfg.get("num_local_experts") or cfg["num_experts"]
+    moe_layers: tuple[int, ...] = ()
     if model_type == "qwen3_moe":
-        if cfg.get("decoder_sparse_step", 1) != 1 or cfg.get("mlp_only_layers"):
-            # Dense layers between MoE layers would need moe_layer_freq and a block spec.
-            raise ValueError("only Qwen3-MoE with an MoE MLP on every layer is supported")
+        # transformers: MoE unless listed in mlp_only_layers, on every decoder_sparse_step-th layer.
+        step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or ())
+        pattern = tuple(
+            0 if i in dense or (i + 1) % step else 1 for i in range(int(cfg["num_hidden_layers"]))
+        )
+        moe_layers = pattern if 0 in pattern else ()
         if cfg.get("shared_expert_intermediate_size"):
             raise ValueError("shared experts are not supported")
         expert_ffn, renormalize = cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob", False))
@@ -276,6 +280,7 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         "moe_ffn_hidden_size": int(expert_ffn),
         "moe_topk": int(cfg["num_experts_per_tok"]),
         "moe_renormalize": renormalize,
+        "moe_layers": moe_layers,
     }
 
 
@@ -1076,14 +1081,16 @@ class _Worker:
         )
 
     @staticmethod
-    def mla_block_spec(config: Any, vp_stage: int | None, pp_rank: int) -> Any:
+    def block_spec(config: Any, vp_stage: int | None, pp_rank: int, mla: bool) -> Any:
         """Local-spec decoder block of one (virtual) stage: dense / MoE layers per
-        ``config.moe_layer_freq``, MLA attention with W6 applied to every layer spec."""
+        ``config.moe_layer_freq``; with MLA, W6 applied to every layer spec."""
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 
         block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=False, normalization="RMSNorm", vp_stage=vp_stage, pp_rank=pp_rank
         )
+        if not mla:
+            return block
         sdpa = _sdpa_core_attention_class()
         for layer_spec in block.layer_specs:
             # W6: the local DotProductAttention takes no k_channels / v_channels (MLA's q/k
@@ -1102,8 +1109,8 @@ class _Worker:
         for chunk in range(layout.vpp):
             vp_stage = chunk if layout.vpp > 1 else None
             mtp_spec = None
-            if arch.mla:
-                spec = self.mla_block_spec(config, vp_stage, pp_rank)
+            if arch.mla or arch.moe_layers:
+                spec = self.block_spec(config, vp_stage, pp_rank, mla=arch.mla)
                 if arch.mtp_layers:
                     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
