@@ -306,7 +306,8 @@ def _read_deepseek(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         "moe_ffn_hidden_size": int(cfg["moe_intermediate_size"]),
         "moe_topk": int(cfg["num_experts_per_tok"]),
         "moe_layers": tuple(0 if i < first_dense else 1 for i in range(num_layers)),
-        "shared_expert_ffn_hidden_size": int(cfg.get("n_shared_experts") or 0) * int(cfg["moe_intermediate_size"]),
+        "shared_expert_ffn_hidden_size": int(cfg.get("n_shared_experts") or 0)
+        * int(cfg["moe_intermediate_size"]),
         "moe_scaling_factor": float(cfg.get("routed_scaling_factor") or 1.0),
     }
     if model_type == "deepseek_v3":
@@ -328,7 +329,9 @@ def _read_deepseek(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         method = cfg.get("topk_method", "greedy")
         if method == "group_limited_greedy":
             fields.update(
-                moe_num_groups=int(cfg["n_group"]), moe_group_topk=int(cfg["topk_group"]), moe_group_score_topn=1
+                moe_num_groups=int(cfg["n_group"]),
+                moe_group_topk=int(cfg["topk_group"]),
+                moe_group_score_topn=1,
             )
         elif method != "greedy":
             raise ValueError(f"DeepSeek-V2 topk_method {method!r} is not supported")
@@ -545,8 +548,9 @@ def run_checks(
     ``local_experts`` lists, per chunk, the global expert indices megatron placed on the
     rank (``[]`` for a dense model or stage); ``renamed`` counts keys renamed from TE /
     grouped-GEMM names; ``mtp_max_abs_diff`` is the MTP logits' difference (DeepSeek MTP
-    layers only) on the rank that compared logits. A job failure is reported in ``ok``/``err``; a worker crash or the whole run
-    exceeding ``timeout_s`` raises (with the workers' log tails).
+    layers only) on the rank that compared logits. A job failure is reported in
+    ``ok``/``err``; a worker crash or the whole run exceeding ``timeout_s`` raises (with the
+    workers' log tails).
     """
     jobs = list(jobs)
     for index, job in enumerate(jobs):
@@ -747,8 +751,8 @@ def _patch_megatron_after_import() -> None:
     # TELinear a mock; MultiLatentAttention.__init__ then fails on
     # `isinstance(self.linear_proj, TELinear)` (TypeError). HAVE_TE = False skips that
     # fp8-only branch; the spec checks `in [TELinear]` compare by identity and stay False.
-    from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.extensions import transformer_engine as te_ext
+    from megatron.core.transformer import multi_latent_attention as mla
 
     if not getattr(te_ext, "HAVE_TE", True):
         mla.HAVE_TE = False  # type: ignore[attr-defined]
@@ -919,9 +923,13 @@ class _Worker:
             ]
             freq = getattr(args, "moe_layer_freq", None)
             if freq is not None and arch.moe_layers:
-                pattern = [1 if i % freq == 0 else 0 for i in range(arch.num_layers)] if isinstance(freq, int) else freq
-                if list(pattern) != list(arch.moe_layers):
-                    raise CheckFailure(f"{name}: args.moe_layer_freq={freq!r}, HF config means {list(arch.moe_layers)}")
+                if isinstance(freq, int):
+                    freq = [1 if i % freq == 0 else 0 for i in range(arch.num_layers)]
+                if list(freq) != list(arch.moe_layers):
+                    raise CheckFailure(
+                        f"{name}: args.moe_layer_freq={getattr(args, 'moe_layer_freq')!r},"
+                        f" HF config means {list(arch.moe_layers)}"
+                    )
         # Like megatron-LM's check_checkpoint_args: an absent arg is not checked. None, 0 and
         # False all mean "off" (e.g. mtp_num_layers: megatron-LM's default is None).
         for field, want in expected_args:
@@ -950,7 +958,8 @@ class _Worker:
             pipeline_layout[0].insert(0, "embedding")
             # MTP layers follow the decoder on the last (virtual) stage, before the loss.
             pipeline_layout[-1].extend(["mtp"] * arch.mtp_layers + ["loss"])
-        config_class, mla = (MLATransformerConfig, self.mla_config(arch)) if arch.mla else (TransformerConfig, {})
+        config_class = MLATransformerConfig if arch.mla else TransformerConfig
+        mla = self.mla_config(arch) if arch.mla else {}
         return config_class(
             **self.moe_config(job, arch),
             **mla,
@@ -1164,7 +1173,9 @@ class _Worker:
         built_mtp = len(model.mtp.layers) if getattr(model, "mtp_process", False) else 0
         want_mtp = mtp_layers if last else 0
         if built_mtp != want_mtp:
-            raise CheckFailure(f"virtual stage {vstage}: megatron built {built_mtp} MTP layers, expected {want_mtp}")
+            raise CheckFailure(
+                f"virtual stage {vstage}: megatron built {built_mtp} MTP layers, expected {want_mtp}"
+            )
 
     @staticmethod
     def te_keys_maps(model: Any, spec: Any) -> tuple[dict[str, str], dict[int, dict[str, str]]]:
@@ -1251,8 +1262,10 @@ class _Worker:
         expected = model.state_dict()
         bad = []
         for key, value in full.items():
-            if key in expected and tuple(value.shape) != (expected[key].shape[0] * tp, *expected[key].shape[1:]):
-                want = (expected[key].shape[0] * tp, *expected[key].shape[1:])
+            if key not in expected:
+                continue  # strict load reports it
+            want = (expected[key].shape[0] * tp, *expected[key].shape[1:])
+            if tuple(value.shape) != want:
                 bad.append(f"{key}: file {tuple(value.shape)} vs full {want}")
         if bad:
             raise CheckFailure(f"{entry}: TE spec keeps MLA down projections whole on every TP rank: {bad}")
@@ -1303,7 +1316,9 @@ class _Worker:
             raise CheckFailure("logits check: top-1 routing with renormalization has no megatron equivalent")
         if arch.moe_score_function == "sigmoid" and arch.moe_topk > 1 and not arch.moe_renormalize:
             # megatron's sigmoid router always divides the top-k scores by their sum.
-            raise CheckFailure("logits check: sigmoid routing without norm_topk_prob has no megatron equivalent")
+            raise CheckFailure(
+                "logits check: sigmoid routing without norm_topk_prob has no megatron equivalent"
+            )
         if arch.moe_group_topk and arch.moe_group_score_topn != arch.moe_topk // arch.moe_group_topk:
             raise CheckFailure(
                 f"logits check: HF ranks expert groups by their top-{arch.moe_group_score_topn} scores,"
@@ -1336,7 +1351,9 @@ class _Worker:
                     dist.recv(hidden, src=prev_rank)
                     model.set_input_tensor(hidden)
                 if last and arch.mtp_layers:
-                    logits, mtp_logits = self.forward_with_mtp(model, arch, input_ids, position_ids, attention_mask)
+                    logits, mtp_logits = self.forward_with_mtp(
+                        model, arch, input_ids, position_ids, attention_mask
+                    )
                     continue
                 output = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
                 if not last:
@@ -1388,13 +1405,19 @@ class _Worker:
         then modifies the logits in place.
         """
         calls: list[Any] = []
-        hook = model.output_layer.register_forward_hook(lambda _module, _args, out: calls.append(out[0].clone()))
+        hook = model.output_layer.register_forward_hook(
+            lambda _module, _args, out: calls.append(out[0].clone())
+        )
         try:
-            model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, labels=input_ids)
+            model(
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, labels=input_ids
+            )
         finally:
             hook.remove()
         if len(calls) != 1 + arch.mtp_layers:
-            raise CheckFailure(f"output layer ran {len(calls)} times, expected 1 + {arch.mtp_layers} MTP layers")
+            raise CheckFailure(
+                f"output layer ran {len(calls)} times, expected 1 + {arch.mtp_layers} MTP layers"
+            )
         # [s, b, V/tp] -> [b, s, V/tp]
         return calls[-1].transpose(0, 1), [call.transpose(0, 1) for call in calls[:-1]]
 
@@ -1417,8 +1440,15 @@ def _sdpa_core_attention_class() -> Any:
         import torch.nn.functional as F
 
         class SDPACoreAttention(torch.nn.Module):
-            def __init__(self, config: Any, layer_number: int, attn_mask_type: Any, attention_type: str = "self",
-                         softmax_scale: float | None = None, **_: Any) -> None:
+            def __init__(
+                self,
+                config: Any,
+                layer_number: int,
+                attn_mask_type: Any,
+                attention_type: str = "self",
+                softmax_scale: float | None = None,
+                **_: Any,
+            ) -> None:
                 super().__init__()
                 self.softmax_scale = softmax_scale
 
@@ -1428,7 +1458,9 @@ def _sdpa_core_attention_class() -> Any:
                 seq_q, seq_k = q.shape[2], k.shape[2]
                 if attention_mask is None:
                     attention_mask = torch.triu(torch.ones(seq_q, seq_k, dtype=torch.bool), diagonal=1)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale)
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=~attention_mask, scale=self.softmax_scale
+                )
                 # [b, n, s, dv] -> [s, b, n*dv]
                 return out.permute(2, 0, 1, 3).reshape(seq_q, q.shape[0], -1)
 
@@ -1525,7 +1557,7 @@ def _hf_tensors(hf_dir: str, names: Sequence[str]) -> dict[str, Any]:
         weight_map = {}
         for file in sorted(Path(hf_dir).glob("*.safetensors")):
             with safe_open(str(file), "pt") as handle:
-                weight_map.update({key: file.name for key in handle.keys()})
+                weight_map.update(dict.fromkeys(handle.keys(), file.name))
     missing = [name for name in names if name not in weight_map]
     if missing:
         raise CheckFailure(f"MTP check: {hf_dir} lacks {missing}")
@@ -1609,12 +1641,11 @@ def _hf_mtp_logits(hf_dir: str, input_ids: Any, num_layers: int, mtp_layers: int
     try:
         with torch.no_grad():
             model(input_ids=input_ids)
-            return [
-                model.lm_head(
-                    norm(weights[f"model.layers.{num_layers + k}.shared_head.norm.weight"])(outputs[num_layers + k])
-                )
-                for k in range(mtp_layers)
-            ]
+            logits = []
+            for k in range(mtp_layers):
+                shared_norm = norm(weights[f"model.layers.{num_layers + k}.shared_head.norm.weight"])
+                logits.append(model.lm_head(shared_norm(outputs[num_layers + k])))
+            return logits
     finally:
         for hook in hooks:
             hook.remove()

@@ -19,13 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from mcore_harness import (
+    MLA_TE_KEYS_MAP,
     CheckJob,
     Layout,
     assert_all_ok,
     job_problems,
     rank_dir_name,
     read_hf_arch,
-    MLA_TE_KEYS_MAP,
     rename_grouped_experts_to_local,
     rename_te_to_local,
     run_checks,
@@ -201,7 +201,14 @@ def write_reference_checkpoint(
 
 
 def _mla_layer_state(
-    hf: dict[str, torch.Tensor], arch: Any, src: str, moe: bool, layout: Layout, tp_rank: int, ep_rank: int, te: bool
+    hf: dict[str, torch.Tensor],
+    arch: Any,
+    src: str,
+    moe: bool,
+    layout: Layout,
+    tp_rank: int,
+    ep_rank: int,
+    te: bool,
 ) -> dict[str, Any]:
     """One DeepSeek decoder layer (HF prefix ``src``) as megatron's MLA layer of one rank."""
     tp = layout.tp
@@ -217,15 +224,15 @@ def _mla_layer_state(
     if arch.q_lora_rank:
         linears += ["linear_q_down_proj", "linear_q_up_proj"]
         out["self_attention.linear_q_down_proj.weight"] = down(hf[attn + "q_a_proj.weight"])
-        q_norm = "self_attention.linear_q_up_proj.layer_norm_weight" if te else "self_attention.q_layernorm.weight"
-        out[q_norm] = hf[attn + "q_a_layernorm.weight"].clone()
+        q_norm = "linear_q_up_proj.layer_norm_weight" if te else "q_layernorm.weight"
+        out["self_attention." + q_norm] = hf[attn + "q_a_layernorm.weight"].clone()
         out["self_attention.linear_q_up_proj.weight"] = split(hf[attn + "q_b_proj.weight"])
     else:
         linears.append("linear_q_proj")
         out["self_attention.linear_q_proj.weight"] = split(hf[attn + "q_proj.weight"])
     out["self_attention.linear_kv_down_proj.weight"] = down(hf[attn + "kv_a_proj_with_mqa.weight"])
-    kv_norm = "self_attention.linear_kv_up_proj.layer_norm_weight" if te else "self_attention.kv_layernorm.weight"
-    out[kv_norm] = hf[attn + "kv_a_layernorm.weight"].clone()
+    kv_norm = "linear_kv_up_proj.layer_norm_weight" if te else "kv_layernorm.weight"
+    out["self_attention." + kv_norm] = hf[attn + "kv_a_layernorm.weight"].clone()
     out["self_attention.linear_kv_up_proj.weight"] = split(hf[attn + "kv_b_proj.weight"])
     out["self_attention.linear_proj.weight"] = split(hf[attn + "o_proj.weight"], dim=1)
     out.update({f"self_attention.{name}._extra_state": None for name in linears})
@@ -233,9 +240,8 @@ def _mla_layer_state(
         out["self_attention.core_attention._extra_state"] = None
 
     def fc1_fc2(prefix: str, dest: str, parts: int, rank: int) -> None:
-        out[dest + "linear_fc1.weight"] = torch.cat(
-            [hf[prefix + "gate_proj.weight"].chunk(parts)[rank], hf[prefix + "up_proj.weight"].chunk(parts)[rank]]
-        )
+        gate, up = (hf[prefix + f"{name}_proj.weight"].chunk(parts)[rank] for name in ("gate", "up"))
+        out[dest + "linear_fc1.weight"] = torch.cat([gate, up])
         out[dest + "linear_fc2.weight"] = hf[prefix + "down_proj.weight"].chunk(parts, dim=1)[rank].clone()
         out[dest + "linear_fc1._extra_state"] = None
         out[dest + "linear_fc2._extra_state"] = None
@@ -303,8 +309,10 @@ def write_reference_mla_checkpoint(hf_dir: Path, out: Path, layout: Layout, te: 
                     offset = layout.layer_offset(vstage)
                     for local in range(layout.layers_per_vstage[vstage]):
                         layer = offset + local
-                        state = _mla_layer_state(hf, arch, f"model.layers.{layer}.", bool(arch.moe_layers[layer]),
-                                                 layout, tp_rank, ep_rank, te)
+                        moe = bool(arch.moe_layers[layer])
+                        state = _mla_layer_state(
+                            hf, arch, f"model.layers.{layer}.", moe, layout, tp_rank, ep_rank, te
+                        )
                         sd.update({f"decoder.layers.{local}.{key}": value for key, value in state.items()})
                     if last:
                         sd["decoder.final_layernorm.weight"] = hf["model.norm.weight"].clone()
@@ -482,8 +490,9 @@ def test_split_duplicated_to_tp() -> None:
         "decoder.layers.0.self_attention.linear_kv_up_proj.weight": full,
     }
     sliced, copies = split_duplicated_to_tp(sd, tp=2, tp_rank=1)
+    mtp_q_down = "mtp.layers.0.transformer_layer.self_attention.linear_q_down_proj.weight"
     assert torch.equal(sliced["decoder.layers.0.self_attention.linear_kv_down_proj.weight"], full[3:])
-    assert torch.equal(sliced["mtp.layers.0.transformer_layer.self_attention.linear_q_down_proj.weight"], full[3:])
+    assert torch.equal(sliced[mtp_q_down], full[3:])
     assert sliced["decoder.layers.0.self_attention.linear_kv_up_proj.weight"] is full  # not a down projection
     assert sorted(copies) == sorted(k for k in sd if "down_proj" in k)
     assert split_duplicated_to_tp(sd, tp=1, tp_rank=0) == (sd, {})
@@ -495,12 +504,13 @@ def test_read_hf_arch_deepseek(tmp_path: Path) -> None:
     make_config(TinySpec("deepseek_v3", mtp_layers=1)).save_pretrained(tmp_path / "v3")
     make_config(TinySpec("deepseek_v2")).save_pretrained(tmp_path / "v2")
     v3, v2 = read_hf_arch(tmp_path / "v3"), read_hf_arch(tmp_path / "v2")
-    assert (v3.mla, v3.q_lora_rank, v3.kv_lora_rank, v3.qk_nope_head_dim, v3.qk_rope_head_dim, v3.v_head_dim) == (
-        True, 32, 16, 16, 8, 16)
+    assert (v3.mla, v3.q_lora_rank, v3.kv_lora_rank) == (True, 32, 16)
+    assert (v3.qk_nope_head_dim, v3.qk_rope_head_dim, v3.v_head_dim) == (16, 8, 16)
     assert v3.moe_layers == (0, 1, 1, 1) and v3.shared_expert_ffn_hidden_size == 32 and v3.mtp_layers == 1
     assert (v3.moe_score_function, v3.moe_expert_bias, v3.moe_renormalize, v3.moe_scaling_factor) == (
         "sigmoid", True, True, 2.5)
-    assert (v3.moe_num_groups, v3.moe_group_topk, v3.moe_group_score_topn, v3.rope_interleave) == (2, 1, 2, True)
+    assert (v3.moe_num_groups, v3.moe_group_topk, v3.moe_group_score_topn) == (2, 1, 2)
+    assert v3.rope_interleave
     assert (v2.q_lora_rank, v2.shared_expert_ffn_hidden_size, v2.moe_score_function, v2.moe_renormalize) == (
         None, 64, "softmax", False)
     assert (v2.moe_expert_bias, v2.moe_num_groups, v2.mtp_layers, v2.rope_interleave) == (False, None, 0, True)
@@ -601,8 +611,8 @@ def test_harness_accepts_reference_and_rejects_corruptions(
 
     for tp_rank in range(2):
         for ep_rank in range(2):
-            _edit_rank_file(mtp_swap / "release" / rank_dir_name(tp_rank, 0, 1, ep_rank, 2) / "model_optim_rng.pt",
-                            swap_norms)
+            name = rank_dir_name(tp_rank, 0, 1, ep_rank, 2)
+            _edit_rank_file(mtp_swap / "release" / name / "model_optim_rng.pt", swap_norms)
     negative += [
         CheckJob(str(dsv3), str(diverged), tp2pp2_even, te_names=True),
         CheckJob(str(dsv3), str(split), tp2pp2_even, te_names=True),
@@ -638,5 +648,7 @@ def test_harness_accepts_reference_and_rejects_corruptions(
         assert_all_ok(results, jobs, WORLD_SIZE)
     # Every DeepSeek positive compared the main logits once and, for V3, the MTP logits once.
     for index, mtp in ((n_pos - 3, 1), (n_pos - 2, 1), (n_pos - 1, 0)):
-        mtp_diffs = [r["mtp_max_abs_diff"] for r in results if r["job"] == index and r["mtp_max_abs_diff"] is not None]
+        mtp_diffs = [
+            r["mtp_max_abs_diff"] for r in results if r["job"] == index and r["mtp_max_abs_diff"] is not None
+        ]
         assert len(mtp_diffs) == mtp and all(d <= 1e-4 for d in mtp_diffs), (index, mtp_diffs)

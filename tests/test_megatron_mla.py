@@ -8,6 +8,7 @@ first mapped to the local spec), the main logits must match transformers and the
 reference built from transformers' layers and the HF MTP weights. Spawning costs about 3 s per
 process here, so every layout runs in ONE spawn of 8 workers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -70,8 +70,14 @@ def _convert(case: Case, hf_dir: str, out: Path) -> CheckJob:
         **{"moe-grouped-gemm": case.grouped},
     )
     assert rc == 0, case
-    return CheckJob(hf_dir, str(out), layout, te_names=case.impl == "transformer_engine",
-                    check_logits=True, grouped_gemm=case.grouped)
+    return CheckJob(
+        hf_dir,
+        str(out),
+        layout,
+        te_names=case.impl == "transformer_engine",
+        check_logits=True,
+        grouped_gemm=case.grouped,
+    )
 
 
 def _swap_files(a: Path, b: Path) -> None:
@@ -97,7 +103,9 @@ def _expected_experts(layout: Layout, pp_rank: int, ep_rank: int) -> list[list[i
     for chunk in range(layout.vpp):
         vstage = layout.vstage(pp_rank, chunk)
         last_layer = layout.layer_offset(vstage) + layout.layers_per_vstage[vstage] - 1
-        out.append(list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank)) if last_layer >= FIRST_DENSE else [])
+        out.append(
+            list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank)) if last_layer >= FIRST_DENSE else []
+        )
     return out
 
 
@@ -113,9 +121,11 @@ def test_mla_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str
     # every EP rank's copy): heads 0-3 get heads 4-7's keys and values.
     kv_swap = Path(shutil.copytree(jobs[2].mcore_dir, tmp_path / "neg_kv_up_swap"))
     for ep_rank in range(2):
-        _swap_tensor(kv_swap / "release" / f"mp_rank_00_{ep_rank:03d}" / "model_optim_rng.pt",
-                     kv_swap / "release" / f"mp_rank_01_{ep_rank:03d}" / "model_optim_rng.pt",
-                     "decoder.layers.0.self_attention.linear_kv_up_proj.weight")
+        _swap_tensor(
+            kv_swap / "release" / f"mp_rank_00_{ep_rank:03d}" / "model_optim_rng.pt",
+            kv_swap / "release" / f"mp_rank_01_{ep_rank:03d}" / "model_optim_rng.pt",
+            "decoder.layers.0.self_attention.linear_kv_up_proj.weight",
+        )
     negatives = [
         CheckJob(jobs[0].hf_dir, str(ep_swap), jobs[0].layout, check_logits=True),
         CheckJob(jobs[2].hf_dir, str(kv_swap), jobs[2].layout, check_logits=True),
@@ -130,23 +140,36 @@ def test_mla_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str
         # Nothing skipped: every rank opened one file and loaded its chunks, with its EP
         # share of the experts and the MTP layer exactly on the last virtual stage; one rank
         # compared the logits (and the MTP logits) with transformers.
-        assert len(job_results) == WORLD_SIZE and all(len(r["files"]) == 1 and r["ok"] for r in job_results), index
+        assert len(job_results) == WORLD_SIZE and all(
+            len(r["files"]) == 1 and r["ok"] for r in job_results
+        ), index
         layout = case.layout
         for res in job_results:
-            assert res["local_experts"] == _expected_experts(layout, res["pp_rank"], res["ep_rank"]), (index, res)
+            assert res["local_experts"] == _expected_experts(layout, res["pp_rank"], res["ep_rank"]), (
+                index,
+                res,
+            )
             last_rank = res["pp_rank"] == layout.pp - 1
-            assert res["mtp_layers_per_chunk"] == [case.mtp if last_rank and c == layout.vpp - 1 else 0
-                                                   for c in range(layout.vpp)], (index, res)
+            assert res["mtp_layers_per_chunk"] == [
+                case.mtp if last_rank and c == layout.vpp - 1 else 0 for c in range(layout.vpp)
+            ], (index, res)
         diffs = [r["max_abs_diff"] for r in job_results if r["max_abs_diff"] is not None]
         assert len(diffs) == 1 and diffs[0] <= 1e-4, (index, diffs)
         mtp_diffs = [r["mtp_max_abs_diff"] for r in job_results if r["mtp_max_abs_diff"] is not None]
-        assert len(mtp_diffs) == (1 if case.mtp else 0) and all(d <= 1e-4 for d in mtp_diffs), (index, mtp_diffs)
+        assert len(mtp_diffs) == (1 if case.mtp else 0) and all(d <= 1e-4 for d in mtp_diffs), (
+            index,
+            mtp_diffs,
+        )
         if case.impl == "transformer_engine" or case.grouped:
             assert all(r["renamed"] > 0 for r in job_results), (index, [r["renamed"] for r in job_results])
 
     # ETP1: which (tp, ep) pairs exist follows megatron's rank order (ep rank = rank % ep).
     assert sorted({f for r in results if r["job"] == 1 for f in r["files"]}) == [
-        "mp_rank_00_000", "mp_rank_00_002", "mp_rank_01_001", "mp_rank_01_003"]
+        "mp_rank_00_000",
+        "mp_rank_00_002",
+        "mp_rank_01_001",
+        "mp_rank_01_003",
+    ]
 
     problems = job_problems(results, all_jobs, WORLD_SIZE)
     assert sorted(problems) == [len(jobs), len(jobs) + 1], problems
