@@ -261,3 +261,24 @@ def test_shared_expert_gate_and_dense_layer(tiny_hf, tmp_path):
     assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in sd and "decoder.layers.1.mlp.router.weight" not in sd
     args = torch.load(os.path.join(out, "release", "mp_rank_00", "model_optim_rng.pt"), weights_only=True)["args"]
     assert args.moe_layer_freq == [1, 0, 1, 1] and args.moe_shared_expert_intermediate_size == 64
+
+
+def test_router_expert_bias_is_fp32_in_a_bf16_model(tiny_hf, tmp_path):
+    """Megatron keeps router.expert_bias in fp32 (and so do DeepSeek's HF files): a bf16 bias is
+    widened losslessly on the way in and stays fp32 on the way out; everything else keeps bf16."""
+    hf_dir = tiny_hf(TinySpec("deepseek_v3", mtp_layers=1, dtype=torch.bfloat16))
+    hf = load_hf_tensors(hf_dir)
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert hf[bias].dtype == torch.bfloat16
+    mcore, back = str(tmp_path / "m"), str(tmp_path / "back")
+    assert hf_to_mcore(hf_dir, mcore, tensor_model_parallel_size=2, expert_parallel_size=2) == 0
+    sd = _model(mcore, "mp_rank_01_001")
+    assert sd["decoder.layers.1.mlp.router.expert_bias"].dtype == torch.float32
+    assert torch.equal(sd["decoder.layers.1.mlp.router.expert_bias"], hf[bias].float())
+    assert sd["mtp.layers.0.transformer_layer.mlp.router.expert_bias"].dtype == torch.float32
+    assert sd["decoder.layers.1.mlp.router.weight"].dtype == torch.bfloat16
+    assert mcore_to_hf(mcore, back) == 0
+    out = load_hf_tensors(back)
+    biases = [k for k in hf if k.endswith("e_score_correction_bias")]
+    assert len(biases) == 4 and all(out[k].dtype == torch.float32 and torch.equal(out[k], hf[k].float()) for k in biases)
+    assert_same_tensors({k: v for k, v in hf.items() if k not in biases}, {k: v for k, v in out.items() if k not in biases})

@@ -38,6 +38,18 @@ def test_narrow_pushes_through_cat_and_repeat():
                 assert torch.equal(got, full.narrow(dim, start, length)), (dim, start, length)
 
 
+def test_cast_converts_on_read_and_narrows_through():
+    a = torch.randn(4, 6).to(torch.bfloat16)
+    reader = DictReader({"a": a})
+    expr = te.cast(_leaf("a", a), torch.float32)
+    assert expr.dtype == torch.float32 and te.nbytes(expr) == 4 * 6 * 4
+    assert te.cast(expr, torch.bfloat16) == _leaf("a", a)  # casting back is the source itself
+    part = te.narrow(expr, 1, 2, 3)
+    assert isinstance(part, te.Cast) and part.part.offsets == (0, 2)  # the window reaches the leaf
+    assert torch.equal(te.materialize(part, reader), a[:, 2:5].float())
+    assert te.describe(part) == "float32(f:a[:,2:5])"
+
+
 @pytest.mark.parametrize("split", list(Split))
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_shard_unshard_inverse(split, tp):

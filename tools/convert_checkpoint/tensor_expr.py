@@ -2,11 +2,13 @@
 
 Every tensor the converter writes is described, at plan time, by a small expression tree over
 source tensors. Building the expression reads no data; materialising it reads only the bytes
-it needs. Three node kinds cover every layout of the dense families:
+it needs. Four node kinds cover every layout:
 
 * ``Leaf``   a rectangular window of one source tensor (``offsets`` + ``shape``);
 * ``Cat``    concatenation of parts along one dimension;
-* ``Repeat`` a part of size 1 along ``dim`` repeated ``count`` times (vocab padding rows).
+* ``Repeat`` a part of size 1 along ``dim`` repeated ``count`` times (vocab padding rows);
+* ``Cast``   a part converted to another dtype (only where the target format fixes the dtype,
+  e.g. Megatron's fp32 router expert bias).
 
 ``narrow(expr, dim, start, length)`` pushes a slice down to the leaves, so composing the model
 mapping (HF <-> canonical) with the layout mapping (canonical <-> shards) stays a tree of
@@ -67,7 +69,14 @@ class Repeat:
     dtype: torch.dtype
 
 
-Expr = Union[Leaf, Cat, Repeat]
+@dataclass(frozen=True)
+class Cast:
+    part: "Expr"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+Expr = Union[Leaf, Cat, Repeat, Cast]
 
 
 def source(ref: TensorRef, dtype: torch.dtype, shape: Sequence[int]) -> Leaf:
@@ -102,6 +111,16 @@ def repeat(part: Expr, dim: int, count: int) -> Expr:
     return Repeat(part, dim, count, tuple(shape), part.dtype)
 
 
+def cast(part: Expr, dtype: torch.dtype) -> Expr:
+    if part.dtype == dtype:
+        return part
+    if isinstance(part, Cast):
+        part = part.part
+        if part.dtype == dtype:
+            return part
+    return Cast(part, part.shape, dtype)
+
+
 def narrow(expr: Expr, dim: int, start: int, length: int) -> Expr:
     """The window ``[start, start + length)`` of ``expr`` along ``dim``."""
     size = expr.shape[dim]
@@ -119,6 +138,8 @@ def narrow(expr: Expr, dim: int, start: int, length: int) -> Expr:
         if dim == expr.dim:
             return repeat(expr.part, dim, length)
         return repeat(narrow(expr.part, dim, start, length), expr.dim, expr.count)
+    if isinstance(expr, Cast):
+        return cast(narrow(expr.part, dim, start, length), expr.dtype)
     if dim != expr.dim:
         return cat([narrow(p, dim, start, length) for p in expr.parts], expr.dim)
     pieces = []
@@ -145,7 +166,7 @@ def split_even(expr: Expr, dim: int, parts: int, index: int) -> Expr:
 def leaves(expr: Expr):
     if isinstance(expr, Leaf):
         yield expr
-    elif isinstance(expr, Repeat):
+    elif isinstance(expr, (Repeat, Cast)):
         yield from leaves(expr.part)
     else:
         for p in expr.parts:
@@ -171,6 +192,8 @@ def describe(expr: Expr) -> str:
         return f"{expr.ref.describe()}[{window}]"
     if isinstance(expr, Repeat):
         return f"repeat({describe(expr.part)}, x{expr.count})"
+    if isinstance(expr, Cast):
+        return f"{str(expr.dtype).replace('torch.', '')}({describe(expr.part)})"
     return f"cat{expr.dim}(" + ", ".join(describe(p) for p in expr.parts) + ")"
 
 
@@ -193,6 +216,9 @@ def materialize_into(expr: Expr, reader: LeafReader, out: torch.Tensor) -> None:
         one = torch.empty(expr.part.shape, dtype=expr.dtype)
         materialize_into(expr.part, reader, one)
         out.copy_(one.expand(expr.shape))
+        return
+    if isinstance(expr, Cast):
+        out.copy_(materialize(expr.part, reader))  # copy_ converts the dtype
         return
     pos = 0
     for part in expr.parts:

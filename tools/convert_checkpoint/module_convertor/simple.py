@@ -3,14 +3,20 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import torch
+
+from .. import tensor_expr as te
 from ..errors import ConversionError
 from ..layout.tensor_parallel import Split
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 class _OneToOne(ModuleConvertor):
-    options = ("hf", "mcore", "shape", "te_split")
+    options = ("hf", "mcore", "shape", "te_split", "dtype")
     required = ("hf", "mcore")
     split: Split = Split.REPLICATED
     is_linear = False
@@ -42,10 +48,21 @@ class _OneToOne(ModuleConvertor):
             raise ConversionError(f"{self.spec.origin}: te_split must be one of {', '.join(s.value for s in Split)}") from None
 
     def to_canonical(self, hf: Mapping[str, Expr]) -> dict[str, Expr]:
-        return {self._mcore(): hf[self._hf()]}
+        return {self._mcore(): self._cast(hf[self._hf()])}
 
     def to_hf(self, canonical: Mapping[str, Expr]) -> dict[str, Expr]:
-        return {self._hf(): canonical[self._mcore()]}
+        return {self._hf(): self._cast(canonical[self._mcore()])}
+
+    def _cast(self, expr: Expr) -> Expr:
+        """``dtype: float32``: the tensor is kept in that dtype both ways (Megatron keeps the
+        router expert bias in fp32 whatever the model dtype; DeepSeek's HF files do too)."""
+        name = self.opt("dtype")
+        if name is None:
+            return expr
+        dtype = _DTYPES.get(name)
+        if dtype is None:
+            raise ConversionError(f"{self.spec.origin}: dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
+        return te.cast(expr, dtype)
 
 
 @register
