@@ -10,10 +10,11 @@ a. derives its file name from megatron-core's ``parallel_state`` tensor / pipeli
    up as a file nobody opened;
 b. builds the real ``GPTModel`` chunk(s) of its rank with the *local* layer spec, honoring
    an uneven / interleaved (VPP) layout through ``pipeline_model_parallel_layout``, and
-   for MoE models (Qwen3-MoE, Mixtral, DeepSeek) routed experts split over EP and ETP;
-   DeepSeek-V2/V3 get multi-latent attention, dense first layers (moe_layer_freq), shared
-   experts, their router (sigmoid + expert bias + expert groups + scaling for V3) and,
-   on the last stage, MTP layers;
+   for MoE models (Qwen2-MoE, Qwen3-MoE, Mixtral, DeepSeek) routed experts split over EP
+   and ETP, with dense layers where the HF config has them (moe_layer_freq); Qwen2-MoE
+   gets its sigmoid-gated shared expert (moe_shared_expert_gate); DeepSeek-V2/V3 get
+   multi-latent attention, ungated shared experts, their router (sigmoid + expert bias +
+   expert groups + scaling for V3) and, on the last stage, MTP layers;
 c. strict-loads every chunk, reporting missing / unexpected / mis-shaped keys by name
    (TE names and grouped-GEMM expert names are first mapped back to local-spec names; the
    TE spec's replicated MLA down projections are cut to the local spec's TP shard, and
@@ -240,6 +241,8 @@ class HFArch:
     # One entry per decoder layer, 1 = MoE MLP, 0 = dense MLP; () = MoE on every layer (if num_experts).
     moe_layers: tuple[int, ...] = ()
     shared_expert_ffn_hidden_size: int = 0  # n_shared_experts * moe_intermediate_size; 0 = none
+    # Qwen2-MoE: the shared expert's output is scaled by sigmoid(x @ shared_expert_gate.T).
+    moe_shared_expert_gate: bool = False
     moe_score_function: str = "softmax"  # "softmax" or "sigmoid" (V3)
     moe_expert_bias: bool = False  # V3's e_score_correction_bias (added for selection only)
     moe_num_groups: int | None = None  # group-limited routing: n_group / topk_group
@@ -250,28 +253,35 @@ class HFArch:
     mtp_layers: int = 0  # DeepSeek multi-token prediction layers (num_nextn_predict_layers)
 
 
-_SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3")
+_SUPPORTED_MODEL_TYPES = (
+    "llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3"
+)
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 
 def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
-    """MoE fields of HFArch for Qwen3-MoE / Mixtral; {} for dense families."""
+    """MoE fields of HFArch for Qwen2-MoE / Qwen3-MoE / Mixtral / DeepSeek; {} for dense families."""
     if model_type in _MLA_MODEL_TYPES:
         return _read_deepseek(cfg, model_type)
-    if model_type not in ("qwen3_moe", "mixtral"):
+    if model_type not in ("qwen2_moe", "qwen3_moe", "mixtral"):
         return {}
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, older versions as num_experts.
     num_experts = cfg.get("num_local_experts") or cfg["num_experts"]
     moe_layers: tuple[int, ...] = ()
-    if model_type == "qwen3_moe":
+    shared: dict[str, Any] = {}
+    if model_type in ("qwen2_moe", "qwen3_moe"):
         # transformers: MoE unless listed in mlp_only_layers, on every decoder_sparse_step-th layer.
         step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or ())
         pattern = tuple(
             0 if i in dense or (i + 1) % step else 1 for i in range(int(cfg["num_hidden_layers"]))
         )
         moe_layers = pattern if 0 in pattern else ()
-        if cfg.get("shared_expert_intermediate_size"):
-            raise ValueError("shared experts are not supported")
+        shared_ffn = int(cfg.get("shared_expert_intermediate_size") or 0)
+        if model_type == "qwen2_moe":
+            # Qwen2MoeSparseMoeBlock: routed experts + sigmoid(shared_expert_gate(x)) * shared_expert(x).
+            shared = {"shared_expert_ffn_hidden_size": shared_ffn, "moe_shared_expert_gate": shared_ffn > 0}
+        elif shared_ffn:
+            raise ValueError("Qwen3-MoE with shared experts is not supported")
         expert_ffn, renormalize = cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob", False))
     else:
         expert_ffn, renormalize = cfg["intermediate_size"], True  # Mixtral's intermediate_size is per expert
@@ -281,6 +291,7 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         "moe_topk": int(cfg["num_experts_per_tok"]),
         "moe_renormalize": renormalize,
         "moe_layers": moe_layers,
+        **shared,
     }
 
 
@@ -339,8 +350,8 @@ def _read_deepseek(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
 
 
 def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
-    """Parse the subset of a Llama / Qwen2 / Qwen3 / Qwen3-MoE / Mixtral / DeepSeek-V2/V3
-    ``config.json`` the harness needs."""
+    """Parse the subset of a Llama / Qwen2 / Qwen3 / Qwen2-MoE / Qwen3-MoE / Mixtral /
+    DeepSeek-V2/V3 ``config.json`` the harness needs."""
     cfg: dict[str, Any] = json.loads(Path(hf_dir, "config.json").read_text())
     model_type = cfg.get("model_type")
     if model_type not in _SUPPORTED_MODEL_TYPES:
@@ -351,6 +362,8 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
         raise ValueError("mlp_bias=True is not supported (the harness builds add_bias_linear=False)")
     if model_type in _MLA_MODEL_TYPES and cfg.get("attention_bias"):
         raise ValueError("MLA with attention_bias=True is not supported")
+    if model_type in ("qwen2", "qwen2_moe") and cfg.get("use_sliding_window"):
+        raise ValueError("use_sliding_window=True is not supported (the harness builds full attention)")
     hidden = int(cfg["hidden_size"])
     heads = int(cfg["num_attention_heads"])
     # transformers 5 keeps rope settings under "rope_parameters"; older configs use the
@@ -374,8 +387,13 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
         rope_type=str(rope_type),
         vocab_size=int(cfg["vocab_size"]),
         max_position_embeddings=int(cfg.get("max_position_embeddings") or 4096),
-        # Qwen2 always has q/k/v biases; the others declare it with attention_bias.
-        qkv_bias=model_type == "qwen2" or bool(cfg.get("attention_bias")),
+        # Qwen2 always has q/k/v biases, Qwen2-MoE unless qkv_bias=False (transformers 5; older
+        # configs lack the field and always have them); the others declare it with attention_bias.
+        qkv_bias=(
+            model_type == "qwen2"
+            or (model_type == "qwen2_moe" and bool(cfg.get("qkv_bias", True)))
+            or bool(cfg.get("attention_bias"))
+        ),
         # MLA: the q_a / kv_a layernorms are megatron's qk_layernorm (q_layernorm / kv_layernorm).
         qk_norm=model_type in ("qwen3", "qwen3_moe", *_MLA_MODEL_TYPES),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -906,7 +924,19 @@ class _Worker:
                 ("num_experts", arch.num_experts),
                 ("moe_ffn_hidden_size", arch.moe_ffn_hidden_size),
                 ("moe_grouped_gemm", job.grouped_gemm),
+                ("moe_shared_expert_intermediate_size", arch.shared_expert_ffn_hidden_size or None),
+                ("moe_shared_expert_gate", arch.moe_shared_expert_gate),
             ]
+            # megatron-LM's moe_layer_freq: an int k (MoE on every k-th layer) or a 0/1 list.
+            freq = getattr(args, "moe_layer_freq", None)
+            if freq is not None:
+                pattern = list(arch.moe_layers or (1,) * arch.num_layers)
+                if isinstance(freq, int):
+                    freq = [1 if i % freq == 0 else 0 for i in range(arch.num_layers)]
+                if list(freq) != pattern:
+                    raise CheckFailure(
+                        f"{name}: args.moe_layer_freq={args.moe_layer_freq!r}, HF config means {pattern}"
+                    )
         if arch.mla:
             # megatron-LM's argument names (--q-lora-rank, --qk-head-dim, --mtp-num-layers...).
             expected_args += [
@@ -917,19 +947,9 @@ class _Worker:
                 ("qk_pos_emb_head_dim", arch.qk_rope_head_dim),
                 ("v_head_dim", arch.v_head_dim),
                 ("mtp_num_layers", arch.mtp_layers or None),
-                ("moe_shared_expert_intermediate_size", arch.shared_expert_ffn_hidden_size or None),
                 ("moe_router_enable_expert_bias", arch.moe_expert_bias),
                 ("moe_router_score_function", arch.moe_score_function),
             ]
-            freq = getattr(args, "moe_layer_freq", None)
-            if freq is not None and arch.moe_layers:
-                if isinstance(freq, int):
-                    freq = [1 if i % freq == 0 else 0 for i in range(arch.num_layers)]
-                if list(freq) != list(arch.moe_layers):
-                    raise CheckFailure(
-                        f"{name}: args.moe_layer_freq={getattr(args, 'moe_layer_freq')!r},"
-                        f" HF config means {list(arch.moe_layers)}"
-                    )
         # Like megatron-LM's check_checkpoint_args: an absent arg is not checked. None, 0 and
         # False all mean "off" (e.g. mtp_num_layers: megatron-LM's default is None).
         for field, want in expected_args:
@@ -1045,8 +1065,13 @@ class _Worker:
         if arch.moe_layers:
             common["moe_layer_freq"] = list(arch.moe_layers)  # e.g. DeepSeek's first_k_dense_replace
         if arch.shared_expert_ffn_hidden_size:
-            # Megatron adds the shared experts' output ungated, like HF's DeepSeek MoE.
+            # MoELayer adds the shared experts' output to the routed output. Ungated, that is
+            # HF's DeepSeek MoE; moe_shared_expert_gate gives SharedExpertMLP a gate_weight
+            # [1, hidden] and scales its output by sigmoid(x @ gate_weight.T) (x: the pre-MLP
+            # norm's output, as for the router), which is Qwen2MoeSparseMoeBlock's
+            # sigmoid(shared_expert_gate(x)) * shared_expert(x).
             common["moe_shared_expert_intermediate_size"] = arch.shared_expert_ffn_hidden_size
+            common["moe_shared_expert_gate"] = arch.moe_shared_expert_gate
             common["moe_shared_expert_overlap"] = False
         if arch.moe_num_groups:
             # Megatron ranks a group by the sum of its top (topk // group_topk) scores;

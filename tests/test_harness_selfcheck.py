@@ -10,6 +10,7 @@ Everything that needs megatron runs in ONE run_checks call (one spawn of 4 worke
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -514,6 +515,33 @@ def test_read_hf_arch_deepseek(tmp_path: Path) -> None:
     assert (v2.q_lora_rank, v2.shared_expert_ffn_hidden_size, v2.moe_score_function, v2.moe_renormalize) == (
         None, 64, "softmax", False)
     assert (v2.moe_expert_bias, v2.moe_num_groups, v2.mtp_layers, v2.rope_interleave) == (False, None, 0, True)
+
+
+def test_read_hf_arch_qwen_moe(tmp_path: Path) -> None:
+    make_config(TinySpec("qwen2_moe", mlp_only_layers=(1,))).save_pretrained(tmp_path / "q2")
+    q2 = read_hf_arch(tmp_path / "q2")
+    assert (q2.num_experts, q2.moe_ffn_hidden_size, q2.moe_topk, q2.moe_renormalize) == (4, 32, 2, False)
+    assert q2.moe_layers == (1, 0, 1, 1)
+    assert (q2.shared_expert_ffn_hidden_size, q2.moe_shared_expert_gate) == (64, True)
+    assert q2.qkv_bias and not q2.qk_norm and q2.ffn_hidden_size == 128
+    config_path = tmp_path / "q2" / "config.json"
+    config = json.loads(config_path.read_text())
+    # transformers < 5 configs have no qkv_bias field: Qwen2-MoE then always has the biases.
+    config_path.write_text(json.dumps({k: v for k, v in config.items() if k != "qkv_bias"}))
+    assert read_hf_arch(tmp_path / "q2").qkv_bias
+    variant_config = {**config, "qkv_bias": False, "mlp_only_layers": [], "decoder_sparse_step": 2}
+    config_path.write_text(json.dumps(variant_config))
+    variant = read_hf_arch(tmp_path / "q2")
+    assert not variant.qkv_bias and variant.moe_layers == (0, 1, 0, 1)
+    config_path.write_text(json.dumps({**config, "use_sliding_window": True}))
+    with pytest.raises(ValueError, match="sliding"):
+        read_hf_arch(tmp_path / "q2")
+
+    make_config(TinySpec("qwen3_moe", mlp_only_layers=(0, 2))).save_pretrained(tmp_path / "q3")
+    q3 = read_hf_arch(tmp_path / "q3")
+    assert q3.moe_layers == (0, 1, 0, 1)
+    assert (q3.shared_expert_ffn_hidden_size, q3.moe_shared_expert_gate) == (0, False)
+    assert q3.qk_norm and not q3.qkv_bias
 
 
 # --------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
-"""Converted MoE checkpoints (Qwen3-MoE, Mixtral) against a real megatron-core GPTModel on CPU.
+"""Converted MoE checkpoints (Qwen3-MoE, Mixtral, Qwen2-MoE) against a real megatron-core
+GPTModel on CPU.
 
 Every rank file must load with strict=True into the model megatron-core builds for that rank,
-with routed experts split over expert parallelism (EP) and expert tensor parallelism (ETP).
+with routed experts split over expert parallelism (EP) and expert tensor parallelism (ETP),
+dense layers where the HF config has them (mlp_only_layers -> moe_layer_freq) and Qwen2-MoE's
+shared expert with its sigmoid gate (moe_shared_expert_gate).
 The rank -> file mapping comes from megatron's ``parallel_state`` (tp, pp, ep ranks). TE names
 and grouped-GEMM expert names are mapped back to local-spec names first. The logits must match
 transformers. Spawning costs about 3 s per process on this box, so every layout runs in ONE
@@ -9,6 +12,7 @@ spawn of 8 workers.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from collections.abc import Callable
@@ -16,18 +20,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from helpers import hf_to_mcore
 from mcore_harness import CheckJob, Layout, assert_all_ok, job_problems, run_checks
 from tiny_models import TinySpec
 
 WORLD_SIZE = 8
-NUM_EXPERTS = 4  # tiny_models: 4 experts on every layer, top-2
+NUM_EXPERTS = 4  # tiny_models: 4 experts (top-2) on every layer not listed in mlp_only_layers
 QWEN3_MOE, MIXTRAL = TinySpec("qwen3_moe"), TinySpec("mixtral")
+# Qwen2-MoE: qkv biases, shared expert (64) with a sigmoid gate, layer 1 dense.
+QWEN2_MOE = TinySpec("qwen2_moe", mlp_only_layers=(1,))
+QWEN3_MOE_DENSE = TinySpec("qwen3_moe", mlp_only_layers=(0, 2))
+DENSE_LAYERS = {"qwen2_moe": QWEN2_MOE.mlp_only_layers, "qwen3_moe_dense": QWEN3_MOE_DENSE.mlp_only_layers}
 
 
 @dataclass(frozen=True)
 class Case:
-    model: str  # "qwen3_moe", "qwen3_moe_norm_topk" or "mixtral"
+    model: str  # "qwen3_moe", "qwen3_moe_norm_topk", "mixtral", "qwen2_moe" or "qwen3_moe_dense"
     layout: Layout
     impl: str = "local"  # --transformer_impl
     grouped: bool = False  # --moe-grouped-gemm
@@ -45,6 +55,15 @@ CASES = [
     Case("mixtral", Layout(1, 2, 1, (3, 1), ep=2), impl="transformer_engine", custom="3,1"),
     # Qwen3-MoE with norm_topk_prob=True: grouped + TE names, ETP1 under PP2.
     Case("qwen3_moe_norm_topk", Layout(2, 2, 1, (2, 2), ep=2, etp=1), impl="transformer_engine", grouped=True),
+    # Qwen2-MoE through TP, PP and EP (ETP = TP): the shared expert is TP-split like a dense
+    # MLP, its gate replicated; pp rank 0 holds the dense layer 1.
+    Case("qwen2_moe", Layout(2, 2, 1, (2, 2), ep=2)),
+    # Qwen2-MoE, TE names (dense layer: fused pre-MLP norm; MoE layers: pre_mlp_layernorm),
+    # whole experts (ETP1) over 2 EP ranks.
+    Case("qwen2_moe", Layout(2, 1, 1, (4,), ep=2, etp=1), impl="transformer_engine"),
+    # Qwen3-MoE with dense layers 0 and 2, uneven pipeline: pp rank 0 holds only the dense
+    # layer 0 (no experts, still one file per (tp, ep) pair), pp rank 1 MoE, dense, MoE.
+    Case("qwen3_moe_dense", Layout(2, 2, 1, (1, 3), ep=2), custom="1,3"),
 ]
 
 
@@ -84,8 +103,36 @@ def _swap(a: Path, b: Path) -> None:
     tmp.rename(b)
 
 
+def _negate_shared_expert_gates(mcore_dir: Path) -> None:
+    """Flip the sign of every Qwen2-MoE shared-expert gate (sigmoid(z) -> sigmoid(-z))."""
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    files = sorted(mcore_dir.glob("release/*/model_optim_rng.pt"))
+    for path in files:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        gates = [key for key in ckpt["model"] if key.endswith("mlp.shared_experts.gate_weight")]
+        assert gates, path
+        for key in gates:
+            ckpt["model"][key] = -ckpt["model"][key]
+        torch.save(ckpt, path)
+
+
 def _job_results(results: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
     return [r for r in results if r["job"] == index]
+
+
+def _expected_local_experts(case: Case, pp_rank: int, ep_rank: int) -> list[list[int]]:
+    """Global expert indices megatron must place on a rank: its EP share if its stage holds
+    a MoE layer, none if the stage holds dense layers only."""
+    layout, dense = case.layout, DENSE_LAYERS.get(case.model, ())
+    per_rank = NUM_EXPERTS // layout.ep
+    out = []
+    for chunk in range(layout.vpp):
+        vstage = layout.vstage(pp_rank, chunk)
+        first = layout.layer_offset(vstage)
+        layers = range(first, first + layout.layers_per_vstage[vstage])
+        has_moe = any(layer not in dense for layer in layers)
+        out.append(list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank)) if has_moe else [])
+    return out
 
 
 def test_moe_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str], tmp_path: Path) -> None:
@@ -93,6 +140,8 @@ def test_moe_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str
         "qwen3_moe": tiny_hf(QWEN3_MOE),
         "mixtral": tiny_hf(MIXTRAL),
         "qwen3_moe_norm_topk": _norm_topk_copy(tiny_hf(QWEN3_MOE), tmp_path / "hf_qwen3_moe_norm_topk"),
+        "qwen2_moe": tiny_hf(QWEN2_MOE),
+        "qwen3_moe_dense": tiny_hf(QWEN3_MOE_DENSE),
     }
     jobs = [_convert(case, hf_dirs[case.model], tmp_path / f"case{i}") for i, case in enumerate(CASES)]
 
@@ -101,19 +150,27 @@ def test_moe_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str
     swapped = Path(shutil.copytree(jobs[0].mcore_dir, tmp_path / "neg_ep_swap"))
     _swap(swapped / "release" / "mp_rank_01_001_000", swapped / "release" / "mp_rank_01_001_001")
     negative = CheckJob(jobs[0].hf_dir, str(swapped), jobs[0].layout, check_logits=True)
+    # Negative control: Qwen2-MoE shared-expert gates negated. Strict loads pass; the logits
+    # must show that megatron applies the gate (sigmoid(x @ gate_weight.T) * shared(x)).
+    qwen2 = CASES.index(Case("qwen2_moe", Layout(2, 2, 1, (2, 2), ep=2)))
+    gated = Path(shutil.copytree(jobs[qwen2].mcore_dir, tmp_path / "neg_shared_gate"))
+    _negate_shared_expert_gates(gated)
+    negative_gate = CheckJob(jobs[qwen2].hf_dir, str(gated), jobs[qwen2].layout, check_logits=True)
 
-    all_jobs = jobs + [negative]
+    negatives = [negative, negative_gate]
+    all_jobs = jobs + negatives
     results = run_checks(WORLD_SIZE, all_jobs)
 
     assert_all_ok([r for r in results if r["job"] < len(jobs)], jobs, WORLD_SIZE)
     for index, (case, job) in enumerate(zip(CASES, jobs)):
         job_results = _job_results(results, index)
         # No check may be skipped: every rank opened one file, built and loaded MoE layers
-        # holding its EP share of the experts, and exactly one rank compared logits.
+        # holding its EP share of the experts (none on a stage of dense layers only), and
+        # exactly one rank compared logits.
         assert len(job_results) == WORLD_SIZE and all(len(r["files"]) == 1 for r in job_results), index
-        per_rank = NUM_EXPERTS // case.layout.ep
         for res in job_results:
-            assert res["local_experts"] == [list(range(res["ep_rank"] * per_rank, (res["ep_rank"] + 1) * per_rank))]
+            assert res["local_experts"] == _expected_local_experts(case, res["pp_rank"], res["ep_rank"]), (
+                index, res["rank"], res["local_experts"])
         diffs = [r["max_abs_diff"] for r in job_results if r["max_abs_diff"] is not None]
         assert len(diffs) == 1 and diffs[0] <= 1e-4, (index, diffs)
         if case.grouped or case.impl == "transformer_engine":
@@ -123,8 +180,15 @@ def test_moe_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str
     assert sorted({f for r in _job_results(results, 1) for f in r["files"]}) == [
         "mp_rank_00_000", "mp_rank_00_002", "mp_rank_01_001", "mp_rank_01_003"]
     assert sorted({f for r in _job_results(results, 2) for f in r["files"]}) == ["mp_rank_00_000", "mp_rank_01_001"]
+    assert sorted({f for r in _job_results(results, 6) for f in r["files"]}) == [
+        "mp_rank_00_000", "mp_rank_01_001"]
+    # The stage of dense layers only still has one file per (tp, ep) pair.
+    assert len({f for r in _job_results(results, 7) for f in r["files"]}) == 8
+    assert [r["layers_per_chunk"] for r in _job_results(results, 7)] == [[1]] * 4 + [[3]] * 4
 
     problems = job_problems(results, all_jobs, WORLD_SIZE)
-    assert sorted(problems) == [len(jobs)], problems
-    assert "logits max|diff|" in "\n".join(problems[len(jobs)])
-    assert all(r["ok"] for r in _job_results(results, len(jobs)))
+    negative_indices = list(range(len(jobs), len(all_jobs)))
+    assert sorted(problems) == negative_indices, problems
+    for index in negative_indices:
+        assert "logits max|diff|" in "\n".join(problems[index]), problems[index]
+        assert all(r["ok"] for r in _job_results(results, index))
