@@ -261,6 +261,7 @@ def test_shared_expert_gate_and_dense_layer(tiny_hf, tmp_path):
     assert "decoder.layers.1.mlp.linear_fc1.layer_norm_weight" in sd and "decoder.layers.1.mlp.router.weight" not in sd
     args = torch.load(os.path.join(out, "release", "mp_rank_00", "model_optim_rng.pt"), weights_only=True)["args"]
     assert args.moe_layer_freq == [1, 0, 1, 1] and args.moe_shared_expert_intermediate_size == 64
+    assert args.moe_shared_expert_gate is True
 
 
 def test_router_expert_bias_is_fp32_in_a_bf16_model(tiny_hf, tmp_path):

@@ -103,6 +103,7 @@ def mcore_args(arch: ModelArch, family: FamilySpec, layout: ParallelLayout, opts
         moe_grouped_gemm=layout.grouped_gemm,
         moe_layer_freq=arch.moe_layer_freq,
         moe_shared_expert_intermediate_size=arch.shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=arch.shared_expert_gate,
         moe_router_enable_expert_bias=arch.router_expert_bias,
         multi_latent_attention=arch.multi_latent_attention,
         q_lora_rank=arch.q_lora_rank,

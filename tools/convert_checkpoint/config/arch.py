@@ -33,6 +33,7 @@ class ModelArch:
     moe_layer_pattern: tuple[int, ...] | None = None
     num_shared_experts: int | None = None
     shared_expert_ffn_hidden_size: int | None = None  # default: num_shared_experts x moe_ffn
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid gate on the shared expert (gate_weight)
     router_expert_bias: bool = False  # DeepSeek-V3's e_score_correction_bias
     # Multi-latent attention (DeepSeek): q_lora_rank None means no q down-projection (V2-Lite).
     multi_latent_attention: bool = False
