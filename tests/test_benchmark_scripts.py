@@ -1,0 +1,26 @@
+"""The benchmark scripts keep working (on tiny inputs; no timings are asserted)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_plan_full_size_on_a_small_deepseek_config(tmp_path):
+    config = json.load(open(os.path.join(REPO, "benchmarks", "configs", "deepseek_v3_config.json")))
+    small = dict(config, hidden_size=256, num_hidden_layers=4, n_routed_experts=8, intermediate_size=512,
+                 moe_intermediate_size=128, num_attention_heads=8, num_key_value_heads=8, vocab_size=1000,
+                 first_k_dense_replace=1)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(small))
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "plan_full_size.py"), str(path),
+                           str(tmp_path / "work"), "--", "--tensor_model_parallel_size", "2",
+                           "--pipeline_model_parallel_size", "2", "--expert_parallel_size", "4"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "plan + validation (--dry_run)" in proc.stderr
+    assert "target:" in proc.stdout and "(16 files" in proc.stdout  # TP2 x EP4 files on each of 2 stages
+    assert not os.path.exists(tmp_path / "work" / "mcore")  # a dry run writes nothing
