@@ -4,18 +4,11 @@
 # TP=8, 256 routed experts over EP=32 with whole experts (ETP=1), TE grouped-GEMM names.
 # Architecture and family are read from config.json. FP8 checkpoints: see issue 5 (not yet).
 #   HF_CKPT_PATH=/models/DeepSeek-V3-bf16 MCORE_CKPT_PATH=/ckpt/dsv3-mcore bash examples/deepseek_v3/hf_to_mcore.sh
-set -euo pipefail
-: "${HF_CKPT_PATH:?set HF_CKPT_PATH to the HuggingFace checkpoint directory}"
-: "${MCORE_CKPT_PATH:?set MCORE_CKPT_PATH to an empty output directory}"
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-PYTHON=${PYTHON:-python}
-"$PYTHON" "$REPO/tools/convert_checkpoint/module_convertor/model.py" \
-  --load_platform huggingface --save_platform mcore \
-  --load_ckpt_path "$HF_CKPT_PATH" --save_ckpt_path "$MCORE_CKPT_PATH" \
+source "$(dirname "$0")/../common.sh"
+hf_to_mcore \
   --tensor_model_parallel_size "${TP:-8}" --pipeline_model_parallel_size "${PP:-8}" \
   --custom_pipeline_layers "${PIPELINE_LAYERS:-8,7,8,8,8,8,8,6}" \
   --expert_parallel_size "${EP:-32}" --expert_tensor_parallel_size "${ETP:-1}" --moe-grouped-gemm \
   --mtp_num_layers "${MTP_NUM_LAYERS:-1}" \
   --transformer_impl "${TRANSFORMER_IMPL:-transformer_engine}" \
-  --make_vocab_size_divisible_by 128 --safetensors \
   --max_workers "${MAX_WORKERS:-16}" "$@"

@@ -2,15 +2,8 @@
 # llama3_8b: HuggingFace -> Megatron-Core legacy checkpoint (TE layer-spec names).
 # Architecture and family are read from the HF config.json; no YAML flags needed.
 #   HF_CKPT_PATH=/models/llama3_8b MCORE_CKPT_PATH=/ckpt/llama3_8b-mcore bash examples/llama3_8b/hf_to_mcore.sh
-set -euo pipefail
-: "${HF_CKPT_PATH:?set HF_CKPT_PATH to the HuggingFace checkpoint directory}"
-: "${MCORE_CKPT_PATH:?set MCORE_CKPT_PATH to an empty output directory}"
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-PYTHON=${PYTHON:-python}
-"$PYTHON" "$REPO/tools/convert_checkpoint/module_convertor/model.py" \
-  --load_platform huggingface --save_platform mcore \
-  --load_ckpt_path "$HF_CKPT_PATH" --save_ckpt_path "$MCORE_CKPT_PATH" \
+source "$(dirname "$0")/../common.sh"
+hf_to_mcore \
   --tensor_model_parallel_size "${TP:-4}" --pipeline_model_parallel_size "${PP:-2}" \
   --transformer_impl "${TRANSFORMER_IMPL:-transformer_engine}" \
-  --make_vocab_size_divisible_by 128 --safetensors \
   --max_workers "${MAX_WORKERS:-4}" "$@"

@@ -1,19 +1,8 @@
 #!/usr/bin/env bash
 # qwen3_8b: Megatron-Core legacy checkpoint -> HuggingFace safetensors.
-# TP/PP/VPP and naming are read off the rank files. HF_REFERENCE_PATH (optional) is the
-# original HF directory whose config, generation config and tokenizer files are copied.
-# For a Megatron checkpoint not written by this tool, the architecture YAML is used.
+# FOREIGN_CHECKPOINT=1: a Megatron checkpoint not written by this tool; the architecture YAML is used.
 #   MCORE_CKPT_PATH=/ckpt/qwen3_8b-mcore HF_CKPT_PATH=/models/qwen3_8b-back bash examples/qwen3_8b/mcore_to_hf.sh
-set -euo pipefail
-: "${MCORE_CKPT_PATH:?set MCORE_CKPT_PATH to the Megatron checkpoint directory}"
-: "${HF_CKPT_PATH:?set HF_CKPT_PATH to an empty output directory}"
-REPO=$(cd "$(dirname "$0")/../.." && pwd)
-PYTHON=${PYTHON:-python}
+source "$(dirname "$0")/../common.sh"
 extra=()
-if [ -n "${HF_REFERENCE_PATH:-}" ]; then extra+=(--hf_config_path "$HF_REFERENCE_PATH"); fi
 if [ -n "${FOREIGN_CHECKPOINT:-}" ]; then extra+=(--config_file "$REPO/configs/models/qwen3/qwen3_8b.yaml"); fi
-"$PYTHON" "$REPO/tools/convert_checkpoint/module_convertor/model.py" \
-  --load_platform mcore --save_platform huggingface \
-  --load_ckpt_path "$MCORE_CKPT_PATH" --save_ckpt_path "$HF_CKPT_PATH" \
-  --max_shard_size 5GB --safetensors --max_workers "${MAX_WORKERS:-4}" \
-  "${extra[@]}" "$@"
+mcore_to_hf --max_workers "${MAX_WORKERS:-4}" "${extra[@]}" "$@"
