@@ -283,3 +283,18 @@ def test_router_expert_bias_is_fp32_in_a_bf16_model(tiny_hf, tmp_path):
     biases = [k for k in hf if k.endswith("e_score_correction_bias")]
     assert len(biases) == 4 and all(out[k].dtype == torch.float32 and torch.equal(out[k], hf[k].float()) for k in biases)
     assert_same_tensors({k: v for k, v in hf.items() if k not in biases}, {k: v for k, v in out.items() if k not in biases})
+
+
+@pytest.mark.parametrize("spec", [DEEPSEEK_V3, TinySpec("qwen3_moe", mlp_only_layers=(0, 2)),
+                                  TinySpec("qwen2_moe", mlp_only_layers=(1,)), TinySpec("mixtral")],
+                         ids=lambda s: s.family)
+def test_synthesized_config_keeps_the_dense_layers(tiny_hf, spec):
+    """A config.json written from the architecture alone (foreign Megatron checkpoint) derives
+    the same architecture again, dense/MoE layer pattern included."""
+    from convert_checkpoint.config.family import family_for_hf_config
+
+    config = json.load(open(os.path.join(tiny_hf(spec), "config.json")))
+    family = family_for_hf_config(config)
+    arch = family.arch_from_config(config)
+    assert (arch.moe_layer_pattern is None) == (spec.family == "mixtral")
+    assert family.arch_from_config(family.config_from_arch(arch)) == arch

@@ -19,7 +19,7 @@ from . import tensor_expr as te
 from .config.arch import ModelArch, load_arch_yaml
 from .config.family import FamilySpec
 from .errors import ConversionError
-from .layout.placement import ParallelLayout
+from .layout.placement import MTP_INNER_LAYER, ParallelLayout
 from .layout.tensor_parallel import divides, padded_vocab_size
 from .module_convertor import CanonicalTensor, ModuleConvertor, create
 from .options import ConvertOptions
@@ -68,9 +68,6 @@ class Plan:
 
 
 # --- helpers shared by both directions ---------------------------------------------------
-
-MTP_INNER_LAYER = "transformer_layer"  # canonical name of an MTP layer's decoder layer
-
 
 def _layer_convertors(family: FamilySpec, arch: ModelArch, layer: int, hf_prefix: str, mcore_prefix: str) -> list[ModuleConvertor]:
     kind = "moe" if arch.is_moe_layer(layer) else "dense"

@@ -9,14 +9,14 @@ from .config.family import FamilySpec, family_for_hf_config, load_family
 from .errors import ConversionError
 from .formats import huggingface as hf_format
 from .layout.pipeline import build_pipeline_layout
-from .layout.placement import ParallelLayout, place, placement_sort_key
+from .layout.placement import MTP_INNER_LAYER, ParallelLayout, place, placement_sort_key
 from .layout.tensor_parallel import shard
 from .module_convertor import CanonicalTensor, ModuleConvertor
 from .module_convertor.embedding import WORD_EMBEDDINGS
 from .module_convertor.moe import RoutedExperts
 from .module_convertor.shared_copy import SharedCopy
 from .options import ConvertOptions
-from .plan import (MTP_INNER_LAYER, OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
+from .plan import (OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
                    merge_arch_yaml, natural_key, resolve_padded_vocab, validate_tensor_parallel)
 from .tensor_expr import Expr
 

@@ -7,17 +7,17 @@ import re
 from typing import Mapping
 
 from . import tensor_expr as te
-from .config.arch import ModelArch, hf_config_from_arch
+from .config.arch import ModelArch
 from .config.family import FamilySpec, family_by_name, load_family
 from .errors import ConversionError
 from .formats import huggingface as hf_format
 from .formats import mcore_legacy
 from .layout.pipeline import PipelineLayout
-from .layout.placement import MTP_INNER_NAMES, ParallelLayout, place
+from .layout.placement import MTP_INNER_LAYER, MTP_INNER_NAMES, ParallelLayout, place
 from .layout.tensor_parallel import Split, shard_shape, unshard
 from .module_convertor import CanonicalTensor
 from .options import ConvertOptions
-from .plan import (MTP_INNER_LAYER, OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
+from .plan import (OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
                    merge_arch_yaml, natural_key)
 from .tensor_expr import Expr
 
@@ -273,7 +273,7 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
                 if hf_config.get(hf_keys[0]) is not None and getattr(arch, arch_field) is not None:
                     hf_config[hf_keys[0]] = getattr(arch, arch_field)
         else:
-            hf_config = hf_config_from_arch(arch, family.hf_model_type, list(family.hf_architectures), family.config_fields)
+            hf_config = family.config_from_arch(arch)
             notes.append("config.json synthesized from the architecture; pass --hf_config_path to reuse the original one")
     return Plan(
         direction="mcore->hf",

@@ -207,7 +207,31 @@ def moe_layer_pattern(config: Mapping[str, Any], rule: Mapping[str, Any], num_la
     return None if all(pattern) else pattern
 
 
-def hf_config_from_arch(arch: ModelArch, model_type: str, architectures: list[str], field_map: Mapping[str, tuple[str, ...]]) -> dict:
+def moe_layer_config(pattern: tuple[int, ...] | None, rule: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """The config.json keys of ``rule`` that give back ``pattern`` (inverse of :func:`moe_layer_pattern`)."""
+    pattern = pattern or (1,) * num_layers
+    dense = [layer for layer, moe in enumerate(pattern) if not moe]
+    config: dict[str, Any] = {}
+    if "step" in rule:
+        config[rule["step"]] = 1
+    if "dense_list" in rule:
+        config[rule["dense_list"]] = dense
+        if "first_dense" in rule:
+            config[rule["first_dense"]] = 0
+    elif "first_dense" in rule and dense == list(range(len(dense))):
+        config[rule["first_dense"]] = len(dense)
+    elif dense:
+        raise ConversionError(f"dense layers {dense} cannot be written into this family's config.json")
+    return config
+
+
+def hf_config_from_arch(
+    arch: ModelArch,
+    model_type: str,
+    architectures: list[str],
+    field_map: Mapping[str, tuple[str, ...]],
+    moe_layers: Mapping[str, Any] | None = None,
+) -> dict:
     """A config.json for a checkpoint whose original HF config is unknown."""
     config: dict[str, Any] = {"architectures": list(architectures), "model_type": model_type}
     for arch_field, hf_keys in field_map.items():
@@ -216,4 +240,6 @@ def hf_config_from_arch(arch: ModelArch, model_type: str, architectures: list[st
         if value is None or "." in key:
             continue
         config[key] = value
+    if arch.num_experts and moe_layers:
+        config.update(moe_layer_config(arch.moe_layer_pattern, moe_layers, arch.num_layers))
     return config

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from ..errors import ConversionError
-from .arch import ModelArch, arch_from_hf_config
+from .arch import ModelArch, arch_from_hf_config, hf_config_from_arch
 from .yaml_file import load_mapping
 
 CONFIG_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "models"))
@@ -60,6 +60,11 @@ class FamilySpec:
 
     def arch_from_config(self, config: Mapping[str, Any]) -> ModelArch:
         return arch_from_hf_config(config, self.name, self.config_fields, self.config_defaults, self.fixed_arch,
+                                   self.moe_layers)
+
+    def config_from_arch(self, arch: ModelArch) -> dict[str, Any]:
+        """A config.json for an architecture whose original config is unknown (inverse of the above)."""
+        return hf_config_from_arch(arch, self.hf_model_type, list(self.hf_architectures), self.config_fields,
                                    self.moe_layers)
 
 

@@ -17,8 +17,9 @@ if TYPE_CHECKING:  # avoids an import cycle with module_convertor
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # MTP layer k: its own tensors and a full decoder layer under an inner name (canonical:
 # megatron-core 0.16's and the incumbent's ``transformer_layer``; 0.19 renamed it).
-MTP_RE = re.compile(r"^(mtp\.layers\.\d+\.)(?:(transformer_layer)\.)?(.+)$")
 MTP_INNER_NAMES = ("transformer_layer", "mtp_model_layer")
+MTP_INNER_LAYER = MTP_INNER_NAMES[0]  # the canonical (and default) inner name
+MTP_RE = re.compile(rf"^(mtp\.layers\.\d+\.)(?:({MTP_INNER_LAYER})\.)?(.+)$")
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
 # Megatron-Core's own local->TE name map (``sharded_state_dict_keys_map`` of the local layer
@@ -44,7 +45,7 @@ class ParallelLayout:
     num_experts: int = 0
     grouped_gemm: bool = False
     mtp_num_layers: int = 0
-    mtp_inner_name: str = "transformer_layer"  # megatron-core >= 0.19: mtp_model_layer
+    mtp_inner_name: str = MTP_INNER_LAYER  # megatron-core >= 0.19: mtp_model_layer
 
     @property
     def expert_tp(self) -> int:
