@@ -30,6 +30,30 @@ def mcore_to_hf(mcore_dir: str, out: str, **flags) -> int:
                    "--load_ckpt_path", mcore_dir, "--save_ckpt_path", out, **flags)
 
 
+def hf_to_mcore_at(hf_dir: str, out: str, layout, impl: str, grouped: bool = False, **flags) -> None:
+    """HF -> MCore at a harness ``Layout``; the VPP and ETP flags are given only when they differ
+    from the converter's defaults, so those defaults are what gets tested."""
+    rc = hf_to_mcore(
+        hf_dir, out,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        expert_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp if layout.etp != layout.tp else None,
+        transformer_impl=impl,
+        **{"num-virtual-stages-per-pipeline-rank": layout.vpp if layout.vpp > 1 else None, "moe-grouped-gemm": grouped},
+        **flags,
+    )
+    assert rc == 0, (hf_dir, layout)
+
+
+def swap_paths(a, b) -> None:
+    """Exchange two files or directories (negative controls: swapped rank files)."""
+    tmp = a.with_name(a.name + ".swap")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
 def load_hf_tensors(path: str) -> dict[str, torch.Tensor]:
     index = os.path.join(path, "model.safetensors.index.json")
     files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else [

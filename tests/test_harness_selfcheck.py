@@ -141,6 +141,18 @@ def _layer_state(
     return out
 
 
+
+def _save_rank_file(rank_dir: Path, chunks: list[dict[str, Any]], args: Any) -> None:
+    """A legacy rank file as Megatron writes it: ``model`` or ``model0..`` (VPP) plus args."""
+    ckpt: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0, "args": args}
+    if len(chunks) == 1:
+        ckpt["model"] = chunks[0]
+    else:
+        ckpt.update({f"model{i}": sd for i, sd in enumerate(chunks)})
+    rank_dir.mkdir(parents=True)
+    torch.save(ckpt, rank_dir / "model_optim_rng.pt")
+
+
 def write_reference_checkpoint(
     hf_dir: Path,
     out: Path,
@@ -189,14 +201,7 @@ def write_reference_checkpoint(
                 if not extra_state:
                     sd = {k: v for k, v in sd.items() if not k.endswith("_extra_state")}
                 chunks.append(sd)
-            ckpt: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0, "args": args}
-            if layout.vpp == 1:
-                ckpt["model"] = chunks[0]
-            else:
-                ckpt.update({f"model{i}": sd for i, sd in enumerate(chunks)})
-            path = out / "release" / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
-            path.parent.mkdir(parents=True)
-            torch.save(ckpt, path)
+            _save_rank_file(out / "release" / rank_dir_name(tp_rank, pp_rank, pp), chunks, args)
     (out / "latest_checkpointed_iteration.txt").write_text("release")
     return out
 
@@ -329,14 +334,7 @@ def write_reference_mla_checkpoint(hf_dir: Path, out: Path, layout: Layout, te: 
                             sd.update({f"{dst}transformer_layer.{key}": value for key, value in state.items()})
                             sd[dst + "final_layernorm.weight"] = hf[src + "shared_head.norm.weight"].clone()
                     chunks.append(sd)
-                ckpt: dict[str, Any] = {"checkpoint_version": 3.0, "iteration": 0, "args": args}
-                if layout.vpp == 1:
-                    ckpt["model"] = chunks[0]
-                else:
-                    ckpt.update({f"model{i}": sd for i, sd in enumerate(chunks)})
-                path = out / "release" / rank_dir_name(tp_rank, pp_rank, pp, ep_rank, ep) / "model_optim_rng.pt"
-                path.parent.mkdir(parents=True)
-                torch.save(ckpt, path)
+                _save_rank_file(out / "release" / rank_dir_name(tp_rank, pp_rank, pp, ep_rank, ep), chunks, args)
     (out / "latest_checkpointed_iteration.txt").write_text("release")
     return out
 

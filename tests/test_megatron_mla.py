@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from helpers import hf_to_mcore
+from helpers import hf_to_mcore_at, swap_paths
 from mcore_harness import CheckJob, Layout, assert_all_ok, job_problems, run_checks
 from tiny_models import TinySpec
 
@@ -57,19 +57,7 @@ CASES = [
 
 def _convert(case: Case, hf_dir: str, out: Path) -> CheckJob:
     layout = case.layout
-    rc = hf_to_mcore(
-        hf_dir,
-        str(out),
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        **{"num-virtual-stages-per-pipeline-rank": layout.vpp if layout.vpp > 1 else None},
-        expert_parallel_size=layout.ep,
-        # Omitted when ETP = TP, so the converter's default is what gets tested.
-        expert_tensor_parallel_size=layout.etp if layout.etp != layout.tp else None,
-        transformer_impl=case.impl,
-        **{"moe-grouped-gemm": case.grouped},
-    )
-    assert rc == 0, case
+    hf_to_mcore_at(hf_dir, str(out), layout, case.impl, case.grouped)
     return CheckJob(
         hf_dir,
         str(out),
@@ -78,13 +66,6 @@ def _convert(case: Case, hf_dir: str, out: Path) -> CheckJob:
         check_logits=True,
         grouped_gemm=case.grouped,
     )
-
-
-def _swap_files(a: Path, b: Path) -> None:
-    tmp = a.with_name(a.name + ".swap")
-    a.rename(tmp)
-    b.rename(a)
-    tmp.rename(b)
 
 
 def _swap_tensor(a: Path, b: Path, key: str) -> None:
@@ -116,7 +97,7 @@ def test_mla_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str
     # Negative 1: two EP ranks' files of one (tp, pp) swapped. Local expert indices make keys
     # and shapes agree, so every strict load passes and only the logits can tell.
     ep_swap = Path(shutil.copytree(jobs[0].mcore_dir, tmp_path / "neg_ep_swap"))
-    _swap_files(ep_swap / "release" / "mp_rank_01_001_000", ep_swap / "release" / "mp_rank_01_001_001")
+    swap_paths(ep_swap / "release" / "mp_rank_01_001_000", ep_swap / "release" / "mp_rank_01_001_001")
     # Negative 2: the kv up-projection shards of TP ranks 0 and 1 exchanged in layer 0 (in
     # every EP rank's copy): heads 0-3 get heads 4-7's keys and values.
     kv_swap = Path(shutil.copytree(jobs[2].mcore_dir, tmp_path / "neg_kv_up_swap"))

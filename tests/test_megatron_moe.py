@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from helpers import hf_to_mcore
+from helpers import hf_to_mcore_at, swap_paths
 from mcore_harness import CheckJob, Layout, assert_all_ok, job_problems, run_checks
 from tiny_models import TinySpec
 
@@ -79,28 +79,9 @@ def _norm_topk_copy(hf_dir: str, out: Path) -> str:
 
 def _convert(case: Case, hf_dir: str, out: Path) -> CheckJob:
     layout = case.layout
-    rc = hf_to_mcore(
-        hf_dir,
-        str(out),
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        expert_parallel_size=layout.ep,
-        # Omitted when ETP = TP, so the converter's default is what gets tested.
-        expert_tensor_parallel_size=layout.etp if layout.etp != layout.tp else None,
-        custom_pipeline_layers=case.custom,
-        transformer_impl=case.impl,
-        **{"moe-grouped-gemm": case.grouped},
-    )
-    assert rc == 0, case
+    hf_to_mcore_at(hf_dir, str(out), layout, case.impl, case.grouped, custom_pipeline_layers=case.custom)
     return CheckJob(hf_dir, str(out), layout, te_names=case.impl == "transformer_engine",
                     check_logits=True, grouped_gemm=case.grouped)
-
-
-def _swap(a: Path, b: Path) -> None:
-    tmp = a.with_name(a.name + ".swap")
-    a.rename(tmp)
-    b.rename(a)
-    tmp.rename(b)
 
 
 def _negate_shared_expert_gates(mcore_dir: Path) -> None:
@@ -148,7 +129,7 @@ def test_moe_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str
     # Negative control: two EP ranks' files of one (tp, pp) swapped. Keys and shapes agree
     # (local expert indices), so every strict load passes and only the logits can tell.
     swapped = Path(shutil.copytree(jobs[0].mcore_dir, tmp_path / "neg_ep_swap"))
-    _swap(swapped / "release" / "mp_rank_01_001_000", swapped / "release" / "mp_rank_01_001_001")
+    swap_paths(swapped / "release" / "mp_rank_01_001_000", swapped / "release" / "mp_rank_01_001_001")
     negative = CheckJob(jobs[0].hf_dir, str(swapped), jobs[0].layout, check_logits=True)
     # Negative control: Qwen2-MoE shared-expert gates negated. Strict loads pass; the logits
     # must show that megatron applies the gate (sigmoid(x @ gate_weight.T) * shared(x)).
