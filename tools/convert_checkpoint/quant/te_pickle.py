@@ -1,0 +1,269 @@
+"""TE ``Float8BlockwiseQTensor`` objects in Megatron legacy rank files, without TE.
+
+Megatron's legacy checkpoints (``torch.save`` of the state dict) pickle an FP8 parameter
+through ``Float8BlockwiseQTensor.__reduce_ex__``: a call of TE's rebuild function with the raw
+e4m3 bytes, the padded scale grid and the quantizer. This module writes that same pickle with
+no TE installed (stand-in objects whose globals are written under TE's module paths), and reads
+it, from us or from TE, with torch's ``weights_only`` unpickler: the TE globals are mapped to
+plain record builders here, so loading never imports TE and never runs code from the file.
+
+Layout of TE 2.x (``transformer_engine/pytorch/tensor/float8_blockwise_tensor.py``):
+``_make_float8_blockwise_tensor_in_reduce_ex(shape, rowwise_data uint8 [M, K],
+rowwise_scale_inv fp32 [ceil(M/128), roundup4(ceil(K/128))], columnwise_data,
+columnwise_scale_inv, fp8_dtype, dtype, quantizer, is_2D_scaled, data_format)``; TE <= 2.9
+pickled the classmethod ``Float8BlockwiseQTensor._make_in_reduce_ex`` (via ``getattr``) with
+the first nine arguments. The quantizer is a plain object (``Float8BlockQuantizer``) pickled
+with its ``__dict__``; its ``dtype`` is TE's ``DType`` enum (``kFloat8E4M3 = 7``).
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import types
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .fp8_block import BLOCK, scale_shape
+
+_TE_TENSOR_MODULE = "transformer_engine.pytorch.tensor.float8_blockwise_tensor"
+REBUILD_PATH = f"{_TE_TENSOR_MODULE}._make_float8_blockwise_tensor_in_reduce_ex"
+TENSOR_CLASS_PATH = f"{_TE_TENSOR_MODULE}.Float8BlockwiseQTensor"
+QUANTIZER_PATH = f"{_TE_TENSOR_MODULE}.Float8BlockQuantizer"
+DTYPE_PATH = "transformer_engine.pytorch.constants.DType"  # TE >= 2.10 (an IntEnum)
+LEGACY_DTYPE_PATH = "transformer_engine_torch.DType"  # older TE: the pybind11 enum
+TE_FLOAT8_E4M3 = 7  # transformer_engine::DType::kFloat8E4M3
+
+
+def padded_scale_shape(shape: tuple[int, int]) -> tuple[int, int]:
+    """TE's 2-D block scale grid: columns rounded up to a multiple of 4 for its GEMMs."""
+    rows, cols = scale_shape(shape)
+    return rows, -(-cols // 4) * 4
+
+
+# --- reading -------------------------------------------------------------------------------
+
+@dataclass
+class Fp8BlockRecord:
+    """What a pickled ``Float8BlockwiseQTensor`` holds, as plain tensors."""
+
+    shape: tuple[int, ...]
+    rowwise_data: torch.Tensor  # uint8 e4m3 bits
+    rowwise_scale_inv: torch.Tensor  # fp32, TE-padded
+    nominal_dtype: torch.dtype
+    quantizer: dict
+    is_2d_scaled: bool
+    fp8_dtype: int
+
+    dtype = torch.float8_e4m3fn  # what the converter sees: block FP8 codes
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return self.rowwise_data.view(torch.float8_e4m3fn)
+
+    @property
+    def scale_inv(self) -> torch.Tensor:
+        rows, cols = scale_shape(self.shape)
+        return self.rowwise_scale_inv[:rows, :cols]
+
+    @property
+    def pow2(self) -> bool | None:
+        return self.quantizer.get("force_pow_2_scales")
+
+    @property
+    def amax_epsilon(self) -> float | None:
+        return self.quantizer.get("amax_epsilon")
+
+    def check(self, where: str) -> None:
+        """Only 2-D 128x128 e4m3 blocks with rowwise data are understood."""
+        if self.fp8_dtype != TE_FLOAT8_E4M3:
+            raise ValueError(f"{where}: FP8 tensor of TE dtype {self.fp8_dtype}; only e4m3 (7) is supported")
+        if not self.is_2d_scaled or self.quantizer.get("block_scaling_dim", 2) != 2:
+            raise ValueError(f"{where}: 1x128-block FP8 tensor; only 128x128 weight blocks are supported")
+        if self.rowwise_data is None or self.rowwise_scale_inv is None:
+            raise ValueError(f"{where}: FP8 tensor without rowwise data")
+        if len(self.shape) != 2 or tuple(self.rowwise_data.shape) != tuple(self.shape):
+            raise ValueError(f"{where}: FP8 data of shape {list(self.rowwise_data.shape)} for a tensor of shape {list(self.shape)}")
+        need = scale_shape(self.shape)
+        have = tuple(self.rowwise_scale_inv.shape)
+        if len(have) != 2 or have[0] < need[0] or have[1] < need[1]:
+            raise ValueError(f"{where}: scale grid {list(have)} is smaller than the {list(need)} blocks of {list(self.shape)}")
+        if self.quantizer.get("block_len", BLOCK) != BLOCK:
+            raise ValueError(f"{where}: FP8 block length {self.quantizer.get('block_len')}; only 128 is supported")
+
+
+def _rebuild_blockwise(shape, rowwise_data, rowwise_scale_inv, columnwise_data, columnwise_scale_inv,
+                       fp8_dtype, dtype, quantizer, is_2d_scaled, data_format=None) -> Fp8BlockRecord:
+    state = quantizer.__dict__ if isinstance(quantizer, _QuantizerState) else {}
+    return Fp8BlockRecord(tuple(int(s) for s in shape), rowwise_data, rowwise_scale_inv, dtype, dict(state),
+                          bool(is_2d_scaled), int(fp8_dtype))
+
+
+class _QuantizerState:
+    """Stands in for TE's ``Float8BlockQuantizer`` when unpickling: keeps its attributes only."""
+
+
+class _TensorClassStub:
+    """Stands in for TE's ``Float8BlockwiseQTensor`` class (only its old rebuild classmethod)."""
+
+    _make_in_reduce_ex = staticmethod(_rebuild_blockwise)
+
+
+class _LegacyDType:
+    """TE's pybind11 ``DType`` enum (older TE): pickled as ``NEWOBJ`` + its integer as state."""
+
+    def __init__(self, value: int = -1):
+        self.value = int(value)
+
+    def __setstate__(self, state) -> None:
+        self.value = int(state)
+
+    def __int__(self) -> int:
+        return self.value
+
+
+def _te_dtype(value) -> int:
+    return int(value)
+
+
+def _safe_getattr(obj, name):
+    """``getattr`` as TE <= 2.9 pickles use it: only the rebuild classmethod of the stub."""
+    if obj is _TensorClassStub and name == "_make_in_reduce_ex":
+        return _rebuild_blockwise
+    raise pickle.UnpicklingError(f"refusing getattr({obj!r}, {name!r}) in a checkpoint")
+
+
+torch.serialization.add_safe_globals([
+    argparse.Namespace,
+    (_rebuild_blockwise, REBUILD_PATH),
+    (_TensorClassStub, TENSOR_CLASS_PATH),
+    (_QuantizerState, QUANTIZER_PATH),
+    (_te_dtype, DTYPE_PATH),
+    (_LegacyDType, LEGACY_DTYPE_PATH),
+    (_safe_getattr, "builtins.getattr"),
+])
+
+
+def load(path: str, mmap: bool = True) -> dict:
+    """A Megatron rank file, weights only: FP8 parameters come back as :class:`Fp8BlockRecord`."""
+    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+
+
+# --- writing -------------------------------------------------------------------------------
+
+class _Global:
+    """A callable or class written into the pickle under a foreign (TE) module path."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"{self.path} is a stand-in for a TE global; it is only pickled")
+
+
+_REBUILD = _Global(REBUILD_PATH)
+_QUANTIZER_CLASS = _Global(QUANTIZER_PATH)
+_DTYPE_CLASS = _Global(DTYPE_PATH)
+
+
+class _TEDTypeValue:
+    def __init__(self, value: int):
+        self.value = value
+
+    def __reduce_ex__(self, protocol):  # what an IntEnum member reduces to: DType(value)
+        return (_DTYPE_CLASS, (self.value,))
+
+
+class _QuantizerValue:
+    """Pickled as ``object.__reduce_ex__(2)`` pickles a plain instance: NEWOBJ, then BUILD with
+    its ``__dict__`` (written by :class:`_Pickler`)."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+
+class BlockwiseParam:
+    """An FP8 weight that pickles as TE's ``Float8BlockwiseQTensor`` (rowwise data only, like
+    the incumbent and Megatron's legacy checkpoints after loading)."""
+
+    def __init__(self, codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype, pow2: bool, amax_epsilon: float):
+        rows, cols = codes.shape
+        if tuple(scale_inv.shape) != scale_shape((rows, cols)):
+            raise ValueError(f"scale grid {list(scale_inv.shape)} does not match FP8 data {list(codes.shape)}")
+        self.shape = torch.Size((rows, cols))
+        self.rowwise_data = codes.contiguous().view(torch.uint8)
+        padded = torch.zeros(padded_scale_shape((rows, cols)), dtype=torch.float32)
+        padded[: scale_inv.shape[0], : scale_inv.shape[1]] = scale_inv
+        self.rowwise_scale_inv = padded
+        self.dtype = dtype
+        self.quantizer_state = {
+            # Quantizer.__init__, then Float8BlockQuantizer.__init__ (attribute order kept)
+            "rowwise_usage": True,
+            "columnwise_usage": False,
+            "internal": False,
+            "optimize_for_gemm": False,
+            "dtype": _TEDTypeValue(TE_FLOAT8_E4M3),
+            "block_len": BLOCK,
+            "force_pow_2_scales": bool(pow2),
+            "amax_epsilon": float(amax_epsilon),
+            "block_scaling_dim": 2,
+        }
+
+    def __reduce_ex__(self, protocol):
+        return (_REBUILD, (self.shape, self.rowwise_data, self.rowwise_scale_inv, None, None,
+                           _TEDTypeValue(TE_FLOAT8_E4M3), self.dtype, _QuantizerValue(self.quantizer_state), True, None))
+
+
+def blockwise_param(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+                    pow2: bool = True, amax_epsilon: float = 0.0) -> BlockwiseParam:
+    return BlockwiseParam(codes, scale_inv, dtype, pow2, amax_epsilon)
+
+
+class _Pickler(pickle._Pickler):
+    """The pure-Python pickler (torch.save only pickles structure; tensor bytes go to separate
+    zip records), with :class:`_Global` stand-ins written as GLOBALs of their TE paths."""
+
+    def save(self, obj, save_persistent_id=True):
+        if isinstance(obj, _Global):
+            self._write_global(obj)
+        elif isinstance(obj, _QuantizerValue):
+            self._write_global(_QUANTIZER_CLASS)
+            self.save(())
+            self.write(pickle.NEWOBJ)
+            self.memoize(obj)
+            self.save(obj.state)
+            self.write(pickle.BUILD)
+        else:
+            super().save(obj, save_persistent_id)
+
+    def _write_global(self, obj: _Global) -> None:
+        memo = self.memo.get(id(obj))
+        if memo is not None:
+            self.write(self.get(memo[0]))
+            return
+        module, name = obj.path.rsplit(".", 1)
+        if self.proto >= 4:
+            self.save(module)
+            self.save(name)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
+
+def _module_for_torch_save() -> types.ModuleType:
+    """What ``torch.save(pickle_module=...)`` needs: a module-like object with ``Pickler``."""
+    module = types.ModuleType(f"{__name__}.pickle")
+    module.Pickler = _Pickler
+    module.Unpickler = pickle.Unpickler
+    module.HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
+    return module
+
+
+PICKLE_MODULE = _module_for_torch_save()
+
+
+def save(obj: Any, path: str) -> None:
+    """``torch.save`` that writes :class:`BlockwiseParam` entries as TE tensors."""
+    torch.save(obj, path, pickle_module=PICKLE_MODULE)
