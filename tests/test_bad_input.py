@@ -140,7 +140,9 @@ def test_garbage_safetensors_header(hf_copy, tmp_path, capsys):
 
 def test_unsupported_flag_is_rejected(hf_copy, tmp_path, capsys):
     out = str(tmp_path / "out")
-    _assert_fails(capsys, hf_to_mcore(hf_copy, out, convert_to_fp8=True), out, "--convert_to_fp8", "not supported yet")
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out, torch_dtype="float16"), out, "--torch_dtype", "not supported yet")
+    # FP8 output for a family whose YAML marks no tensor dtype: fp8 would be a silent no-op.
+    _assert_fails(capsys, hf_to_mcore(hf_copy, out, convert_to_fp8=True), out, "--convert_to_fp8", "dtype: fp8")
     # MTP layers on a family that has none: named, not ignored.
     _assert_fails(capsys, hf_to_mcore(hf_copy, out, mtp_num_layers=1), out, "family llama has no multi-token-prediction")
     assert hf_to_mcore(hf_copy, out, mtp_num_layers=0, dry_run=True) == 0  # the harmless value passes

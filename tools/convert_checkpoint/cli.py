@@ -9,7 +9,7 @@ from .errors import ConversionError
 
 def main(argv: list[str] | None = None) -> int:
     # Imports inside so that `--help` and flag errors stay fast.
-    from .execute import execute
+    from .execute import execute, fp8_summary
     from .options import parse_options
     from .plan import build_plan, describe_plan
 
@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     seconds = time.perf_counter() - start
     gb = sum(r.nbytes for r in results) / 1e9
+    for line in fp8_summary(results, limit=1000 if opts.verbose else 10):
+        print(line, file=sys.stderr)
     print(f"done: {len(results)} files, {gb:.3f} GB in {seconds:.1f} s -> {plan.target_dir}", file=sys.stderr)
     return 0
 

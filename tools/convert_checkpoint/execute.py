@@ -23,7 +23,9 @@ from . import tensor_expr as te
 from .formats import huggingface as hf_format
 from .formats import mcore_legacy
 from .formats.safetensors_io import PlannedTensor, write_streaming
-from .plan import OutputFile, Plan, hf_config_json
+from .plan import OutputFile, Plan
+from .quant import te_pickle
+from .quant.fp8_materialize import Fp8Event, Fp8Materializer, Fp8Policy
 
 # Set in the parent before forking workers; read-only afterwards.
 _SOURCE = None
@@ -34,6 +36,7 @@ class FileResult:
     relpath: str
     nbytes: int
     seconds: float
+    fp8_events: tuple[Fp8Event, ...] = ()
 
 
 def _tmp_path(path: str) -> str:
@@ -77,20 +80,31 @@ class _Arena:
 _ARENA = _Arena()
 
 
-def _build_file(out: OutputFile, target_root: str, args, iteration) -> FileResult:
+def _is_fp8_job(expr) -> bool:
+    return isinstance(expr, (te.Fp8Blocks, te.Quantize))
+
+
+def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Policy | None) -> FileResult:
     start = time.perf_counter()
     reader = _SOURCE.reader()
+    quantized = Fp8Materializer(reader, fp8 or Fp8Policy())
     path = os.path.join(target_root, out.relpath)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _tmp_path(path)
     try:
         if out.fmt == "mcore":
-            tensor_jobs = [j for _, jobs in out.containers for j in jobs if j.expr is not None]
+            all_jobs = [j for _, jobs in out.containers for j in jobs if j.expr is not None]
+            tensor_jobs = [j for j in all_jobs if not _is_fp8_job(j.expr)]
             buffers = _ARENA.carve([(j.expr.dtype, j.expr.shape) for j in tensor_jobs])
             values = {}
             for job, buf in zip(tensor_jobs, buffers):
                 te.materialize_into(job.expr, reader, buf)
                 values[id(job)] = buf
+            for job in all_jobs:
+                if _is_fp8_job(job.expr):  # pickled as TE's Float8BlockwiseQTensor
+                    codes, scale = quantized.pair(job.expr, job.name)
+                    values[id(job)] = te_pickle.blockwise_param(
+                        codes, scale, fp8.nominal_dtype, quantized.events[-1].pow2, fp8.recipe.amax_epsilon)
             containers = {key: {j.name: values.get(id(j)) for j in jobs} for key, jobs in out.containers}
             mcore_legacy.save_rank_file(tmp, containers, args, iteration)
             del containers, values, buffers
@@ -100,9 +114,12 @@ def _build_file(out: OutputFile, target_root: str, args, iteration) -> FileResul
             planned = [PlannedTensor(j.name, j.expr.dtype, j.expr.shape) for j in jobs]
 
             def produce(t: PlannedTensor) -> torch.Tensor:
+                expr = by_name[t.name]
+                if isinstance(expr, te.Fp8Part):  # a weight's codes, then its scales (cached)
+                    return quantized.part(expr, t.name)
                 # Tensors are written one at a time, so each reuses the arena's first bytes.
                 (buf,) = _ARENA.carve([(t.dtype, t.shape)])
-                te.materialize_into(by_name[t.name], reader, buf)
+                te.materialize_into(expr, reader, buf)
                 return buf
 
             write_streaming(tmp, planned, produce, {"format": "pt"})
@@ -113,7 +130,7 @@ def _build_file(out: OutputFile, target_root: str, args, iteration) -> FileResul
         raise
     finally:
         reader.close()
-    return FileResult(out.relpath, out.nbytes, time.perf_counter() - start)
+    return FileResult(out.relpath, out.nbytes, time.perf_counter() - start, tuple(quantized.events))
 
 
 def _prepare_target(target: str, overwrite: bool) -> None:
@@ -145,14 +162,14 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
     try:
         if max_workers <= 1 or len(plan.files) <= 1:
             for f in plan.files:
-                results.append(_build_file(f, root, plan.mcore_args, iteration))
+                results.append(_build_file(f, root, plan.mcore_args, iteration, plan.fp8))
                 if bar:
                     bar.update(f.nbytes)
         else:
             # torch's intra-op threads would oversubscribe the cores next to N workers.
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                futures = [pool.submit(_build_file, f, root, plan.mcore_args, iteration) for f in plan.files]
+                futures = [pool.submit(_build_file, f, root, plan.mcore_args, iteration, plan.fp8) for f in plan.files]
                 for fut in as_completed(futures):
                     r = fut.result()
                     results.append(r)
@@ -167,8 +184,37 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
     # here rather than per file so a worker never blocks on the disk between files.
     for f in plan.files:
         _fsync(os.path.join(root, f.relpath))
-    _write_markers(plan, target)
+    _write_markers(plan, target, results)
     return results
+
+
+def _with_quantization(config: dict, results: list[FileResult]) -> dict:
+    """config.json's ``quantization_config`` as the written tensors are: DeepSeek's FP8 block
+    (``scale_fmt: ue8m0`` when every scale is a power of two), or none for an unquantized output."""
+    config = dict(config)
+    events = [e for r in results for e in r.fp8_events]
+    previous = config.get("quantization_config")
+    if events:
+        base = previous if isinstance(previous, dict) and previous.get("quant_method") == "fp8" else None
+        config["quantization_config"] = hf_format.fp8_quantization_block(all(e.pow2 for e in events), base)
+    else:
+        config.pop("quantization_config", None)
+    return config
+
+
+def fp8_summary(results: list[FileResult], limit: int = 10) -> list[str]:
+    """Human lines: how many FP8 tensors were kept, requantized (and why) or quantized."""
+    events = [e for r in results for e in r.fp8_events]
+    if not events:
+        return []
+    counts = {a: sum(1 for e in events if e.action == a) for a in ("kept", "requantized", "quantized")}
+    lines = [f"FP8: {counts['kept']} tensors kept bit for bit, {counts['requantized']} requantized, "
+             f"{counts['quantized']} quantized from bf16"]
+    changed = [e for e in events if e.action != "kept"]
+    lines += [f"  {e.action} {e.tensor}: {e.reason}" for e in changed[:limit]]
+    if len(changed) > limit:
+        lines.append(f"  ... and {len(changed) - limit} more")
+    return lines
 
 
 def _fsync(path: str) -> None:
@@ -188,15 +234,17 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_markers(plan: Plan, target: str) -> None:
+def _write_markers(plan: Plan, target: str, results: list[FileResult]) -> None:
     if plan.direction.endswith("->mcore"):
         _write_text(os.path.join(target, mcore_legacy.TRACKER_NAME), "release")
         return
+    config = plan.hf_config
     if plan.hf_reference_dir:
         hf_format.copy_reference_files(plan.hf_reference_dir, target)
-    config = hf_config_json(plan)
-    if config is not None:
-        _write_text(os.path.join(target, "config.json"), config)
+        config = hf_format.read_config(plan.hf_reference_dir)
+    written = _with_quantization(config, results)
+    if written != config or not plan.hf_reference_dir:  # a copied config.json stays byte for byte when true
+        _write_text(os.path.join(target, "config.json"), json.dumps(written, indent=2, sort_keys=True) + "\n")
     weight_map = {j.name: f.relpath for f in plan.files for _, jobs in f.containers for j in jobs}
     index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
     _write_text(os.path.join(target, hf_format.INDEX_NAME), json.dumps(index, indent=2) + "\n")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .errors import ConversionError
 from .layout.pipeline import parse_layer_list
 from .layout.placement import MTP_INNER_NAMES, TRANSFORMER_IMPLS
+from .quant.fp8_block import QUANT_METHODS
 
 PLATFORMS = ("huggingface", "mcore")
 
@@ -37,6 +38,13 @@ class ConvertOptions:
     mtp_num_layers: int | None = None  # None: from config.json (num_nextn_predict_layers) / the checkpoint
     mtp_layer_name: str | None = None  # None: transformer_layer (HF->MCore) / detected (MCore->HF)
     hf_config_path: str | None = None
+    # Block-scaled FP8 (128x128 blocks, e4m3)
+    convert_to_fp8: bool = False  # write the YAML's dtype: fp8 tensors as FP8 even from bf16
+    quant_method: str = "pt"  # pt (pure torch) or te (TE's Float8BlockQuantizer)
+    force_pow_2_scales: bool = True
+    amax_epsilon: float = 0.0
+    fp8_force_no_requant: bool = False
+    device: str = "cpu"  # where quantization math runs
     max_shard_size: int = 5 * 1000**3
     max_workers: int = 1
     overwrite: bool = False
@@ -48,12 +56,6 @@ class ConvertOptions:
 # Incumbent flags we parse so scripts do not break, but whose features are not built yet.
 # Giving one with a value that would change the result is an error, never silently ignored.
 _NOT_YET = {
-    "convert_to_fp8": "FP8 output is not supported yet",
-    "quant_method": "FP8 quantization is not supported yet",
-    "fp8_force_no_requant": "FP8 checkpoints are not supported yet",
-    "force_pow_2_scales": "FP8 checkpoints are not supported yet",
-    "amax_epsilon": "FP8 quantization is not supported yet",
-    "pretrain_as_fp8": "FP8 checkpoints are not supported yet",
     "distributed_convert": "multi-process (torchrun) conversion is not supported yet; use --max_workers",
     "torch_dtype": "dtype casting is not supported yet: tensors keep their source dtype",
     "vocab_size": "overriding the vocabulary size is not supported; it comes from the checkpoint",
@@ -69,8 +71,7 @@ _NOT_YET = {
 }
 # Values of the not-yet flags that are harmless (the default behaviour).
 _HARMLESS: dict[str, set[str]] = {}
-_BOOL_FLAGS = {"convert_to_fp8", "fp8_force_no_requant", "force_pow_2_scales", "pretrain_as_fp8",
-               "distributed_convert", "hf_dequantize_int4", "hf_dequantize_mxfp4"}
+_BOOL_FLAGS = {"distributed_convert", "hf_dequantize_int4", "hf_dequantize_mxfp4"}
 
 
 def _spellings(name: str) -> list[str]:
@@ -96,6 +97,16 @@ def _size(text: str) -> int:
     base = 1024 if "I" in unit else 1000
     power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
     return int(float(m.group(1)) * base**power)
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite non-negative number, got {text!r}")
+    return value
 
 
 def _int_at_least(minimum: int, what: str):
@@ -155,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("mtp_layer_name", choices=MTP_INNER_NAMES,
         help="name of an MTP layer's decoder layer: transformer_layer (megatron-core <= 0.16, default) or mtp_model_layer (0.19+)")
     add("hf_config_path", help="MCore->HF: reference HF dir whose config/tokenizer files are copied")
+    add("convert_to_fp8", action="store_true",
+        help="write the tensors the family YAML marks dtype: fp8 as 128x128 block FP8 even when the source holds them in bf16")
+    add("quant_method", choices=QUANT_METHODS, default="pt",
+        help="FP8 quantizer: pt (pure torch, default; TE's bytes) or te (TE's Float8BlockQuantizer, needs TE and a GPU)")
+    add("force_pow_2_scales", type=_str2bool, nargs="?", const=True, default=True,
+        help="FP8 block scales are powers of two (default true; --force_pow_2_scales false for fp32 scales)")
+    add("amax_epsilon", type=_non_negative_float, default=0.0, help="FP8: floor on each block's amax (default 0)")
+    add("fp8_force_no_requant", action="store_true",
+        help="FP8: never requantize; a cut through a 128-block is an error, scales are kept in their style")
+    add("device", choices=("cpu", "cuda"), default="cpu", help="where FP8 quantization math runs (default cpu)")
+    add("pretrain_as_fp8", action="store_true", help="accepted for compatibility; no effect")
     add("max_shard_size", type=_size, default=5 * 1000**3, help="HF output shard cap (default 5GB)")
     add("safetensors", action="store_true", help="accepted for compatibility; HF I/O is always safetensors")
     add("max_workers", type=_positive, default=1, help="worker processes, each building one output file")
@@ -207,6 +229,12 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         mtp_num_layers=ns.mtp_num_layers,
         mtp_layer_name=ns.mtp_layer_name,
         hf_config_path=ns.hf_config_path,
+        convert_to_fp8=ns.convert_to_fp8,
+        quant_method=ns.quant_method,
+        force_pow_2_scales=ns.force_pow_2_scales,
+        amax_epsilon=ns.amax_epsilon,
+        fp8_force_no_requant=ns.fp8_force_no_requant,
+        device=ns.device,
         max_shard_size=ns.max_shard_size,
         max_workers=ns.max_workers,
         overwrite=ns.overwrite,

@@ -9,11 +9,12 @@ shapes and divisibility, layer lists.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
+
+import torch
 
 from . import tensor_expr as te
 from .config.arch import ModelArch, load_arch_yaml
@@ -23,6 +24,8 @@ from .layout.placement import MTP_INNER_LAYER, ParallelLayout
 from .layout.tensor_parallel import divides, padded_vocab_size
 from .module_convertor import CanonicalTensor, ModuleConvertor, create
 from .options import ConvertOptions
+from .quant import fp8_block
+from .quant.fp8_materialize import Fp8Policy
 from .tensor_expr import Expr
 
 @dataclass(frozen=True)
@@ -61,6 +64,19 @@ class Plan:
     hf_reference_dir: str | None = None  # copy config/tokenizer files from here (MCore->HF)
     notes: list[str] = field(default_factory=list)
     source: object = None  # HFSource or McoreSource: the lazy index the executor reads through
+    fp8: Fp8Policy | None = None  # set when some output tensor is block FP8
+
+    def fp8_jobs(self) -> list[tuple[str, Expr]]:
+        """(output tensor, FP8 expression) for every block-FP8 tensor written."""
+        out = []
+        for f in self.files:
+            for _, jobs in f.containers:
+                for j in jobs:
+                    if isinstance(j.expr, (te.Fp8Blocks, te.Quantize)):
+                        out.append((j.name, j.expr))
+                    elif isinstance(j.expr, te.Fp8Part) and j.expr.which == "codes":
+                        out.append((j.name, j.expr.of))
+        return out
 
     @property
     def total_bytes(self) -> int:
@@ -99,8 +115,62 @@ def canonical_tensors(convertors: Iterable[ModuleConvertor]) -> list[CanonicalTe
             if t.name in seen:
                 raise ConversionError(f"{c.spec.origin}: canonical tensor {t.name} is produced twice")
             seen.add(t.name)
-            out.append(t)
+            out.append(replace(t, fp8=True) if c.fp8_weights and len(t.shape) == 2 else t)
     return out
+
+
+def check_convert_to_fp8(opts: ConvertOptions, family: FamilySpec, convertors: Iterable[ModuleConvertor]) -> None:
+    if opts.convert_to_fp8 and not any(c.fp8_weights for c in convertors):
+        raise ConversionError(
+            f"--convert_to_fp8: the {family.name} family ({family.path}) marks no tensor dtype: fp8, so nothing would be quantized"
+        )
+
+
+def fp8_hf_names(convertors: Iterable[ModuleConvertor]) -> set[str]:
+    """HF tensors the family YAML marks ``dtype: fp8`` (the modules' weight matrices)."""
+    return {n for c in convertors if c.fp8_weights for n, shape in c.hf_shapes().items() if len(shape) == 2}
+
+
+FP8_BY_YAML = "marked dtype: fp8 in the family YAML (--convert_to_fp8 or an FP8 source)"
+
+
+def fp8_policy(opts: ConvertOptions, nominal_dtype: torch.dtype = torch.bfloat16) -> Fp8Policy:
+    recipe = fp8_block.Fp8Recipe(
+        pow2=opts.force_pow_2_scales, amax_epsilon=opts.amax_epsilon, method=opts.quant_method, device=opts.device
+    )
+    return Fp8Policy(recipe, opts.fp8_force_no_requant, nominal_dtype)
+
+
+def finish_fp8_plan(plan: Plan, policy: Fp8Policy) -> None:
+    """Attach the FP8 policy when the plan writes FP8 tensors, and check it can be carried out:
+    ``--fp8_force_no_requant`` refuses cuts through blocks, the quantizer must be able to run."""
+    jobs = plan.fp8_jobs()
+    if not jobs:
+        return
+    if policy.force_no_requant:
+        for name, expr in jobs:
+            if isinstance(expr, te.Quantize) and te.is_fp8(expr.part):
+                raise ConversionError(f"--fp8_force_no_requant: {name} would need requantization: {expr.reason}")
+    recipe = policy.recipe
+    if recipe.method == "te":
+        why = fp8_block.te_unavailable_reason()
+        if why:
+            recipe = replace(recipe, method="pt")
+            plan.notes.append(f"--quant_method te: {why}; using the pt quantizer, which follows TE's rule byte for byte")
+    if recipe.device == "cuda" and recipe.method == "pt" and not torch.cuda.is_available():
+        raise ConversionError("--device cuda: no CUDA device is visible; leave --device at cpu")
+    plan.fp8 = replace(policy, recipe=recipe)
+    quantized = [(n, e) for n, e in jobs if isinstance(e, te.Quantize)]
+    requant = sum(1 for _, e in quantized if te.is_fp8(e.part))
+    plan.notes.append(
+        f"FP8: {len(jobs)} block-FP8 tensors ({recipe.describe()}); {len(jobs) - len(quantized)} keep their codes and "
+        f"scales unless their scale style differs, {requant} are requantized (cuts through 128-blocks), "
+        f"{len(quantized) - requant} are quantized from bf16"
+    )
+    for name, expr in quantized[:5]:
+        plan.notes.append(f"  {'requantize' if te.is_fp8(expr.part) else 'quantize'} {name}: {expr.reason}")
+    if len(quantized) > 5:
+        plan.notes.append(f"  ... and {len(quantized) - 5} more (--dry_run --verbose lists every tensor's recipe)")
 
 
 def natural_key(name: str) -> list:
@@ -204,7 +274,3 @@ def describe_plan(plan: Plan, verbose: bool = False) -> str:
                     lines.append(f"    {where}: {recipe}")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
-
-
-def hf_config_json(plan: Plan) -> str | None:
-    return None if plan.hf_config is None else json.dumps(plan.hf_config, indent=2, sort_keys=True) + "\n"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import Mapping
 
+import torch
+
 from .config.arch import ModelArch
 from .config.family import FamilySpec, family_for_hf_config, load_family
 from .errors import ConversionError
@@ -16,8 +18,10 @@ from .module_convertor.embedding import WORD_EMBEDDINGS
 from .module_convertor.moe import RoutedExperts
 from .module_convertor.shared_copy import SharedCopy
 from .options import ConvertOptions
-from .plan import (OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
-                   merge_arch_yaml, natural_key, resolve_padded_vocab, validate_tensor_parallel)
+from . import tensor_expr as te
+from .plan import (check_convert_to_fp8, FP8_BY_YAML, OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
+                   finish_fp8_plan, fp8_policy, merge_arch_yaml, natural_key, resolve_padded_vocab,
+                   validate_tensor_parallel)
 from .tensor_expr import Expr
 
 def _check_expert_count(src: hf_format.HFSource, convertors: list[ModuleConvertor], arch: ModelArch) -> None:
@@ -53,6 +57,7 @@ def _gather_hf(src: hf_format.HFSource, convertors: list[ModuleConvertor], famil
                 )
             exprs[name] = leaf
             consumed.add(name)
+            consumed.update(src.companions(name))
         consumed |= {n for n in conv.optional_hf() if n in src.tensor_file}
         # (A shared copy, e.g. an MTP layer's embed_tokens, is consumed and has no canonical tensor.)
         try:
@@ -130,11 +135,12 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
     if opts.mtp_num_layers is not None:
         arch = arch.replace(mtp_num_layers=opts.mtp_num_layers)
     convertors = build_convertors(family, arch)
+    check_convert_to_fp8(opts, family, convertors)
     canonical_exprs = _gather_hf(src, convertors, family, arch)
     tensors = canonical_tensors(convertors)
 
     layout = target_layout(opts, arch)
-    files = mcore_output_files(canonical_exprs, tensors, arch, layout)
+    files = mcore_output_files(canonical_exprs, tensors, arch, layout, fp8_output=src.has_fp8 or opts.convert_to_fp8)
     notes = []
     if arch.tied_embeddings and any(n in src.tensor_file for c in convertors for n in c.optional_hf()):
         notes.append("tied embeddings: the HF lm_head copy was dropped (Megatron shares the embedding)")
@@ -142,7 +148,7 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
     if copies:
         notes.append(f"{len(copies)} MTP copies of the embedding / LM head (e.g. {copies[0]}) were dropped: "
                      "Megatron's MTP layers share the main model's")
-    return Plan(
+    plan = Plan(
         direction="hf->mcore",
         source_dir=src.root,
         target_dir=opts.save_ckpt_path,
@@ -155,6 +161,26 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
         notes=notes,
         source=src,
     )
+    finish_fp8_plan(plan, fp8_policy(opts, nominal_dtype(src.config)))
+    record_fp8_args(plan)
+    return plan
+
+
+def nominal_dtype(hf_config: Mapping) -> torch.dtype:
+    """The model's parameter dtype (what TE's FP8 tensors present as): config.json's, else bf16."""
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return {"float32": torch.float32, "float16": torch.float16}.get(name, torch.bfloat16)
+
+
+def record_fp8_args(plan: Plan) -> None:
+    """Megatron's FP8 flags in the saved args, as training with these parameters would set them."""
+    if plan.fp8 is None or plan.mcore_args is None:
+        return
+    recipe = plan.fp8.recipe
+    plan.mcore_args.fp8 = "e4m3"
+    plan.mcore_args.fp8_recipe = "blockwise"
+    plan.mcore_args.fp8_param_gather = True
+    plan.mcore_args.convert_checkpoint_fp8 = {"force_pow_2_scales": recipe.pow2, "amax_epsilon": recipe.amax_epsilon}
 
 
 def target_layout(opts: ConvertOptions, arch: ModelArch) -> ParallelLayout:
@@ -184,15 +210,22 @@ def target_layout(opts: ConvertOptions, arch: ModelArch) -> ParallelLayout:
 
 
 def mcore_output_files(
-    canonical_exprs: Mapping[str, Expr], tensors: list[CanonicalTensor], arch: ModelArch, layout: ParallelLayout
+    canonical_exprs: Mapping[str, Expr], tensors: list[CanonicalTensor], arch: ModelArch, layout: ParallelLayout,
+    fp8_output: bool = False,
 ) -> list[OutputFile]:
-    """Validate the layout, then shard every canonical tensor into its rank files."""
+    """Validate the layout, then shard every canonical tensor into its rank files.
+
+    A shard of an FP8 tensor stays FP8 (whole blocks kept, a cut block requantized: TE quantizes
+    each rank's shard on its own); with ``fp8_output`` the YAML's ``dtype: fp8`` tensors are
+    quantized per shard too."""
     validate_tensor_parallel(arch, tensors, layout)
     placements, extras = place(tensors, layout)
     jobs: dict[tuple[str, str], list[TensorJob]] = {}
     for p in placements:
         expr = canonical_exprs[WORD_EMBEDDINGS if p.embedding_copy else p.canonical.name]
         sharded = shard(expr, p.split, p.shard_count, p.shard_rank, layout.padded_vocab_size)
+        if te.is_fp8(sharded) or (fp8_output and p.canonical.fp8 and not p.embedding_copy):
+            sharded = te.to_fp8(sharded, FP8_BY_YAML)
         jobs.setdefault((p.file, p.container), []).append(TensorJob(p.name, sharded))
     for x in extras:
         jobs.setdefault((x.file, x.container), []).append(TensorJob(x.name, None))

@@ -6,6 +6,8 @@ import os
 import re
 from typing import Mapping
 
+import torch
+
 from . import tensor_expr as te
 from .config.arch import ModelArch
 from .config.family import FamilySpec, family_by_name, load_family
@@ -17,8 +19,8 @@ from .layout.placement import MTP_INNER_LAYER, MTP_INNER_NAMES, ParallelLayout, 
 from .layout.tensor_parallel import Split, shard_shape, unshard
 from .module_convertor import CanonicalTensor
 from .options import ConvertOptions
-from .plan import (OutputFile, Plan, TensorJob, build_convertors, canonical_tensors, check_target_dir,
-                   merge_arch_yaml, natural_key)
+from .plan import (check_convert_to_fp8, FP8_BY_YAML, OutputFile, Plan, TensorJob, build_convertors, canonical_tensors,
+                   check_target_dir, finish_fp8_plan, fp8_hf_names, fp8_policy, merge_arch_yaml, natural_key)
 from .tensor_expr import Expr
 
 def resolve_mcore_arch(opts: ConvertOptions, args: argparse.Namespace | None) -> tuple[ModelArch, FamilySpec]:
@@ -233,15 +235,26 @@ def gather_mcore(
     return canonical
 
 
-def _hf_files(hf_exprs: Mapping[str, Expr], max_shard_size: int) -> list[OutputFile]:
+def _hf_jobs(name: str, expr: Expr, fp8: bool) -> list[TensorJob]:
+    """One tensor, or an FP8 weight's codes and block scales (DeepSeek's ``weight_scale_inv``)."""
+    if not (te.is_fp8(expr) or fp8):
+        return [TensorJob(name, expr)]
+    if not name.endswith("weight"):
+        raise ConversionError(f"block-FP8 tensor {name} is not a weight; HF FP8 stores only weights with block scales")
+    q = te.to_fp8(expr, FP8_BY_YAML)
+    return [TensorJob(name, te.fp8_part(q, "codes")), TensorJob(hf_format.fp8_scale_name(name), te.fp8_part(q, "scale"))]
+
+
+def _hf_files(hf_exprs: Mapping[str, Expr], max_shard_size: int, fp8_names: set[str] = frozenset()) -> list[OutputFile]:
     groups: list[list[TensorJob]] = [[]]
     size = 0
     for name in sorted(hf_exprs, key=natural_key):
-        n = te.nbytes(hf_exprs[name])
+        jobs = _hf_jobs(name, hf_exprs[name], name in fp8_names)
+        n = sum(te.nbytes(j.expr) for j in jobs)  # a weight and its scales share a file
         if groups[-1] and size + n > max_shard_size:
             groups.append([])
             size = 0
-        groups[-1].append(TensorJob(name, hf_exprs[name]))
+        groups[-1].extend(jobs)
         size += n
     names = hf_format.shard_file_names(len(groups))
     return [OutputFile(fname, "safetensors", (("", tuple(jobs)),)) for fname, jobs in zip(names, groups)]
@@ -254,6 +267,7 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
     arch, family = resolve_mcore_arch(opts, args)
     layout = infer_mcore_layout(src, opts, arch)
     convertors = build_convertors(family, arch)
+    check_convert_to_fp8(opts, family, convertors)
     tensors = canonical_tensors(convertors)
     canonical = gather_mcore(src, tensors, layout)
     hf_exprs: dict[str, Expr] = {}
@@ -261,6 +275,7 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
         hf_exprs.update(conv.to_hf({name: canonical[name] for name in conv.reads()}))
 
     hf_config, notes = None, []
+    fp8_names = fp8_hf_names(convertors) if (src.has_fp8 or opts.convert_to_fp8) else set()
     reference = opts.hf_config_path
     if reference:
         _check_reference_config(reference, family, arch)
@@ -275,20 +290,22 @@ def plan_mcore_to_hf(opts: ConvertOptions) -> Plan:
         else:
             hf_config = family.config_from_arch(arch)
             notes.append("config.json synthesized from the architecture; pass --hf_config_path to reuse the original one")
-    return Plan(
+    plan = Plan(
         direction="mcore->hf",
         source_dir=src.root,
         target_dir=opts.save_ckpt_path,
         arch=arch,
         family=family,
         layout=layout,
-        files=_hf_files(hf_exprs, opts.max_shard_size),
+        files=_hf_files(hf_exprs, opts.max_shard_size, fp8_names),
         source_tensor_count=sum(len(src.state_dict(f, k)) for f in src.files for k in src.containers(f)),
         hf_config=hf_config,
         hf_reference_dir=reference,
         notes=notes,
         source=src,
     )
+    finish_fp8_plan(plan, fp8_policy(opts, src.fp8_nominal_dtype or torch.bfloat16))
+    return plan
 
 
 def _check_reference_config(reference: str, family: FamilySpec, arch: ModelArch) -> None:

@@ -10,16 +10,29 @@ it needs. Four node kinds cover every layout:
 * ``Cast``   a part converted to another dtype (only where the target format fixes the dtype,
   e.g. Megatron's fp32 router expert bias).
 
+Block-scaled FP8 weights (128x128 blocks, ``quant/fp8_block``) add four kinds:
+
+* ``Fp8Blocks``  codes + scale grid kept as they are: windows and concatenations that fall on
+  block boundaries move whole blocks, so codes and scales are copied bit for bit;
+* ``Dequantize`` the fp32 values of a window of an ``Fp8Blocks`` that a cut splits inside a
+  block (its ``reason`` says which cut); such a tensor is requantized when written;
+* ``Quantize``   values quantized when the file is written (requantization, or ``dtype: fp8``);
+* ``Fp8Part``    the codes or the scale grid of an FP8 expression (HF files store them as two
+  tensors, ``weight`` and ``weight_scale_inv``).
+
 ``narrow(expr, dim, start, length)`` pushes a slice down to the leaves, so composing the model
 mapping (HF <-> canonical) with the layout mapping (canonical <-> shards) stays a tree of
 windows on the source files.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol, Sequence, Union
 
 import torch
+
+from .quant import fp8_block
 
 
 @dataclass(frozen=True)
@@ -33,10 +46,11 @@ class TensorRef:
     file: str
     name: str
     container: str | None = None
+    part: str | None = None  # "codes" / "scale" of a pickled TE FP8 tensor
 
     def describe(self) -> str:
         inner = f"{self.container}/{self.name}" if self.container else self.name
-        return f"{self.file}:{inner}"
+        return f"{self.file}:{inner}" + (f".{self.part}" if self.part else "")
 
 
 @dataclass(frozen=True)
@@ -76,7 +90,40 @@ class Cast:
     dtype: torch.dtype
 
 
-Expr = Union[Leaf, Cat, Repeat, Cast]
+@dataclass(frozen=True)
+class Fp8Blocks:
+    data: "Expr"  # float8_e4m3fn codes
+    scale: "Expr"  # float32 dequant multipliers, one per 128x128 block
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Dequantize:
+    part: Fp8Blocks  # the smallest block-aligned window holding the crop
+    offsets: tuple[int, ...]  # the crop, inside ``part``
+    shape: tuple[int, ...]
+    reason: str
+    dtype: torch.dtype = torch.float32
+
+
+@dataclass(frozen=True)
+class Quantize:
+    part: "Expr"
+    reason: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Fp8Part:
+    of: Union[Fp8Blocks, Quantize]
+    which: str  # "codes" or "scale"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+Expr = Union[Leaf, Cat, Repeat, Cast, Fp8Blocks, Dequantize, Quantize, Fp8Part]
 
 
 def source(ref: TensorRef, dtype: torch.dtype, shape: Sequence[int]) -> Leaf:
@@ -90,6 +137,10 @@ def cat(parts: Sequence[Expr], dim: int = 0) -> Expr:
         raise ValueError("cat of no parts")
     if len(parts) == 1:
         return parts[0]
+    if any(isinstance(p, (Fp8Blocks, Dequantize)) for p in parts):
+        parts = _fp8_cat_parts(parts, dim)
+        if isinstance(parts, Fp8Blocks):
+            return parts
     first = parts[0]
     for p in parts[1:]:
         if p.dtype != first.dtype:
@@ -112,6 +163,8 @@ def repeat(part: Expr, dim: int, count: int) -> Expr:
 
 
 def cast(part: Expr, dtype: torch.dtype) -> Expr:
+    if isinstance(part, Fp8Blocks):  # a cast of block FP8 is a cast of its values
+        part = Dequantize(part, (0,) * len(part.shape), part.shape, f"cast to {dtype}")
     if part.dtype == dtype:
         return part
     if isinstance(part, Cast):
@@ -140,6 +193,16 @@ def narrow(expr: Expr, dim: int, start: int, length: int) -> Expr:
         return repeat(narrow(expr.part, dim, start, length), expr.dim, expr.count)
     if isinstance(expr, Cast):
         return cast(narrow(expr.part, dim, start, length), expr.dtype)
+    if isinstance(expr, Fp8Blocks):
+        return _narrow_fp8(expr, dim, start, length)
+    if isinstance(expr, Dequantize):
+        offsets = list(expr.offsets)
+        offsets[dim] += start
+        shape = list(expr.shape)
+        shape[dim] = length
+        return _crop(expr.part, tuple(offsets), tuple(shape), expr.reason)
+    if isinstance(expr, (Quantize, Fp8Part)):
+        raise TypeError("a quantized output tensor cannot be cut further")
     if dim != expr.dim:
         return cat([narrow(p, dim, start, length) for p in expr.parts], expr.dim)
     pieces = []
@@ -166,18 +229,140 @@ def split_even(expr: Expr, dim: int, parts: int, index: int) -> Expr:
 def leaves(expr: Expr):
     if isinstance(expr, Leaf):
         yield expr
-    elif isinstance(expr, (Repeat, Cast)):
+    elif isinstance(expr, (Repeat, Cast, Dequantize, Quantize)):
         yield from leaves(expr.part)
+    elif isinstance(expr, Fp8Part):
+        yield from leaves(expr.of)
+    elif isinstance(expr, Fp8Blocks):
+        yield from leaves(expr.data)
+        yield from leaves(expr.scale)
     else:
         for p in expr.parts:
             yield from leaves(p)
 
 
 def nbytes(expr: Expr) -> int:
-    n = 1
-    for s in expr.shape:
-        n *= s
-    return n * expr.dtype.itemsize
+    n = math.prod(expr.shape) * expr.dtype.itemsize
+    if isinstance(expr, (Fp8Blocks, Quantize)):  # codes and their scale grid
+        n += math.prod(fp8_block.scale_shape(expr.shape)) * 4
+    return n
+
+
+# --- block-scaled FP8 --------------------------------------------------------------------
+
+def fp8_blocks(data: Expr, scale: Expr) -> Fp8Blocks:
+    """A block-FP8 tensor from its codes and its scale grid (shapes checked)."""
+    if data.dtype != torch.float8_e4m3fn or len(data.shape) != 2:
+        raise ValueError(f"FP8 codes must be a 2-D float8_e4m3fn tensor, got {str(data.dtype)} {list(data.shape)}")
+    want = fp8_block.scale_shape(data.shape)
+    if scale.dtype != torch.float32 or tuple(scale.shape) != want:
+        raise ValueError(
+            f"the scale grid must be float32 {list(want)} for FP8 codes {list(data.shape)} in 128x128 blocks, "
+            f"got {str(scale.dtype).replace('torch.', '')} {list(scale.shape)}"
+        )
+    return Fp8Blocks(data, scale, tuple(data.shape))
+
+
+def _source_names(expr: Expr) -> str:
+    names = sorted({leaf.ref.name for leaf in leaves(expr)})
+    return ", ".join(names[:2]) + (f" (+{len(names) - 2})" if len(names) > 2 else "")
+
+
+def _narrow_fp8(expr: Fp8Blocks, dim: int, start: int, length: int) -> Expr:
+    size = expr.shape[dim]
+    if fp8_block.block_aligned(start, length, size):
+        block = fp8_block.BLOCK
+        first = start // block
+        count = fp8_block.block_count(start + length) - first
+        return Fp8Blocks(narrow(expr.data, dim, start, length), narrow(expr.scale, dim, first, count),
+                         _with(expr.shape, dim, length))
+    what = "row" if dim == 0 else "column"
+    edge = start if start % fp8_block.BLOCK else start + length
+    reason = (f"{_source_names(expr)}: the cut at {what} {edge} of {size} falls inside a 128-block")
+    offsets = tuple(start if d == dim else 0 for d in range(len(expr.shape)))
+    return _crop(expr, offsets, _with(expr.shape, dim, length), reason)
+
+
+def _crop(part: Fp8Blocks, offsets: tuple[int, ...], shape: tuple[int, ...], reason: str) -> Expr:
+    """The values ``part[offsets : offsets + shape]``, reading only the blocks that hold them."""
+    block = fp8_block.BLOCK
+    for dim, (o, n) in enumerate(zip(offsets, shape)):
+        lo = o // block * block
+        hi = min(-(-(o + n) // block) * block, part.shape[dim])
+        if (lo, hi) != (0, part.shape[dim]):
+            part = _narrow_fp8(part, dim, lo, hi - lo)  # block-aligned, so stays Fp8Blocks
+            offsets = _with(offsets, dim, o - lo)
+    if offsets == (0,) * len(shape) and tuple(shape) == part.shape:
+        return part  # whole blocks after all (e.g. one shard of a misaligned concatenation)
+    return Dequantize(part, tuple(offsets), tuple(shape), reason)
+
+
+def _with(values: tuple[int, ...], dim: int, value: int) -> tuple[int, ...]:
+    out = list(values)
+    out[dim] = value
+    return tuple(out)
+
+
+def _fp8_cat_parts(parts: tuple[Expr, ...], dim: int):
+    """Concatenate block-FP8 parts: whole blocks (every part but the last a multiple of 128
+    along ``dim``) stay FP8; otherwise every part is dequantized and the result requantized."""
+    if all(isinstance(p, Fp8Blocks) for p in parts) and all(p.shape[dim] % fp8_block.BLOCK == 0 for p in parts[:-1]):
+        for p in parts[1:]:
+            if any(a != b for i, (a, b) in enumerate(zip(p.shape, parts[0].shape)) if i != dim):
+                raise ValueError(f"cat along dim {dim} of shapes {parts[0].shape} and {p.shape}")
+        return Fp8Blocks(cat([p.data for p in parts], dim), cat([p.scale for p in parts], dim),
+                         _with(parts[0].shape, dim, sum(p.shape[dim] for p in parts)))
+    odd = next((p for p in parts[:-1] if p.shape[dim] % fp8_block.BLOCK), parts[0])
+    reason = (f"{_source_names(odd)}: joined along dim {dim} after a part of {odd.shape[dim]} "
+              f"{'rows' if dim == 0 else 'columns'}, not a multiple of 128")
+    out = []
+    for p in parts:
+        if isinstance(p, Fp8Blocks):
+            p = Dequantize(p, (0,) * len(p.shape), p.shape, reason)
+        out.append(p)
+    return tuple(out)
+
+
+def is_fp8(expr: Expr) -> bool:
+    """Whether ``expr`` holds block-FP8 values (kept, or dequantized on the way)."""
+    if isinstance(expr, (Fp8Blocks, Dequantize, Quantize)):
+        return True
+    if isinstance(expr, Leaf):
+        return expr.dtype == torch.float8_e4m3fn
+    if isinstance(expr, Repeat):
+        return is_fp8(expr.part)
+    if isinstance(expr, Cat):
+        return any(is_fp8(p) for p in expr.parts)
+    return False
+
+
+def requant_reasons(expr: Expr) -> list[str]:
+    if isinstance(expr, Dequantize):
+        return [expr.reason]
+    if isinstance(expr, (Cat,)):
+        return [r for p in expr.parts for r in requant_reasons(p)]
+    if isinstance(expr, (Repeat, Cast)):
+        return requant_reasons(expr.part)
+    return []
+
+
+def to_fp8(expr: Expr, reason: str) -> Union[Fp8Blocks, Quantize]:
+    """An output tensor written as block FP8: kept blocks as they are, anything else quantized
+    (``reason`` applies to values that were never FP8)."""
+    if isinstance(expr, (Fp8Blocks, Quantize)):
+        return expr
+    if len(expr.shape) != 2:
+        raise ValueError(f"only 2-D tensors can be stored as block FP8, got shape {list(expr.shape)}")
+    found = requant_reasons(expr)
+    return Quantize(expr, found[0] if found else reason, tuple(expr.shape))
+
+
+def fp8_part(expr: Union[Fp8Blocks, Quantize], which: str) -> Fp8Part:
+    if which == "codes":
+        return Fp8Part(expr, which, expr.shape, torch.float8_e4m3fn)
+    if which == "scale":
+        return Fp8Part(expr, which, fp8_block.scale_shape(expr.shape), torch.float32)
+    raise ValueError(which)
 
 
 def describe(expr: Expr) -> str:
@@ -194,6 +379,15 @@ def describe(expr: Expr) -> str:
         return f"repeat({describe(expr.part)}, x{expr.count})"
     if isinstance(expr, Cast):
         return f"{str(expr.dtype).replace('torch.', '')}({describe(expr.part)})"
+    if isinstance(expr, Fp8Blocks):
+        return f"fp8({describe(expr.data)}, scale {describe(expr.scale)})"
+    if isinstance(expr, Dequantize):
+        window = ",".join(f"{o}:{o + n}" for o, n in zip(expr.offsets, expr.shape))
+        return f"dequant({describe(expr.part)})[{window}]"
+    if isinstance(expr, Quantize):
+        return f"quantize({describe(expr.part)}; {expr.reason})"
+    if isinstance(expr, Fp8Part):
+        return f"{expr.which} of {describe(expr.of)}"
     return f"cat{expr.dim}(" + ", ".join(describe(p) for p in expr.parts) + ")"
 
 
@@ -220,6 +414,16 @@ def materialize_into(expr: Expr, reader: LeafReader, out: torch.Tensor) -> None:
     if isinstance(expr, Cast):
         out.copy_(materialize(expr.part, reader))  # copy_ converts the dtype
         return
+    if isinstance(expr, Dequantize):
+        codes = materialize(expr.part.data, reader)
+        scale = materialize(expr.part.scale, reader)
+        values = fp8_block.dequantize_blocks(codes, scale)
+        for dim, (o, n) in enumerate(zip(expr.offsets, expr.shape)):
+            values = values.narrow(dim, o, n)
+        out.copy_(values)
+        return
+    if isinstance(expr, (Fp8Blocks, Quantize, Fp8Part)):
+        raise TypeError("block-FP8 expressions are materialized by quant.fp8_materialize")
     pos = 0
     for part in expr.parts:
         n = part.shape[expr.dim]

@@ -6,12 +6,54 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import torch
+
+from .. import tensor_expr as te
 from ..errors import ConversionError
-from ..tensor_expr import TensorRef, source, Leaf
+from ..tensor_expr import Expr, TensorRef, source
 from .safetensors_io import SafetensorsReader, TensorEntry, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+FP8_SCALE_SUFFIX = "_scale_inv"  # X.weight (e4m3) + X.weight_scale_inv (fp32 block scales)
+
+
+def fp8_scale_name(weight: str) -> str:
+    return weight + FP8_SCALE_SUFFIX
+
+
+def fp8_quantization_config(config: dict, where: str) -> dict | None:
+    """The ``quantization_config`` of a DeepSeek-style block-FP8 checkpoint, checked; None when
+    the checkpoint is not quantized. Other quantization formats are refused, not misread."""
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method != "fp8":
+        raise ConversionError(
+            f"{where}: quantization_config quant_method {method!r} is not supported "
+            "(block-scaled FP8, quant_method 'fp8', is; convert other formats to bf16 first)"
+        )
+    block = qc.get("weight_block_size")
+    if block is None or [int(b) for b in block] != [128, 128]:
+        raise ConversionError(f"{where}: FP8 weight_block_size {block} is not supported; only [128, 128] (DeepSeek's and TE's blocks)")
+    if qc.get("activation_scheme", "dynamic") != "dynamic":
+        raise ConversionError(f"{where}: FP8 activation_scheme {qc.get('activation_scheme')!r} (static input scales) is not supported")
+    if qc.get("fmt", "e4m3") != "e4m3":
+        raise ConversionError(f"{where}: FP8 fmt {qc.get('fmt')!r} is not supported; only e4m3")
+    return qc
+
+
+def fp8_quantization_block(pow2: bool, base: dict | None = None) -> dict:
+    """``quantization_config`` for HF FP8 output: DeepSeek's layout, ``scale_fmt: ue8m0`` when
+    every scale is a power of two (as DeepSeek-V3.1 declares them)."""
+    qc = dict(base or {})
+    qc.update({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]})
+    if pow2:
+        qc["scale_fmt"] = "ue8m0"
+    else:
+        qc.pop("scale_fmt", None)
+    return qc
 
 
 @dataclass
@@ -21,10 +63,35 @@ class HFSource:
     entries: dict[str, dict[str, TensorEntry]]  # file -> name -> entry
     tensor_file: dict[str, str]  # name -> file
 
-    def leaf(self, name: str) -> Leaf:
+    def leaf(self, name: str) -> Expr:
+        """The tensor as an expression; an FP8 weight comes with its block scales."""
         file = self.tensor_file[name]
         e = self.entries[file][name]
-        return source(TensorRef(file, name), e.dtype, e.shape)
+        leaf = source(TensorRef(file, name), e.dtype, e.shape)
+        if e.dtype == torch.float8_e5m2:
+            raise ConversionError(f"tensor {name} in {file} is float8_e5m2; only e4m3 block-FP8 weights are supported")
+        if e.dtype != torch.float8_e4m3fn:
+            return leaf
+        scale_name = fp8_scale_name(name)
+        if scale_name not in self.tensor_file:
+            raise ConversionError(f"FP8 tensor {name} in {file} has no block scales ({scale_name} is missing)")
+        scale_file = self.tensor_file[scale_name]
+        s = self.entries[scale_file][scale_name]
+        try:
+            return te.fp8_blocks(leaf, source(TensorRef(scale_file, scale_name), s.dtype, s.shape))
+        except ValueError as err:
+            raise ConversionError(f"FP8 tensor {name}: {err}") from None
+
+    def companions(self, name: str) -> list[str]:
+        """Tensors read together with ``name`` (an FP8 weight's scales, wherever they are stored)."""
+        file = self.tensor_file[name]
+        if self.entries[file][name].dtype == torch.float8_e4m3fn:
+            return [fp8_scale_name(name)]
+        return []
+
+    @property
+    def has_fp8(self) -> bool:
+        return any(e.dtype == torch.float8_e4m3fn for entries in self.entries.values() for e in entries.values())
 
     def reader(self) -> SafetensorsReader:
         return SafetensorsReader(self.root, self.entries)
@@ -73,6 +140,7 @@ def open_source(root: str) -> HFSource:
     for name, file in weight_map.items():
         if tensor_file.get(name) != file:
             raise ConversionError(f"{INDEX_NAME} says tensor {name} is in {file}, but that file does not hold it")
+    fp8_quantization_config(config, os.path.join(root, "config.json"))  # refuse other formats early
     return HFSource(root, config, entries, tensor_file)
 
 

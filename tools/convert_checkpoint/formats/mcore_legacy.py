@@ -9,16 +9,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import tensor_expr as te
 from ..errors import ConversionError
-from ..tensor_expr import Leaf, TensorRef, source
+from ..quant import te_pickle
+from ..quant.te_pickle import Fp8BlockRecord
+from ..tensor_expr import Expr, Leaf, TensorRef, source
 
 TRACKER_NAME = "latest_checkpointed_iteration.txt"
 FILE_NAME = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
-
-torch.serialization.add_safe_globals([argparse.Namespace])
-
 
 def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
     """Megatron's ``get_checkpoint_name`` rule: PPP only with PP > 1, EEE only with EP > 1."""
@@ -35,12 +35,22 @@ def iteration_dir_name(iteration: int | None) -> str:
 
 
 def load_file(path: str) -> dict:
-    """Memory-mapped, weights-only load: tensors stay on disk until sliced."""
+    """Memory-mapped, weights-only load: tensors stay on disk until sliced. TE FP8 parameters
+    come back as plain records (``quant/te_pickle``), without TE and without running code."""
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        loaded = te_pickle.load(path)
     except Exception as e:  # torch raises many types for corrupt zips/pickles
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f"cannot read Megatron checkpoint file {path}: {first}") from None
+    for key, value in loaded.items():
+        if isinstance(value, dict):
+            for name, t in value.items():
+                if isinstance(t, Fp8BlockRecord):
+                    try:
+                        t.check(f"{path}: {key}/{name}")
+                    except ValueError as e:
+                        raise ConversionError(str(e)) from None
+    return loaded
 
 
 @dataclass
@@ -58,9 +68,28 @@ class McoreSource:
     def state_dict(self, file: str, container: str) -> dict:
         return self.files[file][container]
 
-    def leaf(self, file: str, container: str, name: str) -> Leaf:
+    def leaf(self, file: str, container: str, name: str) -> Expr:
         t = self.files[file][container][name]
+        if isinstance(t, Fp8BlockRecord):  # codes and scale grid, read separately
+            codes = source(TensorRef(file, name, container, "codes"), torch.float8_e4m3fn, t.shape)
+            scale = source(TensorRef(file, name, container, "scale"), torch.float32, tuple(t.scale_inv.shape))
+            return te.fp8_blocks(codes, scale)
         return source(TensorRef(file, name, container), t.dtype, tuple(t.shape))
+
+    def fp8_records(self):
+        for loaded in self.files.values():
+            for value in loaded.values():
+                if isinstance(value, dict):
+                    yield from (t for t in value.values() if isinstance(t, Fp8BlockRecord))
+
+    @property
+    def has_fp8(self) -> bool:
+        return next(self.fp8_records(), None) is not None
+
+    @property
+    def fp8_nominal_dtype(self) -> torch.dtype | None:
+        first = next(self.fp8_records(), None)
+        return first.nominal_dtype if first is not None else None
 
     def args(self) -> argparse.Namespace | None:
         for loaded in self.files.values():
@@ -89,6 +118,8 @@ class McoreReader:
         if file not in self._open:
             self._open[file] = load_file(os.path.join(self._src.root, file))
         t = self._open[file][leaf.ref.container][leaf.ref.name]
+        if leaf.ref.part is not None:
+            t = t.codes if leaf.ref.part == "codes" else t.scale_inv
         for dim, (o, s) in enumerate(zip(leaf.offsets, leaf.shape)):
             t = t.narrow(dim, o, s)
         out.copy_(t)
@@ -151,7 +182,10 @@ def save_rank_file(path: str, containers: dict[str, dict], args: argparse.Namesp
     payload["iteration"] = 0 if iteration is None else iteration
     payload["args"] = args
     with _without_zip_crc32():
-        torch.save(payload, path)
+        if any(isinstance(t, te_pickle.BlockwiseParam) for sd in containers.values() for t in sd.values()):
+            te_pickle.save(payload, path)  # FP8 parameters pickled as TE tensors, without TE
+        else:
+            torch.save(payload, path)
 
 
 @contextlib.contextmanager

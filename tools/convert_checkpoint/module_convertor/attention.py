@@ -18,7 +18,7 @@ from .base import CanonicalTensor, ModuleConvertor, register
 @register
 class FusedQKV(ModuleConvertor):
     kind = "qkv"
-    options = ("hf", "mcore")
+    options = ("hf", "mcore", "dtype")
     required = ("hf", "mcore")
 
     def __init__(self, *args, **kw):

@@ -29,6 +29,8 @@ class CanonicalTensor:
     expert: int | None = None
     # The split under the TE spec when it differs (MLA down-projections are replicated there).
     te_split: Split | None = None
+    # Marked ``dtype: fp8`` in the family YAML: stored as block FP8 in FP8 checkpoints.
+    fp8: bool = False
 
 
 _REGISTRY: dict[str, type["ModuleConvertor"]] = {}
@@ -48,6 +50,8 @@ class ModuleConvertor:
     # Option names the YAML entry may use (besides ``convertor``).
     options: ClassVar[tuple[str, ...]] = ()
     required: ClassVar[tuple[str, ...]] = ()
+    # Values the ``dtype`` option may take (where the convertor lists it among its options).
+    dtypes: ClassVar[tuple[str, ...]] = ("fp8",)
 
     def __init__(self, spec: ModuleSpec, arch: ModelArch, hf_prefix: str, mcore_prefix: str):
         unknown = sorted(set(spec.options) - set(self.options))
@@ -56,6 +60,9 @@ class ModuleConvertor:
         missing = [o for o in self.required if o not in spec.options]
         if missing:
             raise ConversionError(f"{spec.origin}: convertor '{self.kind}' needs option(s) {', '.join(missing)}")
+        dtype = spec.options.get("dtype")
+        if dtype is not None and dtype not in self.dtypes:
+            raise ConversionError(f"{spec.origin}: dtype of convertor '{self.kind}' must be one of {', '.join(self.dtypes)}, got {dtype!r}")
         self.spec = spec
         self.arch = arch
         self.hf_prefix = hf_prefix
@@ -63,6 +70,13 @@ class ModuleConvertor:
 
     def opt(self, name: str, default: Any = None) -> Any:
         return self.spec.options.get(name, default)
+
+    @property
+    def fp8_weights(self) -> bool:
+        """``dtype: fp8``: the module's weight matrices (its 2-D tensors) are stored as 128x128
+        block-scaled FP8 where the checkpoint is FP8 (DeepSeek's published layout), and are
+        quantized from bf16 with ``--convert_to_fp8``."""
+        return self.opt("dtype") == "fp8"
 
     def hf_name(self, suffix: str) -> str:
         return self.hf_prefix + suffix

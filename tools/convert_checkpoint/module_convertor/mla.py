@@ -39,7 +39,7 @@ class MultiLatentAttention(ModuleConvertor):
     """YAML: ``{convertor: mla, hf: self_attn., mcore: self_attention.}`` (module prefixes)."""
 
     kind = "mla"
-    options = ("hf", "mcore")
+    options = ("hf", "mcore", "dtype")
     required = ("hf", "mcore")
 
     def __init__(self, *args, **kw):

@@ -15,7 +15,7 @@ from .base import CanonicalTensor, ModuleConvertor, register
 @register
 class GatedMLP(ModuleConvertor):
     kind = "gated_mlp"
-    options = ("hf", "mcore", "size")
+    options = ("hf", "mcore", "size", "dtype")
     required = ("hf", "mcore")
 
     def __init__(self, *args, **kw):

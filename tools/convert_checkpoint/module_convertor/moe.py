@@ -20,7 +20,7 @@ class RoutedExperts(ModuleConvertor):
     """YAML: ``{convertor: experts, hf: "mlp.experts.{expert}.", gate: .., up: .., down: .., mcore: mlp.experts}``."""
 
     kind = "experts"
-    options = ("hf", "gate", "up", "down", "mcore")
+    options = ("hf", "gate", "up", "down", "mcore", "dtype")
     required = ("hf", "gate", "up", "down", "mcore")
 
     def __init__(self, *args, **kw):

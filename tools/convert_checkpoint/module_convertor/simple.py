@@ -12,12 +12,13 @@ from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # plus fp8 (a marker)
 
 
 class _OneToOne(ModuleConvertor):
     options = ("hf", "mcore", "shape", "te_split", "dtype")
     required = ("hf", "mcore")
+    dtypes = ("fp8", *_DTYPES)
     split: Split = Split.REPLICATED
     is_linear = False
     default_shape: list = ["hidden_size"]
@@ -57,12 +58,9 @@ class _OneToOne(ModuleConvertor):
         """``dtype: float32``: the tensor is kept in that dtype both ways (Megatron keeps the
         router expert bias in fp32 whatever the model dtype; DeepSeek's HF files do too)."""
         name = self.opt("dtype")
-        if name is None:
+        if name is None or name == "fp8":  # fp8: stored quantized, decided by the planner
             return expr
-        dtype = _DTYPES.get(name)
-        if dtype is None:
-            raise ConversionError(f"{self.spec.origin}: dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
-        return te.cast(expr, dtype)
+        return te.cast(expr, _DTYPES[name])
 
 
 @register
