@@ -70,7 +70,12 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert sorted(a) == sorted(b), f"key sets differ: only left {sorted(set(a) - set(b))[:5]}, only right {sorted(set(b) - set(a))[:5]}"
     for k in a:
         assert a[k].dtype == b[k].dtype, f"{k}: dtype {a[k].dtype} != {b[k].dtype}"
-        assert torch.equal(a[k], b[k]), f"{k}: values differ"
+        assert torch.equal(bits(a[k]), bits(b[k])), f"{k}: values differ"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """FP8 tensors compared as their bytes (torch has no FP8 comparisons; NaN codes compare too)."""
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t
 
 
 def rank_files(mcore_dir: str) -> dict[str, dict]:

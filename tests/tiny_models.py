@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -25,12 +26,16 @@ class TinySpec:
     mtp_layers: int = 0
     first_dense: int = 1
     mlp_only_layers: tuple[int, ...] = ()  # Qwen3-MoE: dense layers
+    # DeepSeek-V3 with every FP8 dimension a multiple of 128 (hidden 256, 4 heads of 64+64,
+    # q-LoRA 256, kv-LoRA 128 + rope 64 = 192 rows, like the real 576: not a multiple of 128).
+    wide: bool = False
 
     @property
     def key(self) -> str:
         t = "tied" if self.tied else "untied"
         return (f"{self.family}_{t}_L{self.num_layers}_V{self.vocab_size}_G{self.num_key_value_heads}_"
-                f"M{self.mtp_layers}_D{self.first_dense}_Q{''.join(map(str, self.mlp_only_layers))}_{str(self.dtype)[6:]}")
+                f"M{self.mtp_layers}_D{self.first_dense}_Q{''.join(map(str, self.mlp_only_layers))}_{str(self.dtype)[6:]}"
+                + ("_wide" if self.wide else ""))
 
 
 def make_config(spec: TinySpec):
@@ -58,6 +63,13 @@ def make_config(spec: TinySpec):
     mla = dict(kw, num_key_value_heads=8, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                v_head_dim=16, n_routed_experts=4, moe_intermediate_size=32, num_experts_per_tok=2,
                first_k_dense_replace=spec.first_dense)
+    if spec.family == "deepseek_v3" and spec.wide:
+        wide = dict(kw, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=4,
+                    kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=64, v_head_dim=64, n_routed_experts=4,
+                    moe_intermediate_size=256, num_experts_per_tok=2, first_k_dense_replace=spec.first_dense)
+        return DeepseekV3Config(**wide, q_lora_rank=256, n_shared_experts=1, n_group=2, topk_group=1,
+                                routed_scaling_factor=2.5, norm_topk_prob=True,
+                                num_nextn_predict_layers=spec.mtp_layers)
     if spec.family == "deepseek_v3":  # sigmoid router with score-correction bias, 2 expert groups
         return DeepseekV3Config(**mla, q_lora_rank=32, n_shared_experts=1, n_group=2, topk_group=1,
                                 routed_scaling_factor=2.5, norm_topk_prob=True,
@@ -114,4 +126,57 @@ def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
     model.save_pretrained(path)
     if spec.mtp_layers:
         add_mtp_layers(path, spec.num_layers, spec.mtp_layers)
+    return path
+
+
+# DeepSeek-V3's FP8 tensors (formats.md §1): attention and MLP weight matrices, in every layer
+# including MTP layers, but not eh_proj, the router, norms, embeddings or the LM head. Written
+# independently of the family YAML so the YAML's dtype: fp8 marks are checked against it.
+DEEPSEEK_FP8 = re.compile(
+    r"model\.layers\.\d+\.(self_attn\.(q_a_proj|q_b_proj|q_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight"
+)
+
+
+def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True) -> str:
+    """DeepSeek-style FP8 copy of a bf16 checkpoint, quantized with our ``pt`` quantizer.
+
+    The block scales (``weight_scale_inv``) go to a second shard, away from their weights, as a
+    checkpoint may store them anywhere the index says."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from convert_checkpoint.quant.fp8_block import Fp8Recipe, quantize_blocks
+
+    os.makedirs(path, exist_ok=True)
+    for name in os.listdir(bf16_dir):
+        if not name.endswith(".safetensors") and not name.endswith(".index.json"):
+            shutil.copyfile(os.path.join(bf16_dir, name), os.path.join(path, name))
+    tensors = {}
+    for name in sorted(os.listdir(bf16_dir)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(bf16_dir, name)))
+    weights, scales = {}, {}
+    for name, value in tensors.items():
+        if DEEPSEEK_FP8.fullmatch(name):
+            codes, scale = quantize_blocks(value.to(torch.bfloat16), Fp8Recipe(pow2=pow2))
+            weights[name], scales[name + "_scale_inv"] = codes, scale
+        elif name.endswith("e_score_correction_bias"):
+            weights[name] = value.float()  # fp32 in DeepSeek's files
+        else:
+            weights[name] = value
+    files = {"model-00001-of-00002.safetensors": weights, "model-00002-of-00002.safetensors": scales}
+    for file, group in files.items():
+        save_file(group, os.path.join(path, file), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {n: f for f, group in files.items() for n in group}}
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [128, 128], **({"scale_fmt": "ue8m0"} if pow2 else {})}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
     return path

@@ -175,11 +175,12 @@ class _TEDTypeValue:
         return (_DTYPE_CLASS, (self.value,))
 
 
-class _QuantizerValue:
-    """Pickled as ``object.__reduce_ex__(2)`` pickles a plain instance: NEWOBJ, then BUILD with
-    its ``__dict__`` (written by :class:`_Pickler`)."""
+class _InstanceValue:
+    """An instance of a foreign class, pickled as ``object.__reduce_ex__(2)`` pickles a plain
+    instance: NEWOBJ of the class, then BUILD with its state (written by :class:`_Pickler`)."""
 
-    def __init__(self, state: dict):
+    def __init__(self, cls: _Global, state):
+        self.cls = cls
         self.state = state
 
 
@@ -212,7 +213,8 @@ class BlockwiseParam:
 
     def __reduce_ex__(self, protocol):
         return (_REBUILD, (self.shape, self.rowwise_data, self.rowwise_scale_inv, None, None,
-                           _TEDTypeValue(TE_FLOAT8_E4M3), self.dtype, _QuantizerValue(self.quantizer_state), True, None))
+                           _TEDTypeValue(TE_FLOAT8_E4M3), self.dtype, _InstanceValue(_QUANTIZER_CLASS, self.quantizer_state),
+                           True, None))
 
 
 def blockwise_param(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
@@ -227,8 +229,8 @@ class _Pickler(pickle._Pickler):
     def save(self, obj, save_persistent_id=True):
         if isinstance(obj, _Global):
             self._write_global(obj)
-        elif isinstance(obj, _QuantizerValue):
-            self._write_global(_QUANTIZER_CLASS)
+        elif isinstance(obj, _InstanceValue):
+            self._write_global(obj.cls)
             self.save(())
             self.write(pickle.NEWOBJ)
             self.memoize(obj)
