@@ -10,8 +10,10 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_same_tensors, hf_to_mcore, load_hf_tensors, mcore_to_hf, rank_files
-from tiny_models import TinySpec
+from helpers import assert_same_tensors, bits, hf_to_mcore, load_hf_tensors, mcore_to_hf, rank_files
+from tiny_models import TinySpec, make_fp8_checkpoint
+
+from convert_checkpoint.quant.fp8_block import quantize_blocks
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Scaled-down parallel sizes where the script's defaults exceed the tiny model (4 layers,
@@ -29,9 +31,41 @@ EXAMPLES = {
 }
 
 
+FP8_SCRIPTS = {"hf_fp8_to_mcore_fp8.sh", "mcore_fp8_to_hf_fp8.sh", "mcore_bf16_to_hf_fp8.sh"}
+
+
 def test_every_example_directory_is_tested():
     assert sorted(d for d in os.listdir(os.path.join(REPO, "examples"))
                   if os.path.isdir(os.path.join(REPO, "examples", d)) and not d.startswith("__")) == sorted(EXAMPLES)
+    for example in EXAMPLES:  # each script is run below
+        extra = FP8_SCRIPTS if example == "deepseek_v3" else set()
+        assert set(os.listdir(os.path.join(REPO, "examples", example))) == {"hf_to_mcore.sh", "mcore_to_hf.sh"} | extra
+
+
+def _run(script: str, env: dict) -> None:
+    proc = subprocess.run(["bash", os.path.join(REPO, "examples", "deepseek_v3", script), "--no_progress"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_deepseek_v3_fp8_scripts(tiny_hf, tmp_path):
+    """hf_fp8 -> mcore_fp8 -> hf_fp8 is bit-exact; mcore_bf16 -> hf_fp8 quantizes the marked tensors."""
+    bf16 = tiny_hf(TinySpec("deepseek_v3", mtp_layers=1, wide=True, dtype=torch.bfloat16))
+    fp8 = make_fp8_checkpoint(bf16, str(tmp_path / "fp8"))
+    env = dict(os.environ, PYTHON=sys.executable, MAX_WORKERS="2", **DEEPSEEK_SCALED)
+    _run("hf_fp8_to_mcore_fp8.sh", dict(env, HF_CKPT_PATH=fp8, MCORE_CKPT_PATH=str(tmp_path / "mc_fp8")))
+    _run("mcore_fp8_to_hf_fp8.sh", dict(env, HF_CKPT_PATH=str(tmp_path / "back"), MCORE_CKPT_PATH=str(tmp_path / "mc_fp8")))
+    assert_same_tensors(load_hf_tensors(fp8), load_hf_tensors(str(tmp_path / "back")))
+
+    _run("hf_to_mcore.sh", dict(env, HF_CKPT_PATH=bf16, MCORE_CKPT_PATH=str(tmp_path / "mc_bf16")))
+    _run("mcore_bf16_to_hf_fp8.sh", dict(env, HF_CKPT_PATH=str(tmp_path / "hf_fp8"), MCORE_CKPT_PATH=str(tmp_path / "mc_bf16")))
+    src, out, ref = load_hf_tensors(bf16), load_hf_tensors(str(tmp_path / "hf_fp8")), load_hf_tensors(fp8)
+    assert sorted(out) == sorted(ref)
+    for name, value in out.items():
+        if value.dtype == torch.float8_e4m3fn:
+            codes, scale = quantize_blocks(src[name])
+            assert torch.equal(bits(value), bits(codes)) and torch.equal(out[name + "_scale_inv"], scale), name
+    assert json.load(open(tmp_path / "hf_fp8" / "config.json"))["quantization_config"]["scale_fmt"] == "ue8m0"
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES))
