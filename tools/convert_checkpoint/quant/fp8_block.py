@@ -81,16 +81,31 @@ def quantization_multipliers(amax: torch.Tensor, recipe: Fp8Recipe, input_dtype:
     return torch.where(special, torch.ones_like(scale), scale)
 
 
+# Rows quantized at a time on CPU: bounds the fp32 temporaries (a few copies of the chunk) for
+# the largest weights (DeepSeek-V3's 18432x7168) to a few hundred MB per worker.
+_CPU_CHUNK_ELEMENTS = 1 << 24
+
+
 def _quantize_pt(x: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = x.shape[0]
+    step = max(1, _CPU_CHUNK_ELEMENTS // max(1, x.shape[1]) // BLOCK) * BLOCK
+    if x.device.type != "cpu" or rows <= step:
+        return _quantize_pt_whole(x, recipe)
+    parts = [_quantize_pt_whole(x[r:r + step], recipe) for r in range(0, rows, step)]
+    return torch.cat([c for c, _ in parts]), torch.cat([s for _, s in parts])
+
+
+def _quantize_pt_whole(x: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     input_dtype = x.dtype if x.dtype.is_floating_point and x.dtype.itemsize >= 2 else torch.float32
     blocks, rows, cols = _blocks(x)
-    values = blocks.float()
-    magnitude = values.abs()
-    magnitude = torch.where(torch.isnan(magnitude), torch.zeros_like(magnitude), magnitude)
-    amax = magnitude.amax(dim=(1, 3))
-    del magnitude
+    amax = blocks.abs().amax(dim=(1, 3)).float()  # |x| and max are exact in x's own dtype
+    nan_blocks = torch.isnan(amax)
+    if nan_blocks.any():  # NaN elements do not count (TE's fmaxf); rare, so only those blocks pay
+        clean = torch.nan_to_num(blocks.abs(), nan=0.0).amax(dim=(1, 3)).float()
+        amax = torch.where(nan_blocks, clean, amax)
     scale = quantization_multipliers(amax, recipe, input_dtype)
-    scaled = (values * scale[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX)  # never in place: x may be fp32
+    # x * S in fp32 (type promotion upcasts x exactly), one rounding, as TE's kernel does.
+    scaled = torch.mul(blocks, scale[:, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX)
     codes = scaled.to(torch.float8_e4m3fn).view(blocks.shape[0] * BLOCK, blocks.shape[2] * BLOCK)
     return codes[:rows, :cols].contiguous(), torch.reciprocal(scale)
 
