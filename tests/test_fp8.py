@@ -417,3 +417,21 @@ def test_fp8_cut_expressions():
     joined = te.cat([odd, w], 0)
     assert isinstance(joined, te.Cat) and isinstance(te.to_fp8(joined, "unused"), te.Quantize)
     assert "part of 100 rows" in te.to_fp8(joined, "unused").reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour of the GPU flags")
+def test_gpu_flags_on_a_cpu_machine(fp8_hf, tmp_path, capsys):
+    """--quant_method te without TE falls back to pt (same bytes) with a note; --device cuda
+    without a GPU is an error before anything is written."""
+    te_out, pt_out = str(tmp_path / "te"), str(tmp_path / "pt")
+    flags = dict(tensor_model_parallel_size=2, transformer_impl="local")
+    assert hf_to_mcore(fp8_hf, te_out, quant_method="te", **flags) == 0
+    assert "using the pt quantizer" in capsys.readouterr().err
+    assert hf_to_mcore(fp8_hf, pt_out, **flags) == 0
+    for key, rec in _records(pt_out).items():
+        if isinstance(rec, Fp8BlockRecord):
+            other = _records(te_out)[key]
+            assert torch.equal(other.rowwise_data, rec.rowwise_data) and torch.equal(other.rowwise_scale_inv, rec.rowwise_scale_inv)
+    gpu_out = str(tmp_path / "gpu")
+    assert hf_to_mcore(fp8_hf, gpu_out, device="cuda", **flags) == 2
+    assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err and not os.path.exists(gpu_out)
