@@ -24,3 +24,14 @@ def test_plan_full_size_on_a_small_deepseek_config(tmp_path):
     assert "plan + validation (--dry_run)" in proc.stderr
     assert "target:" in proc.stdout and "(16 files" in proc.stdout  # TP2 x EP4 files on each of 2 stages
     assert not os.path.exists(tmp_path / "work" / "mcore")  # a dry run writes nothing
+    # DeepSeek's FP8 layout: weights with their block scales, kept (128-multiple sizes at TP2).
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "plan_full_size.py"), "--fp8", str(path),
+                           str(tmp_path / "work_fp8"), "--", "--tensor_model_parallel_size", "2",
+                           "--expert_parallel_size", "4", "--expert_tensor_parallel_size", "1",
+                           "--force_pow_2_scales", "false"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    # The shared expert (128 rows) split by TP=2 cuts its blocks: requantized, and said so.
+    assert "172 keep their codes and scales unless their scale style differs, 32 are requantized" in proc.stdout
+    assert ("requantize decoder.layers.1.mlp.shared_experts.linear_fc1.weight: "
+            "model.layers.1.mlp.shared_experts.gate_proj.weight: the cut at row 64 of 128") in proc.stdout

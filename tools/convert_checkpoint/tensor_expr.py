@@ -264,6 +264,11 @@ def fp8_blocks(data: Expr, scale: Expr) -> Fp8Blocks:
 
 
 def _source_names(expr: Expr) -> str:
+    """The source weights behind ``expr`` (their scale grids left out), for messages."""
+    if isinstance(expr, Dequantize):
+        expr = expr.part
+    if isinstance(expr, Fp8Blocks):
+        expr = expr.data
     names = sorted({leaf.ref.name for leaf in leaves(expr)})
     return ", ".join(names[:2]) + (f" (+{len(names) - 2})" if len(names) > 2 else "")
 
