@@ -188,6 +188,24 @@ class CheckJob:
         return arch if self.mtp_layers is None else dataclasses.replace(arch, mtp_layers=self.mtp_layers)
 
 
+def _dequantize_fp8_parameters(ckpt: dict) -> None:
+    """TE FP8 parameters (read by the converter's allow-listed unpickler, imported below) become
+    their values in the nominal dtype, as TE's ``dequantize()`` gives them: without TE, megatron
+    builds bf16/fp32 parameters. The formula is written out here, not the converter's."""
+    import torch
+
+    from convert_checkpoint.quant.te_pickle import Fp8BlockRecord
+
+    for key, entry in ckpt.items():
+        if not (re.fullmatch(r"model\d*", key) and isinstance(entry, dict)):
+            continue
+        for name, value in entry.items():
+            if isinstance(value, Fp8BlockRecord):
+                rows, cols = value.shape
+                scale = value.rowwise_scale_inv.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+                entry[name] = (value.rowwise_data.view(torch.float8_e4m3fn).float() * scale).to(value.nominal_dtype)
+
+
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
     """Legacy per-rank directory under ``release/`` (megatron-LM's naming rule).
 
@@ -898,11 +916,15 @@ class _Worker:
         path = Path(job.mcore_dir, RELEASE_DIR, name, CKPT_FILE)
         if not path.is_file():
             raise CheckFailure(f"missing rank file {path}")
-        # The legacy format stores the training args as an argparse.Namespace.
+        # The legacy format stores the training args as an argparse.Namespace; TE FP8 parameters
+        # are allow-listed by the converter's te_pickle (plain records, no TE needed).
+        from convert_checkpoint.quant import te_pickle  # noqa: F401
+
         torch.serialization.add_safe_globals([argparse.Namespace])
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict):
             raise CheckFailure(f"{path}: top level is {type(ckpt).__name__}, expected dict")
+        _dequantize_fp8_parameters(ckpt)
 
         expected_models = _model_entry_names(job.layout.vpp)
         present_models = sorted(k for k in ckpt if re.fullmatch(r"model\d*", k))

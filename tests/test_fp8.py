@@ -131,6 +131,12 @@ def _pickle_globals(path: str) -> set[str]:
     return found
 
 
+def _reduce_count(path: str) -> int:
+    with zipfile.ZipFile(path) as z:
+        data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    return sum(1 for op, _, _ in pickletools.genops(data) if op.name == "REDUCE")
+
+
 def test_te_pickle_layout_and_restricted_reader(tmp_path):
     x = torch.randn(300, 260).to(torch.bfloat16)
     codes, scale = quantize_blocks(x)
@@ -138,6 +144,9 @@ def test_te_pickle_layout_and_restricted_reader(tmp_path):
     te_pickle.save({"model": {"w": te_pickle.blockwise_param(codes, scale, torch.bfloat16, True, 1e-4),
                               "norm": torch.ones(4)}}, path)
     assert _pickle_globals(path) >= {te_pickle.REBUILD_PATH, te_pickle.QUANTIZER_PATH, te_pickle.DTYPE_PATH}
+    # 3 tensors x (_rebuild_tensor_v2, OrderedDict), torch.Size, TE's rebuild, and DType(7) once:
+    # the tensor and its quantizer share one DType object, as in TE's own pickles.
+    assert _reduce_count(path) == 3 * 2 + 1 + 1 + 1
     rec = te_pickle.load(path)["model"]["w"]
     assert isinstance(rec, Fp8BlockRecord)
     assert rec.shape == (300, 260) and rec.rowwise_data.dtype == torch.uint8
@@ -147,6 +156,17 @@ def test_te_pickle_layout_and_restricted_reader(tmp_path):
     assert rec.quantizer == {"rowwise_usage": True, "columnwise_usage": False, "internal": False,
                              "optimize_for_gemm": False, "dtype": 7, "block_len": 128, "force_pow_2_scales": True,
                              "amax_epsilon": 1e-4, "block_scaling_dim": 2}
+    # With TE imported, its real classes are registered under the same names; ours must win.
+    def impostor(*args):
+        raise AssertionError("the reader reached another registration of TE's rebuild function")
+
+    torch.serialization.add_safe_globals([(impostor, te_pickle.REBUILD_PATH)])
+    try:
+        assert isinstance(te_pickle.load(path)["model"]["w"], Fp8BlockRecord)
+        assert (impostor, te_pickle.REBUILD_PATH) in torch.serialization.get_safe_globals()  # restored
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(te_pickle._ALLOWED)
     # TE <= 2.9 wrote the classmethod through getattr and the pybind11 DType enum: read as well.
     legacy = str(tmp_path / "legacy.pt")
     te_pickle.save({"model": {"w": _LegacyParam(codes, scale)}}, legacy)

@@ -19,13 +19,17 @@ from pathlib import Path
 
 import torch
 
-from helpers import hf_to_mcore_at, swap_paths
+from helpers import hf_to_mcore_at, rank_files, swap_paths
 from mcore_harness import CheckJob, Layout, assert_all_ok, job_problems, run_checks
-from tiny_models import TinySpec
+from tiny_models import TinySpec, dequantize_checkpoint, make_fp8_checkpoint
+
+from convert_checkpoint.quant.te_pickle import Fp8BlockRecord
 
 WORLD_SIZE = 8
 NUM_EXPERTS, FIRST_DENSE = 4, 1  # tiny_models: 4 routed experts, layer 0 dense
-SPECS = {"v3": TinySpec("deepseek_v3", mtp_layers=1), "v2": TinySpec("deepseek_v2")}
+SPECS = {"v3": TinySpec("deepseek_v3", mtp_layers=1), "v2": TinySpec("deepseek_v2"),
+         # 128-multiple sizes, bf16: the source of the FP8 checkpoint
+         "v3wide": TinySpec("deepseek_v3", mtp_layers=1, wide=True, dtype=torch.bfloat16)}
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Case:
     layout: Layout
     impl: str = "local"  # --transformer_impl
     grouped: bool = False  # --moe-grouped-gemm
+    fp8: bool = False  # convert DeepSeek's FP8 layout of the model (TE FP8 parameters in the rank files)
 
     @property
     def mtp(self) -> int:
@@ -52,12 +57,25 @@ CASES = [
     # Interleaved pipeline: the MTP layer goes to the last virtual stage (pp rank 1, model1);
     # pp rank 0's first chunk holds only the dense layer.
     Case("v3", Layout(1, 2, 2, (1, 1, 1, 1), ep=2), impl="transformer_engine"),
+    # FP8: DeepSeek's published layout (weight + weight_scale_inv) -> TE FP8 parameters, every
+    # block kept; megatron gets their dequantized values (as TE's dequantize() gives them), and
+    # the reference is the HF model of the same dequantized weights.
+    Case("v3wide", Layout(2, 1, 1, (4,), ep=2), impl="transformer_engine", fp8=True),
 ]
 
 
 def _convert(case: Case, hf_dir: str, out: Path) -> CheckJob:
     layout = case.layout
-    hf_to_mcore_at(hf_dir, str(out), layout, case.impl, case.grouped)
+    if case.fp8:
+        fp8_dir = make_fp8_checkpoint(hf_dir, str(out.with_name(out.name + "_hf_fp8")))
+        hf_to_mcore_at(fp8_dir, str(out), layout, case.impl, case.grouped)
+        hf_dir = dequantize_checkpoint(fp8_dir, str(out.with_name(out.name + "_hf_dequantized")))
+        fp8_params = [n for sd in rank_files(str(out)).values() for n, v in sd["model"].items()
+                      if isinstance(v, Fp8BlockRecord)]
+        # 4 rank files x (dense layer 7 + 3 MoE layers x 11 + MTP layer 11): not a vacuous check
+        assert len(fp8_params) == 4 * (7 + 3 * 11 + 11), len(fp8_params)
+    else:
+        hf_to_mcore_at(hf_dir, str(out), layout, case.impl, case.grouped)
     return CheckJob(
         hf_dir,
         str(out),

@@ -180,3 +180,37 @@ def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True) -> str:
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     return path
+
+
+def dequantize_checkpoint(fp8_dir: str, path: str) -> str:
+    """The bf16 checkpoint an FP8 one stands for: ``weight * weight_scale_inv`` per 128-block
+    (exact for power-of-two scales), scales and quantization_config dropped."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name in os.listdir(fp8_dir):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(fp8_dir, name)))
+        elif not name.endswith(".index.json"):
+            shutil.copyfile(os.path.join(fp8_dir, name), os.path.join(path, name))
+    out = {}
+    for name, value in tensors.items():
+        if name.endswith("_scale_inv"):
+            continue
+        if value.dtype == torch.float8_e4m3fn:
+            scale = tensors[name + "_scale_inv"]
+            rows, cols = value.shape
+            full = scale.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
+            value = (value.float() * full).to(torch.bfloat16)
+        out[name] = value
+    save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config", None)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    return path

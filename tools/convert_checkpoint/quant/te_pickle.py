@@ -95,7 +95,7 @@ class Fp8BlockRecord:
 
 def _rebuild_blockwise(shape, rowwise_data, rowwise_scale_inv, columnwise_data, columnwise_scale_inv,
                        fp8_dtype, dtype, quantizer, is_2d_scaled, data_format=None) -> Fp8BlockRecord:
-    state = quantizer.__dict__ if isinstance(quantizer, _QuantizerState) else {}
+    state = {k: (int(v) if k == "dtype" else v) for k, v in vars(quantizer).items()} if quantizer is not None else {}
     return Fp8BlockRecord(tuple(int(s) for s in shape), rowwise_data, rowwise_scale_inv, dtype, dict(state),
                           bool(is_2d_scaled), int(fp8_dtype))
 
@@ -134,7 +134,7 @@ def _safe_getattr(obj, name):
     raise pickle.UnpicklingError(f"refusing getattr({obj!r}, {name!r}) in a checkpoint")
 
 
-torch.serialization.add_safe_globals([
+_ALLOWED = [
     argparse.Namespace,
     (_rebuild_blockwise, REBUILD_PATH),
     (_TensorClassStub, TENSOR_CLASS_PATH),
@@ -142,12 +142,23 @@ torch.serialization.add_safe_globals([
     (_te_dtype, DTYPE_PATH),
     (_LegacyDType, LEGACY_DTYPE_PATH),
     (_safe_getattr, "builtins.getattr"),
-])
+]
+torch.serialization.add_safe_globals(_ALLOWED)  # so a plain weights_only torch.load reads them too
 
 
 def load(path: str, mmap: bool = True) -> dict:
-    """A Megatron rank file, weights only: FP8 parameters come back as :class:`Fp8BlockRecord`."""
-    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    """A Megatron rank file, weights only: FP8 parameters come back as :class:`Fp8BlockRecord`.
+
+    Only this module's allow-list is active during the load: TE, when imported, registers its
+    real classes under the same names, and those must not be the ones the file reaches."""
+    previous = torch.serialization.get_safe_globals()
+    torch.serialization.clear_safe_globals()
+    torch.serialization.add_safe_globals(_ALLOWED)
+    try:
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(previous)
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -212,8 +223,10 @@ class BlockwiseParam:
         }
 
     def __reduce_ex__(self, protocol):
+        # One DType object for the tensor and its quantizer, pickled once and then referenced,
+        # as in TE's own pickles.
         return (_REBUILD, (self.shape, self.rowwise_data, self.rowwise_scale_inv, None, None,
-                           _TEDTypeValue(TE_FLOAT8_E4M3), self.dtype, _InstanceValue(_QUANTIZER_CLASS, self.quantizer_state),
+                           self.quantizer_state["dtype"], self.dtype, _InstanceValue(_QUANTIZER_CLASS, self.quantizer_state),
                            True, None))
 
 
