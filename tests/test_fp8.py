@@ -455,3 +455,21 @@ def test_gpu_flags_on_a_cpu_machine(fp8_hf, tmp_path, capsys):
     gpu_out = str(tmp_path / "gpu")
     assert hf_to_mcore(fp8_hf, gpu_out, device="cuda", **flags) == 2
     assert "--device cuda: no CUDA device is visible" in capsys.readouterr().err and not os.path.exists(gpu_out)
+
+
+def test_branch_free_gpu_form_equals_the_cpu_form():
+    """The form compiled on GPUs (NaN zeroed unconditionally, no data-dependent branch) gives the
+    same bytes as the CPU path, here run eagerly on CPU over adversarial blocks."""
+    from convert_checkpoint.quant import fp8_block
+
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(300, 520, generator=gen) * torch.logspace(-8, 4, 520)
+    x[:128, :128] = 0.0
+    x[200, 5], x[10, 300], x[140, 140] = float("inf"), float("nan"), 1e30
+    for dtype in (torch.bfloat16, torch.float32):
+        for recipe in (Fp8Recipe(), Fp8Recipe(pow2=False), Fp8Recipe(amax_epsilon=1e-4)):
+            codes, scale = quantize_blocks(x.to(dtype), recipe)
+            codes2, multipliers = fp8_block._codes_and_multipliers(x.to(dtype), recipe)
+            raw = bits(codes2).clone()
+            raw[raw == 0xFF] = 0x7F  # a CPU cast keeps a NaN's sign; CUDA's (like TE's) writes 0x7F
+            assert torch.equal(bits(codes), raw) and torch.equal(scale, torch.reciprocal(multipliers))

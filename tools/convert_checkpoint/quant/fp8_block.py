@@ -156,11 +156,11 @@ def _quantize_pt_cuda(x: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor,
         options = _exact_division_options()
         fn = _codes_and_multipliers
         if options is not None:
-            import torch._dynamo
+            from torch import _dynamo  # (a plain `import torch._dynamo` would make torch local here)
 
             for knob in ("recompile_limit", "cache_size_limit"):  # one graph per weight shape
-                if hasattr(torch._dynamo.config, knob):
-                    setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 64))
+                if hasattr(_dynamo.config, knob):
+                    setattr(_dynamo.config, knob, max(getattr(_dynamo.config, knob), 64))
             fn = torch.compile(_codes_and_multipliers, dynamic=False, fullgraph=True, options=options)
         _CUDA_QUANTIZERS[recipe] = fn
     try:
