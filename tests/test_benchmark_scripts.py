@@ -35,3 +35,15 @@ def test_plan_full_size_on_a_small_deepseek_config(tmp_path):
     assert "172 keep their codes and scales unless their scale style differs, 32 are requantized" in proc.stdout
     assert ("requantize decoder.layers.1.mlp.shared_experts.linear_fc1.weight: "
             "model.layers.1.mlp.shared_experts.gate_proj.weight: the cut at row 64 of 128") in proc.stdout
+
+
+def test_fp8_gpu_check_runs_without_a_gpu(tmp_path):
+    """The GPU check script stays runnable: on CPU it runs what it can and marks the TE/GPU
+    parts SKIP, loudly, instead of passing them."""
+    out = tmp_path / "check.json"
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "fp8_gpu_check.py"), "--quick",
+                           "--no-compile", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "\nFAIL" not in proc.stdout and "SKIP 1.pt==te" in proc.stdout and "\nPASS " in proc.stdout
+    assert json.loads(out.read_text())
