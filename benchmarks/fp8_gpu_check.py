@@ -694,32 +694,14 @@ def cpu_time_s(fn, warmup: int = 1, iters: int = 3) -> float:
 
 
 def candidate_quantize(x: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """A branch-free form of fp8_block's pt quantizer, for torch.compile on CUDA (a proposal,
-    measured here; fp8_block is not changed by this script): NaN elements are zeroed for the amax
-    unconditionally (free once fused) instead of behind a data-dependent ``if``, which breaks the
-    compiled graph and syncs the host."""
-    input_dtype = x.dtype if x.dtype.is_floating_point and x.dtype.itemsize >= 2 else torch.float32
-    blocks, rows, cols = fp8_block._blocks(x)
-    magnitude = blocks.abs()
-    amax = torch.where(torch.isnan(magnitude), 0.0, magnitude).amax(dim=(1, 3)).float()
-    scale = fp8_block.quantization_multipliers(amax, recipe, input_dtype)
-    scaled = torch.mul(blocks, scale[:, None, :, None]).clamp(-fp8_block.E4M3_MAX, fp8_block.E4M3_MAX)
-    codes = scaled.to(torch.float8_e4m3fn).view(blocks.shape[0] * fp8_block.BLOCK, blocks.shape[2] * fp8_block.BLOCK)
-    return codes[:rows, :cols].contiguous(), torch.reciprocal(scale)
+    """fp8_block's branch-free GPU form (NaN elements zeroed for the amax unconditionally, no
+    data-dependent ``if``), finished with an eager ``1/S``; compiled below without and with
+    IEEE division to show why the converter compiles it with the exact-division option."""
+    codes, multipliers = fp8_block._codes_and_multipliers(x, recipe)
+    return codes, torch.reciprocal(multipliers)
 
 
-def candidate_codes_and_multipliers(x: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused graph, returning the multipliers S instead of 1/S: compiled with IEEE division
-    (div_rn) S is exact, and 1/S is then taken eagerly (one tiny kernel; Inductor's reciprocal
-    is not IEEE-rounded even with div_rn)."""
-    input_dtype = x.dtype if x.dtype.is_floating_point and x.dtype.itemsize >= 2 else torch.float32
-    blocks, rows, cols = fp8_block._blocks(x)
-    magnitude = blocks.abs()
-    amax = torch.where(torch.isnan(magnitude), 0.0, magnitude).amax(dim=(1, 3)).float()
-    scale = fp8_block.quantization_multipliers(amax, recipe, input_dtype)
-    scaled = torch.mul(blocks, scale[:, None, :, None]).clamp(-fp8_block.E4M3_MAX, fp8_block.E4M3_MAX)
-    codes = scaled.to(torch.float8_e4m3fn).view(blocks.shape[0] * fp8_block.BLOCK, blocks.shape[2] * fp8_block.BLOCK)
-    return codes[:rows, :cols].contiguous(), scale
+candidate_codes_and_multipliers = fp8_block._codes_and_multipliers
 
 
 _FUSED_DIVRN = {}
