@@ -8,6 +8,11 @@ from .errors import ConversionError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:
+        from .verify import main as verify_main
+
+        return verify_main(argv[1:])
     # Imports inside so that `--help` and flag errors stay fast.
     from .execute import execute, fp8_summary
     from .options import parse_options

@@ -133,11 +133,16 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def one_line_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return _OneLineParser(prog=prog, description=description)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
-        prog="convert-checkpoint",
-        description="Convert LLM checkpoints between HuggingFace safetensors and Megatron-Core "
-        "legacy per-rank checkpoints, resharding over tensor and pipeline parallel ranks.",
+    p = one_line_parser(
+        "convert-checkpoint",
+        "Convert LLM checkpoints between HuggingFace safetensors and Megatron-Core legacy per-rank "
+        "checkpoints, resharding over tensor and pipeline parallel ranks. "
+        "`convert-checkpoint verify A B` compares two checkpoints.",
     )
 
     def add(name: str, **kw) -> None:

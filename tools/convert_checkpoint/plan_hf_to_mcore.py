@@ -37,7 +37,7 @@ def _check_expert_count(src: hf_format.HFSource, convertors: list[ModuleConverto
             return  # one layer is enough: a layer with a hole fails as a missing tensor below
 
 
-def _gather_hf(src: hf_format.HFSource, convertors: list[ModuleConvertor], family: FamilySpec, arch: ModelArch) -> dict[str, Expr]:
+def gather_hf(src: hf_format.HFSource, convertors: list[ModuleConvertor], family: FamilySpec, arch: ModelArch) -> dict[str, Expr]:
     """Canonical expressions over the HF files; every HF tensor must be consumed or ignored."""
     canonical: dict[str, Expr] = {}
     consumed: set[str] = set()
@@ -136,7 +136,7 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
         arch = arch.replace(mtp_num_layers=opts.mtp_num_layers)
     convertors = build_convertors(family, arch)
     check_convert_to_fp8(opts, family, convertors)
-    canonical_exprs = _gather_hf(src, convertors, family, arch)
+    canonical_exprs = gather_hf(src, convertors, family, arch)
     tensors = canonical_tensors(convertors)
 
     layout = target_layout(opts, arch)
