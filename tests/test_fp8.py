@@ -305,6 +305,11 @@ def test_a_cut_through_a_block_is_requantized_and_reported(fp8_hf, tmp_path, cap
     assert hf_to_mcore(fp8_hf, mc, tensor_model_parallel_size=2, transformer_impl="local") == 0
     err = capsys.readouterr().err
     assert "10 requantized" in err and "the cut at row 96 of 192 falls inside a 128-block" in err
+    report = json.load(open(os.path.join(mc, "conversion_report.json")))["fp8"]
+    assert report["kept"] == 124 and len(report["requantized"]) == 10 and not report["quantized"]
+    assert report["requantized"][0] == {
+        "tensor": "decoder.layers.0.self_attention.linear_kv_down_proj.weight",
+        "reason": "model.layers.0.self_attn.kv_a_proj_with_mqa.weight: the cut at row 96 of 192 falls inside a 128-block"}
     hf = load_hf_tensors(fp8_hf)
     values = dequantize_blocks(hf["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"],
                                hf["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"])

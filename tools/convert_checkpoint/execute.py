@@ -149,8 +149,12 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not enabled or None, file=sys.stderr)
 
 
+REPORT_NAME = "conversion_report.json"
+
+
 def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress: bool = True) -> list[FileResult]:
     global _SOURCE
+    start = time.perf_counter()
     _SOURCE = plan.source
     target = plan.target_dir
     _prepare_target(target, overwrite)
@@ -184,8 +188,60 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
     # here rather than per file so a worker never blocks on the disk between files.
     for f in plan.files:
         _fsync(os.path.join(root, f.relpath))
+    _write_text(os.path.join(target, REPORT_NAME), json.dumps(conversion_report(plan, results, time.perf_counter() - start),
+                                                              indent=2) + "\n")
     _write_markers(plan, target, results)
     return results
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, workers) * scale
+
+
+def conversion_report(plan: Plan, results: list[FileResult], seconds: float) -> dict:
+    """What ``conversion_report.json`` holds: the flags, every file, speed, memory, what FP8
+    tensors went through, and the coverage the plan validated."""
+    from . import __version__
+
+    events = [e for r in results for e in r.fp8_events]
+    total = sum(r.nbytes for r in results)
+    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.options).items()} if plan.options else None
+    return {
+        "tool": "convert_checkpoint",
+        "version": __version__,
+        "direction": plan.direction,
+        "source": os.path.abspath(plan.source_dir),
+        "target": os.path.abspath(plan.target_dir),
+        "options": options,
+        "files": [{"path": r.relpath, "bytes": r.nbytes, "seconds": round(r.seconds, 3)} for r in sorted(results, key=lambda r: r.relpath)],
+        "total_bytes": total,
+        "seconds": round(seconds, 3),
+        "gb_per_s": round(total / 1e9 / seconds, 3) if seconds > 0 else None,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "coverage": {
+            # Validated before anything was written: every source tensor consumed or in the
+            # family's ignore list, every target tensor produced from a recipe.
+            "source_tensors": plan.source_tensor_count,
+            "target_tensors": sum(f.tensor_count for f in plan.files),
+            "all_source_tensors_consumed_or_ignored": True,
+            "all_target_tensors_produced": True,
+        },
+        "fp8": None if plan.fp8 is None else {
+            "force_pow_2_scales": plan.fp8.recipe.pow2,
+            "amax_epsilon": plan.fp8.recipe.amax_epsilon,
+            "quant_method": plan.fp8.recipe.method,
+            "device": plan.fp8.recipe.device,
+            "kept": sum(1 for e in events if e.action == "kept"),
+            "requantized": [{"tensor": e.tensor, "reason": e.reason} for e in events if e.action == "requantized"],
+            "quantized": [{"tensor": e.tensor, "reason": e.reason} for e in events if e.action == "quantized"],
+        },
+        "notes": plan.notes,
+    }
 
 
 def _with_quantization(config: dict, results: list[FileResult]) -> dict:

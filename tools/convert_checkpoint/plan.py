@@ -65,6 +65,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     source: object = None  # HFSource or McoreSource: the lazy index the executor reads through
     fp8: Fp8Policy | None = None  # set when some output tensor is block FP8
+    options: ConvertOptions | None = None  # the flags, recorded in conversion_report.json
 
     def fp8_jobs(self) -> list[tuple[str, Expr]]:
         """(output tensor, FP8 expression) for every block-FP8 tensor written."""
@@ -240,13 +241,14 @@ def build_plan(opts: ConvertOptions) -> Plan:
     from .plan_mcore_to_hf import plan_mcore_to_hf
     from .plan_mcore_to_mcore import plan_mcore_to_mcore
 
-    if opts.load_platform == "huggingface" and opts.save_platform == "mcore":
-        return plan_hf_to_mcore(opts)
-    if opts.load_platform == "mcore" and opts.save_platform == "huggingface":
-        return plan_mcore_to_hf(opts)
-    if opts.load_platform == "mcore" and opts.save_platform == "mcore":
-        return plan_mcore_to_mcore(opts)
-    raise ConversionError(f"unsupported direction {opts.load_platform} -> {opts.save_platform}")
+    planners = {("huggingface", "mcore"): plan_hf_to_mcore, ("mcore", "huggingface"): plan_mcore_to_hf,
+                ("mcore", "mcore"): plan_mcore_to_mcore}
+    planner = planners.get((opts.load_platform, opts.save_platform))
+    if planner is None:
+        raise ConversionError(f"unsupported direction {opts.load_platform} -> {opts.save_platform}")
+    plan = planner(opts)
+    plan.options = opts
+    return plan
 
 
 def describe_plan(plan: Plan, verbose: bool = False) -> str:
