@@ -23,3 +23,23 @@ def test_report_lists_files_flags_speed_and_coverage(tiny_hf, tmp_path):
     assert mcore_to_hf(mcore, back) == 0
     report = json.load(open(os.path.join(back, "conversion_report.json")))
     assert report["direction"] == "mcore->hf" and report["files"][0]["path"] == "model-00001-of-00001.safetensors"
+
+
+def test_dry_run_shows_sizes_memory_and_the_placement_table(tiny_hf, tmp_path, capsys):
+    from helpers import convert
+
+    hf = tiny_hf(TinySpec("deepseek_v3", mtp_layers=1))
+    out = str(tmp_path / "never")
+    rc = convert("--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", hf,
+                 "--save_ckpt_path", out, "--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2",
+                 "--num-virtual-stages-per-pipeline-rank", "2", "--custom_pipeline_layers", "1,1,1,1",
+                 "--expert_parallel_size", "2", "--max_workers", "2", "--dry_run")
+    text = capsys.readouterr().out
+    assert rc == 0 and not os.path.exists(out)
+    assert "GB to write" in text and "GB to read" in text and "predicted peak memory: about" in text and "2 workers" in text
+    table = text[text.index("placement"):].splitlines()[1:10]  # header + 2 stages x 2 chunks x 2 EP ranks
+    assert table[0].split() == ["stage", "chunk", "EP", "rank", "TP", "ranks", "decoder", "layers", "experts", "MTP", "layers"]
+    rows = [line.split() for line in table[1:]]
+    # virtual stage = chunk * PP + stage: layer 0 (dense: no experts) on stage 0 chunk 0, layer 3 and the MTP layer on stage 1 chunk 1
+    assert rows[0] == ["0", "0", "0", "0-1", "0", "-", "-"]
+    assert ["1", "1", "1", "0-1", "3", "2-3", "0"] in rows and ["0", "1", "0", "0-1", "2", "0-1", "-"] in rows

@@ -21,6 +21,7 @@ from .config.arch import ModelArch, load_arch_yaml
 from .config.family import FamilySpec
 from .errors import ConversionError
 from .layout.placement import MTP_INNER_LAYER, ParallelLayout
+from .layout.table import placement_table
 from .layout.tensor_parallel import divides, padded_vocab_size
 from .module_convertor import CanonicalTensor, ModuleConvertor, create
 from .options import ConvertOptions
@@ -251,6 +252,20 @@ def build_plan(opts: ConvertOptions) -> Plan:
     return plan
 
 
+def bytes_to_read(plan: Plan) -> int:
+    """Source bytes the recipes read (a window read by several files counts each time)."""
+    return sum(te.nbytes(leaf) for f in plan.files for _, jobs in f.containers for j in jobs
+               if j.expr is not None for leaf in te.leaves(j.expr))
+
+
+def predicted_memory(plan: Plan) -> str:
+    """Each worker holds about one output file (its tensors are carved from a reused buffer)."""
+    largest = max((f.nbytes for f in plan.files), default=0)
+    workers = min(plan.options.max_workers if plan.options else 1, max(len(plan.files), 1))
+    return (f"predicted peak memory: about {(workers * largest + 2**30) / 2**30:.2f} GiB "
+            f"({workers} worker{'s' if workers > 1 else ''} x the largest file, {largest / 1e9:.3f} GB, + ~1 GiB)")
+
+
 def describe_plan(plan: Plan, verbose: bool = False) -> str:
     lay = plan.layout
     pipe = lay.pipeline
@@ -263,9 +278,12 @@ def describe_plan(plan: Plan, verbose: bool = False) -> str:
            if plan.arch.num_experts else "")
         + (f"  MTP={plan.arch.mtp_num_layers} ({lay.mtp_inner_name})" if plan.arch.mtp_num_layers else ""),
         f"source: {plan.source_dir} ({plan.source_tensor_count} tensors)",
-        f"target: {plan.target_dir} ({len(plan.files)} files, {plan.total_bytes / 1e9:.3f} GB; "
-        f"each worker holds about one output file: largest {max((f.nbytes for f in plan.files), default=0) / 1e9:.3f} GB)",
+        f"target: {plan.target_dir} ({len(plan.files)} files, {plan.total_bytes / 1e9:.3f} GB to write, "
+        f"{bytes_to_read(plan) / 1e9:.3f} GB to read)",
+        predicted_memory(plan),
     ]
+    if plan.direction.endswith("->mcore"):
+        lines += placement_table(lay, plan.arch)
     for f in plan.files:
         lines.append(f"  {f.relpath}: {f.tensor_count} tensors, {f.nbytes / 1e6:.1f} MB")
         if verbose:
