@@ -25,6 +25,7 @@ from .formats import mcore_legacy
 from .formats.safetensors_io import PlannedTensor, write_streaming
 from .plan import OutputFile, Plan
 from .quant import te_pickle
+from .quant.fp8_block import scales_are_pow2
 from .quant.fp8_materialize import Fp8Event, Fp8Materializer, Fp8Policy
 
 # Set in the parent before forking workers; read-only afterwards.
@@ -103,8 +104,8 @@ def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Poli
             for job in all_jobs:
                 if _is_fp8_job(job.expr):  # pickled as TE's Float8BlockwiseQTensor
                     codes, scale = quantized.pair(job.expr, job.name)
-                    values[id(job)] = te_pickle.blockwise_param(
-                        codes, scale, fp8.nominal_dtype, quantized.events[-1].pow2, fp8.recipe.amax_epsilon)
+                    values[id(job)] = te_pickle.blockwise_param(  # the quantizer says what the scales are
+                        codes, scale, fp8.nominal_dtype, scales_are_pow2(scale), fp8.recipe.amax_epsilon)
             containers = {key: {j.name: values.get(id(j)) for j in jobs} for key, jobs in out.containers}
             mcore_legacy.save_rank_file(tmp, containers, args, iteration)
             del containers, values, buffers
