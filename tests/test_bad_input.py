@@ -111,7 +111,8 @@ def test_output_not_empty_without_overwrite(hf_copy, tmp_path, capsys):
     assert os.listdir(out) == ["keep.txt"]
     # With --overwrite the directory is replaced by a complete checkpoint.
     assert hf_to_mcore(hf_copy, str(out), overwrite=True) == 0
-    assert sorted(os.listdir(out)) == ["conversion_report.json", "latest_checkpointed_iteration.txt", "release"]
+    assert sorted(os.listdir(out)) == ["conversion_manifest.json", "conversion_report.json",
+                                       "latest_checkpointed_iteration.txt", "release"]
 
 
 def test_corrupt_safetensors_header(hf_copy, tmp_path, capsys):

@@ -15,7 +15,9 @@ def test_report_lists_files_flags_speed_and_coverage(tiny_hf, tmp_path):
     report = json.load(open(os.path.join(mcore, "conversion_report.json")))
     on_disk = sorted(os.path.join(d, "model_optim_rng.pt") for d in os.listdir(os.path.join(mcore, "release")))
     assert [f["path"] for f in report["files"]] == on_disk
-    assert report["total_bytes"] == sum(f["bytes"] for f in report["files"]) > 0
+    for f in report["files"]:
+        assert f["bytes"] == os.path.getsize(os.path.join(mcore, "release", f["path"])) and len(f["sha256"]) == 64
+    assert report["total_bytes"] > 0
     assert report["direction"] == "hf->mcore" and report["options"]["tensor_model_parallel_size"] == 2
     assert report["seconds"] > 0 and report["gb_per_s"] > 0 and report["peak_rss_bytes"] > 100 * 2**20
     assert report["coverage"]["source_tensors"] == 3 + 4 * 9  # embed, norm, lm_head + 9 per layer

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe_plan(plan, verbose=opts.verbose))
             return 0
         print(describe_plan(plan), file=sys.stderr)
-        results = execute(plan, opts.max_workers, opts.overwrite, opts.progress)
+        results = execute(plan, opts.max_workers, opts.overwrite, opts.progress, opts.resume)
     except ConversionError as e:
         print(f"convert-checkpoint: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convert-checkpoint: error: {e}", file=sys.stderr)
         return 1
     seconds = time.perf_counter() - start
-    gb = sum(r.nbytes for r in results) / 1e9
+    gb = sum(r.nbytes for r in results if not r.reused) / 1e9
     for line in fp8_summary(results, limit=1000 if opts.verbose else 10):
         print(line, file=sys.stderr)
-    print(f"done: {len(results)} files, {gb:.3f} GB in {seconds:.1f} s -> {plan.target_dir}", file=sys.stderr)
+    reused = sum(1 for r in results if r.reused)
+    kept = f" ({reused} finished earlier, verified and kept)" if reused else ""
+    print(f"done: {len(results)} files{kept}, {gb:.3f} GB in {seconds:.1f} s -> {plan.target_dir}", file=sys.stderr)
     return 0
 
 

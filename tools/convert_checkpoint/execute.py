@@ -7,11 +7,14 @@ are written last, so a directory that has them is complete.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -23,6 +26,7 @@ from . import tensor_expr as te
 from .formats import huggingface as hf_format
 from .formats import mcore_legacy
 from .formats.safetensors_io import PlannedTensor, write_streaming
+from .manifest import MANIFEST_NAME, Manifest, file_sha256, plan_fingerprint
 from .plan import OutputFile, Plan
 from .quant import te_pickle
 from .quant.fp8_block import scales_are_pow2
@@ -38,6 +42,9 @@ class FileResult:
     nbytes: int
     seconds: float
     fp8_events: tuple[Fp8Event, ...] = ()
+    file_bytes: int = 0
+    sha256: str = ""
+    reused: bool = False  # finished by an earlier run and verified (--resume)
 
 
 def _tmp_path(path: str) -> str:
@@ -85,7 +92,14 @@ def _is_fp8_job(expr) -> bool:
     return isinstance(expr, (te.Fp8Blocks, te.Quantize))
 
 
-def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Policy | None) -> FileResult:
+def _fault(kind: str) -> int | None:
+    """Test hook: ``CONVERT_CHECKPOINT_FAULT=kill_after=N`` (SIGKILL the run once N files are
+    done) or ``enospc_after=N`` (the (N+1)-th file fails mid-write with ENOSPC), to prove resume."""
+    m = re.fullmatch(rf"{kind}=(\d+)", os.environ.get("CONVERT_CHECKPOINT_FAULT", ""))
+    return int(m.group(1)) if m else None
+
+
+def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Policy | None, index: int = 0) -> FileResult:
     start = time.perf_counter()
     reader = _SOURCE.reader()
     quantized = Fp8Materializer(reader, fp8 or Fp8Policy())
@@ -93,6 +107,10 @@ def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Poli
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _tmp_path(path)
     try:
+        if _fault("enospc_after") == index:
+            with open(tmp, "wb") as partial:
+                partial.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device (simulated by CONVERT_CHECKPOINT_FAULT)", tmp)
         if out.fmt == "mcore":
             all_jobs = [j for _, jobs in out.containers for j in jobs if j.expr is not None]
             tensor_jobs = [j for j in all_jobs if not _is_fp8_job(j.expr)]
@@ -131,7 +149,8 @@ def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Poli
         raise
     finally:
         reader.close()
-    return FileResult(out.relpath, out.nbytes, time.perf_counter() - start, tuple(quantized.events))
+    return FileResult(out.relpath, out.nbytes, time.perf_counter() - start, tuple(quantized.events),
+                      os.path.getsize(path), file_sha256(path))  # hashed while still in the page cache
 
 
 def _prepare_target(target: str, overwrite: bool) -> None:
@@ -153,33 +172,74 @@ def _progress(total: int, enabled: bool):
 REPORT_NAME = "conversion_report.json"
 
 
-def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress: bool = True) -> list[FileResult]:
+_MARKERS = (mcore_legacy.TRACKER_NAME, hf_format.INDEX_NAME, "config.json", REPORT_NAME)
+
+
+def _clear_unfinished(target: str, root: str) -> None:
+    """Before a resumed run: drop temporary files of the killed run, and the markers, so the
+    directory is never taken for a finished checkpoint while the rest is rebuilt."""
+    for dirpath, _, names in os.walk(target):
+        for name in names:
+            if re.fullmatch(r"\..+\.tmp-\d+", name) or name == MANIFEST_NAME + ".tmp":
+                os.remove(os.path.join(dirpath, name))
+    for name in _MARKERS:
+        if os.path.isfile(os.path.join(target, name)):
+            os.remove(os.path.join(target, name))
+
+
+def _reused(f: OutputFile, manifest: Manifest) -> FileResult:
+    record = manifest.files[f.relpath]
+    events = tuple(Fp8Event(*e) for e in record.fp8_events)
+    return FileResult(f.relpath, f.nbytes, 0.0, events, record.bytes, record.sha256, reused=True)
+
+
+def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress: bool = True,
+            resume: bool = False) -> list[FileResult]:
     global _SOURCE
     start = time.perf_counter()
     _SOURCE = plan.source
     target = plan.target_dir
-    _prepare_target(target, overwrite)
     # Megatron output is a "release" checkpoint (iteration None), as the incumbent writes.
     iteration = None
     root = os.path.join(target, mcore_legacy.iteration_dir_name(iteration)) if plan.direction.endswith("->mcore") else target
-    bar = _progress(plan.total_bytes, progress)
-    results: list[FileResult] = []
+    fingerprint = plan_fingerprint(plan)
+    if resume:
+        manifest = Manifest.for_resume(target, plan, fingerprint, root)
+        _clear_unfinished(target, root)
+    else:
+        _prepare_target(target, overwrite)
+        manifest = Manifest.fresh(target, plan, fingerprint)
+    manifest.save()
+    done_before = manifest.done
+    results: list[FileResult] = [_reused(f, manifest) for f in plan.files if f.relpath in done_before]
+    todo = [f for f in plan.files if f.relpath not in done_before]
+    bar = _progress(sum(f.nbytes for f in todo), progress)
+    kill_after = _fault("kill_after")
+
+    def finished(r: FileResult) -> None:
+        results.append(r)
+        manifest.mark_done(r.relpath, r.file_bytes, r.sha256, [list(vars(e).values()) for e in r.fp8_events])
+        if bar:
+            bar.update(r.nbytes)
+        if kill_after is not None and len(results) - len(done_before) >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
     try:
-        if max_workers <= 1 or len(plan.files) <= 1:
-            for f in plan.files:
-                results.append(_build_file(f, root, plan.mcore_args, iteration, plan.fp8))
-                if bar:
-                    bar.update(f.nbytes)
+        if max_workers <= 1 or len(todo) <= 1:
+            for index, f in enumerate(todo):
+                finished(_build_file(f, root, plan.mcore_args, iteration, plan.fp8, index))
         else:
             # torch's intra-op threads would oversubscribe the cores next to N workers.
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                futures = [pool.submit(_build_file, f, root, plan.mcore_args, iteration, plan.fp8) for f in plan.files]
+                futures = [pool.submit(_build_file, f, root, plan.mcore_args, iteration, plan.fp8, i)
+                           for i, f in enumerate(todo)]
                 for fut in as_completed(futures):
-                    r = fut.result()
-                    results.append(r)
-                    if bar:
-                        bar.update(r.nbytes)
+                    finished(fut.result())
+    except OSError as e:
+        done = len(manifest.done)
+        raise OSError(e.errno, f"{e.strerror}; {done} of {len(plan.files)} files are finished and kept: "
+                               "fix the cause and re-run the same command with --resume", e.filename) from None
     finally:
         if bar:
             bar.close()
@@ -210,7 +270,7 @@ def conversion_report(plan: Plan, results: list[FileResult], seconds: float) -> 
     from . import __version__
 
     events = [e for r in results for e in r.fp8_events]
-    total = sum(r.nbytes for r in results)
+    total = sum(r.nbytes for r in results if not r.reused)
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.options).items()} if plan.options else None
     return {
         "tool": "convert_checkpoint",
@@ -219,7 +279,8 @@ def conversion_report(plan: Plan, results: list[FileResult], seconds: float) -> 
         "source": os.path.abspath(plan.source_dir),
         "target": os.path.abspath(plan.target_dir),
         "options": options,
-        "files": [{"path": r.relpath, "bytes": r.nbytes, "seconds": round(r.seconds, 3)} for r in sorted(results, key=lambda r: r.relpath)],
+        "files": [{"path": r.relpath, "bytes": r.file_bytes, "sha256": r.sha256, "seconds": round(r.seconds, 3),
+                   **({"reused": True} if r.reused else {})} for r in sorted(results, key=lambda r: r.relpath)],
         "total_bytes": total,
         "seconds": round(seconds, 3),
         "gb_per_s": round(total / 1e9 / seconds, 3) if seconds > 0 else None,

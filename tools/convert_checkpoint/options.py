@@ -48,6 +48,7 @@ class ConvertOptions:
     max_shard_size: int = 5 * 1000**3
     max_workers: int = 1
     overwrite: bool = False
+    resume: bool = False
     dry_run: bool = False
     verbose: bool = False
     progress: bool = True
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("max_workers", type=_positive, default=1, help="worker processes, each building one output file")
     add("megatron_path", help="accepted for compatibility; prepended to sys.path")
     add("overwrite", action="store_true", help="replace an existing, non-empty output directory")
+    add("resume", action="store_true",
+        help="continue an interrupted conversion into the same directory: verified finished files are kept")
     add("dry_run", action="store_true", help="validate and print the plan; write nothing")
     add("verbose", action="store_true", help="with --dry_run: print every tensor's recipe")
     add("no_progress", action="store_true", help="hide progress bars")
@@ -207,6 +210,8 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         raise ConversionError(f"--{name} {'' if value is True else value}: {why}".replace("  ", " "))
     if ns.megatron_path:
         sys.path.insert(0, ns.megatron_path)
+    if ns.resume and ns.overwrite:
+        raise ConversionError("--resume and --overwrite contradict each other: --resume keeps finished files")
     if ns.load_platform == ns.save_platform == "huggingface":
         raise ConversionError(
             "--load_platform and --save_platform are both huggingface; supported: huggingface<->mcore and mcore->mcore"
@@ -243,6 +248,7 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         max_shard_size=ns.max_shard_size,
         max_workers=ns.max_workers,
         overwrite=ns.overwrite,
+        resume=ns.resume,
         dry_run=ns.dry_run,
         verbose=ns.verbose,
         progress=not ns.no_progress,

@@ -226,8 +226,9 @@ def check_target_dir(opts: ConvertOptions) -> None:
         raise ConversionError(f"--save_ckpt_path {opts.save_ckpt_path} overlaps --load_ckpt_path {opts.load_ckpt_path}")
     if os.path.exists(target) and not os.path.isdir(target):
         raise ConversionError(f"--save_ckpt_path {opts.save_ckpt_path} exists and is not a directory")
-    if os.path.isdir(target) and os.listdir(target) and not opts.overwrite and not opts.dry_run:
-        raise ConversionError(f"--save_ckpt_path {opts.save_ckpt_path} is not empty; pass --overwrite to replace its contents")
+    if os.path.isdir(target) and os.listdir(target) and not (opts.overwrite or opts.dry_run or opts.resume):
+        raise ConversionError(f"--save_ckpt_path {opts.save_ckpt_path} is not empty; pass --overwrite to replace its "
+                              "contents, or --resume to finish an interrupted conversion")
 
 
 def merge_arch_yaml(arch_values: dict, opts: ConvertOptions) -> dict:

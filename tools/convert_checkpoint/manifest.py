@@ -1,0 +1,115 @@
+"""The conversion manifest: what a run has finished, so that ``--resume`` redoes only the rest.
+
+``conversion_manifest.json`` in the output directory holds the plan's fingerprint (tool version,
+direction, the flags that shape the output, the source index and every tensor's recipe) and,
+per output file, its size, sha256 and whether it is done. It is rewritten atomically after each
+file. A resumed run must have the same fingerprint; it keeps a done file only when its size and
+sha256 still match, and rebuilds everything else.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from . import tensor_expr as te
+from .errors import ConversionError
+
+MANIFEST_NAME = "conversion_manifest.json"
+# Flags that change how a conversion runs, not what it writes.
+_RUNTIME_OPTIONS = {"max_workers", "overwrite", "dry_run", "verbose", "progress", "resume", "save_ckpt_path"}
+
+
+@dataclass
+class FileRecord:
+    planned_bytes: int
+    done: bool = False
+    bytes: int | None = None
+    sha256: str | None = None
+    fp8_events: list = field(default_factory=list)  # [tensor, action, reason, pow2] of the run that wrote it
+
+
+def plan_fingerprint(plan) -> str:
+    """sha256 over everything that decides the output bytes."""
+    from . import __version__
+
+    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.options).items()
+               if k not in _RUNTIME_OPTIONS} if plan.options else {}
+    options["load_ckpt_path"] = os.path.abspath(options.get("load_ckpt_path", plan.source_dir))
+    h = hashlib.sha256()
+    head = {"version": __version__, "direction": plan.direction, "options": options,
+            "fp8": None if plan.fp8 is None else repr(plan.fp8),
+            "args": sorted((k, repr(v)) for k, v in vars(plan.mcore_args).items()) if plan.mcore_args else None,
+            "hf_config": plan.hf_config}
+    h.update(json.dumps(head, sort_keys=True, default=str).encode())
+    for f in plan.files:
+        h.update(f"\nfile {f.relpath} {f.fmt}".encode())
+        for key, jobs in f.containers:
+            for j in jobs:
+                recipe = "None" if j.expr is None else f"{j.expr.dtype} {list(j.expr.shape)} {te.describe(j.expr)}"
+                h.update(f"\n{key}/{j.name}: {recipe}".encode())
+    return h.hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Manifest:
+    def __init__(self, path: str, fingerprint: str, files: dict[str, FileRecord]):
+        self.path = path
+        self.fingerprint = fingerprint
+        self.files = files
+
+    @classmethod
+    def fresh(cls, target: str, plan, fingerprint: str) -> "Manifest":
+        files = {f.relpath: FileRecord(f.nbytes) for f in plan.files}
+        return cls(os.path.join(target, MANIFEST_NAME), fingerprint, files)
+
+    @classmethod
+    def for_resume(cls, target: str, plan, fingerprint: str, root: str) -> "Manifest":
+        """The previous run's manifest, with every done file checked on disk; refuses another plan."""
+        path = os.path.join(target, MANIFEST_NAME)
+        if not os.path.isfile(path):
+            raise ConversionError(f"--resume: {target} has no {MANIFEST_NAME}; nothing to resume (drop --resume, "
+                                  "and pass --overwrite to replace the directory)")
+        try:
+            with open(path) as f:
+                data = json.load(f)
+            previous = {k: FileRecord(**v) for k, v in data["files"].items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConversionError(f"--resume: unreadable {path} ({e}); pass --overwrite to start over") from None
+        if data.get("fingerprint") != fingerprint:
+            raise ConversionError(
+                f"--resume: {target} was written by a different plan (other source, flags or tool version); "
+                "refusing to mix them. Re-run with the original flags, or pass --overwrite to start over"
+            )
+        manifest = cls.fresh(target, plan, fingerprint)
+        for relpath, record in previous.items():
+            full = os.path.join(root, relpath)
+            if (record.done and relpath in manifest.files and os.path.isfile(full)
+                    and os.path.getsize(full) == record.bytes and file_sha256(full) == record.sha256):
+                manifest.files[relpath] = record
+        return manifest
+
+    @property
+    def done(self) -> set[str]:
+        return {k for k, v in self.files.items() if v.done}
+
+    def mark_done(self, relpath: str, nbytes: int, sha256: str, fp8_events: list) -> None:
+        record = self.files[relpath]
+        record.done, record.bytes, record.sha256, record.fp8_events = True, nbytes, sha256, fp8_events
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"fingerprint": self.fingerprint, "files": {k: asdict(v) for k, v in self.files.items()}}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
