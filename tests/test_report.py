@@ -45,3 +45,20 @@ def test_dry_run_shows_sizes_memory_and_the_placement_table(tiny_hf, tmp_path, c
     # virtual stage = chunk * PP + stage: layer 0 (dense: no experts) on stage 0 chunk 0, layer 3 and the MTP layer on stage 1 chunk 1
     assert rows[0] == ["0", "0", "0", "0-1", "0", "-", "-"]
     assert ["1", "1", "1", "0-1", "3", "2-3", "0"] in rows and ["0", "1", "0", "0-1", "2", "0-1", "-"] in rows
+
+
+def test_memory_budget_bounds_files_in_flight(tiny_hf, tmp_path, capsys):
+    hf = tiny_hf(TinySpec("llama"))
+    out = str(tmp_path / "out")
+    layout = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, max_workers=2)
+    # Each rank file plans ~0.18 MB: a 0.1 MB budget cannot hold one, which is said before anything is written.
+    assert hf_to_mcore(hf, out, **layout, max_memory="100KB") == 2
+    assert "--max_memory" in capsys.readouterr().err and not os.path.exists(out)
+    # Room for one file at a time: two workers, but never two files in flight.
+    assert hf_to_mcore(hf, out, **layout, max_memory="200KB") == 0
+    memory = json.load(open(os.path.join(out, "conversion_report.json")))["memory"]
+    assert memory["budget_bytes"] == 200_000 and 0 < memory["max_in_flight_planned_bytes"] <= 200_000
+    out2 = str(tmp_path / "out2")
+    assert hf_to_mcore(hf, out2, **layout, max_memory="1GiB") == 0
+    memory = json.load(open(os.path.join(out2, "conversion_report.json")))["memory"]
+    assert memory["max_in_flight_planned_bytes"] > 200_000  # with room, two files are built at once

@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return verify_main(argv[1:])
     # Imports inside so that `--help` and flag errors stay fast.
-    from .execute import execute, fp8_summary
+    from .execute import check_memory_budget, default_memory_budget, execute, fp8_summary
     from .options import parse_options
     from .plan import build_plan, describe_plan
 
@@ -22,11 +22,16 @@ def main(argv: list[str] | None = None) -> int:
         opts = parse_options(argv)
         start = time.perf_counter()
         plan = build_plan(opts)
+        budget = opts.max_memory if opts.max_memory is not None else default_memory_budget()
+        check_memory_budget(plan, budget)
         if opts.dry_run:
             print(describe_plan(plan, verbose=opts.verbose))
+            if budget is not None:
+                print(f"memory budget: {budget / 2**30:.2f} GiB of output files in flight "
+                      f"({'--max_memory' if opts.max_memory is not None else 'half of the available memory'})")
             return 0
         print(describe_plan(plan), file=sys.stderr)
-        results = execute(plan, opts.max_workers, opts.overwrite, opts.progress, opts.resume)
+        results = execute(plan, opts.max_workers, opts.overwrite, opts.progress, opts.resume, budget)
     except ConversionError as e:
         print(f"convert-checkpoint: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -17,7 +17,7 @@ import shutil
 import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ import torch
 from . import tensor_expr as te
 from .formats import huggingface as hf_format
 from .formats import mcore_legacy
+from .errors import ConversionError
 from .formats.safetensors_io import PlannedTensor, write_streaming
 from .manifest import MANIFEST_NAME, Manifest, file_sha256, plan_fingerprint
 from .plan import OutputFile, Plan
@@ -193,8 +194,53 @@ def _reused(f: OutputFile, manifest: Manifest) -> FileResult:
     return FileResult(f.relpath, f.nbytes, 0.0, events, record.bytes, record.sha256, reused=True)
 
 
+def default_memory_budget() -> int | None:
+    """Half of the memory available now (Linux ``MemAvailable``); None where it is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 2
+    except OSError:
+        pass
+    return None
+
+
+def check_memory_budget(plan: Plan, budget: int | None) -> None:
+    """Each worker holds about one output file: a file larger than the budget cannot be built."""
+    if budget is None or not plan.files:
+        return
+    largest = max(plan.files, key=lambda f: f.nbytes)
+    if largest.nbytes > budget:
+        raise ConversionError(
+            f"--max_memory {budget / 2**30:.2f} GiB is smaller than output file {largest.relpath} "
+            f"({largest.nbytes / 2**30:.2f} GiB), which a worker holds whole: raise --max_memory, or split the "
+            "model further (more TP/PP/EP ranks, a smaller --max_shard_size)"
+        )
+
+
+def _run_pool(todo: list[OutputFile], max_workers: int, budget: int | None, submit, finished) -> int:
+    """Build files in worker processes, admitting them largest first while the planned sizes of
+    the files in flight fit in ``budget``. Returns the largest in-flight total seen."""
+    queue = sorted(todo, key=lambda f: f.nbytes, reverse=True)
+    in_flight: dict = {}
+    held = peak = 0
+    while queue or in_flight:
+        while queue and len(in_flight) < max_workers and (
+                not in_flight or budget is None or held + queue[0].nbytes <= budget):
+            f = queue.pop(0)
+            in_flight[submit(f)] = f
+            held += f.nbytes
+            peak = max(peak, held)
+        done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+        for fut in done:
+            held -= in_flight.pop(fut).nbytes
+            finished(fut.result())
+    return peak
+
+
 def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress: bool = True,
-            resume: bool = False) -> list[FileResult]:
+            resume: bool = False, max_memory: int | None = None) -> list[FileResult]:
     global _SOURCE
     start = time.perf_counter()
     _SOURCE = plan.source
@@ -202,6 +248,7 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
     # Megatron output is a "release" checkpoint (iteration None), as the incumbent writes.
     iteration = None
     root = os.path.join(target, mcore_legacy.iteration_dir_name(iteration)) if plan.direction.endswith("->mcore") else target
+    check_memory_budget(plan, max_memory)
     fingerprint = plan_fingerprint(plan)
     if resume:
         manifest = Manifest.for_resume(target, plan, fingerprint, root)
@@ -224,18 +271,20 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
         if kill_after is not None and len(results) - len(done_before) >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
+    peak_in_flight = max((f.nbytes for f in todo), default=0)
     try:
         if max_workers <= 1 or len(todo) <= 1:
             for index, f in enumerate(todo):
                 finished(_build_file(f, root, plan.mcore_args, iteration, plan.fp8, index))
         else:
+            index = {f.relpath: i for i, f in enumerate(todo)}
             # torch's intra-op threads would oversubscribe the cores next to N workers.
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-                futures = [pool.submit(_build_file, f, root, plan.mcore_args, iteration, plan.fp8, i)
-                           for i, f in enumerate(todo)]
-                for fut in as_completed(futures):
-                    finished(fut.result())
+                peak_in_flight = _run_pool(
+                    todo, max_workers, max_memory,
+                    lambda f: pool.submit(_build_file, f, root, plan.mcore_args, iteration, plan.fp8, index[f.relpath]),
+                    finished)
     except OSError as e:
         done = len(manifest.done)
         raise OSError(e.errno, f"{e.strerror}; {done} of {len(plan.files)} files are finished and kept: "
@@ -249,8 +298,9 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
     # here rather than per file so a worker never blocks on the disk between files.
     for f in plan.files:
         _fsync(os.path.join(root, f.relpath))
-    _write_text(os.path.join(target, REPORT_NAME), json.dumps(conversion_report(plan, results, time.perf_counter() - start),
-                                                              indent=2) + "\n")
+    report = conversion_report(plan, results, time.perf_counter() - start)
+    report["memory"] = {"budget_bytes": max_memory, "max_in_flight_planned_bytes": peak_in_flight}
+    _write_text(os.path.join(target, REPORT_NAME), json.dumps(report, indent=2) + "\n")
     _write_markers(plan, target, results)
     return results
 

@@ -47,6 +47,7 @@ class ConvertOptions:
     device: str = "cpu"  # where quantization math runs
     max_shard_size: int = 5 * 1000**3
     max_workers: int = 1
+    max_memory: int | None = None  # None: half of the available memory (execute.default_memory_budget)
     overwrite: bool = False
     resume: bool = False
     dry_run: bool = False
@@ -186,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("max_shard_size", type=_size, default=5 * 1000**3, help="HF output shard cap (default 5GB)")
     add("safetensors", action="store_true", help="accepted for compatibility; HF I/O is always safetensors")
     add("max_workers", type=_positive, default=1, help="worker processes, each building one output file")
+    add("max_memory", type=_size,
+        help="bound on the output files held in memory at once across workers (e.g. 20GiB; default: half the available RAM)")
     add("megatron_path", help="accepted for compatibility; prepended to sys.path")
     add("overwrite", action="store_true", help="replace an existing, non-empty output directory")
     add("resume", action="store_true",
@@ -247,6 +250,7 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         device=ns.device,
         max_shard_size=ns.max_shard_size,
         max_workers=ns.max_workers,
+        max_memory=ns.max_memory,
         overwrite=ns.overwrite,
         resume=ns.resume,
         dry_run=ns.dry_run,
