@@ -14,12 +14,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return verify_main(argv[1:])
     # Imports inside so that `--help` and flag errors stay fast.
+    from .distributed import SINGLE, join, leave, world_from
     from .execute import check_memory_budget, default_memory_budget, execute, fp8_summary
     from .options import parse_options
     from .plan import build_plan, describe_plan
 
+    world = SINGLE
     try:
         opts = parse_options(argv)
+        world = world_from(opts.world_size, opts.rank)
         start = time.perf_counter()
         plan = build_plan(opts)
         budget = opts.max_memory if opts.max_memory is not None else default_memory_budget()
@@ -30,14 +33,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"memory budget: {budget / 2**30:.2f} GiB of output files in flight "
                       f"({'--max_memory' if opts.max_memory is not None else 'half of the available memory'})")
             return 0
-        print(describe_plan(plan), file=sys.stderr)
-        results = execute(plan, opts.max_workers, opts.overwrite, opts.progress, opts.resume, budget)
+        if world.leader:
+            print(describe_plan(plan), file=sys.stderr)
+        join(world)
+        try:
+            results = execute(plan, opts.max_workers, opts.overwrite, opts.progress and world.leader, opts.resume,
+                              budget, world)
+        finally:
+            leave(world)
     except ConversionError as e:
-        print(f"convert-checkpoint: error: {e}", file=sys.stderr)
+        print(f"convert-checkpoint{_who(world)}: error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # disk full, permissions ... while writing: the files in flight were removed
-        print(f"convert-checkpoint: error: {e}", file=sys.stderr)
+        print(f"convert-checkpoint{_who(world)}: error: {e}", file=sys.stderr)
         return 1
+    if not world.leader:
+        return 0
     seconds = time.perf_counter() - start
     gb = sum(r.nbytes for r in results if not r.reused) / 1e9
     for line in fp8_summary(results, limit=1000 if opts.verbose else 10):
@@ -46,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     kept = f" ({reused} finished earlier, verified and kept)" if reused else ""
     print(f"done: {len(results)} files{kept}, {gb:.3f} GB in {seconds:.1f} s -> {plan.target_dir}", file=sys.stderr)
     return 0
+
+
+def _who(world) -> str:
+    return f" [rank {world.rank}/{world.size}]" if world.size > 1 else ""
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ from .formats import huggingface as hf_format
 from .formats import mcore_legacy
 from .errors import ConversionError
 from .formats.safetensors_io import PlannedTensor, write_streaming
-from .manifest import MANIFEST_NAME, Manifest, file_sha256, plan_fingerprint
+from .distributed import SINGLE, World
+from .manifest import MANIFEST_NAME, FileRecord, Manifest, file_sha256, plan_fingerprint, rank_manifest_name
 from .plan import OutputFile, Plan
 from .quant import te_pickle
 from .quant.fp8_block import scales_are_pow2
@@ -181,7 +182,7 @@ def _clear_unfinished(target: str, root: str) -> None:
     directory is never taken for a finished checkpoint while the rest is rebuilt."""
     for dirpath, _, names in os.walk(target):
         for name in names:
-            if re.fullmatch(r"\..+\.tmp-\d+", name) or name == MANIFEST_NAME + ".tmp":
+            if re.fullmatch(r"\..+\.tmp-\d+", name) or re.fullmatch(r"conversion_manifest.*\.json\.tmp", name):
                 os.remove(os.path.join(dirpath, name))
     for name in _MARKERS:
         if os.path.isfile(os.path.join(target, name)):
@@ -199,8 +200,8 @@ def default_memory_budget() -> int | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024 // 2
+                if line.startswith("MemAvailable:"):  # shared by the processes of this machine (torchrun)
+                    return int(line.split()[1]) * 1024 // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     except OSError:
         pass
     return None
@@ -240,26 +241,80 @@ def _run_pool(todo: list[OutputFile], max_workers: int, budget: int | None, subm
 
 
 def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress: bool = True,
-            resume: bool = False, max_memory: int | None = None) -> list[FileResult]:
-    global _SOURCE
+            resume: bool = False, max_memory: int | None = None, world: World = SINGLE) -> list[FileResult]:
+    """Build the plan's files (this process's share of them under several processes), then
+    the report, the merged manifest and the markers (rank 0, once every rank is done)."""
     start = time.perf_counter()
-    _SOURCE = plan.source
     target = plan.target_dir
     # Megatron output is a "release" checkpoint (iteration None), as the incumbent writes.
     iteration = None
     root = os.path.join(target, mcore_legacy.iteration_dir_name(iteration)) if plan.direction.endswith("->mcore") else target
     check_memory_budget(plan, max_memory)
     fingerprint = plan_fingerprint(plan)
+    mine = world.share(plan.files)
+    name = MANIFEST_NAME if world.size == 1 else rank_manifest_name(world.rank)
     if resume:
-        manifest = Manifest.for_resume(target, plan, fingerprint, root)
-        _clear_unfinished(target, root)
+        manifest = Manifest.for_resume(target, mine, fingerprint, root, name)  # before anything is removed
+        world.barrier()
+        if world.leader:
+            _clear_unfinished(target, root)
     else:
-        _prepare_target(target, overwrite)
-        manifest = Manifest.fresh(target, plan, fingerprint)
+        if world.leader:
+            _prepare_target(target, overwrite)
+        world.barrier()
+        manifest = Manifest.fresh(target, mine, fingerprint, name)
+    world.barrier()
     manifest.save()
+    error = None
+    try:
+        results, peak_in_flight = _build_share(plan, mine, manifest, root, iteration, max_workers, max_memory, progress)
+        # Make every file durable before the markers that declare the checkpoint complete. Done
+        # here rather than per file so a worker never blocks on the disk between files.
+        for f in mine:
+            _fsync(os.path.join(root, f.relpath))
+    except (OSError, ConversionError) as e:
+        if world.size == 1:
+            raise
+        error, results, peak_in_flight = e, [], 0
+    gathered = world.all_gather((None if error is None else f"rank {world.rank}: {error}", results, peak_in_flight))
+    if error is not None:
+        raise error
+    failed = [msg for msg, _, _ in gathered if msg]
+    if failed:
+        raise ConversionError(f"{failed[0]} (the other ranks' finished files are kept: re-run with --resume)")
+    results = [r for _, rs, _ in gathered for r in rs]
+    if world.leader:
+        if world.size > 1:
+            _merge_manifests(target, plan, fingerprint, results, world)
+        report = conversion_report(plan, results, time.perf_counter() - start)
+        report["memory"] = {"budget_bytes": max_memory, "max_in_flight_planned_bytes": max(p for _, _, p in gathered)}
+        report["processes"] = world.size
+        _write_text(os.path.join(target, REPORT_NAME), json.dumps(report, indent=2) + "\n")
+        _write_markers(plan, target, results)
+    world.barrier()  # the other ranks return once the checkpoint is complete
+    return results
+
+
+def _merge_manifests(target: str, plan: Plan, fingerprint: str, results: list[FileResult], world: World) -> None:
+    merged = Manifest.fresh(target, plan.files, fingerprint)
+    for r in results:
+        merged.files[r.relpath] = FileRecord(r.nbytes, True, r.file_bytes, r.sha256,
+                                             [list(vars(e).values()) for e in r.fp8_events])
+    merged.save()
+    for rank in range(world.size):
+        part = os.path.join(target, rank_manifest_name(rank))
+        if os.path.exists(part):
+            os.remove(part)
+
+
+def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, root: str, iteration, max_workers: int,
+                 max_memory: int | None, progress: bool) -> tuple[list[FileResult], int]:
+    """Build ``files`` not already done (verified) in ``manifest``, recording each as it lands."""
+    global _SOURCE
+    _SOURCE = plan.source
     done_before = manifest.done
-    results: list[FileResult] = [_reused(f, manifest) for f in plan.files if f.relpath in done_before]
-    todo = [f for f in plan.files if f.relpath not in done_before]
+    results: list[FileResult] = [_reused(f, manifest) for f in files if f.relpath in done_before]
+    todo = [f for f in files if f.relpath not in done_before]
     bar = _progress(sum(f.nbytes for f in todo), progress)
     kill_after = _fault("kill_after")
 
@@ -287,22 +342,14 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
                     finished)
     except OSError as e:
         done = len(manifest.done)
-        raise OSError(e.errno, f"{e.strerror}; {done} of {len(plan.files)} files are finished and kept: "
+        raise OSError(e.errno, f"{e.strerror}; {done} of {len(files)} files are finished and kept: "
                                "fix the cause and re-run the same command with --resume", e.filename) from None
     finally:
         if bar:
             bar.close()
         _SOURCE = None
         _ARENA.release()
-    # Make every file durable before the markers that declare the checkpoint complete. Done
-    # here rather than per file so a worker never blocks on the disk between files.
-    for f in plan.files:
-        _fsync(os.path.join(root, f.relpath))
-    report = conversion_report(plan, results, time.perf_counter() - start)
-    report["memory"] = {"budget_bytes": max_memory, "max_in_flight_planned_bytes": peak_in_flight}
-    _write_text(os.path.join(target, REPORT_NAME), json.dumps(report, indent=2) + "\n")
-    _write_markers(plan, target, results)
-    return results
+    return results, peak_in_flight
 
 
 def _peak_rss_bytes() -> int:

@@ -16,9 +16,15 @@ from dataclasses import asdict, dataclass, field
 from . import tensor_expr as te
 from .errors import ConversionError
 
-MANIFEST_NAME = "conversion_manifest.json"
+MANIFEST_STEM = "conversion_manifest"
+MANIFEST_NAME = MANIFEST_STEM + ".json"
+
+
+def rank_manifest_name(rank: int) -> str:
+    return f"{MANIFEST_STEM}.rank{rank}.json"
 # Flags that change how a conversion runs, not what it writes.
-_RUNTIME_OPTIONS = {"max_workers", "overwrite", "dry_run", "verbose", "progress", "resume", "save_ckpt_path"}
+_RUNTIME_OPTIONS = {"max_workers", "max_memory", "world_size", "rank", "overwrite", "dry_run", "verbose", "progress",
+                    "resume", "save_ckpt_path"}
 
 
 @dataclass
@@ -67,29 +73,35 @@ class Manifest:
         self.files = files
 
     @classmethod
-    def fresh(cls, target: str, plan, fingerprint: str) -> "Manifest":
-        files = {f.relpath: FileRecord(f.nbytes) for f in plan.files}
-        return cls(os.path.join(target, MANIFEST_NAME), fingerprint, files)
+    def fresh(cls, target: str, files, fingerprint: str, name: str = MANIFEST_NAME) -> "Manifest":
+        """A manifest of ``files`` (OutputFile), none done; a rank of a multi-process run keeps
+        its own (``name``), merged by rank 0 at the end."""
+        return cls(os.path.join(target, name), fingerprint, {f.relpath: FileRecord(f.nbytes) for f in files})
 
     @classmethod
-    def for_resume(cls, target: str, plan, fingerprint: str, root: str) -> "Manifest":
-        """The previous run's manifest, with every done file checked on disk; refuses another plan."""
-        path = os.path.join(target, MANIFEST_NAME)
-        if not os.path.isfile(path):
+    def for_resume(cls, target: str, files, fingerprint: str, root: str, name: str = MANIFEST_NAME) -> "Manifest":
+        """The earlier runs' records for ``files``, each done file checked on disk (size and
+        sha256); refuses a directory written by another plan."""
+        paths = sorted(os.path.join(target, n) for n in os.listdir(target) if n.startswith(MANIFEST_STEM)
+                       and n.endswith(".json")) if os.path.isdir(target) else []
+        if not paths:
             raise ConversionError(f"--resume: {target} has no {MANIFEST_NAME}; nothing to resume (drop --resume, "
                                   "and pass --overwrite to replace the directory)")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-            previous = {k: FileRecord(**v) for k, v in data["files"].items()}
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConversionError(f"--resume: unreadable {path} ({e}); pass --overwrite to start over") from None
-        if data.get("fingerprint") != fingerprint:
-            raise ConversionError(
-                f"--resume: {target} was written by a different plan (other source, flags or tool version); "
-                "refusing to mix them. Re-run with the original flags, or pass --overwrite to start over"
-            )
-        manifest = cls.fresh(target, plan, fingerprint)
+        previous: dict[str, FileRecord] = {}
+        for path in paths:
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+                records = {k: FileRecord(**v) for k, v in data["files"].items()}
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConversionError(f"--resume: unreadable {path} ({e}); pass --overwrite to start over") from None
+            if data.get("fingerprint") != fingerprint:
+                raise ConversionError(
+                    f"--resume: {target} was written by a different plan (other source, flags or tool version); "
+                    "refusing to mix them. Re-run with the original flags, or pass --overwrite to start over"
+                )
+            previous.update({k: v for k, v in records.items() if v.done or k not in previous})
+        manifest = cls.fresh(target, files, fingerprint, name)
         for relpath, record in previous.items():
             full = os.path.join(root, relpath)
             if (record.done and relpath in manifest.files and os.path.isfile(full)

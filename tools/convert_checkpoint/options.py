@@ -48,6 +48,8 @@ class ConvertOptions:
     max_shard_size: int = 5 * 1000**3
     max_workers: int = 1
     max_memory: int | None = None  # None: half of the available memory (execute.default_memory_budget)
+    world_size: int | None = None  # None: torchrun's WORLD_SIZE, else 1
+    rank: int | None = None
     overwrite: bool = False
     resume: bool = False
     dry_run: bool = False
@@ -58,7 +60,6 @@ class ConvertOptions:
 # Incumbent flags we parse so scripts do not break, but whose features are not built yet.
 # Giving one with a value that would change the result is an error, never silently ignored.
 _NOT_YET = {
-    "distributed_convert": "multi-process (torchrun) conversion is not supported yet; use --max_workers",
     "torch_dtype": "dtype casting is not supported yet: tensors keep their source dtype",
     "vocab_size": "overriding the vocabulary size is not supported; it comes from the checkpoint",
     "vpp_scheduler": "the dualpipev schedule is not supported yet",
@@ -73,7 +74,7 @@ _NOT_YET = {
 }
 # Values of the not-yet flags that are harmless (the default behaviour).
 _HARMLESS: dict[str, set[str]] = {}
-_BOOL_FLAGS = {"distributed_convert", "hf_dequantize_int4", "hf_dequantize_mxfp4"}
+_BOOL_FLAGS = {"hf_dequantize_int4", "hf_dequantize_mxfp4"}
 
 
 def _spellings(name: str) -> list[str]:
@@ -187,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("max_shard_size", type=_size, default=5 * 1000**3, help="HF output shard cap (default 5GB)")
     add("safetensors", action="store_true", help="accepted for compatibility; HF I/O is always safetensors")
     add("max_workers", type=_positive, default=1, help="worker processes, each building one output file")
+    add("world_size", type=_positive, help="processes sharing the conversion (default: torchrun's WORLD_SIZE, else 1)")
+    add("rank", type=_non_negative, help="this process's rank, with --world_size (default: torchrun's RANK)")
+    add("distributed_convert", action="store_true",
+        help="accepted for compatibility: a run under torchrun is always shared between its processes")
     add("max_memory", type=_size,
         help="bound on the output files held in memory at once across workers (e.g. 20GiB; default: half the available RAM)")
     add("megatron_path", help="accepted for compatibility; prepended to sys.path")
@@ -251,6 +256,8 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         max_shard_size=ns.max_shard_size,
         max_workers=ns.max_workers,
         max_memory=ns.max_memory,
+        world_size=ns.world_size,
+        rank=ns.rank,
         overwrite=ns.overwrite,
         resume=ns.resume,
         dry_run=ns.dry_run,
