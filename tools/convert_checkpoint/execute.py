@@ -101,7 +101,8 @@ def _fault(kind: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Policy | None, index: int = 0) -> FileResult:
+def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Policy | None, index: int = 0,
+                keep_arena: bool = True) -> FileResult:
     start = time.perf_counter()
     reader = _SOURCE.reader()
     quantized = Fp8Materializer(reader, fp8 or Fp8Policy())
@@ -151,6 +152,8 @@ def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Poli
         raise
     finally:
         reader.close()
+        if not keep_arena:  # under a binding memory budget an idle worker must not hold a file's worth
+            _ARENA.release()
     return FileResult(out.relpath, out.nbytes, time.perf_counter() - start, tuple(quantized.events),
                       os.path.getsize(path), file_sha256(path))  # hashed while still in the page cache
 
@@ -333,12 +336,17 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, root: 
                 finished(_build_file(f, root, plan.mcore_args, iteration, plan.fp8, index))
         else:
             index = {f.relpath: i for i, f in enumerate(todo)}
+            # Reusing a worker's buffer saves page faults, but parks a file's worth of memory in
+            # every worker: only when the budget could hold every worker's largest file.
+            largest = max(f.nbytes for f in todo)
+            keep = max_memory is None or max_workers * largest <= max_memory
             # torch's intra-op threads would oversubscribe the cores next to N workers.
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 peak_in_flight = _run_pool(
                     todo, max_workers, max_memory,
-                    lambda f: pool.submit(_build_file, f, root, plan.mcore_args, iteration, plan.fp8, index[f.relpath]),
+                    lambda f: pool.submit(_build_file, f, root, plan.mcore_args, iteration, plan.fp8, index[f.relpath],
+                                          keep),
                     finished)
     except OSError as e:
         done = len(manifest.done)

@@ -35,6 +35,7 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 _MAX_HEADER = 100 * 1024 * 1024
+_ROW_CHUNK_BYTES = 64 << 20  # staging for column windows: rows read per pread
 
 
 @dataclass(frozen=True)
@@ -109,13 +110,16 @@ class SafetensorsReader:
         elif full_rows and out.is_contiguous():
             start = entry.begin + leaf.offsets[0] * row_bytes
             self._pread_into(leaf.ref.file, start, out)
-        else:
-            rows = torch.empty((leaf.shape[0],) + shape[1:], dtype=entry.dtype)
-            self._pread_into(leaf.ref.file, entry.begin + leaf.offsets[0] * row_bytes, rows)
-            window = rows
-            for dim in range(1, len(shape)):
-                window = window.narrow(dim, leaf.offsets[dim], leaf.shape[dim])
-            out.copy_(window)
+        else:  # a column window: whole rows are read, a bounded number at a time
+            step = max(1, _ROW_CHUNK_BYTES // max(row_bytes, 1))
+            for first in range(0, leaf.shape[0], step):
+                count = min(step, leaf.shape[0] - first)
+                rows = torch.empty((count,) + shape[1:], dtype=entry.dtype)
+                self._pread_into(leaf.ref.file, entry.begin + (leaf.offsets[0] + first) * row_bytes, rows)
+                window = rows
+                for dim in range(1, len(shape)):
+                    window = window.narrow(dim, leaf.offsets[dim], leaf.shape[dim])
+                out.narrow(0, first, count).copy_(window)
 
     def _pread_into(self, file: str, offset: int, out: torch.Tensor) -> None:
         view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
