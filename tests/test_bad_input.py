@@ -208,3 +208,25 @@ def test_overwrite_keeps_old_output_when_validation_fails(hf_copy, tmp_path, cap
     rc = hf_to_mcore(hf_copy, str(out), tensor_model_parallel_size=3, overwrite=True)
     assert rc == 2 and "does not divide" in capsys.readouterr().err
     assert os.listdir(out) == ["old.txt"]  # validation runs before anything is removed
+
+
+def test_nan_and_inf_in_weights_warn_or_stop(tiny_hf, tmp_path, capsys):
+    """NaN/Inf values are carried over with a warning naming the tensors; --strict_values stops."""
+    src = str(shutil.copytree(tiny_hf(TinySpec("llama")), tmp_path / "nan"))
+    file = os.path.join(src, "model.safetensors")
+    tensors = load_file(file)
+    tensors["model.layers.1.mlp.down_proj.weight"][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    save_file(tensors, file, metadata={"format": "pt"})
+    out = str(tmp_path / "out")
+    assert hf_to_mcore(src, out, tensor_model_parallel_size=2) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 tensors hold NaN/Inf values" in err
+    assert "decoder.layers.1.mlp.linear_fc2.weight in mp_rank_00/model_optim_rng.pt: 3" in err
+    report = json.load(open(os.path.join(out, "conversion_report.json")))
+    assert report["nonfinite"] == [{"file": "mp_rank_00/model_optim_rng.pt", "tensor": "decoder.layers.1.mlp.linear_fc2.weight",
+                                    "count": 3}]
+    strict = str(tmp_path / "strict")
+    assert hf_to_mcore(src, strict, tensor_model_parallel_size=2, strict_values=True) == 2
+    err = capsys.readouterr().err
+    assert "--strict_values" in err and "decoder.layers.1.mlp.linear_fc2.weight" in err
+    assert not os.path.exists(os.path.join(strict, "latest_checkpointed_iteration.txt"))

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
         return verify_main(argv[1:])
     # Imports inside so that `--help` and flag errors stay fast.
     from .distributed import SINGLE, join, leave, world_from
-    from .execute import check_memory_budget, default_memory_budget, execute, fp8_summary
+    from .execute import check_memory_budget, default_memory_budget, execute, fp8_summary, value_warnings
     from .options import parse_options
     from .plan import build_plan, describe_plan
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         join(world)
         try:
             results = execute(plan, opts.max_workers, opts.overwrite, opts.progress and world.leader, opts.resume,
-                              budget, world)
+                              budget, world, opts.strict_values)
         finally:
             leave(world)
     except ConversionError as e:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     seconds = time.perf_counter() - start
     gb = sum(r.nbytes for r in results if not r.reused) / 1e9
-    for line in fp8_summary(results, limit=1000 if opts.verbose else 10):
+    for line in fp8_summary(results, limit=1000 if opts.verbose else 10) + value_warnings(results):
         print(line, file=sys.stderr)
     reused = sum(1 for r in results if r.reused)
     kept = f" ({reused} finished earlier, verified and kept)" if reused else ""

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -47,6 +47,7 @@ class FileResult:
     file_bytes: int = 0
     sha256: str = ""
     reused: bool = False  # finished by an earlier run and verified (--resume)
+    nonfinite: tuple[tuple[str, int], ...] = ()  # (tensor, NaN/Inf count): warnings
 
 
 def _tmp_path(path: str) -> str:
@@ -101,12 +102,48 @@ def _fault(kind: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Policy | None, index: int = 0,
-                keep_arena: bool = True) -> FileResult:
+@dataclass(frozen=True)
+class BuildSettings:
+    """What every file build of one run shares."""
+
+    root: str  # where rank files / shards go
+    args: object  # Megatron args Namespace for rank files
+    iteration: int | None
+    fp8: Fp8Policy | None
+    keep_arena: bool = True  # reuse the worker's buffer across files (not under a binding budget)
+    strict_values: bool = False  # NaN/Inf in a tensor is an error, not a warning
+
+
+def nonfinite_count(t: torch.Tensor) -> int:
+    """NaN/Inf elements of ``t``. A sum is NaN/Inf when any element is (fast path: one vectorized
+    reduction); only then are they counted. FP8 e4m3 has NaN codes only (0x7F/0xFF)."""
+    if t.numel() == 0:
+        return 0
+    if t.dtype == torch.float8_e4m3fn:
+        low = t.view(torch.uint8) & 0x7F
+        return int((low == 0x7F).sum()) if int(low.max()) == 0x7F else 0
+    if not t.dtype.is_floating_point or bool(torch.isfinite(t.sum())):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
+def _check_values(name: str, relpath: str, tensors, settings: BuildSettings, found: list) -> None:
+    bad = sum(nonfinite_count(t) for t in tensors)
+    if not bad:
+        return
+    if settings.strict_values:
+        raise ConversionError(f"tensor {name} for {relpath} holds {bad} NaN/Inf values (from the source); "
+                              "--strict_values makes that an error")
+    found.append((name, bad))
+
+
+def _build_file(out: OutputFile, settings: BuildSettings, index: int = 0) -> FileResult:
     start = time.perf_counter()
     reader = _SOURCE.reader()
+    fp8 = settings.fp8
     quantized = Fp8Materializer(reader, fp8 or Fp8Policy())
-    path = os.path.join(target_root, out.relpath)
+    nonfinite: list[tuple[str, int]] = []
+    path = os.path.join(settings.root, out.relpath)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = _tmp_path(path)
     try:
@@ -121,14 +158,16 @@ def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Poli
             values = {}
             for job, buf in zip(tensor_jobs, buffers):
                 te.materialize_into(job.expr, reader, buf)
+                _check_values(job.name, out.relpath, [buf], settings, nonfinite)
                 values[id(job)] = buf
             for job in all_jobs:
                 if _is_fp8_job(job.expr):  # pickled as TE's Float8BlockwiseQTensor
                     codes, scale = quantized.pair(job.expr, job.name)
+                    _check_values(job.name, out.relpath, [codes, scale], settings, nonfinite)
                     values[id(job)] = te_pickle.blockwise_param(  # the quantizer says what the scales are
                         codes, scale, fp8.nominal_dtype, scales_are_pow2(scale), fp8.recipe.amax_epsilon)
             containers = {key: {j.name: values.get(id(j)) for j in jobs} for key, jobs in out.containers}
-            mcore_legacy.save_rank_file(tmp, containers, args, iteration)
+            mcore_legacy.save_rank_file(tmp, containers, settings.args, settings.iteration)
             del containers, values, buffers
         else:
             (_, jobs), = out.containers
@@ -138,11 +177,12 @@ def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Poli
             def produce(t: PlannedTensor) -> torch.Tensor:
                 expr = by_name[t.name]
                 if isinstance(expr, te.Fp8Part):  # a weight's codes, then its scales (cached)
-                    return quantized.part(expr, t.name)
-                # Tensors are written one at a time, so each reuses the arena's first bytes.
-                (buf,) = _ARENA.carve([(t.dtype, t.shape)])
-                te.materialize_into(expr, reader, buf)
-                return buf
+                    value = quantized.part(expr, t.name)
+                else:  # tensors are written one at a time, so each reuses the arena's first bytes
+                    (value,) = _ARENA.carve([(t.dtype, t.shape)])
+                    te.materialize_into(expr, reader, value)
+                _check_values(t.name, out.relpath, [value], settings, nonfinite)
+                return value
 
             write_streaming(tmp, planned, produce, {"format": "pt"})
         os.replace(tmp, path)
@@ -152,10 +192,11 @@ def _build_file(out: OutputFile, target_root: str, args, iteration, fp8: Fp8Poli
         raise
     finally:
         reader.close()
-        if not keep_arena:  # under a binding memory budget an idle worker must not hold a file's worth
+        if not settings.keep_arena:  # under a binding memory budget an idle worker must not hold a file's worth
             _ARENA.release()
     return FileResult(out.relpath, out.nbytes, time.perf_counter() - start, tuple(quantized.events),
-                      os.path.getsize(path), file_sha256(path))  # hashed while still in the page cache
+                      os.path.getsize(path), file_sha256(path),  # hashed while still in the page cache
+                      nonfinite=tuple(nonfinite))
 
 
 def _prepare_target(target: str, overwrite: bool) -> None:
@@ -244,7 +285,8 @@ def _run_pool(todo: list[OutputFile], max_workers: int, budget: int | None, subm
 
 
 def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress: bool = True,
-            resume: bool = False, max_memory: int | None = None, world: World = SINGLE) -> list[FileResult]:
+            resume: bool = False, max_memory: int | None = None, world: World = SINGLE,
+            strict_values: bool = False) -> list[FileResult]:
     """Build the plan's files (this process's share of them under several processes), then
     the report, the merged manifest and the markers (rank 0, once every rank is done)."""
     start = time.perf_counter()
@@ -270,7 +312,8 @@ def execute(plan: Plan, max_workers: int = 1, overwrite: bool = False, progress:
     manifest.save()
     error = None
     try:
-        results, peak_in_flight = _build_share(plan, mine, manifest, root, iteration, max_workers, max_memory, progress)
+        settings = BuildSettings(root, plan.mcore_args, iteration, plan.fp8, strict_values=strict_values)
+        results, peak_in_flight = _build_share(plan, mine, manifest, settings, max_workers, max_memory, progress)
         # Make every file durable before the markers that declare the checkpoint complete. Done
         # here rather than per file so a worker never blocks on the disk between files.
         for f in mine:
@@ -310,7 +353,7 @@ def _merge_manifests(target: str, plan: Plan, fingerprint: str, results: list[Fi
             os.remove(part)
 
 
-def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, root: str, iteration, max_workers: int,
+def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settings: BuildSettings, max_workers: int,
                  max_memory: int | None, progress: bool) -> tuple[list[FileResult], int]:
     """Build ``files`` not already done (verified) in ``manifest``, recording each as it lands."""
     global _SOURCE
@@ -333,20 +376,19 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, root: 
     try:
         if max_workers <= 1 or len(todo) <= 1:
             for index, f in enumerate(todo):
-                finished(_build_file(f, root, plan.mcore_args, iteration, plan.fp8, index))
+                finished(_build_file(f, settings, index))
         else:
             index = {f.relpath: i for i, f in enumerate(todo)}
             # Reusing a worker's buffer saves page faults, but parks a file's worth of memory in
             # every worker: only when the budget could hold every worker's largest file.
             largest = max(f.nbytes for f in todo)
-            keep = max_memory is None or max_workers * largest <= max_memory
+            settings = replace(settings, keep_arena=max_memory is None or max_workers * largest <= max_memory)
             # torch's intra-op threads would oversubscribe the cores next to N workers.
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 peak_in_flight = _run_pool(
                     todo, max_workers, max_memory,
-                    lambda f: pool.submit(_build_file, f, root, plan.mcore_args, iteration, plan.fp8, index[f.relpath],
-                                          keep),
+                    lambda f: pool.submit(_build_file, f, settings, index[f.relpath]),
                     finished)
     except OSError as e:
         done = len(manifest.done)
@@ -407,6 +449,7 @@ def conversion_report(plan: Plan, results: list[FileResult], seconds: float) -> 
             "requantized": [{"tensor": e.tensor, "reason": e.reason} for e in events if e.action == "requantized"],
             "quantized": [{"tensor": e.tensor, "reason": e.reason} for e in events if e.action == "quantized"],
         },
+        "nonfinite": [{"file": r.relpath, "tensor": name, "count": n} for r in results for name, n in r.nonfinite],
         "notes": plan.notes,
     }
 
@@ -423,6 +466,17 @@ def _with_quantization(config: dict, results: list[FileResult]) -> dict:
     else:
         config.pop("quantization_config", None)
     return config
+
+
+def value_warnings(results: list[FileResult], limit: int = 10) -> list[str]:
+    found = [(r.relpath, name, n) for r in results for name, n in r.nonfinite]
+    if not found:
+        return []
+    lines = [f"warning: {len(found)} tensors hold NaN/Inf values, as in the source (--strict_values makes this an error):"]
+    lines += [f"  {name} in {file}: {n}" for file, name, n in found[:limit]]
+    if len(found) > limit:
+        lines.append(f"  ... and {len(found) - limit} more (all in conversion_report.json)")
+    return lines
 
 
 def fp8_summary(results: list[FileResult], limit: int = 10) -> list[str]:

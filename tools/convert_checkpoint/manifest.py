@@ -24,7 +24,7 @@ def rank_manifest_name(rank: int) -> str:
     return f"{MANIFEST_STEM}.rank{rank}.json"
 # Flags that change how a conversion runs, not what it writes.
 _RUNTIME_OPTIONS = {"max_workers", "max_memory", "world_size", "rank", "overwrite", "dry_run", "verbose", "progress",
-                    "resume", "save_ckpt_path"}
+                    "resume", "save_ckpt_path", "strict_values"}
 
 
 @dataclass

@@ -52,6 +52,7 @@ class ConvertOptions:
     rank: int | None = None
     overwrite: bool = False
     resume: bool = False
+    strict_values: bool = False
     dry_run: bool = False
     verbose: bool = False
     progress: bool = True
@@ -196,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bound on the output files held in memory at once across workers (e.g. 20GiB; default: half the available RAM)")
     add("megatron_path", help="accepted for compatibility; prepended to sys.path")
     add("overwrite", action="store_true", help="replace an existing, non-empty output directory")
+    add("strict_values", action="store_true", help="NaN/Inf in a weight is an error (default: a warning)")
     add("resume", action="store_true",
         help="continue an interrupted conversion into the same directory: verified finished files are kept")
     add("dry_run", action="store_true", help="validate and print the plan; write nothing")
@@ -260,6 +262,7 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         rank=ns.rank,
         overwrite=ns.overwrite,
         resume=ns.resume,
+        strict_values=ns.strict_values,
         dry_run=ns.dry_run,
         verbose=ns.verbose,
         progress=not ns.no_progress,
