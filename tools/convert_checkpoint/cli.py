@@ -15,9 +15,10 @@ def main(argv: list[str] | None = None) -> int:
         return verify_main(argv[1:])
     # Imports inside so that `--help` and flag errors stay fast.
     from .distributed import SINGLE, join, leave, world_from
-    from .execute import check_memory_budget, default_memory_budget, execute, fp8_summary, value_warnings
+    from .execute import check_memory_budget, default_memory_budget, execute
     from .options import parse_options
     from .plan import build_plan, describe_plan
+    from .report import fp8_summary, value_warnings
 
     world = SINGLE
     try:

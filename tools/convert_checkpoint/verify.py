@@ -9,7 +9,6 @@ tensor matches within ``--atol``, 1 on any difference, 2 on unusable input.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
