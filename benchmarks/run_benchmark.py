@@ -286,14 +286,15 @@ def fmt_ok(ok: bool | None) -> str:
 
 
 def print_table(steps: list[Step], pss: bool) -> None:
-    head = ["step", "median s", "(sync)", "vs cp", "best s", "vs cp", "CPU s"]
+    head = ["step", "median s", "(sync)", "GB/s", "vs cp", "best s", "vs cp", "CPU s"]
     head += ["peak RSS tree", "peak RSS single", "peak anon tree"]
     head += ["peak PSS tree"] if pss else []
     head += ["largest file", f"time<={TIME_TARGET:g}x cp", "RSS<=2xfile+1GB"]
     rows = []
     for s in steps:
         peak = s.peak
-        row = [s.name, f"{s.seconds:.1f}", f"{s.sync_seconds:.1f}", fmt_ratio(s.ratio)]
+        gbps = f"{s.total_bytes / GB / s.seconds:.2f}" if s.total_bytes and s.seconds > 0 else "-"
+        row = [s.name, f"{s.seconds:.1f}", f"{s.sync_seconds:.1f}", gbps, fmt_ratio(s.ratio)]
         row += [f"{s.best_seconds:.1f}", fmt_ratio(s.best_ratio), f"{s.cpu_seconds:.1f}"]
         row += [fmt_gb(peak.rss_tree), fmt_gb(peak.rss_single), fmt_gb(peak.anon_tree)]
         row += [fmt_gb(peak.pss_tree)] if pss else []

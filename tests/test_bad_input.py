@@ -230,3 +230,32 @@ def test_nan_and_inf_in_weights_warn_or_stop(tiny_hf, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--strict_values" in err and "decoder.layers.1.mlp.linear_fc2.weight" in err
     assert not os.path.exists(os.path.join(strict, "latest_checkpointed_iteration.txt"))
+
+
+def _two_shards(src: str, dst) -> str:
+    """A copy of a one-file checkpoint split into two shards with an index."""
+    dst.mkdir()
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, group in shards.items():
+        save_file({n: tensors[n] for n in group}, str(dst / file), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {n: f for f, group in shards.items() for n in group}}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+    shutil.copy(os.path.join(src, "config.json"), dst / "config.json")
+    return str(dst)
+
+
+def test_index_naming_a_missing_file_and_duplicate_names(hf_copy, tmp_path, capsys):
+    sharded = _two_shards(hf_copy, tmp_path / "sharded")
+    os.remove(os.path.join(sharded, "model-00002-of-00002.safetensors"))
+    _assert_fails(capsys, hf_to_mcore(sharded, str(tmp_path / "o1")), str(tmp_path / "o1"),
+                  "names model-00002-of-00002.safetensors, which is missing")
+    twice = _two_shards(hf_copy, tmp_path / "twice")
+    first = load_file(os.path.join(twice, "model-00001-of-00002.safetensors"))
+    second = load_file(os.path.join(twice, "model-00002-of-00002.safetensors"))
+    name = sorted(first)[0]
+    second[name] = first[name]  # the same tensor name in both shards
+    save_file(second, os.path.join(twice, "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    _assert_fails(capsys, hf_to_mcore(twice, str(tmp_path / "o2")), str(tmp_path / "o2"),
+                  f"tensor {name} appears in both")

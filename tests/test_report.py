@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import torch
 from helpers import hf_to_mcore, mcore_to_hf
 from tiny_models import TinySpec
 
@@ -21,7 +22,7 @@ def test_report_lists_files_flags_speed_and_coverage(tiny_hf, tmp_path):
     assert report["direction"] == "hf->mcore" and report["options"]["tensor_model_parallel_size"] == 2
     assert report["seconds"] > 0 and report["gb_per_s"] > 0 and report["peak_rss_bytes"] > 100 * 2**20
     assert report["coverage"]["source_tensors"] == 3 + 4 * 9  # embed, norm, lm_head + 9 per layer
-    assert report["fp8"] is None
+    assert report["fp8"] is None and report["cast"] == [] and report["nonfinite"] == []
     assert mcore_to_hf(mcore, back) == 0
     report = json.load(open(os.path.join(back, "conversion_report.json")))
     assert report["direction"] == "mcore->hf" and report["files"][0]["path"] == "model-00001-of-00001.safetensors"
@@ -62,3 +63,14 @@ def test_memory_budget_bounds_files_in_flight(tiny_hf, tmp_path, capsys):
     assert hf_to_mcore(hf, out2, **layout, max_memory="1GiB") == 0
     memory = json.load(open(os.path.join(out2, "conversion_report.json")))["memory"]
     assert memory["max_in_flight_planned_bytes"] > 200_000  # with room, two files are built at once
+
+
+def test_report_lists_dtype_casts(tiny_hf, tmp_path):
+    """DeepSeek's bf16 router bias is widened to Megatron's fp32: said in the report."""
+    hf = tiny_hf(TinySpec("deepseek_v3", mtp_layers=1, dtype=torch.bfloat16))
+    out = str(tmp_path / "out")
+    assert hf_to_mcore(hf, out) == 0
+    casts = json.load(open(os.path.join(out, "conversion_report.json")))["cast"]
+    assert {c["tensor"] for c in casts} == {f"decoder.layers.{i}.mlp.router.expert_bias" for i in (1, 2, 3)} | {
+        "mtp.layers.0.transformer_layer.mlp.router.expert_bias"}
+    assert all(c["from"] == "bfloat16" and c["to"] == "float32" for c in casts)

@@ -6,6 +6,7 @@ import os
 import sys
 from dataclasses import dataclass
 
+from . import tensor_expr as te
 from .plan import Plan
 from .quant.fp8_materialize import Fp8Event
 
@@ -71,9 +72,22 @@ def conversion_report(plan: Plan, results: list[FileResult], seconds: float) -> 
             "requantized": [{"tensor": e.tensor, "reason": e.reason} for e in events if e.action == "requantized"],
             "quantized": [{"tensor": e.tensor, "reason": e.reason} for e in events if e.action == "quantized"],
         },
+        "cast": cast_tensors(plan),
         "nonfinite": [{"file": r.relpath, "tensor": name, "count": n} for r in results for name, n in r.nonfinite],
         "notes": plan.notes,
     }
+
+
+def cast_tensors(plan: Plan) -> list[dict]:
+    """Output tensors whose recipe changes a dtype (e.g. a bf16 router bias widened to fp32)."""
+    out = []
+    for f in plan.files:
+        for _, jobs in f.containers:
+            for j in jobs:
+                for node in te.casts(j.expr) if j.expr is not None else ():
+                    out.append({"file": f.relpath, "tensor": j.name, "from": str(node.part.dtype).replace("torch.", ""),
+                                "to": str(node.dtype).replace("torch.", "")})
+    return out
 
 
 def value_warnings(results: list[FileResult], limit: int = 10) -> list[str]:

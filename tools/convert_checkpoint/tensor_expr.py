@@ -241,6 +241,21 @@ def leaves(expr: Expr):
             yield from leaves(p)
 
 
+def casts(expr: Expr):
+    """The ``Cast`` nodes of an expression (dtype changes a recipe makes)."""
+    if isinstance(expr, Cast):
+        yield expr
+    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize)):
+        yield from casts(expr.part)
+    elif isinstance(expr, Fp8Part):
+        yield from casts(expr.of)
+    elif isinstance(expr, Fp8Blocks):
+        yield from casts(expr.data)
+    elif isinstance(expr, Cat):
+        for p in expr.parts:
+            yield from casts(p)
+
+
 def nbytes(expr: Expr) -> int:
     n = math.prod(expr.shape) * expr.dtype.itemsize
     if isinstance(expr, (Fp8Blocks, Quantize)):  # codes and their scale grid
