@@ -226,34 +226,32 @@ def split_even(expr: Expr, dim: int, parts: int, index: int) -> Expr:
     return narrow(expr, dim, index * step, step)
 
 
+def children(expr: Expr) -> tuple[Expr, ...]:
+    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize)):
+        return (expr.part,)
+    if isinstance(expr, Fp8Part):
+        return (expr.of,)
+    if isinstance(expr, Fp8Blocks):
+        return (expr.data, expr.scale)
+    if isinstance(expr, Cat):
+        return expr.parts
+    return ()
+
+
+def nodes(expr: Expr):
+    """Every node of an expression, parents before their parts."""
+    yield expr
+    for part in children(expr):
+        yield from nodes(part)
+
+
 def leaves(expr: Expr):
-    if isinstance(expr, Leaf):
-        yield expr
-    elif isinstance(expr, (Repeat, Cast, Dequantize, Quantize)):
-        yield from leaves(expr.part)
-    elif isinstance(expr, Fp8Part):
-        yield from leaves(expr.of)
-    elif isinstance(expr, Fp8Blocks):
-        yield from leaves(expr.data)
-        yield from leaves(expr.scale)
-    else:
-        for p in expr.parts:
-            yield from leaves(p)
+    return (n for n in nodes(expr) if isinstance(n, Leaf))
 
 
 def casts(expr: Expr):
     """The ``Cast`` nodes of an expression (dtype changes a recipe makes)."""
-    if isinstance(expr, Cast):
-        yield expr
-    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize)):
-        yield from casts(expr.part)
-    elif isinstance(expr, Fp8Part):
-        yield from casts(expr.of)
-    elif isinstance(expr, Fp8Blocks):
-        yield from casts(expr.data)
-    elif isinstance(expr, Cat):
-        for p in expr.parts:
-            yield from casts(p)
+    return (n for n in nodes(expr) if isinstance(n, Cast))
 
 
 def nbytes(expr: Expr) -> int:
