@@ -13,16 +13,26 @@ def main(argv: list[str] | None = None) -> int:
         from .verify import main as verify_main
 
         return verify_main(argv[1:])
+    if argv[:1] == ["hf"]:  # HF -> HF through converters
+        from .options import parse_hf_options
+
+        return run(lambda: parse_hf_options(argv[1:]), "convert-checkpoint hf")
+    from .options import parse_options
+
+    return run(lambda: parse_options(argv), "convert-checkpoint")
+
+
+def run(parse, prog: str) -> int:
+    """Parse, plan and validate, then execute (or print the plan); errors are one line."""
     # Imports inside so that `--help` and flag errors stay fast.
     from .distributed import SINGLE, join, leave, world_from
     from .execute import check_memory_budget, default_memory_budget, execute
-    from .options import parse_options
     from .plan import build_plan, describe_plan
     from .report import fp8_summary, value_warnings
 
     world = SINGLE
     try:
-        opts = parse_options(argv)
+        opts = parse()
         world = world_from(opts.world_size, opts.rank)
         start = time.perf_counter()
         plan = build_plan(opts)
@@ -43,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             leave(world)
     except ConversionError as e:
-        print(f"convert-checkpoint{_who(world)}: error: {e}", file=sys.stderr)
+        print(f"{prog}{_who(world)}: error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # disk full, permissions ... while writing: the files in flight were removed
-        print(f"convert-checkpoint{_who(world)}: error: {e}", file=sys.stderr)
+        print(f"{prog}{_who(world)}: error: {e}", file=sys.stderr)
         return 1
     if not world.leader:
         return 0

@@ -431,10 +431,15 @@ def _write_markers(plan: Plan, target: str, results: list[FileResult]) -> None:
         _write_text(os.path.join(target, mcore_legacy.TRACKER_NAME), "release")
         return
     config = plan.hf_config
-    if plan.hf_reference_dir:
+    if plan.direction == "hf->hf":  # config.json as the converters left it; every other file as it was
+        hf_format.copy_other_files(plan.source_dir, target, skip={"config.json", *_MARKERS, MANIFEST_NAME})
+        written = config
+    elif plan.hf_reference_dir:
         hf_format.copy_reference_files(plan.hf_reference_dir, target)
         config = hf_format.read_config(plan.hf_reference_dir)
-    written = _with_quantization(config, results)
+        written = _with_quantization(config, results)
+    else:
+        written = _with_quantization(config, results)
     if written != config or not plan.hf_reference_dir:  # a copied config.json stays byte for byte when true
         _write_text(os.path.join(target, "config.json"), json.dumps(written, indent=2, sort_keys=True) + "\n")
     weight_map = {j.name: f.relpath for f in plan.files for _, jobs in f.containers for j in jobs}

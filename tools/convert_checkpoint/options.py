@@ -38,6 +38,7 @@ class ConvertOptions:
     mtp_num_layers: int | None = None  # None: from config.json (num_nextn_predict_layers) / the checkpoint
     mtp_layer_name: str | None = None  # None: transformer_layer (HF->MCore) / detected (MCore->HF)
     hf_config_path: str | None = None
+    converters: tuple[str, ...] = ()  # --converter specs run on the HF source first (converters/registry.py)
     # Block-scaled FP8 (128x128 blocks, e4m3)
     convert_to_fp8: bool = False  # write the YAML's dtype: fp8 tensors as FP8 even from bf16
     quant_method: str = "pt"  # pt (pure torch) or te (TE's Float8BlockQuantizer)
@@ -137,6 +138,10 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+_CONVERTER_HELP = ("a converter, repeatable (applied in order): dequantize, fp8_block_dequantizer, ct_dequantizer, "
+                   "modelopt_nvfp4 or autoawq, with options as NAME:key=value,..., or package.module:factory.")
+
+
 def one_line_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return _OneLineParser(prog=prog, description=description)
 
@@ -175,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("mtp_layer_name", choices=MTP_INNER_NAMES,
         help="name of an MTP layer's decoder layer: transformer_layer (megatron-core <= 0.16, default) or mtp_model_layer (0.19+)")
     add("hf_config_path", help="MCore->HF: reference HF dir whose config/tokenizer files are copied")
+    add("converter", action="append", metavar="SPEC", help=_CONVERTER_HELP + " HF->MCore: run on the HF source first.")
     add("convert_to_fp8", action="store_true",
         help="write the tensors the family YAML marks dtype: fp8 as 128x128 block FP8 even when the source holds them in bf16")
     add("quant_method", choices=QUANT_METHODS, default="pt",
@@ -249,6 +255,7 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         mtp_num_layers=ns.mtp_num_layers,
         mtp_layer_name=ns.mtp_layer_name,
         hf_config_path=ns.hf_config_path,
+        converters=tuple(ns.converter or ()),
         convert_to_fp8=ns.convert_to_fp8,
         quant_method=ns.quant_method,
         force_pow_2_scales=ns.force_pow_2_scales,
@@ -267,3 +274,30 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         verbose=ns.verbose,
         progress=not ns.no_progress,
     )
+
+
+def parse_hf_options(argv: list[str]) -> ConvertOptions:
+    """``convert-checkpoint hf SOURCE TARGET --converter SPEC ...``: HF -> HF through converters."""
+    p = one_line_parser("convert-checkpoint hf", "Rewrite a HuggingFace safetensors checkpoint through converters "
+                        "(dequantize FP8 / compressed-tensors, ModelOpt NVFP4 or AutoAWQ to compressed-tensors), "
+                        "shard by shard, without a model definition.")
+    p.add_argument("model_stub", help="source checkpoint directory")
+    p.add_argument("save_directory", help="target directory (must be empty unless --overwrite or --resume)")
+    p.add_argument("--converter", action="append", required=True, metavar="SPEC", help=_CONVERTER_HELP)
+    p.add_argument("--max_workers", "--max-workers", type=_positive, default=1, help="worker processes, one output shard each")
+    p.add_argument("--max_memory", "--max-memory", type=_size, help="bound on the shards in flight (default: half the available RAM)")
+    p.add_argument("--world_size", "--world-size", type=_positive, help="processes sharing the conversion (default: torchrun's)")
+    p.add_argument("--rank", type=_non_negative, help="this process's rank, with --world_size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same directory")
+    p.add_argument("--strict_values", "--strict-values", action="store_true", help="NaN/Inf in a tensor is an error")
+    p.add_argument("--dry_run", "--dry-run", action="store_true", help="validate every shard and print the plan; write nothing")
+    p.add_argument("--verbose", action="store_true", help="with --dry_run: print every tensor")
+    p.add_argument("--no_progress", "--no-progress", action="store_true", help="hide progress bars")
+    ns = p.parse_args(argv)
+    if ns.resume and ns.overwrite:
+        raise ConversionError("--resume and --overwrite contradict each other: --resume keeps finished files")
+    return ConvertOptions("huggingface", "huggingface", ns.model_stub, ns.save_directory, converters=tuple(ns.converter),
+                          max_workers=ns.max_workers, max_memory=ns.max_memory, world_size=ns.world_size, rank=ns.rank,
+                          overwrite=ns.overwrite, resume=ns.resume, strict_values=ns.strict_values, dry_run=ns.dry_run,
+                          verbose=ns.verbose, progress=not ns.no_progress)

@@ -243,8 +243,10 @@ def build_plan(opts: ConvertOptions) -> Plan:
     from .plan_mcore_to_hf import plan_mcore_to_hf
     from .plan_mcore_to_mcore import plan_mcore_to_mcore
 
+    from .hf_to_hf import plan_hf_to_hf
+
     planners = {("huggingface", "mcore"): plan_hf_to_mcore, ("mcore", "huggingface"): plan_mcore_to_hf,
-                ("mcore", "mcore"): plan_mcore_to_mcore}
+                ("mcore", "mcore"): plan_mcore_to_mcore, ("huggingface", "huggingface"): plan_hf_to_hf}
     planner = planners.get((opts.load_platform, opts.save_platform))
     if planner is None:
         raise ConversionError(f"unsupported direction {opts.load_platform} -> {opts.save_platform}")
@@ -255,29 +257,28 @@ def build_plan(opts: ConvertOptions) -> Plan:
 
 def bytes_to_read(plan: Plan) -> int:
     """Source bytes the recipes read (a window read by several files counts each time)."""
+    read_for = getattr(plan.source, "bytes_read_for", None)  # converted sources read whole tensor groups
+    if read_for is not None:
+        return sum(read_for([leaf for _, jobs in f.containers for j in jobs if j.expr is not None
+                             for leaf in te.leaves(j.expr)]) for f in plan.files)
     return sum(te.nbytes(leaf) for f in plan.files for _, jobs in f.containers for j in jobs
                if j.expr is not None for leaf in te.leaves(j.expr))
 
 
 def predicted_memory(plan: Plan) -> str:
-    """Each worker holds about one output file (its tensors are carved from a reused buffer)."""
+    """Each worker holds about one output file (its tensors are carved from a reused buffer),
+    plus, behind converters, one tensor group in and out."""
     largest = max((f.nbytes for f in plan.files), default=0)
+    group = getattr(plan.source, "largest_group_bytes", 0)
     workers = min(plan.options.max_workers if plan.options else 1, max(len(plan.files), 1))
-    return (f"predicted peak memory: about {(workers * largest + 2**30) / 2**30:.2f} GiB "
-            f"({workers} worker{'s' if workers > 1 else ''} x the largest file, {largest / 1e9:.3f} GB, + ~1 GiB)")
+    held = f"the largest file, {largest / 1e9:.3f} GB" + (f", and converter group, {group / 1e9:.3f} GB" if group else "")
+    return (f"predicted peak memory: about {(workers * (largest + group) + 2**30) / 2**30:.2f} GiB "
+            f"({workers} worker{'s' if workers > 1 else ''} x {held}, + ~1 GiB)")
 
 
 def describe_plan(plan: Plan, verbose: bool = False) -> str:
     lay = plan.layout
-    pipe = lay.pipeline
-    lines = [
-        f"plan: {plan.direction}  family={plan.family.name}  layers={plan.arch.num_layers}  "
-        f"TP={lay.tp} PP={pipe.pp} VPP={pipe.vpp} layers/stage={','.join(map(str, pipe.layers_per_vstage))}  "
-        f"impl={lay.transformer_impl}  vocab={plan.arch.vocab_size} padded={lay.padded_vocab_size}  "
-        f"tied={plan.arch.tied_embeddings}"
-        + (f"  experts={plan.arch.num_experts} EP={lay.ep} ETP={lay.expert_tp} grouped={lay.grouped_gemm}"
-           if plan.arch.num_experts else "")
-        + (f"  MTP={plan.arch.mtp_num_layers} ({lay.mtp_inner_name})" if plan.arch.mtp_num_layers else ""),
+    lines = _plan_header(plan) + [
         f"source: {plan.source_dir} ({plan.source_tensor_count} tensors)",
         f"target: {plan.target_dir} ({len(plan.files)} files, {plan.total_bytes / 1e9:.3f} GB to write, "
         f"{bytes_to_read(plan) / 1e9:.3f} GB to read)",
@@ -295,3 +296,19 @@ def describe_plan(plan: Plan, verbose: bool = False) -> str:
                     lines.append(f"    {where}: {recipe}")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _plan_header(plan: Plan) -> list[str]:
+    if plan.arch is None:  # HF -> HF through converters: no model, no layout
+        return [f"plan: {plan.direction}  converters: {' -> '.join(plan.source.chain.labels)}"]
+    lay = plan.layout
+    pipe = lay.pipeline
+    return [
+        f"plan: {plan.direction}  family={plan.family.name}  layers={plan.arch.num_layers}  "
+        f"TP={lay.tp} PP={pipe.pp} VPP={pipe.vpp} layers/stage={','.join(map(str, pipe.layers_per_vstage))}  "
+        f"impl={lay.transformer_impl}  vocab={plan.arch.vocab_size} padded={lay.padded_vocab_size}  "
+        f"tied={plan.arch.tied_embeddings}"
+        + (f"  experts={plan.arch.num_experts} EP={lay.ep} ETP={lay.expert_tp} grouped={lay.grouped_gemm}"
+           if plan.arch.num_experts else "")
+        + (f"  MTP={plan.arch.mtp_num_layers} ({lay.mtp_inner_name})" if plan.arch.mtp_num_layers else ""),
+    ]

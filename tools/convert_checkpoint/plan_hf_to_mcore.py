@@ -126,9 +126,20 @@ def mcore_args(arch: ModelArch, family: FamilySpec, layout: ParallelLayout, opts
     )
 
 
+def open_hf_source(opts: ConvertOptions) -> hf_format.HFSource:
+    """The HF checkpoint, seen through the ``--converter`` pre-stage when there is one."""
+    if not opts.converters:
+        return hf_format.open_source(opts.load_ckpt_path)
+    from .hf_to_hf import open_converted
+
+    src = open_converted(opts.load_ckpt_path, opts.converters)
+    hf_format.fp8_quantization_config(src.config, f"after --converter {' --converter '.join(opts.converters)}")
+    return src
+
+
 def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
     check_target_dir(opts)
-    src = hf_format.open_source(opts.load_ckpt_path)
+    src = open_hf_source(opts)
     family = load_family(opts.convert_file) if opts.convert_file else family_for_hf_config(src.config)
     derived = family.arch_from_config(src.config)
     arch = ModelArch.from_dict(merge_arch_yaml(derived.to_dict(), opts), opts.config_file or "config.json")
@@ -141,7 +152,7 @@ def plan_hf_to_mcore(opts: ConvertOptions) -> Plan:
 
     layout = target_layout(opts, arch)
     files = mcore_output_files(canonical_exprs, tensors, arch, layout, fp8_output=src.has_fp8 or opts.convert_to_fp8)
-    notes = []
+    notes = [f"converters: {' -> '.join(src.chain.labels)} (run on the HF tensors first)"] if opts.converters else []
     if arch.tied_embeddings and any(n in src.tensor_file for c in convertors for n in c.optional_hf()):
         notes.append("tied embeddings: the HF lm_head copy was dropped (Megatron shares the embedding)")
     copies = [n for c in convertors if isinstance(c, SharedCopy) for n in c.hf_shapes()]

@@ -31,8 +31,8 @@ def fp8_quantization_config(config: dict, where: str) -> dict | None:
     method = qc.get("quant_method")
     if method != "fp8":
         raise ConversionError(
-            f"{where}: quantization_config quant_method {method!r} is not supported "
-            "(block-scaled FP8, quant_method 'fp8', is; convert other formats to bf16 first)"
+            f"{where}: quantization_config quant_method {method!r} is not supported here (block-scaled FP8, "
+            "quant_method 'fp8', is): add --converter dequantize to convert the weights to bf16 on the way"
         )
     block = qc.get("weight_block_size")
     if block is None or [int(b) for b in block] != [128, 128]:
@@ -108,7 +108,9 @@ def read_config(root: str) -> dict:
         raise ConversionError(f"unreadable {path}: {e}") from None
 
 
-def open_source(root: str) -> HFSource:
+def open_source(root: str, check_quantization: bool = True) -> HFSource:
+    """The lazy index of a HF checkpoint. ``check_quantization`` refuses a ``quantization_config``
+    other than block FP8 (off when converters will rewrite the checkpoint first)."""
     if not os.path.isdir(root):
         raise ConversionError(f"--load_ckpt_path {root} is not a directory")
     config = read_config(root)
@@ -140,7 +142,8 @@ def open_source(root: str) -> HFSource:
     for name, file in weight_map.items():
         if tensor_file.get(name) != file:
             raise ConversionError(f"{INDEX_NAME} says tensor {name} is in {file}, but that file does not hold it")
-    fp8_quantization_config(config, os.path.join(root, "config.json"))  # refuse other formats early
+    if check_quantization:  # refuse other formats early
+        fp8_quantization_config(config, os.path.join(root, "config.json"))
     return HFSource(root, config, entries, tensor_file)
 
 
@@ -157,4 +160,20 @@ def copy_reference_files(reference_dir: str, target_dir: str) -> list[str]:
             continue
         shutil.copyfile(src, os.path.join(target_dir, name))
         copied.append(name)
+    return copied
+
+
+def copy_other_files(source_dir: str, target_dir: str, skip: set[str]) -> list[str]:
+    """Copy every file under ``source_dir`` that is not a safetensors shard, its index or in
+    ``skip`` (relative paths), keeping subdirectories. Returns the relative paths copied."""
+    copied = []
+    for dirpath, dirnames, names in os.walk(source_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(names):
+            rel = os.path.relpath(os.path.join(dirpath, name), source_dir)
+            if rel in skip or name.endswith(".safetensors") or name == INDEX_NAME or name.startswith("."):
+                continue
+            os.makedirs(os.path.dirname(os.path.join(target_dir, rel)) or target_dir, exist_ok=True)
+            shutil.copyfile(os.path.join(dirpath, name), os.path.join(target_dir, rel))
+            copied.append(rel)
     return copied

@@ -1,0 +1,132 @@
+"""A HuggingFace source seen through a converter chain (the pre-stage, and ``hf`` HF -> HF).
+
+``apply_chain`` validates every tensor group on meta tensors and indexes what the chain will
+produce: names, dtypes and shapes, each attributed to its group's home shard. The planners use
+that index like any other source. Reading a converted tensor loads its group's source tensors
+(wherever they are stored), runs the chain once, and keeps the result for the next tensors of
+the same group; so a worker holds one output file plus one tensor group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConversionError
+from ..formats.huggingface import HFSource
+from ..formats.safetensors_io import SafetensorsReader, TensorEntry
+from ..tensor_expr import Leaf, TensorRef, source
+from .groups import TensorGroup, plan_groups
+from .protocol import ConverterChain
+
+
+@dataclass
+class ConvertedSource(HFSource):
+    """``entries``/``tensor_file`` index the chain's output; ``inputs`` the files on disk."""
+
+    chain: ConverterChain | None = None
+    inputs: dict = field(default_factory=dict)  # file -> name -> TensorEntry of the source files
+    groups: list = field(default_factory=list)
+    input_file: dict = field(default_factory=dict)  # source tensor name -> file
+    group_of: dict = field(default_factory=dict)  # output tensor name -> index into groups
+    outputs: list = field(default_factory=list)  # per group: the output tensor names
+
+    def reader(self) -> "ConvertedReader":
+        return ConvertedReader(self)
+
+    def group_bytes(self, index: int) -> int:
+        """Source bytes in and converted bytes out of one group (what a worker holds for it)."""
+        inputs = sum(_nbytes(self.inputs[self.input_file[n]][n]) for n in self.groups[index].members)
+        return inputs + sum(_nbytes(self.entries[self.tensor_file[n]][n]) for n in self.outputs[index])
+
+    @property
+    def largest_group_bytes(self) -> int:
+        return max((self.group_bytes(i) for i in range(len(self.groups))), default=0)
+
+    def bytes_read_for(self, leaves) -> int:
+        """Source bytes read to build one output file from ``leaves`` (each group read once)."""
+        touched = {self.group_of[leaf.ref.name] for leaf in leaves}
+        return sum(_nbytes(self.inputs[self.input_file[n]][n]) for i in touched for n in self.groups[i].members)
+
+
+def _nbytes(entry: TensorEntry) -> int:
+    return math.prod(entry.shape) * entry.dtype.itemsize
+
+
+def apply_chain(src: HFSource, chain: ConverterChain) -> ConvertedSource:
+    groups = plan_groups(src.tensor_file, chain)
+    entries: dict[str, dict[str, TensorEntry]] = {f: {} for f in src.entries}
+    tensor_file: dict[str, str] = {}
+    group_of: dict[str, int] = {}
+    outputs: list[tuple[str, ...]] = []
+    for index, group in enumerate(groups):
+        meta = {}
+        for name in group.members:
+            e = src.entries[src.tensor_file[name]][name]
+            meta[name] = torch.empty(e.shape, dtype=e.dtype, device="meta")
+        produced = chain.validate(meta, group.label)
+        outputs.append(tuple(produced))
+        for name, t in produced.items():
+            if name in group_of:
+                other = groups[group_of[name]].label
+                raise ConversionError(f"the converters produce tensor {name} twice: from {other} and from {group.label}")
+            entries[group.home][name] = TensorEntry(t.dtype, tuple(t.shape), 0)
+            tensor_file[name] = group.home
+            group_of[name] = index
+    config = dict(src.config)
+    qc = chain.quantization_config(src.config.get("quantization_config"))
+    if qc is None:
+        config.pop("quantization_config", None)
+    else:
+        config["quantization_config"] = qc
+    config = chain.model_config(config)
+    return ConvertedSource(src.root, config, entries, tensor_file, chain=chain, inputs=src.entries, groups=groups,
+                           input_file=dict(src.tensor_file), group_of=group_of, outputs=outputs)
+
+
+class ConvertedReader:
+    """Materializes windows of converted tensors (``tensor_expr.LeafReader``)."""
+
+    def __init__(self, src: ConvertedSource):
+        self._src = src
+        self._files = SafetensorsReader(src.root, src.inputs)
+        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
+
+    def _outputs(self, index: int) -> dict[str, torch.Tensor]:
+        if self._cached is not None and self._cached[0] == index:
+            return self._cached[1]
+        self._cached = None  # drop the previous group before loading the next
+        group: TensorGroup = self._src.groups[index]
+        tensors = {}
+        for name in group.members:
+            file = self._src.input_file[name]
+            e = self._src.inputs[file][name]
+            value = torch.empty(e.shape, dtype=e.dtype)
+            self._files.read_into(source(TensorRef(file, name), e.dtype, e.shape), value)
+            tensors[name] = value
+        out = self._src.chain.process(tensors, group.label)
+        planned = set(self._src.outputs[index])
+        if set(out) != planned:
+            extra = sorted(set(out) - planned) or sorted(planned - set(out))
+            raise ConversionError(f"the converters' process() and validate() disagree for {group.label}: "
+                                  f"{'unexpected' if set(out) - planned else 'missing'} tensor {extra[0]}")
+        for name, t in out.items():
+            e = self._src.entries[self._src.tensor_file[name]][name]
+            if t.dtype != e.dtype or tuple(t.shape) != e.shape:
+                raise ConversionError(
+                    f"converter output {name} is {str(t.dtype).replace('torch.', '')} {list(t.shape)}, but validate() "
+                    f"promised {str(e.dtype).replace('torch.', '')} {list(e.shape)}")
+        self._cached = (index, out)
+        return out
+
+    def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
+        value = self._outputs(self._src.group_of[leaf.ref.name])[leaf.ref.name]
+        for dim, (start, length) in enumerate(zip(leaf.offsets, leaf.shape)):
+            value = value.narrow(dim, start, length)
+        out.copy_(value)
+
+    def close(self) -> None:
+        self._cached = None
+        self._files.close()
+
