@@ -36,7 +36,8 @@ from .names import matches_any, split_param
 class CTDequantizer(CompressedTensorsDequantizer):
     label = "ct_dequantizer"
 
-    def __init__(self, quantization_config: dict | None, ignore: Iterable[str] = (), dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, quantization_config: dict | None, ignore: Iterable[str] = (), dtype: torch.dtype = torch.bfloat16,
+                 tensor_names: Iterable[str] | None = None):
         # The library's __init__ reads config.json from a model directory; the rest is its own.
         if not quantization_config or quantization_config.get("quant_method") != "compressed-tensors":
             method = (quantization_config or {}).get("quant_method")
@@ -57,6 +58,33 @@ class CTDequantizer(CompressedTensorsDequantizer):
                 scheme.format = CompressionFormat(infer_module_format(torch.nn.Linear, scheme))
             except Exception as e:
                 raise ConversionError(f"ct_dequantizer: config group {group}: unknown or unsupported format ({e})") from None
+        if tensor_names is not None:
+            self.quant_config.ignore += sorted(self._unquantized(set(tensor_names)))
+
+    _ACTIVATION_QPARAMS = frozenset({"input_scale", "input_global_scale", "input_zero_point",
+                                     "output_scale", "output_global_scale", "output_zero_point"})
+
+    def process(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The library's decompression; activation quantization parameters (W4A4's input
+        scales) mean nothing to full-precision weights and are dropped with the format."""
+        out = super().process(tensors)
+        return {n: t for n, t in out.items() if split_param(n)[1] not in self._ACTIVATION_QPARAMS
+                or matches_any(split_param(n)[0], self.quant_config.ignore)}
+
+    def _unquantized(self, names: set[str]) -> set[str]:
+        """Modules whose weight has none of its format's scales. Where the format keeps the name
+        ``weight`` (float-/int-quantized), the library would take every ``X.weight``, an
+        embedding's too, for a quantized one; they are ignored instead."""
+        from compressed_tensors.compressors import BaseCompressor
+
+        found = set()
+        for scheme in self.quant_config.config_groups.values():
+            params = BaseCompressor.get_value_from_registry(scheme.format).compression_param_names(scheme)
+            for name in names:
+                module, param = split_param(name)
+                if param == params[0] and not any(f"{module}.{p}" in names for p in params[1:]):
+                    found.add(module)
+        return found
 
 
 class ModelOptToCompressedTensors(ModelOptNvfp4Converter):

@@ -142,7 +142,8 @@ def _ct_dequant(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> l
     from .library import CTDequantizer
 
     o = _take(spec.options, ("ignore", "dtype"), spec)
-    return [CTDequantizer(qc, ignore=_names(o.get("ignore", ())), dtype=_dtype(o.get("dtype", "bfloat16"), spec.text))]
+    return [CTDequantizer(qc, ignore=_names(o.get("ignore", ())), dtype=_dtype(o.get("dtype", "bfloat16"), spec.text),
+                          tensor_names=info.tensor_names if qc is info.config.get("quantization_config") else None)]
 
 
 def _modelopt(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:

@@ -176,4 +176,4 @@ def write_streaming(
             value = produce(t)
             if value.dtype != t.dtype or tuple(value.shape) != t.shape:
                 raise RuntimeError(f"planned {t.name} as {t.dtype}{list(t.shape)}, got {value.dtype}{list(value.shape)}")
-            f.write(memoryview(value.contiguous().view(torch.uint8).reshape(-1).numpy()))
+            f.write(memoryview(value.contiguous().reshape(-1).view(torch.uint8).numpy()))  # reshape first: 0-d tensors cannot be viewed as bytes
