@@ -124,7 +124,7 @@ def ct_reference(path: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, to
     with open(os.path.join(path, "config.json")) as f:
         qc = dict(json.load(f)["quantization_config"])
     qc.pop("version", None)
-    scheme = QuantizationConfig.model_validate(qc).config_groups["group_0"]
+    (scheme,) = QuantizationConfig.model_validate(qc).config_groups.values()
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     params = compressor.compression_param_names(scheme)
     tensors = _load_dir(path)

@@ -48,9 +48,8 @@ class CTDequantizer(CompressedTensorsDequantizer):
         try:
             self.quant_config = QuantizationConfig.model_validate(data)
         except Exception as e:
-            first = str(e).strip().splitlines()
-            raise ConversionError(f"ct_dequantizer: quantization_config is not a valid compressed-tensors config "
-                                  f"({first[0] if first else type(e).__name__}{'; ' + first[1].strip() if len(first) > 1 else ''})") from None
+            raise ConversionError(f"ct_dequantizer: quantization_config is not a valid compressed-tensors config: "
+                                  f"{_first_validation_error(e)}") from None
         self.dtype = dtype
         self.quant_config.ignore = list(self.quant_config.ignore or []) + list(ignore)
         for group, scheme in self.quant_config.config_groups.items():
@@ -218,3 +217,18 @@ class AwqToCompressedTensors(AutoAWQConverter):
                 shape, dtype = shapes[module][param]
                 out_tensors[name] = torch.empty(shape, dtype=dtype, device="meta")
         return out_tensors
+
+
+def _first_validation_error(e: Exception) -> str:
+    """pydantic's first complaint as one line: where, what, and the value given."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()) if "(" not in str(p))
+            message = str(first.get("msg", "")).split(". ")[0]
+            given = first.get("input")
+            return f"{where}: {message[:160]} (got {given!r})" if not isinstance(given, dict) else f"{where}: {message[:160]}"
+        except Exception:
+            pass
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
