@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
@@ -110,7 +109,7 @@ def test_autoawq_to_compressed_tensors(llama, tmp_path):
     ct = load_hf_tensors(str(tmp_path / "ct"))
     awq = load_hf_tensors(src)
     module = "model.layers.1.self_attn.q_proj"
-    q, zeros, scales = qf.awq_quantize(load_hf_tensors(llama)[module + ".weight"], 32)
+    q, zeros, _ = qf.awq_quantize(load_hf_tensors(llama)[module + ".weight"], 32)
     # unpack, reorder nibbles, signed shift: CT holds q - 8 in [out, in], sequential nibbles
     assert torch.equal(unpack_from_int32(ct[module + ".weight_packed"], 4, torch.Size(q.t().shape)), (q - 8).t().to(torch.int8))
     assert torch.equal(unpack_from_int32(ct[module + ".weight_zero_point"], 4, torch.Size(zeros.t().shape), packed_dim=0),

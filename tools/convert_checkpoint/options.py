@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "convert-checkpoint",
         "Convert LLM checkpoints between HuggingFace safetensors and Megatron-Core legacy per-rank "
         "checkpoints, resharding over tensor and pipeline parallel ranks. "
-        "`convert-checkpoint verify A B` compares two checkpoints.",
+        "`convert-checkpoint verify A B` compares two checkpoints; `convert-checkpoint hf SRC DST --converter SPEC` "
+        "rewrites a quantized HF checkpoint (dequantize, ModelOpt NVFP4 / AutoAWQ to compressed-tensors).",
     )
 
     def add(name: str, **kw) -> None:
