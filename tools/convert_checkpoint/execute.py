@@ -174,6 +174,8 @@ def _build_file(out: OutputFile, settings: BuildSettings, index: int = 0) -> Fil
                 expr = by_name[t.name]
                 if isinstance(expr, te.Fp8Part):  # a weight's codes, then its scales (cached)
                     value = quantized.part(expr, t.name)
+                elif isinstance(expr, te.Leaf) and expr.is_whole and hasattr(reader, "whole"):
+                    value = reader.whole(expr)  # a converter's output, written as it is (no copy)
                 else:  # tensors are written one at a time, so each reuses the arena's first bytes
                     (value,) = _ARENA.carve([(t.dtype, t.shape)])
                     te.materialize_into(expr, reader, value)

@@ -120,6 +120,10 @@ class ConvertedReader:
         self._cached = (index, out)
         return out
 
+    def whole(self, leaf: Leaf) -> torch.Tensor:
+        """A whole converted tensor, as the chain produced it (HF -> HF writes it directly)."""
+        return self._outputs(self._src.group_of[leaf.ref.name])[leaf.ref.name]
+
     def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
         value = self._outputs(self._src.group_of[leaf.ref.name])[leaf.ref.name]
         for dim, (start, length) in enumerate(zip(leaf.offsets, leaf.shape)):
