@@ -29,7 +29,7 @@ def _load_dir(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write(src_dir: str, path: str, main: dict, scales: dict, quantization_config: dict, extra_files: dict | None = None) -> str:
+def write_two_shards(src_dir: str, path: str, main: dict, scales: dict, quantization_config: dict, extra_files: dict | None = None) -> str:
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(src_dir):
         if not name.endswith(".safetensors") and not name.endswith(".index.json"):
@@ -49,6 +49,20 @@ def _write(src_dir: str, path: str, main: dict, scales: dict, quantization_confi
         with open(os.path.join(path, name), "w") as f:
             json.dump(data, f, indent=2)
     return path
+
+
+def _quantize_linears(bf16_dir: str, quantize, scale_params: tuple[str, ...]) -> tuple[dict, dict]:
+    """Each linear weight replaced by ``quantize(weight)`` (local names -> tensors); odd layers'
+    ``scale_params`` go to the second shard."""
+    main, scales = {}, {}
+    for name, value in _load_dir(bf16_dir).items():
+        if LINEAR.fullmatch(name):
+            module = name.rpartition(".")[0]
+            layer = int(name.split(".")[2])
+            _split({f"{module}.{k}": v for k, v in quantize(value).items()}, scale_params, main, scales, layer % 2 == 1)
+        else:
+            main[name] = value
+    return main, scales
 
 
 def _split(module_tensors: dict[str, torch.Tensor], scale_params: tuple[str, ...], into_main: dict, into_scales: dict, second: bool) -> None:
@@ -97,23 +111,15 @@ def make_ct_checkpoint(bf16_dir: str, path: str, preset: str = "W4A16", group_si
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     scheme = ct_scheme(preset, group_size)
-    tensors = _load_dir(bf16_dir)
-    main, scales = {}, {}
-    for name, value in tensors.items():
-        if LINEAR.fullmatch(name):
-            module = name.rpartition(".")[0]
-            layer = int(name.split(".")[2])
-            packed = {f"{module}.{k}": v for k, v in ct_compress(value.to(torch.bfloat16), scheme).items()}
-            _split(packed, ("weight_scale", "weight_zero_point", "weight_global_scale", "weight_shape"), main, scales, layer % 2 == 1)
-        else:
-            main[name] = value
+    main, scales = _quantize_linears(bf16_dir, lambda w: ct_compress(w.to(torch.bfloat16), scheme),
+                                     ("weight_scale", "weight_zero_point", "weight_global_scale", "weight_shape"))
     config = QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"], format=scheme.format,
                                 quantization_status=QuantizationStatus.COMPRESSED)
     from compressed_tensors import __version__
 
     qc = json.loads(json.dumps(config.model_dump(), default=lambda v: getattr(v, "value", str(v))))
     qc["version"] = __version__
-    return _write(bf16_dir, path, main, scales, qc)
+    return write_two_shards(bf16_dir, path, main, scales, qc)
 
 
 def ct_reference(path: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
@@ -189,7 +195,7 @@ def make_awq_checkpoint(bf16_dir: str, path: str, group: int = 32) -> tuple[str,
             reference[name] = main[name]
     qc = {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm",
           "modules_to_not_convert": None}
-    return _write(bf16_dir, path, main, scales_shard, qc), reference
+    return write_two_shards(bf16_dir, path, main, scales_shard, qc), reference
 
 
 # --- ModelOpt NVFP4 (formats.md §5) ------------------------------------------------------
@@ -233,20 +239,11 @@ def modelopt_dequantize(t: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def make_modelopt_checkpoint(bf16_dir: str, path: str) -> str:
-    tensors = _load_dir(bf16_dir)
-    main, scales = {}, {}
-    for name, value in tensors.items():
-        if LINEAR.fullmatch(name):
-            module = name.rpartition(".")[0]
-            layer = int(name.split(".")[2])
-            q = {f"{module}.{k}": v for k, v in modelopt_quantize(value).items()}
-            _split(q, ("weight_scale", "weight_scale_2", "input_scale"), main, scales, layer % 2 == 1)
-        else:
-            main[name] = value
+    main, scales = _quantize_linears(bf16_dir, modelopt_quantize, ("weight_scale", "weight_scale_2", "input_scale"))
     group = {"num_bits": 4, "type": "float", "group_size": 16, "dynamic": False}
     qc = {"quant_method": "modelopt", "quant_algo": "NVFP4",
           "config_groups": {"group_0": {"weights": group, "input_activations": group, "targets": ["Linear"]}},
           "ignore": ["lm_head"]}
     hf_quant = {"producer": {"name": "modelopt", "version": "0.0"},
                 "quantization": {"quant_algo": "NVFP4", "group_size": 16, "kv_cache_quant_algo": None, "exclude_modules": ["lm_head"]}}
-    return _write(bf16_dir, path, main, scales, qc, {"hf_quant_config.json": hf_quant})
+    return write_two_shards(bf16_dir, path, main, scales, qc, {"hf_quant_config.json": hf_quant})

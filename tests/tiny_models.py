@@ -143,17 +143,11 @@ def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True) -> str:
 
     The block scales (``weight_scale_inv``) go to a second shard, away from their weights, as a
     checkpoint may store them anywhere the index says."""
-    import json
-    import shutil
-
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from convert_checkpoint.quant.fp8_block import Fp8Recipe, quantize_blocks
+    from quantized_fixtures import write_two_shards
 
-    os.makedirs(path, exist_ok=True)
-    for name in os.listdir(bf16_dir):
-        if not name.endswith(".safetensors") and not name.endswith(".index.json"):
-            shutil.copyfile(os.path.join(bf16_dir, name), os.path.join(path, name))
     tensors = {}
     for name in sorted(os.listdir(bf16_dir)):
         if name.endswith(".safetensors"):
@@ -167,19 +161,9 @@ def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True) -> str:
             weights[name] = value.float()  # fp32 in DeepSeek's files
         else:
             weights[name] = value
-    files = {"model-00001-of-00002.safetensors": weights, "model-00002-of-00002.safetensors": scales}
-    for file, group in files.items():
-        save_file(group, os.path.join(path, file), metadata={"format": "pt"})
-    index = {"metadata": {}, "weight_map": {n: f for f, group in files.items() for n in group}}
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f)
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                     "weight_block_size": [128, 128], **({"scale_fmt": "ue8m0"} if pow2 else {})}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config, f, indent=2)
-    return path
+    config = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+              "weight_block_size": [128, 128], **({"scale_fmt": "ue8m0"} if pow2 else {})}
+    return write_two_shards(bf16_dir, path, weights, scales, config)
 
 
 def dequantize_checkpoint(fp8_dir: str, path: str) -> str:

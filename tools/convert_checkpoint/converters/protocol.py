@@ -85,27 +85,19 @@ class ConverterChain:
 
     def validate(self, tensors: Tensors, where: str) -> Tensors:
         """What ``process`` will produce for this group (meta tensors in, meta tensors out)."""
-        for c, label in zip(self.converters, self.labels):
-            validate = getattr(c, "validate", None)
-            try:
-                out = validate(dict(tensors)) if callable(validate) else None
-                if out is None:  # older converters only check: run process on the meta tensors
-                    out = c.process(dict(tensors))
-            except ConversionError:
-                raise
-            except Exception as e:
-                raise ConversionError(f"converter {label} refuses {where}: {_what(e)}") from None
-            tensors = _checked_output(out, label, where)
-        return tensors
+        return self._run(tensors, where, _validate_step, "refuses")
 
     def process(self, tensors: Tensors, where: str) -> Tensors:
+        return self._run(tensors, where, lambda c, t: c.process(t), "failed on")
+
+    def _run(self, tensors: Tensors, where: str, step, verb: str) -> Tensors:
         for c, label in zip(self.converters, self.labels):
             try:
-                out = c.process(dict(tensors))
+                out = step(c, dict(tensors))
             except ConversionError:
                 raise
-            except Exception as e:
-                raise ConversionError(f"converter {label} failed on {where}: {_what(e)}") from None
+            except Exception as e:  # a converter's own failure, reported as one line
+                raise ConversionError(f"converter {label} {verb} {where}: {_what(e)}") from None
             tensors = _checked_output(out, label, where)
         return tensors
 
@@ -131,6 +123,14 @@ class ConverterChain:
             if callable(update):
                 config = update(dict(config))
         return config
+
+
+def _validate_step(converter: Any, tensors: Tensors) -> Any:
+    validate = getattr(converter, "validate", None)
+    out = validate(dict(tensors)) if callable(validate) else None
+    if out is None:  # older converters only check: run process on the meta tensors
+        out = converter.process(tensors)
+    return out
 
 
 def _what(e: Exception) -> str:
