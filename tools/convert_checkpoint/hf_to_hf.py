@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterable
 
+from .converters.protocol import converter_label
 from .converters.registry import CheckpointInfo, build_chain
 from .converters.source import ConvertedSource, apply_chain
 from .errors import ConversionError
@@ -42,8 +43,7 @@ def plan_hf_to_hf(opts: ConvertOptions, converters: Iterable[Any] | None = None)
             files.append(OutputFile(shard, "safetensors", (("", jobs),)))
         else:
             notes.append(f"{shard} receives no tensors: all of them were converted together with tensors of other shards")
-    others = [f for f in _other_weight_files(opts.load_ckpt_path)]
-    notes += [f"{f} is copied unchanged: only safetensors files are converted" for f in others]
+    notes += [f"{f} is copied unchanged: only safetensors files are converted" for f in _other_weight_files(opts.load_ckpt_path)]
     notes.append("converters: " + " -> ".join(src.chain.labels))
     return Plan("hf->hf", opts.load_ckpt_path, opts.save_ckpt_path, None, None, None, files,
                 len(src.input_file), hf_config=src.config, notes=notes, source=src)
@@ -68,7 +68,7 @@ def convert_checkpoint(model_stub: str | os.PathLike, save_directory: str | os.P
     from .execute import check_memory_budget, default_memory_budget, execute
 
     items = converter if isinstance(converter, (list, tuple)) else [converter]
-    labels = tuple(c if isinstance(c, str) else _label(c) for c in items)
+    labels = tuple(c if isinstance(c, str) else converter_label(c) for c in items)
     opts = ConvertOptions("huggingface", "huggingface", os.fspath(model_stub), os.fspath(save_directory),
                           converters=labels, max_workers=max_workers, max_memory=max_memory, overwrite=overwrite,
                           resume=resume, strict_values=strict_values, progress=progress)
@@ -78,8 +78,3 @@ def convert_checkpoint(model_stub: str | os.PathLike, save_directory: str | os.P
     check_memory_budget(plan, budget)
     return execute(plan, max_workers, overwrite, progress, resume, budget, strict_values=strict_values)
 
-
-def _label(converter: Any) -> str:
-    from .converters.protocol import converter_label
-
-    return converter_label(converter)
