@@ -9,13 +9,17 @@ import glob
 import os
 import re
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, Mapping
 
 from ..errors import ConversionError
 from .arch import ModelArch, arch_from_hf_config, hf_config_from_arch
 from .yaml_file import load_mapping
 
-CONFIG_ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "..", "configs", "models"))
+# Shipped inside the package (package data), so a wheel or `pip install .` has them too; the
+# repository's top-level `configs` is a symlink to tools/convert_checkpoint/configs. A regular
+# install is a real directory, so the Traversable is a pathlib.Path and str() is a usable path.
+CONFIG_ROOT = str(resources.files("convert_checkpoint") / "configs" / "models")
 
 
 LAYER_KINDS = ("moe", "dense")
