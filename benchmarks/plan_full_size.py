@@ -28,7 +28,7 @@ import torch
 
 from convert_checkpoint.cli import main as convert_main
 from convert_checkpoint.config.family import family_for_hf_config
-from convert_checkpoint.plan import build_convertors, fp8_hf_names
+from convert_checkpoint.mapping import build_convertors, fp8_hf_names
 from convert_checkpoint.quant.fp8_block import scale_shape
 
 SHARD_BYTES = 5 * 10**9

@@ -5,7 +5,7 @@ import re
 
 from convert_checkpoint import execute
 from convert_checkpoint.formats.safetensors_io import SafetensorsReader
-from convert_checkpoint.formats.mcore_legacy import McoreReader
+from convert_checkpoint.endpoints.mcore_legacy import McoreReader
 from helpers import hf_to_mcore, mcore_to_hf
 from tiny_models import TinySpec
 

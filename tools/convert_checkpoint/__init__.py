@@ -1,12 +1,15 @@
 """convert_checkpoint: streaming HuggingFace <-> Megatron-Core checkpoint converter."""
+from typing import Any
 
-__version__ = "0.1.0"
+from ._version import __version__
+
+__all__ = ["Converter", "__version__", "convert_checkpoint"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # Lazy, so `convert-checkpoint --help` does not import torch.
     if name == "convert_checkpoint":
-        from .hf_to_hf import convert_checkpoint
+        from .api import convert_checkpoint
 
         return convert_checkpoint
     if name == "Converter":

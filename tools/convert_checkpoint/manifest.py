@@ -13,8 +13,15 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from . import tensor_expr as te
+from typing import TYPE_CHECKING
+
+from . import tensor_expr as tx
+from ._version import __version__
 from .errors import ConversionError
+from .textfile import write_text
+
+if TYPE_CHECKING:
+    from .core.plan import OutputFile, Plan
 
 MANIFEST_STEM = "conversion_manifest"
 MANIFEST_NAME = MANIFEST_STEM + ".json"
@@ -36,25 +43,22 @@ class FileRecord:
     fp8_events: list = field(default_factory=list)  # [tensor, action, reason, pow2] of the run that wrote it
 
 
-def plan_fingerprint(plan) -> str:
-    """sha256 over everything that decides the output bytes."""
-    from . import __version__
-
+def plan_fingerprint(plan: "Plan") -> str:
+    """sha256 over everything that decides the output bytes. Its inputs keep their historical
+    form (direction string, file kinds, Megatron args, config.json) so that ``--resume`` of a run
+    started by an earlier build of the same version still matches."""
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.options).items()
                if k not in _RUNTIME_OPTIONS} if plan.options else {}
     options["load_ckpt_path"] = os.path.abspath(options.get("load_ckpt_path", plan.source_dir))
     h = hashlib.sha256()
     head = {"version": __version__, "direction": plan.direction, "options": options,
-            "fp8": None if plan.fp8 is None else repr(plan.fp8),
-            "args": sorted((k, repr(v)) for k, v in vars(plan.mcore_args).items()) if plan.mcore_args else None,
-            "hf_config": plan.hf_config}
+            "fp8": None if plan.fp8 is None else repr(plan.fp8), **plan.target.fingerprint_fields()}
     h.update(json.dumps(head, sort_keys=True, default=str).encode())
     for f in plan.files:
         h.update(f"\nfile {f.relpath} {f.fmt}".encode())
-        for key, jobs in f.containers:
-            for j in jobs:
-                recipe = "None" if j.expr is None else f"{j.expr.dtype} {list(j.expr.shape)} {te.describe(j.expr)}"
-                h.update(f"\n{key}/{j.name}: {recipe}".encode())
+        for key, j in f.jobs():
+            recipe = "None" if j.expr is None else f"{j.expr.dtype} {list(j.expr.shape)} {tx.describe(j.expr)}"
+            h.update(f"\n{key}/{j.name}: {recipe}".encode())
     return h.hexdigest()
 
 
@@ -73,13 +77,13 @@ class Manifest:
         self.files = files
 
     @classmethod
-    def fresh(cls, target: str, files, fingerprint: str, name: str = MANIFEST_NAME) -> "Manifest":
+    def fresh(cls, target: str, files: "list[OutputFile]", fingerprint: str, name: str = MANIFEST_NAME) -> "Manifest":
         """A manifest of ``files`` (OutputFile), none done; a rank of a multi-process run keeps
         its own (``name``), merged by rank 0 at the end."""
         return cls(os.path.join(target, name), fingerprint, {f.relpath: FileRecord(f.nbytes) for f in files})
 
     @classmethod
-    def for_resume(cls, target: str, files, fingerprint: str, root: str, name: str = MANIFEST_NAME) -> "Manifest":
+    def for_resume(cls, target: str, files: "list[OutputFile]", fingerprint: str, root: str, name: str = MANIFEST_NAME) -> "Manifest":
         """The earlier runs' records for ``files``, each done file checked on disk (size and
         sha256); refuses a directory written by another plan."""
         paths = sorted(os.path.join(target, n) for n in os.listdir(target) if n.startswith(MANIFEST_STEM)
@@ -119,9 +123,5 @@ class Manifest:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"fingerprint": self.fingerprint, "files": {k: asdict(v) for k, v in self.files.items()}}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        data = {"fingerprint": self.fingerprint, "files": {k: asdict(v) for k, v in self.files.items()}}
+        write_text(self.path, json.dumps(data, indent=1), tmp=self.path + ".tmp")

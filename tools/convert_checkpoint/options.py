@@ -6,12 +6,16 @@ import re
 import sys
 from dataclasses import dataclass
 
+from typing import Any, Callable
+
+from .converters.registry import BUILTINS as CONVERTER_BUILTINS
+from .endpoints import ENDPOINTS
 from .errors import ConversionError
 from .layout.pipeline import parse_layer_list
 from .layout.placement import MTP_INNER_NAMES, TRANSFORMER_IMPLS
 from .quant.fp8_block import QUANT_METHODS
-
-PLATFORMS = ("huggingface", "mcore")
+from .requests import (Fp8Request, LayoutRequest, ModelRequest, PlanRequest, RunOptions, TargetDir,
+                       VocabPadding)
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,33 @@ class ConvertOptions:
     verbose: bool = False
     progress: bool = True
 
+    def plan_request(self, converters: tuple[Any, ...] | None = None) -> PlanRequest:
+        """What shapes the output. ``converters`` (objects, Python API) replaces the spec strings."""
+        return PlanRequest(
+            load_format=self.load_platform,
+            save_format=self.save_platform,
+            source_path=self.load_ckpt_path,
+            target=TargetDir(self.save_ckpt_path, self.overwrite, self.resume, self.dry_run),
+            model=ModelRequest(self.config_file, self.convert_file, self.mtp_num_layers),
+            layout=LayoutRequest(
+                tp=self.tensor_model_parallel_size, pp=self.pipeline_model_parallel_size,
+                virtual_stages=self.virtual_stages, layers_per_virtual_stage=self.num_layers_per_virtual_pipeline_stage,
+                custom_pipeline_layers=self.custom_pipeline_layers, transformer_impl=self.transformer_impl,
+                ep=self.expert_parallel_size, etp=self.expert_tensor_parallel_size, grouped_gemm=self.moe_grouped_gemm,
+                mtp_layer_name=self.mtp_layer_name),
+            vocab=VocabPadding(self.make_vocab_size_divisible_by, self.pad_vocab_size_to, self.add_embedding_padding),
+            fp8=Fp8Request(self.convert_to_fp8, self.quant_method, self.force_pow_2_scales, self.amax_epsilon,
+                           self.fp8_force_no_requant, self.device),
+            converters=tuple(self.converters if converters is None else converters),
+            max_shard_size=self.max_shard_size,
+            hf_config_path=self.hf_config_path,
+        )
+
+    def run_options(self) -> RunOptions:
+        """How the run goes (none of it changes the output)."""
+        return RunOptions(self.max_workers, self.max_memory, self.world_size, self.rank, self.overwrite, self.resume,
+                          self.strict_values, self.dry_run, self.verbose, self.progress)
+
 
 # Incumbent flags we parse so scripts do not break, but whose features are not built yet.
 # Giving one with a value that would change the result is an error, never silently ignored.
@@ -74,8 +105,6 @@ _NOT_YET = {
     "adapter_convert_file": "vision-language models are not supported yet",
     "vision_patch_convert_file": "vision-language models are not supported yet",
 }
-# Values of the not-yet flags that are harmless (the default behaviour).
-_HARMLESS: dict[str, set[str]] = {}
 _BOOL_FLAGS = {"hf_dequantize_int4", "hf_dequantize_mxfp4"}
 
 
@@ -138,8 +167,39 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-_CONVERTER_HELP = ("a converter, repeatable (applied in order): dequantize, fp8_block_dequantizer, ct_dequantizer, "
-                   "modelopt_nvfp4 or autoawq, with options as NAME:key=value,..., or package.module:factory.")
+def converter_help() -> str:
+    return ("a converter, repeatable (applied in order): " + CONVERTER_BUILTINS.help_text()
+            + ". Options as NAME:key=value,...; or package.module:factory for your own.")
+
+
+Adder = Callable[..., None]
+
+
+def _add_runtime_flags(add: Adder) -> None:
+    """Flags that change how a run goes, not what it writes (main command and ``hf``)."""
+    add("max_workers", type=_positive, default=1, help="worker processes, each building one output file")
+    add("world_size", type=_positive, help="processes sharing the conversion (default: torchrun's WORLD_SIZE, else 1)")
+    add("rank", type=_non_negative, help="this process's rank, with --world_size (default: torchrun's RANK)")
+    add("max_memory", type=_size,
+        help="bound on the output files held in memory at once across workers (e.g. 20GiB; default: half the available RAM)")
+    add("overwrite", action="store_true", help="replace an existing, non-empty output directory")
+    add("strict_values", action="store_true", help="NaN/Inf in a weight is an error (default: a warning)")
+    add("resume", action="store_true",
+        help="continue an interrupted conversion into the same directory: verified finished files are kept")
+    add("dry_run", action="store_true", help="validate and print the plan; write nothing")
+    add("verbose", action="store_true", help="with --dry_run: print every tensor's recipe")
+    add("no_progress", action="store_true", help="hide progress bars")
+
+
+def _adder(p: argparse.ArgumentParser) -> Adder:
+    def add(name: str, **kw: Any) -> None:
+        p.add_argument(*_spellings(name), dest=name.replace("-", "_"), **kw)
+    return add
+
+
+def _check_runtime(ns: argparse.Namespace) -> None:
+    if ns.resume and ns.overwrite:
+        raise ConversionError("--resume and --overwrite contradict each other: --resume keeps finished files")
 
 
 def one_line_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -155,11 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
         "rewrites a quantized HF checkpoint (dequantize, ModelOpt NVFP4 / AutoAWQ to compressed-tensors).",
     )
 
-    def add(name: str, **kw) -> None:
-        p.add_argument(*_spellings(name), dest=name.replace("-", "_"), **kw)
-
-    add("load_platform", choices=PLATFORMS, required=True, help="source format")
-    add("save_platform", choices=PLATFORMS, required=True, help="target format")
+    add = _adder(p)
+    add("load_platform", choices=ENDPOINTS.names(), required=True, help="source format: " + ENDPOINTS.help_text())
+    add("save_platform", choices=ENDPOINTS.names(), required=True, help="target format (as --load_platform)")
     add("load_ckpt_path", required=True, help="source checkpoint directory")
     add("save_ckpt_path", required=True, help="target directory (must be empty unless --overwrite)")
     add("config_file", help="architecture YAML (optional: derived from config.json or the checkpoint's args)")
@@ -181,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("mtp_layer_name", choices=MTP_INNER_NAMES,
         help="name of an MTP layer's decoder layer: transformer_layer (megatron-core <= 0.16, default) or mtp_model_layer (0.19+)")
     add("hf_config_path", help="MCore->HF: reference HF dir whose config/tokenizer files are copied")
-    add("converter", action="append", metavar="SPEC", help=_CONVERTER_HELP + " HF->MCore: run on the HF source first.")
+    add("converter", action="append", metavar="SPEC", help=converter_help() + " HF->MCore: run on the HF source first.")
     add("convert_to_fp8", action="store_true",
         help="write the tensors the family YAML marks dtype: fp8 as 128x128 block FP8 even when the source holds them in bf16")
     add("quant_method", choices=QUANT_METHODS, default="pt",
@@ -195,21 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("pretrain_as_fp8", action="store_true", help="accepted for compatibility; no effect")
     add("max_shard_size", type=_size, default=5 * 1000**3, help="HF output shard cap (default 5GB)")
     add("safetensors", action="store_true", help="accepted for compatibility; HF I/O is always safetensors")
-    add("max_workers", type=_positive, default=1, help="worker processes, each building one output file")
-    add("world_size", type=_positive, help="processes sharing the conversion (default: torchrun's WORLD_SIZE, else 1)")
-    add("rank", type=_non_negative, help="this process's rank, with --world_size (default: torchrun's RANK)")
     add("distributed_convert", action="store_true",
         help="accepted for compatibility: a run under torchrun is always shared between its processes")
-    add("max_memory", type=_size,
-        help="bound on the output files held in memory at once across workers (e.g. 20GiB; default: half the available RAM)")
     add("megatron_path", help="accepted for compatibility; prepended to sys.path")
-    add("overwrite", action="store_true", help="replace an existing, non-empty output directory")
-    add("strict_values", action="store_true", help="NaN/Inf in a weight is an error (default: a warning)")
-    add("resume", action="store_true",
-        help="continue an interrupted conversion into the same directory: verified finished files are kept")
-    add("dry_run", action="store_true", help="validate and print the plan; write nothing")
-    add("verbose", action="store_true", help="with --dry_run: print every tensor's recipe")
-    add("no_progress", action="store_true", help="hide progress bars")
+    _add_runtime_flags(add)
     for name in _NOT_YET:
         if name in _BOOL_FLAGS:
             add(name, action="store_true", help=argparse.SUPPRESS)
@@ -222,13 +269,12 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
     ns = build_parser().parse_args(argv)
     for name, why in _NOT_YET.items():
         value = getattr(ns, name)
-        if value in (None, False) or str(value) in _HARMLESS.get(name, ()):
+        if value in (None, False):
             continue
         raise ConversionError(f"--{name} {'' if value is True else value}: {why}".replace("  ", " "))
     if ns.megatron_path:
         sys.path.insert(0, ns.megatron_path)
-    if ns.resume and ns.overwrite:
-        raise ConversionError("--resume and --overwrite contradict each other: --resume keeps finished files")
+    _check_runtime(ns)
     if ns.load_platform == ns.save_platform == "huggingface":
         raise ConversionError(
             "--load_platform and --save_platform are both huggingface; supported: huggingface<->mcore and mcore->mcore"
@@ -284,20 +330,10 @@ def parse_hf_options(argv: list[str]) -> ConvertOptions:
                         "shard by shard, without a model definition.")
     p.add_argument("model_stub", help="source checkpoint directory")
     p.add_argument("save_directory", help="target directory (must be empty unless --overwrite or --resume)")
-    p.add_argument("--converter", action="append", required=True, metavar="SPEC", help=_CONVERTER_HELP)
-    p.add_argument("--max_workers", "--max-workers", type=_positive, default=1, help="worker processes, one output shard each")
-    p.add_argument("--max_memory", "--max-memory", type=_size, help="bound on the shards in flight (default: half the available RAM)")
-    p.add_argument("--world_size", "--world-size", type=_positive, help="processes sharing the conversion (default: torchrun's)")
-    p.add_argument("--rank", type=_non_negative, help="this process's rank, with --world_size")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty output directory")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted conversion into the same directory")
-    p.add_argument("--strict_values", "--strict-values", action="store_true", help="NaN/Inf in a tensor is an error")
-    p.add_argument("--dry_run", "--dry-run", action="store_true", help="validate every shard and print the plan; write nothing")
-    p.add_argument("--verbose", action="store_true", help="with --dry_run: print every tensor")
-    p.add_argument("--no_progress", "--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--converter", action="append", required=True, metavar="SPEC", help=converter_help())
+    _add_runtime_flags(_adder(p))
     ns = p.parse_args(argv)
-    if ns.resume and ns.overwrite:
-        raise ConversionError("--resume and --overwrite contradict each other: --resume keeps finished files")
+    _check_runtime(ns)
     return ConvertOptions("huggingface", "huggingface", ns.model_stub, ns.save_directory, converters=tuple(ns.converter),
                           max_workers=ns.max_workers, max_memory=ns.max_memory, world_size=ns.world_size, rank=ns.rank,
                           overwrite=ns.overwrite, resume=ns.resume, strict_values=ns.strict_values, dry_run=ns.dry_run,

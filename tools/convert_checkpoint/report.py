@@ -6,9 +6,14 @@ import os
 import sys
 from dataclasses import dataclass
 
-from . import tensor_expr as te
-from .plan import Plan
+from typing import TYPE_CHECKING
+
+from . import tensor_expr as tx
+from ._version import __version__
 from .quant.fp8_materialize import Fp8Event
+
+if TYPE_CHECKING:
+    from .core.plan import Plan
 
 REPORT_NAME = "conversion_report.json"
 
@@ -34,11 +39,9 @@ def _peak_rss_bytes() -> int:
     return max(own, workers) * scale
 
 
-def conversion_report(plan: Plan, results: list[FileResult], seconds: float) -> dict:
+def conversion_report(plan: "Plan", results: list[FileResult], seconds: float) -> dict:
     """What ``conversion_report.json`` holds: the flags, every file, speed, memory, what FP8
     tensors went through, and the coverage the plan validated."""
-    from . import __version__
-
     events = [e for r in results for e in r.fp8_events]
     total = sum(r.nbytes for r in results if not r.reused)
     options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.options).items()} if plan.options else None
@@ -78,16 +81,18 @@ def conversion_report(plan: Plan, results: list[FileResult], seconds: float) -> 
     }
 
 
-def cast_tensors(plan: Plan) -> list[dict]:
+def cast_tensors(plan: "Plan") -> list[dict]:
     """Output tensors whose recipe changes a dtype (e.g. a bf16 router bias widened to fp32)."""
     out = []
-    for f in plan.files:
-        for _, jobs in f.containers:
-            for j in jobs:
-                for node in te.casts(j.expr) if j.expr is not None else ():
-                    out.append({"file": f.relpath, "tensor": j.name, "from": str(node.part.dtype).replace("torch.", ""),
-                                "to": str(node.dtype).replace("torch.", "")})
+    for f, _, j in plan.jobs():
+        for node in tx.casts(j.expr) if j.expr is not None else ():
+            out.append({"file": f.relpath, "tensor": j.name, "from": _dtype_name(node.part.dtype),
+                        "to": _dtype_name(node.dtype)})
     return out
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def value_warnings(results: list[FileResult], limit: int = 10) -> list[str]:

@@ -410,8 +410,17 @@ def describe(expr: Expr) -> str:
 
 
 class LeafReader(Protocol):
+    """Reads leaf windows of one source; each output file gets its own, closed afterwards."""
+
     def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
         """Fill ``out`` (shape ``leaf.shape``, dtype ``leaf.dtype``) with the leaf's window."""
+
+    def whole(self, leaf: Leaf) -> torch.Tensor | None:
+        """The whole tensor as the source already holds it in memory (a converter's output),
+        to write without a copy; None where it would have to be read."""
+
+    def close(self) -> None:
+        """Drop open files and memory maps."""
 
 
 def materialize(expr: Expr, reader: LeafReader) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """``convert-checkpoint verify A B``: are two checkpoints the same model?
 
-Each side (an HF directory or a Megatron-Core checkpoint, any layout) is mapped to the
-canonical form (full tensors, Megatron names, global layer and expert indices) with the same
-planner code a conversion uses, and the tensors are compared one at a time in fp32 (block FP8
+Each side (any format a source endpoint reads, any layout) is opened as a Source and mapped to
+the canonical form (full tensors, Megatron names, global layer and expert indices) by the same
+pipeline a conversion uses, and the tensors are compared one at a time in fp32 (block FP8
 dequantized), so memory stays at two tensors. Differences are summarised per tensor class
 (layer and expert numbers folded); missing and extra tensors are listed. Exit code 0 when every
 tensor matches within ``--atol``, 1 on any difference, 2 on unusable input.
@@ -17,48 +17,32 @@ from dataclasses import dataclass, field
 import torch
 
 from . import tensor_expr as te
+from .endpoints import detect
+from .endpoints.base import Source
 from .errors import ConversionError
-from .formats import huggingface as hf_format
-from .formats import mcore_legacy
+from .execute import progress_bar
+from .pipeline import canonical_view, open_source
+from .requests import PlanRequest, TargetDir
 from .tensor_expr import Expr
 
 
 @dataclass
 class CanonicalSide:
     path: str
-    kind: str  # "huggingface" or "mcore"
+    kind: str  # the format name ("huggingface", "mcore")
     family: str
     exprs: dict[str, Expr]
-    source: object  # HFSource or McoreSource (gives the reader)
-
-
-def _is_mcore(path: str) -> bool:
-    return any(os.path.exists(os.path.join(path, p)) for p in (mcore_legacy.TRACKER_NAME, "release")) or \
-        bool(re.fullmatch(r"release|iter_\d{7}", os.path.basename(os.path.normpath(path))))
+    source: Source  # gives the reader
 
 
 def load_canonical(path: str) -> CanonicalSide:
     """The canonical expressions of a checkpoint directory (format detected)."""
-    from .options import ConvertOptions
-    from .plan import build_convertors, canonical_tensors
-    from .plan_hf_to_mcore import gather_hf
-    from .plan_mcore_to_hf import gather_mcore, infer_mcore_layout, resolve_mcore_arch
-
     if not os.path.isdir(path):
         raise ConversionError(f"verify: {path} is not a directory")
-    if _is_mcore(path):
-        opts = ConvertOptions("mcore", "huggingface", path, "")
-        src = mcore_legacy.open_source(path)
-        arch, family = resolve_mcore_arch(opts, src.args())
-        layout = infer_mcore_layout(src, opts, arch)
-        tensors = canonical_tensors(build_convertors(family, arch))
-        return CanonicalSide(path, "mcore", family.name, gather_mcore(src, tensors, layout), src)
-    from .config.family import family_for_hf_config
-
-    src = hf_format.open_source(path)
-    family = family_for_hf_config(src.config)
-    arch = family.arch_from_config(src.config)
-    return CanonicalSide(path, "huggingface", family.name, gather_hf(src, build_convertors(family, arch), family, arch), src)
+    kind = detect(path)
+    source = open_source(PlanRequest(kind, kind, path, TargetDir("")))
+    model, exprs = canonical_view(source)
+    return CanonicalSide(path, kind, model.family.name, exprs, source)
 
 
 def tensor_class(name: str) -> str:
@@ -97,7 +81,7 @@ def compare(a: CanonicalSide, b: CanonicalSide, atol: float = 0.0, progress: boo
     report = Report(sorted(names_a - names_b), sorted(names_b - names_a), {}, [])
     reader_a, reader_b = a.source.reader(), b.source.reader()
     common = sorted(names_a & names_b)
-    bar = _progress(sum(te.nbytes(a.exprs[n]) for n in common), progress)
+    bar = progress_bar(sum(te.nbytes(a.exprs[n]) for n in common), progress, "verify")
     try:
         for name in common:
             ea, eb = a.exprs[name], b.exprs[name]
@@ -125,14 +109,6 @@ def compare(a: CanonicalSide, b: CanonicalSide, atol: float = 0.0, progress: boo
         if bar:
             bar.close()
     return report
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, desc="verify", file=sys.stderr)
 
 
 def format_report(a: CanonicalSide, b: CanonicalSide, report: Report, limit: int = 20) -> list[str]:

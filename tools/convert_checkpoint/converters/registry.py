@@ -18,13 +18,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import ConversionError
-from .protocol import ConverterChain, check_converter, converter_label
+from ..registry import Registry
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-          "half": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+if TYPE_CHECKING:  # torch and the protocol load on use, so `--help` (which lists the built-ins) stays fast
+    import torch
+
+    from .protocol import ConverterChain
+
+# dtype option spellings -> torch dtype attribute
+DTYPE_NAMES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+               "half": "float16", "float32": "float32", "fp32": "float32"}
 _LIST_OPTIONS = {"ignore", "targets"}
 
 
@@ -60,7 +66,7 @@ def parse_spec(text: str) -> ConverterSpec:
     if head in BUILTINS:
         return ConverterSpec(text, head, _parse_options(rest, text) if sep else {})
     if not sep or not rest:
-        known = ", ".join(sorted(BUILTINS))
+        known = ", ".join(BUILTINS.names())
         raise ConversionError(f"--converter {text}: unknown converter (built-ins: {known}; or give package.module:factory)")
     attr, sep2, opts = rest.partition(":")
     if not attr.isidentifier():
@@ -95,13 +101,15 @@ def _parse_options(text: str, spec: str) -> dict:
 
 # --- option values -----------------------------------------------------------------------
 
-def _dtype(value: Any, spec: str) -> torch.dtype:
+def _dtype(value: Any, spec: str) -> "torch.dtype":
+    import torch
+
     if isinstance(value, torch.dtype):
         return value
-    dtype = DTYPES.get(str(value).replace("torch.", ""))
-    if dtype is None:
-        raise ConversionError(f"--converter {spec}: dtype {value!r} is not one of {', '.join(sorted(DTYPES))}")
-    return dtype
+    name = DTYPE_NAMES.get(str(value).replace("torch.", ""))
+    if name is None:
+        raise ConversionError(f"--converter {spec}: dtype {value!r} is not one of {', '.join(sorted(DTYPE_NAMES))}")
+    return getattr(torch, name)
 
 
 def _names(value: Any) -> list[str]:
@@ -127,6 +135,11 @@ def _take(options: dict, allowed: Iterable[str], spec: ConverterSpec) -> dict:
 
 # --- built-ins ---------------------------------------------------------------------------
 
+Factory = Callable[[CheckpointInfo, "dict | None", ConverterSpec], list]
+BUILTINS: Registry[Factory] = Registry("converter")
+
+
+@BUILTINS.register("fp8_block_dequantizer", "block FP8 (weight + weight_scale_inv) -> dtype. Options: dtype, targets, ignore, block_size")
 def _fp8_block(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
     from .fp8_block_dequantizer import FP8BlockDequantizer
 
@@ -138,6 +151,7 @@ def _fp8_block(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> li
     return [FP8BlockDequantizer.for_checkpoint(info.tensor_names, qc, **kw)]
 
 
+@BUILTINS.register("ct_dequantizer", "any compressed-tensors format the library decompresses -> dtype. Options: dtype, ignore")
 def _ct_dequant(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
     from .library import CTDequantizer
 
@@ -146,6 +160,7 @@ def _ct_dequant(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> l
                           tensor_names=info.tensor_names if qc is info.config.get("quantization_config") else None)]
 
 
+@BUILTINS.register("modelopt_nvfp4", "ModelOpt NVFP4 -> compressed-tensors NVFP4 (still 4-bit). Options: ignore, targets")
 def _modelopt(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
     from .library import ModelOptToCompressedTensors
 
@@ -156,6 +171,7 @@ def _modelopt(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> lis
     return [ModelOptToCompressedTensors.for_checkpoint(info.tensor_names, qc, info.extra_json("hf_quant_config.json"), **kw)]
 
 
+@BUILTINS.register("autoawq", "AutoAWQ GEMM 4-bit -> compressed-tensors W4A16 pack-quantized (still 4-bit). Options: ignore, targets")
 def _awq(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
     from .library import AwqToCompressedTensors
 
@@ -166,8 +182,11 @@ def _awq(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
     return [converter]
 
 
+@BUILTINS.register("dequantize", "any of the above formats -> dtype, chosen from quantization_config. Options: dtype, ignore")
 def _dequantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
     """Whatever the checkpoint holds, to full precision."""
+    from .protocol import ConverterChain
+
     o = _take(spec.options, ("dtype", "ignore"), spec)
     method = (qc or {}).get("quant_method")
     dequant = ConverterSpec(spec.text, "", o)
@@ -182,23 +201,6 @@ def _dequantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> l
     chain = first(info, qc, ConverterSpec(spec.text, "", {k: v for k, v in o.items() if k == "ignore"}))
     ct_config = ConverterChain.of(chain).quantization_config(qc)
     return chain + _ct_dequant(info, ct_config, ConverterSpec(spec.text, "", {k: v for k, v in o.items() if k == "dtype"}))
-
-
-BUILTINS: dict[str, Callable[[CheckpointInfo, dict | None, ConverterSpec], list]] = {
-    "fp8_block_dequantizer": _fp8_block,
-    "ct_dequantizer": _ct_dequant,
-    "modelopt_nvfp4": _modelopt,
-    "autoawq": _awq,
-    "dequantize": _dequantize,
-}
-
-BUILTIN_HELP = {
-    "fp8_block_dequantizer": "block FP8 (weight + weight_scale_inv) -> dtype. Options: dtype, targets, ignore, block_size",
-    "ct_dequantizer": "any compressed-tensors format the library decompresses -> dtype. Options: dtype, ignore",
-    "modelopt_nvfp4": "ModelOpt NVFP4 -> compressed-tensors NVFP4 (still 4-bit). Options: ignore, targets",
-    "autoawq": "AutoAWQ GEMM 4-bit -> compressed-tensors W4A16 pack-quantized (still 4-bit). Options: ignore, targets",
-    "dequantize": "any of the above formats -> dtype, chosen from quantization_config. Options: dtype, ignore",
-}
 
 
 def _custom(info: CheckpointInfo, spec: ConverterSpec) -> list:
@@ -219,16 +221,18 @@ def _custom(info: CheckpointInfo, spec: ConverterSpec) -> list:
     return list(made) if isinstance(made, (list, tuple)) else [made]
 
 
-def build_chain(info: CheckpointInfo, converters: Iterable[Any]) -> ConverterChain:
+def build_chain(info: CheckpointInfo, converters: Iterable[Any]) -> "ConverterChain":
     """Converters from specs (strings) and/or objects, in order; each built-in sees the
     ``quantization_config`` the converters before it leave."""
+    from .protocol import ConverterChain, check_converter, converter_label
+
     made: list[Any] = []
     labels: list[str] = []
     qc = info.config.get("quantization_config")
     for item in converters:
         if isinstance(item, str):
             spec = parse_spec(item)
-            new = BUILTINS[spec.name](info, qc, spec) if spec.is_builtin else _custom(info, spec)
+            new = BUILTINS.get(spec.name)(info, qc, spec) if spec.is_builtin else _custom(info, spec)
             new_labels = [spec.text if len(new) == 1 else f"{spec.text}[{i}]" for i in range(len(new))]
         else:
             new, new_labels = [item], [converter_label(item)]

@@ -1,39 +1,52 @@
-"""A HuggingFace source seen through a converter chain (the pre-stage, and ``hf`` HF -> HF).
+"""A HuggingFace checkpoint seen through a converter chain (the pre-stage, and ``hf`` HF -> HF).
 
-``apply_chain`` validates every tensor group on meta tensors and indexes what the chain will
-produce: names, dtypes and shapes, each attributed to its group's home shard. The planners use
-that index like any other source. Reading a converted tensor loads its group's source tensors
-(wherever they are stored), runs the chain once, and keeps the result for the next tensors of
-the same group; so a worker holds one output file plus one tensor group.
+``convert_index`` validates every tensor group on meta tensors and indexes what the chain will
+produce: names, dtypes and shapes, each attributed to its group's home shard. The HuggingFace
+source endpoint presents that index like its own. Reading a converted tensor loads its group's
+source tensors (wherever they are stored), runs the chain once, and keeps the result for the
+next tensors of the same group; so a worker holds one output file plus one tensor group.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import torch
 
 from ..errors import ConversionError
-from ..formats.huggingface import HFSource
 from ..formats.safetensors_io import SafetensorsReader, TensorEntry
 from ..tensor_expr import Leaf, TensorRef, source
 from .groups import TensorGroup, plan_groups
 from .protocol import ConverterChain
+from .registry import CheckpointInfo, build_chain
 
 
 @dataclass
-class ConvertedSource(HFSource):
-    """``entries``/``tensor_file`` index the chain's output; ``inputs`` the files on disk."""
+class ConvertedIndex:
+    """``entries``/``tensor_file`` index the chain's output (entries carry no file offsets: the
+    tensors exist only once converted); ``inputs``/``input_file`` the files on disk."""
 
-    chain: ConverterChain | None = None
-    inputs: dict = field(default_factory=dict)  # file -> name -> TensorEntry of the source files
-    groups: list = field(default_factory=list)
-    input_file: dict = field(default_factory=dict)  # source tensor name -> file
-    group_of: dict = field(default_factory=dict)  # output tensor name -> index into groups
-    outputs: list = field(default_factory=list)  # per group: the output tensor names
+    root: str
+    config: dict  # config.json as the chain leaves it
+    entries: dict[str, dict[str, TensorEntry]]  # home file -> output name -> entry
+    tensor_file: dict[str, str]  # output name -> home file
+    chain: ConverterChain
+    inputs: dict[str, dict[str, TensorEntry]]  # file -> name -> entry of the source files
+    input_file: dict[str, str]  # source tensor name -> file
+    groups: list[TensorGroup] = field(default_factory=list)
+    group_of: dict[str, int] = field(default_factory=dict)  # output tensor name -> index into groups
+    outputs: list[tuple[str, ...]] = field(default_factory=list)  # per group: the output tensor names
 
     def reader(self) -> "ConvertedReader":
         return ConvertedReader(self)
+
+    def output_order(self) -> dict[str, list[str]]:
+        """Per home file, its output tensors in group order (how HF -> HF writes them)."""
+        order: dict[str, list[str]] = {}
+        for index, names in enumerate(self.outputs):
+            order.setdefault(self.groups[index].home, []).extend(names)
+        return order
 
     def group_bytes(self, index: int) -> int:
         """Source bytes in and converted bytes out of one group (what a worker holds for it)."""
@@ -54,16 +67,24 @@ def _nbytes(entry: TensorEntry) -> int:
     return math.prod(entry.shape) * entry.dtype.itemsize
 
 
-def apply_chain(src: HFSource, chain: ConverterChain) -> ConvertedSource:
-    groups = plan_groups(src.tensor_file, chain)
-    entries: dict[str, dict[str, TensorEntry]] = {f: {} for f in src.entries}
+def convert_index(root: str, config: dict, entries: dict[str, dict[str, TensorEntry]], tensor_file: dict[str, str],
+                  converters: Iterable[Any]) -> ConvertedIndex:
+    """Build the chain for this checkpoint (specs or objects) and index what it will produce."""
+    chain = build_chain(CheckpointInfo(root, config, frozenset(tensor_file)), converters)
+    return _apply_chain(root, config, entries, tensor_file, chain)
+
+
+def _apply_chain(root: str, config: dict, src_entries: dict[str, dict[str, TensorEntry]],
+                 src_tensor_file: dict[str, str], chain: ConverterChain) -> ConvertedIndex:
+    groups = plan_groups(src_tensor_file, chain)
+    entries: dict[str, dict[str, TensorEntry]] = {f: {} for f in src_entries}
     tensor_file: dict[str, str] = {}
     group_of: dict[str, int] = {}
     outputs: list[tuple[str, ...]] = []
     for index, group in enumerate(groups):
         meta = {}
         for name in group.members:
-            e = src.entries[src.tensor_file[name]][name]
+            e = src_entries[src_tensor_file[name]][name]
             meta[name] = torch.empty(e.shape, dtype=e.dtype, device="meta")
         produced = chain.validate(meta, group.label)
         outputs.append(tuple(produced))
@@ -74,21 +95,21 @@ def apply_chain(src: HFSource, chain: ConverterChain) -> ConvertedSource:
             entries[group.home][name] = TensorEntry(t.dtype, tuple(t.shape), 0)
             tensor_file[name] = group.home
             group_of[name] = index
-    config = dict(src.config)
-    qc = chain.quantization_config(src.config.get("quantization_config"))
+    config = dict(config)
+    qc = chain.quantization_config(config.get("quantization_config"))
     if qc is None:
         config.pop("quantization_config", None)
     else:
         config["quantization_config"] = qc
     config = chain.model_config(config)
-    return ConvertedSource(src.root, config, entries, tensor_file, chain=chain, inputs=src.entries, groups=groups,
-                           input_file=dict(src.tensor_file), group_of=group_of, outputs=outputs)
+    return ConvertedIndex(root, config, entries, tensor_file, chain, inputs=src_entries,
+                          input_file=dict(src_tensor_file), groups=groups, group_of=group_of, outputs=outputs)
 
 
 class ConvertedReader:
     """Materializes windows of converted tensors (``tensor_expr.LeafReader``)."""
 
-    def __init__(self, src: ConvertedSource):
+    def __init__(self, src: ConvertedIndex):
         self._src = src
         self._files = SafetensorsReader(src.root, src.inputs)
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None

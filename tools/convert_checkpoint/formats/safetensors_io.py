@@ -121,6 +121,9 @@ class SafetensorsReader:
                     window = window.narrow(dim, leaf.offsets[dim], leaf.shape[dim])
                 out.narrow(0, first, count).copy_(window)
 
+    def whole(self, leaf: Leaf) -> torch.Tensor | None:
+        return None  # read from disk like any window
+
     def _pread_into(self, file: str, offset: int, out: torch.Tensor) -> None:
         view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
         fd = self._fd(file)

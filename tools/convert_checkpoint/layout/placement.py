@@ -1,18 +1,17 @@
-"""Where each canonical tensor lands: rank file, model chunk, local name and TP shard."""
+"""Where each canonical tensor lands: rank (TP, PP, EP), model chunk, local name and TP shard.
+
+Megatron's naming (TE-fused norms, MTP inner layers, grouped experts) lives here; file names do
+not: an endpoint turns a ``RankKey`` into its own files (legacy rank files, torch_dist shards).
+"""
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterable
+from typing import Iterable, NamedTuple
 
-from ..formats.mcore_legacy import FILE_NAME, rank_dir_name
+from ..core.canonical import OUTPUT_LAYER, WORD_EMBEDDINGS, CanonicalTensor, Split
 from .expert_parallel import expert_rank_files
 from .pipeline import PipelineLayout
-from .tensor_parallel import Split
-
-if TYPE_CHECKING:  # avoids an import cycle with module_convertor
-    from ..module_convertor.base import CanonicalTensor
 
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 # MTP layer k: its own tensors and a full decoder layer under an inner name (canonical:
@@ -55,21 +54,25 @@ class ParallelLayout:
         """(TP rank, EP rank) of each file of a stage -> ETP rank of the experts it holds."""
         return expert_rank_files(self.tp, self.ep, self.expert_tp)
 
-    def rank_file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> str:
-        return os.path.join(rank_dir_name(tp_rank, pp_rank, self.pipeline.pp, ep_rank, self.ep), FILE_NAME)
+    def ranks(self) -> list["RankKey"]:
+        """Every model-parallel rank, in the order its files are planned."""
+        return [RankKey(t, p, e) for (t, e) in sorted(self.expert_files()) for p in range(self.pipeline.pp)]
 
-    def rank_files(self) -> list[str]:
-        return [self.rank_file(t, p, e) for (t, e) in sorted(self.expert_files()) for p in range(self.pipeline.pp)]
+
+class RankKey(NamedTuple):
+    tp: int
+    pp: int
+    ep: int = 0
 
 
 @dataclass(frozen=True)
 class Placement:
-    file: str
+    rank: RankKey
     container: str
     name: str  # name inside the container
     shard_rank: int  # TP rank (ETP rank for experts)
     shard_count: int  # TP size (ETP size for experts)
-    canonical: "CanonicalTensor"
+    canonical: CanonicalTensor
     split: Split  # how this transformer implementation splits it (canonical.split or te_split)
     # A copy of the word embedding (tied output layer, MTP stage): written from it, skipped on read.
     embedding_copy: bool = False
@@ -77,7 +80,7 @@ class Placement:
 
 @dataclass(frozen=True)
 class ExtraState:
-    file: str
+    rank: RankKey
     container: str
     name: str  # <module>._extra_state
 
@@ -129,10 +132,7 @@ def _local_name(canonical_name: str, layout: ParallelLayout, layer_names: set[st
     return rank, chunk, canonical_name
 
 
-def place(tensors: Iterable["CanonicalTensor"], layout: ParallelLayout) -> tuple[list[Placement], list[ExtraState]]:
-    from ..module_convertor.embedding import OUTPUT_LAYER, WORD_EMBEDDINGS
-    from ..module_convertor.base import CanonicalTensor
-
+def place(tensors: Iterable[CanonicalTensor], layout: ParallelLayout) -> tuple[list[Placement], list[ExtraState]]:
     tensors = list(tensors)
     names = {t.name for t in tensors}
     pipe = layout.pipeline
@@ -156,10 +156,10 @@ def place(tensors: Iterable["CanonicalTensor"], layout: ParallelLayout) -> tuple
             if t.expert is not None and t.expert // experts_per_rank != ep_rank:
                 continue
             shard_rank, count = (etp_rank, layout.expert_tp) if t.expert is not None else (tp_rank, layout.tp)
-            file = layout.rank_file(tp_rank, rank, ep_rank)
-            placements.append(Placement(file, container, local, shard_rank, count, t, split, embedding_copy))
+            key = RankKey(tp_rank, rank, ep_rank)
+            placements.append(Placement(key, container, local, shard_rank, count, t, split, embedding_copy))
             if module is not None:
-                extra = ExtraState(file, container, f"{module}._extra_state")
+                extra = ExtraState(key, container, f"{module}._extra_state")
                 if extra not in seen_extras:  # grouped experts share one module
                     seen_extras.add(extra)
                     extras.append(extra)

@@ -1,18 +1,11 @@
 """Tensor-parallel split and merge of canonical tensors, as pure expression transforms."""
 from __future__ import annotations
 
-import enum
-
 from .. import tensor_expr as te
+from ..core.canonical import Split
 from ..tensor_expr import Expr
 
-
-class Split(enum.Enum):
-    REPLICATED = "replicated"  # norms, q/k norms, row-parallel biases
-    COLUMN = "column"  # dim 0 chunk (qkv after the per-group interleave)
-    ROW = "row"  # dim 1 chunk (linear_proj, linear_fc2)
-    GATED_COLUMN = "gated_column"  # [gate; up] -> rank t gets [gate_t; up_t]
-    VOCAB = "vocab"  # pad rows to the padded vocab, then dim 0 chunk
+__all__ = ["Split", "divides", "padded_vocab_size", "shard", "shard_shape", "unshard"]
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:

@@ -10,7 +10,7 @@ from typing import Mapping
 
 from .. import tensor_expr as te
 from ..errors import ConversionError
-from ..layout.tensor_parallel import Split
+from ..core.canonical import Split
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 

@@ -7,42 +7,28 @@ no data is read while planning.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 from ..config.arch import ModelArch
 from ..config.family import ModuleSpec
 from ..errors import ConversionError
-from ..layout.tensor_parallel import Split
+from ..core.canonical import CanonicalTensor, Split
+from ..registry import Registry
 from ..tensor_expr import Expr
 
 
-@dataclass(frozen=True)
-class CanonicalTensor:
-    name: str  # e.g. decoder.layers.7.self_attention.linear_qkv.weight
-    shape: tuple[int, ...]
-    split: Split
-    # The Megatron module owning this weight when it is a linear layer: its ``_extra_state``
-    # entry is written next to it (TE and local specs both declare one per linear).
-    extra_state_module: str | None = None
-    # Global index of a routed expert: the layout puts it on its EP rank and splits it by ETP.
-    expert: int | None = None
-    # The split under the TE spec when it differs (MLA down-projections are replicated there).
-    te_split: Split | None = None
-    # Marked ``dtype: fp8`` in the family YAML: stored as block FP8 in FP8 checkpoints.
-    fp8: bool = False
-
-
-_REGISTRY: dict[str, type["ModuleConvertor"]] = {}
+CONVERTORS: Registry[type["ModuleConvertor"]] = Registry("convertor")
 
 
 def register(cls: type["ModuleConvertor"]) -> type["ModuleConvertor"]:
-    _REGISTRY[cls.kind] = cls
-    return cls
+    """Class decorator: the YAML names the convertor by its ``kind``; the first line of its
+    docstring is its help (the README table of convertors comes from here)."""
+    doc = (cls.__doc__ or cls.kind).strip().splitlines()[0]
+    return CONVERTORS.register(cls.kind, doc)(cls)
 
 
 def convertor_kinds() -> list[str]:
-    return sorted(_REGISTRY)
+    return CONVERTORS.names()
 
 
 class ModuleConvertor:
@@ -102,6 +88,11 @@ class ModuleConvertor:
     def canonical(self) -> list[CanonicalTensor]:
         raise NotImplementedError
 
+    def copies(self) -> dict[str, str]:
+        """HF tensors that duplicate a canonical tensor Megatron stores once (HF name -> canonical
+        name): consumed on the way in only when bit-identical, written back as copies."""
+        return {}
+
     def reads(self) -> list[str]:
         """Canonical tensors ``to_hf`` needs: its own, or another module's for a shared copy."""
         return [t.name for t in self.canonical()]
@@ -114,9 +105,5 @@ class ModuleConvertor:
 
 
 def create(spec: ModuleSpec, arch: ModelArch, hf_prefix: str, mcore_prefix: str) -> ModuleConvertor:
-    cls = _REGISTRY.get(spec.convertor)
-    if cls is None:
-        raise ConversionError(
-            f"{spec.origin}: unknown convertor '{spec.convertor}'; known: {', '.join(convertor_kinds())}"
-        )
+    cls = CONVERTORS.get(spec.convertor, spec.origin)
     return cls(spec, arch, hf_prefix, mcore_prefix)

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from ..layout.tensor_parallel import Split
+from ..core.canonical import OUTPUT_LAYER, WORD_EMBEDDINGS, Split
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
-WORD_EMBEDDINGS = "embedding.word_embeddings.weight"
-OUTPUT_LAYER = "output_layer.weight"
 
 
 @register
@@ -47,6 +45,9 @@ class OutputLayer(ModuleConvertor):
 
     def optional_hf(self):
         return {self.opt("hf")} if self.arch.tied_embeddings else set()
+
+    def copies(self):
+        return {self.opt("hf"): WORD_EMBEDDINGS} if self.arch.tied_embeddings else {}
 
     def canonical(self):
         if self.arch.tied_embeddings:

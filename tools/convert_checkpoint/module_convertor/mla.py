@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from ..errors import ConversionError
-from ..layout.tensor_parallel import Split
+from ..core.canonical import Split
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 

@@ -1,6 +1,7 @@
 """HF tensors that duplicate another module's weight (DeepSeek MTP layers' embed_tokens and
 shared_head.head). Megatron shares the original, so they have no canonical tensor: they are
-checked for shape and dropped on the way in, and written as copies on the way out."""
+checked for shape, compared with the original (they must be bit-identical) and dropped on the
+way in, and written as copies on the way out."""
 from __future__ import annotations
 
 from typing import Mapping
@@ -8,7 +9,7 @@ from typing import Mapping
 from ..errors import ConversionError
 from ..tensor_expr import Expr
 from .base import ModuleConvertor, register
-from .embedding import OUTPUT_LAYER, WORD_EMBEDDINGS
+from ..core.canonical import OUTPUT_LAYER, WORD_EMBEDDINGS
 
 
 @register
@@ -35,6 +36,9 @@ class SharedCopy(ModuleConvertor):
 
     def canonical(self):
         return []
+
+    def copies(self):
+        return {self.hf_name(self.opt("hf")): self._source()}
 
     def reads(self):
         return [self._source()]

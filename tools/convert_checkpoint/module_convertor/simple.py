@@ -7,7 +7,7 @@ import torch
 
 from .. import tensor_expr as te
 from ..errors import ConversionError
-from ..layout.tensor_parallel import Split
+from ..core.canonical import Split
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 

@@ -1,0 +1,49 @@
+"""Which model a checkpoint holds: its family (YAML) and architecture, from what the checkpoint
+says plus ``--convert_file`` / ``--config_file`` / ``--mtp_num_layers``."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..errors import ConversionError
+from ..requests import ModelRequest
+from .arch import ModelArch, load_arch_yaml
+from .family import FamilySpec, family_by_name, family_for_hf_config, load_family
+
+
+def _with_arch_yaml(values: dict, request: ModelRequest) -> dict:
+    if request.config_file:
+        values = {**values, **load_arch_yaml(request.config_file)}
+    return values
+
+
+def from_hf_config(config: Mapping[str, Any], request: ModelRequest) -> tuple[FamilySpec, ModelArch]:
+    """A HuggingFace checkpoint: the family from ``model_type`` (or the convert YAML), the
+    architecture from config.json (overridden by the architecture YAML)."""
+    family = load_family(request.convert_file) if request.convert_file else family_for_hf_config(config)
+    derived = family.arch_from_config(config)
+    arch = ModelArch.from_dict(_with_arch_yaml(derived.to_dict(), request), request.config_file or "config.json")
+    if request.mtp_num_layers is not None:
+        arch = arch.replace(mtp_num_layers=request.mtp_num_layers)
+    return family, arch
+
+
+def from_saved_arch(saved: Mapping[str, Any] | None, request: ModelRequest) -> tuple[FamilySpec, ModelArch]:
+    """A Megatron checkpoint: the architecture we saved in its args (or the architecture YAML),
+    the family named there (or the convert YAML)."""
+    values = _with_arch_yaml(dict(saved or {}), request)
+    if request.convert_file:
+        family = load_family(request.convert_file)
+        values["family"] = family.name
+    elif "family" in values:
+        family = family_by_name(values["family"])
+    else:
+        raise ConversionError(
+            "cannot tell the model family of this Megatron checkpoint (it was not written by convert_checkpoint); "
+            "pass --config_file with a 'family' field or --convert_file"
+        )
+    if not saved and not request.config_file:
+        raise ConversionError("cannot tell the architecture of this Megatron checkpoint; pass --config_file")
+    values.update(family.fixed_arch)  # facts of the family (e.g. Qwen2's qkv bias) hold for every model
+    if request.mtp_num_layers is not None:
+        values["mtp_num_layers"] = request.mtp_num_layers
+    return family, ModelArch.from_dict(values, request.config_file or "checkpoint args")

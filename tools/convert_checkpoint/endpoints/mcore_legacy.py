@@ -1,0 +1,635 @@
+"""Megatron-Core legacy per-rank checkpoints (``mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt``).
+
+Source: every rank file loaded memory-mapped (weights only; TE FP8 parameters as plain
+records); the layout (TP, PP, VPP, layers per chunk, EP, ETP, TE or local names, MTP naming,
+padded vocab) is read off the files, then the flags that were given are checked against it;
+the shards are joined back into canonical tensors.
+Target: the layout the flags ask for, one ``torch.save`` zip per rank (TE FP8 parameters
+pickled as TE's tensors), Megatron's args saved in each so the way back needs no flag;
+``finish`` writes the tracker file.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Mapping
+
+import torch
+
+from .. import tensor_expr as te
+from ..config import resolve
+from ..config.arch import ModelArch
+from ..core.canonical import WORD_EMBEDDINGS, CanonicalTensor, Split
+from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
+from ..errors import ConversionError
+from ..layout.from_flags import layout_from_flags, validate_tensor_parallel
+from ..layout.pipeline import PipelineLayout
+from ..layout.placement import MTP_INNER_LAYER, MTP_INNER_NAMES, ParallelLayout, RankKey, place, placement_sort_key
+from ..layout.table import placement_table
+from ..layout.tensor_parallel import shard, shard_shape, unshard
+from ..materialize import is_fp8_tensor
+from ..quant import te_pickle
+from ..quant.fp8_block import scales_are_pow2
+from ..quant.te_pickle import Fp8BlockRecord
+from ..requests import LayoutRequest, ModelRequest, PlanRequest, VocabPadding
+from ..tensor_expr import Expr, Leaf, TensorRef, source
+from .base import CanonicalSource, CanonicalTarget
+
+if TYPE_CHECKING:
+    from ..materialize import FileContext
+    from ..report import FileResult
+
+TRACKER_NAME = "latest_checkpointed_iteration.txt"
+FILE_NAME = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """Megatron's ``get_checkpoint_name`` rule: PPP only with PP > 1, EEE only with EP > 1."""
+    name = f"mp_rank_{tp_rank:02d}"
+    if pp_size > 1:
+        name += f"_{pp_rank:03d}"
+    if ep_size > 1:
+        name += f"_{ep_rank:03d}"
+    return name
+
+
+def iteration_dir_name(iteration: int | None) -> str:
+    return "release" if iteration is None else f"iter_{iteration:07d}"
+
+
+def rank_file(rank: RankKey, layout: ParallelLayout) -> str:
+    """The rank file of a model-parallel rank, relative to the iteration directory."""
+    return os.path.join(rank_dir_name(rank.tp, rank.pp, layout.pipeline.pp, rank.ep, layout.ep), FILE_NAME)
+
+
+def rank_files(layout: ParallelLayout) -> list[str]:
+    return [rank_file(r, layout) for r in layout.ranks()]
+
+
+def load_file(path: str) -> dict:
+    """Memory-mapped, weights-only load: tensors stay on disk until sliced. TE FP8 parameters
+    come back as plain records (``quant/te_pickle``), without TE and without running code."""
+    try:
+        loaded = te_pickle.load(path)
+    except Exception as e:  # torch raises many types for corrupt zips/pickles
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConversionError(f"cannot read Megatron checkpoint file {path}: {first}") from None
+    for key, value in loaded.items():
+        if isinstance(value, dict):
+            for name, t in value.items():
+                if isinstance(t, Fp8BlockRecord):
+                    try:
+                        t.check(f"{path}: {key}/{name}")
+                    except ValueError as e:
+                        raise ConversionError(str(e)) from None
+    return loaded
+
+
+@dataclass
+class McoreSource(CanonicalSource):
+    format = "mcore"
+    short = "mcore"
+
+    root: str  # the release/ or iter_XXXXXXX/ directory
+    iteration: int | None
+    files: dict[str, dict] = field(default_factory=dict)  # relpath -> loaded dict (mmap)
+    request: ModelRequest = ModelRequest()
+
+    def model(self) -> ModelInfo:
+        args = self.args()
+        family, arch = resolve.from_saved_arch(getattr(args, "convert_checkpoint_arch", None), self.request)
+        hf_config = getattr(args, "convert_checkpoint_hf_config", None) if args is not None else None
+        hf_dtypes = getattr(args, "convert_checkpoint_hf_dtypes", None) if args is not None else None
+        return ModelInfo(family, arch, dict(hf_config) if hf_config else None, dict(hf_dtypes or {}))
+
+    @property
+    def tensor_count(self) -> int:
+        return sum(len(self.state_dict(f, k)) for f in self.files for k in self.containers(f))
+
+    def canonical(self, tensors: list[CanonicalTensor], model: ModelInfo,
+                  flags: LayoutRequest) -> tuple[dict[str, Expr], ParallelLayout]:
+        layout = infer_layout(self, flags, model.arch)
+        return gather(self, tensors, layout), layout
+
+    def rank_dirs(self) -> list[str]:
+        return sorted(os.path.dirname(f) for f in self.files)
+
+    def containers(self, file: str) -> list[str]:
+        return sorted(k for k, v in self.files[file].items() if re.fullmatch(r"model\d*", k) and isinstance(v, dict))
+
+    def state_dict(self, file: str, container: str) -> dict:
+        return self.files[file][container]
+
+    def leaf(self, file: str, container: str, name: str) -> Expr:
+        t = self.files[file][container][name]
+        if isinstance(t, Fp8BlockRecord):  # codes and scale grid, read separately
+            codes = source(TensorRef(file, name, container, "codes"), torch.float8_e4m3fn, t.shape)
+            scale = source(TensorRef(file, name, container, "scale"), torch.float32, tuple(t.scale_inv.shape))
+            return te.fp8_blocks(codes, scale)
+        return source(TensorRef(file, name, container), t.dtype, tuple(t.shape))
+
+    def fp8_records(self):
+        for loaded in self.files.values():
+            for value in loaded.values():
+                if isinstance(value, dict):
+                    yield from (t for t in value.values() if isinstance(t, Fp8BlockRecord))
+
+    @property
+    def has_fp8(self) -> bool:
+        return next(self.fp8_records(), None) is not None
+
+    @property
+    def fp8_nominal_dtype(self) -> torch.dtype | None:
+        first = next(self.fp8_records(), None)
+        return first.nominal_dtype if first is not None else None
+
+    def args(self) -> argparse.Namespace | None:
+        for loaded in self.files.values():
+            args = loaded.get("args")
+            if isinstance(args, argparse.Namespace):
+                return args
+        return None
+
+    def reader(self) -> "McoreReader":
+        return McoreReader(self)
+
+    def entries(self) -> Iterator[tuple[str, str, str]]:
+        """(file, container, name) of every stored entry."""
+        for file in sorted(self.files):
+            for key in self.containers(file):
+                for name in self.state_dict(file, key):
+                    yield file, key, name
+
+
+class McoreReader:
+    """Reads leaf windows through its own memory maps, dropped on ``close``.
+
+    Pages touched through a map count towards RSS until it is unmapped, so each output file
+    gets fresh maps instead of reusing the planner's (which would grow to the whole model).
+    """
+
+    def __init__(self, src: McoreSource):
+        self._src = src
+        self._open: dict[str, dict] = {}
+
+    def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
+        file = leaf.ref.file
+        if file not in self._open:
+            self._open[file] = load_file(os.path.join(self._src.root, file))
+        t = self._open[file][leaf.ref.container][leaf.ref.name]
+        if leaf.ref.part is not None:
+            t = t.codes if leaf.ref.part == "codes" else t.scale_inv
+        for dim, (o, s) in enumerate(zip(leaf.offsets, leaf.shape)):
+            t = t.narrow(dim, o, s)
+        out.copy_(t)
+
+    def whole(self, leaf: Leaf) -> torch.Tensor | None:
+        return None
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def resolve_checkpoint_dir(path: str) -> tuple[str, int | None]:
+    """Accept the root holding the tracker file, or a release/iter_ directory itself."""
+    if not os.path.isdir(path):
+        raise ConversionError(f"--load_ckpt_path {path} is not a directory")
+    tracker = os.path.join(path, TRACKER_NAME)
+    base = os.path.basename(os.path.normpath(path))
+    if os.path.isfile(tracker):
+        text = open(tracker).read().strip()
+        if text == "release":
+            return os.path.join(path, "release"), None
+        if not text.isdigit():
+            raise ConversionError(f"{tracker} holds {text!r}, expected 'release' or an iteration number")
+        return os.path.join(path, iteration_dir_name(int(text))), int(text)
+    if base == "release":
+        return path, None
+    m = re.fullmatch(r"iter_(\d{7})", base)
+    if m:
+        return path, int(m.group(1))
+    if os.path.isdir(os.path.join(path, "release")):
+        return os.path.join(path, "release"), None
+    raise ConversionError(f"--load_ckpt_path {path}: no {TRACKER_NAME} and no release/ or iter_*/ directory")
+
+
+def open_checkpoint(path: str, request: ModelRequest = ModelRequest()) -> McoreSource:
+    root, iteration = resolve_checkpoint_dir(path)
+    if not os.path.isdir(root):
+        raise ConversionError(f"Megatron checkpoint directory {root} does not exist")
+    src = McoreSource(root, iteration, request=request)
+    for name in sorted(os.listdir(root)):
+        if not _RANK_DIR.match(name):
+            continue
+        file = os.path.join(name, FILE_NAME)
+        full = os.path.join(root, file)
+        if not os.path.isfile(full):
+            raise ConversionError(f"rank directory {os.path.join(root, name)} has no {FILE_NAME}")
+        src.files[file] = load_file(full)
+    if not src.files:
+        raise ConversionError(f"no mp_rank_*/{FILE_NAME} files in {root}")
+    return src
+
+
+def parse_rank_dir(name: str) -> tuple[int, int | None, int | None]:
+    m = _RANK_DIR.match(name)
+    if not m:
+        raise ValueError(name)
+    return int(m.group(1)), (int(m.group(2)) if m.group(2) else None), (int(m.group(3)) if m.group(3) else None)
+
+
+def save_rank_file(path: str, containers: dict[str, dict], args: argparse.Namespace, iteration: int | None) -> None:
+    payload: dict = dict(containers)
+    payload["checkpoint_version"] = CHECKPOINT_VERSION
+    payload["iteration"] = 0 if iteration is None else iteration
+    payload["args"] = args
+    with _without_zip_crc32():
+        if any(isinstance(t, te_pickle.BlockwiseParam) for sd in containers.values() for t in sd.values()):
+            te_pickle.save(payload, path)  # FP8 parameters pickled as TE tensors, without TE
+        else:
+            torch.save(payload, path)
+
+
+@contextlib.contextmanager
+def _without_zip_crc32():
+    """torch.save spends ~30% of its time on zip CRC32s that torch.load never checks."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    set_ = getattr(torch.serialization, "set_crc32_options", None)
+    if get is None or set_ is None:  # torch < 2.6
+        yield
+        return
+    previous = get()
+    set_(False)
+    try:
+        yield
+    finally:
+        set_(previous)
+
+
+def looks_like(path: str) -> bool:
+    """A tracker file, a release/ directory, or a release/iter_ directory itself."""
+    return any(os.path.exists(os.path.join(path, p)) for p in (TRACKER_NAME, "release")) or \
+        bool(re.fullmatch(r"release|iter_\d{7}", os.path.basename(os.path.normpath(path))))
+
+
+def open_source(request: PlanRequest) -> McoreSource:
+    return open_checkpoint(request.source_path, request.model)
+
+
+# --- the layout, read off the files --------------------------------------------------------
+
+def _single_suffix_is_expert_rank(src: McoreSource, flags: LayoutRequest) -> bool:
+    """``mp_rank_TT_XXX`` is ambiguous: Megatron drops PPP at PP=1 and EEE at EP=1.
+
+    Decided by the flags if given, else by the saved args, else by content: pipeline stages
+    hold different decoder layers, while EP ranks of one stage hold the same dense names."""
+    if flags.ep is not None or flags.pp is not None:
+        return (flags.ep or 1) > 1 and (flags.pp or 1) == 1
+    args = src.args()
+    if args is not None and hasattr(args, "pipeline_model_parallel_size"):
+        # Megatron calls it expert_model_parallel_size, the incumbent expert_parallel_size.
+        ep = getattr(args, "expert_model_parallel_size", None) or getattr(args, "expert_parallel_size", None) or 1
+        return getattr(args, "pipeline_model_parallel_size", 1) == 1 and ep > 1
+    dirs = src.rank_dirs()
+    if not dirs or len(dirs[0].split("_")) != 4:
+        return False
+
+    def dense_names(d: str) -> set[str]:
+        file = f"{d}/{FILE_NAME}"
+        return {n for key in src.containers(file) for n in src.state_dict(file, key) if ".experts." not in n}
+
+    return all(dense_names(d) == dense_names(dirs[0]) for d in dirs if d.startswith(dirs[0][:11]))
+
+
+def _check_flag(flag: str, given: object, found: object) -> None:
+    if given is not None and given != found:
+        raise ConversionError(f"{flag} {given} disagrees with the checkpoint, whose rank files hold {found}")
+
+
+def infer_layout(src: McoreSource, flags: LayoutRequest, arch: ModelArch) -> ParallelLayout:
+    """Read TP, PP, VPP, layers per chunk and naming off the rank files; given flags must agree."""
+    tp, pp, ep = _rank_grid(src, flags)
+    stage_files = [rank_dir_name(0, p, pp, 0, ep) + "/" + FILE_NAME for p in range(pp)]
+    for file in stage_files:
+        if file not in src.files:
+            raise ConversionError(f"{src.root}: rank file {file} is missing")
+    first = stage_files[0]
+    containers = src.containers(first)
+    vpp = len(containers)
+    if containers != (["model"] if vpp == 1 else [f"model{i}" for i in range(vpp)]):
+        raise ConversionError(f"{first}: unexpected model entries {containers}")
+    counts = _layers_per_chunk(src, stage_files, vpp)
+    _check_flag("--tensor_model_parallel_size", flags.tp, tp)
+    _check_flag("--pipeline_model_parallel_size", flags.pp, pp)
+    _check_flag("--num-virtual-stages-per-pipeline-rank", flags.virtual_stages, vpp)
+    if flags.custom_pipeline_layers is not None and tuple(flags.custom_pipeline_layers) != tuple(counts):
+        raise ConversionError(
+            f"--custom_pipeline_layers {','.join(map(str, flags.custom_pipeline_layers))} disagrees with the checkpoint, "
+            f"whose chunks hold {','.join(map(str, counts))} layers"
+        )
+    if sum(counts) != arch.num_layers:
+        raise ConversionError(
+            f"the checkpoint's model chunks hold {sum(counts)} decoder layers ({','.join(map(str, counts))}), "
+            f"but the architecture has num_layers {arch.num_layers}"
+        )
+    pipe = PipelineLayout(pp, vpp, tuple(counts))
+    te_named = any(n.endswith((".layer_norm_weight", ".layer_norm_bias")) for _, _, n in src.entries())
+    impl = "transformer_engine" if te_named else "local"
+    if flags.transformer_impl is not None and flags.transformer_impl != impl:
+        raise ConversionError(f"--transformer_impl {flags.transformer_impl} disagrees with the checkpoint's {impl} names")
+    embed = src.state_dict(first, containers[0]).get(WORD_EMBEDDINGS)
+    padded = tuple(embed.shape)[0] * tp if embed is not None else arch.vocab_size
+    if padded < arch.vocab_size:
+        raise ConversionError(f"embedding rows {padded} are fewer than vocab_size {arch.vocab_size}")
+    etp, grouped = _infer_experts(src, stage_files, arch, tp, ep)
+    _check_flag("--expert_parallel_size", flags.ep, ep)
+    _check_flag("--expert_tensor_parallel_size", flags.etp, etp or tp)
+    if flags.grouped_gemm and not grouped:
+        raise ConversionError("--moe-grouped-gemm disagrees with the checkpoint, whose experts use local_experts names")
+    return ParallelLayout(tp, pipe, impl, padded, arch.tied_embeddings, ep=ep, etp=etp,
+                          num_experts=arch.num_experts or 0, grouped_gemm=grouped,
+                          mtp_num_layers=arch.mtp_num_layers,
+                          mtp_inner_name=_infer_mtp_inner_name(src, flags, pipe, ep))
+
+
+def _rank_grid(src: McoreSource, flags: LayoutRequest) -> tuple[int, int, int]:
+    """(TP, PP, EP) sizes from the rank directory names."""
+    tp_ranks, pp_ranks, ep_ranks = set(), set(), set()
+    single_suffix_is_ep = _single_suffix_is_expert_rank(src, flags)
+    for d in src.rank_dirs():
+        tp_rank, a, b = parse_rank_dir(d)
+        pp_rank, ep_rank = (a, b) if b is not None else ((0, a) if single_suffix_is_ep else (a, 0))
+        tp_ranks.add(tp_rank)
+        pp_ranks.add(pp_rank or 0)
+        ep_ranks.add(ep_rank or 0)
+    return max(tp_ranks) + 1, max(pp_ranks) + 1, max(ep_ranks) + 1
+
+
+def _layers_per_chunk(src: McoreSource, stage_files: list[str], vpp: int) -> list[int]:
+    """Decoder layers in each virtual stage (chunk-major, as --custom_pipeline_layers lists them)."""
+    pp = len(stage_files)
+    counts = [0] * (pp * vpp)
+    for p, file in enumerate(stage_files):
+        for chunk, key in enumerate(src.containers(file)):
+            layers = {int(m.group(1)) for n in src.state_dict(file, key) if (m := re.match(r"decoder\.layers\.(\d+)\.", n))}
+            counts[chunk * pp + p] = max(layers) + 1 if layers else 0
+    return counts
+
+
+_MTP_INNER = re.compile(rf"^mtp\.layers\.\d+\.({'|'.join(MTP_INNER_NAMES)})\.")
+
+
+def _infer_mtp_inner_name(src: McoreSource, flags: LayoutRequest, pipe: PipelineLayout, ep: int) -> str:
+    """megatron-core <= 0.16 names an MTP layer's decoder layer transformer_layer, 0.19 mtp_model_layer."""
+    rank, chunk = pipe.rank_and_chunk(pipe.last_vstage)
+    file = rank_dir_name(0, rank, pipe.pp, 0, ep) + "/" + FILE_NAME
+    found = {m.group(1) for n in src.state_dict(file, pipe.container(chunk)) if (m := _MTP_INNER.match(n))}
+    if len(found) > 1:
+        raise ConversionError(f"{file}: MTP layers use both {' and '.join(sorted(found))} names")
+    detected = found.pop() if found else None
+    if flags.mtp_layer_name is not None and detected is not None and flags.mtp_layer_name != detected:
+        raise ConversionError(f"--mtp_layer_name {flags.mtp_layer_name} disagrees with the checkpoint's {detected} names")
+    return detected or flags.mtp_layer_name or MTP_INNER_LAYER
+
+
+_GROUPED_FC1 = re.compile(r"\.mlp\.experts\.linear_fc1\.weight\d+$")
+_LOCAL_FC1 = re.compile(r"\.mlp\.experts\.local_experts\.\d+\.linear_fc1\.weight$")
+_EXPERT_INDEX = re.compile(r"^\.mlp\.experts\.(?:local_experts\.(\d+)\.linear_fc1\.weight|linear_fc1\.weight(\d+))$")
+
+
+def _infer_experts(src: McoreSource, files: list[str], arch: ModelArch, tp: int, ep: int) -> tuple[int | None, bool]:
+    """(ETP size, or None when it equals TP; grouped-GEMM naming) from the first expert fc1 shard
+    in the stages' files (a stage may hold only dense layers)."""
+    if not arch.num_experts:
+        return None, False
+    moe_ffn = arch.moe_ffn_hidden_size or 0
+    for file, key in ((f, k) for f in files for k in src.containers(f)):
+        state = src.state_dict(file, key)
+        for name, value in state.items():
+            grouped = bool(_GROUPED_FC1.search(name))
+            if grouped or _LOCAL_FC1.search(name):
+                rows = tuple(value.shape)[0]
+                if rows == 0 or (2 * moe_ffn) % rows:
+                    raise ConversionError(f"{file}: expert tensor {name} has {rows} rows, which no ETP size gives")
+                etp = 2 * moe_ffn // rows
+                layer = name[: name.index(".mlp.experts.")]
+                local = {m.group(1) or m.group(2) for n in state
+                         if n.startswith(layer) and (m := _EXPERT_INDEX.match(n[len(layer):]))}
+                if len(local) * ep != arch.num_experts:
+                    raise ConversionError(
+                        f"{file}: MoE layer {layer} holds {len(local)} experts per expert-parallel rank x EP {ep} = "
+                        f"{len(local) * ep} experts, but the architecture says num_experts {arch.num_experts}"
+                    )
+                return (None if etp == tp else etp), grouped
+    raise ConversionError(f"{files[0]}: the architecture has {arch.num_experts} experts, but no stage holds expert weights")
+
+
+def gather(src: McoreSource, tensors: list[CanonicalTensor], layout: ParallelLayout) -> dict[str, Expr]:
+    """Full canonical expressions, each the join of its shards; every stored entry is used."""
+    expected_files = set(rank_files(layout))
+    present = set(src.files)
+    if present != expected_files:
+        extra = sorted(present - expected_files)
+        missing = sorted(expected_files - present)
+        raise ConversionError(
+            f"{src.root}: rank files do not match TP={layout.tp} PP={layout.pipeline.pp}: "
+            + (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}")
+        )
+    placements, _ = place(tensors, layout)
+    shards: dict[str, dict[int, Expr]] = {}
+    splits: dict[str, Split] = {}
+    consumed: set[tuple[str, str, str]] = set()
+    for p in placements:
+        file = rank_file(p.rank, layout)
+        sd = src.state_dict(file, p.container) if p.container in src.files[file] else None
+        if sd is None or p.name not in sd:
+            raise ConversionError(f"missing tensor {p.container}/{p.name} in {os.path.join(src.root, file)}")
+        value = sd[p.name]
+        want = shard_shape(p.canonical.shape, p.split, p.shard_count, layout.padded_vocab_size)
+        if tuple(value.shape) != want:
+            raise ConversionError(
+                f"tensor {p.container}/{p.name} in {file} has shape {list(value.shape)}, expected {list(want)} "
+                f"for TP={layout.tp} and the configured architecture"
+            )
+        consumed.add((file, p.container, p.name))
+        splits[p.canonical.name] = p.split
+        if not p.embedding_copy:
+            shards.setdefault(p.canonical.name, {}).setdefault(p.shard_rank, src.leaf(file, p.container, p.name))
+    for file, key, name in src.entries():
+        # _extra_state holds TE/FP8 metadata, never weights.
+        if (file, key, name) not in consumed and not name.endswith("._extra_state"):
+            raise ConversionError(
+                f"unmapped tensor {key}/{name} in {os.path.join(src.root, file)}: "
+                "the family's convertors do not produce it"
+            )
+    canonical = {}
+    for t in tensors:
+        per_rank = shards[t.name]
+        canonical[t.name] = unshard([per_rank[r] for r in range(len(per_rank))], splits[t.name], t.shape[0])
+    return canonical
+
+
+# --- target --------------------------------------------------------------------------------
+
+FP8_BY_YAML = "marked dtype: fp8 in the family YAML (--convert_to_fp8 or an FP8 source)"
+
+
+def mcore_args(model: ModelInfo, layout: ParallelLayout, vocab: VocabPadding) -> argparse.Namespace:
+    arch, family = model.arch, model.family
+    pipe = layout.pipeline
+    args = argparse.Namespace(
+        # Megatron's own argument names, so Megatron tooling can read them.
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        group_query_attention=arch.num_query_groups != arch.num_attention_heads,
+        kv_channels=arch.kv_channels,
+        vocab_size=arch.vocab_size,
+        padded_vocab_size=layout.padded_vocab_size,
+        make_vocab_size_divisible_by=vocab.make_vocab_size_divisible_by,
+        normalization=arch.normalization,
+        norm_epsilon=arch.norm_epsilon,
+        add_qkv_bias=arch.add_qkv_bias,
+        add_bias_linear=False,
+        qk_layernorm=arch.qk_layernorm,
+        swiglu=True,
+        untie_embeddings_and_output_weights=not arch.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_base=arch.rotary_base,
+        max_position_embeddings=arch.max_position_embeddings,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=pipe.pp,
+        virtual_pipeline_model_parallel_size=pipe.vpp if pipe.vpp > 1 else None,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
+        num_experts=arch.num_experts,
+        moe_ffn_hidden_size=arch.moe_ffn_hidden_size,
+        moe_grouped_gemm=layout.grouped_gemm,
+        moe_layer_freq=arch.moe_layer_freq,
+        moe_shared_expert_intermediate_size=arch.shared_expert_ffn_hidden_size,
+        moe_shared_expert_gate=arch.shared_expert_gate,
+        moe_router_enable_expert_bias=arch.router_expert_bias,
+        multi_latent_attention=arch.multi_latent_attention,
+        q_lora_rank=arch.q_lora_rank,
+        kv_lora_rank=arch.kv_lora_rank,
+        qk_head_dim=arch.qk_head_dim,
+        qk_pos_emb_head_dim=arch.qk_pos_emb_head_dim,
+        v_head_dim=arch.v_head_dim,
+        mtp_num_layers=arch.mtp_num_layers or None,
+        transformer_impl=layout.transformer_impl,
+        # Ours: enough to convert back without any flag.
+        convert_checkpoint_family=family.name,
+        convert_checkpoint_arch=arch.to_dict(),
+        convert_checkpoint_pipeline_layers=list(pipe.layers_per_vstage),
+        convert_checkpoint_hf_config=model.hf_config or {},
+    )
+    if model.hf_dtypes:  # HF tensors Megatron holds in another dtype: restored on the way back
+        args.convert_checkpoint_hf_dtypes = dict(sorted(model.hf_dtypes.items()))
+    return args
+
+
+class McoreTarget(CanonicalTarget):
+    format = "mcore"
+    short = "mcore"
+    file_kind = "mcore"
+    markers = (TRACKER_NAME,)
+
+    def __init__(self, target_dir: str, flags: LayoutRequest, vocab: VocabPadding):
+        super().__init__(target_dir)
+        self.flags = flags
+        self.vocab = vocab
+        self.iteration: int | None = None  # a "release" checkpoint, as the incumbent writes
+        self.args: argparse.Namespace | None = None
+        self._layout: ParallelLayout | None = None
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.join(self.target_dir, iteration_dir_name(self.iteration))
+
+    @property
+    def layout(self) -> ParallelLayout:
+        assert self._layout is not None, "plan_files() first"
+        return self._layout
+
+    def plan_files(self, exprs: Mapping[str, Expr], tensors: list[CanonicalTensor], model: ModelInfo,
+                   fp8_output: bool) -> list[OutputFile]:
+        """Validate the layout, then shard every canonical tensor into its rank files.
+
+        A shard of an FP8 tensor stays FP8 (whole blocks kept, a cut block requantized: TE
+        quantizes each rank's shard on its own); with ``fp8_output`` the YAML's ``dtype: fp8``
+        tensors are quantized per shard too."""
+        layout = self._layout = layout_from_flags(self.flags, self.vocab, model.arch)
+        validate_tensor_parallel(model.arch, tensors, layout)
+        self.args = mcore_args(model, layout, self.vocab)
+        placements, extras = place(tensors, layout)
+        jobs: dict[tuple[str, str], list[TensorJob]] = {}
+        for p in placements:
+            expr = exprs[WORD_EMBEDDINGS if p.embedding_copy else p.canonical.name]
+            sharded = shard(expr, p.split, p.shard_count, p.shard_rank, layout.padded_vocab_size)
+            if te.is_fp8(sharded) or (fp8_output and p.canonical.fp8 and not p.embedding_copy):
+                sharded = te.to_fp8(sharded, FP8_BY_YAML)
+            jobs.setdefault((rank_file(p.rank, layout), p.container), []).append(TensorJob(p.name, sharded))
+        for x in extras:
+            jobs.setdefault((rank_file(x.rank, layout), x.container), []).append(TensorJob(x.name, None))
+        files = []
+        for relpath in rank_files(layout):
+            containers = []
+            for chunk in range(layout.pipeline.vpp):
+                key = layout.pipeline.container(chunk)
+                # Stable sort keeps each layer's module order and puts extra states after their weights.
+                ordered = sorted(jobs.get((relpath, key), []), key=lambda j: placement_sort_key(j.name))
+                containers.append((key, tuple(ordered)))
+            files.append(OutputFile(relpath, self.file_kind, tuple(containers)))
+        return files
+
+    def check_plan(self, plan: Plan) -> None:
+        """Megatron's FP8 flags in the saved args, as training with these parameters would set them."""
+        if plan.fp8 is None or self.args is None:
+            return
+        recipe = plan.fp8.recipe
+        self.args.fp8 = "e4m3"
+        self.args.fp8_recipe = "blockwise"
+        self.args.fp8_param_gather = True
+        self.args.convert_checkpoint_fp8 = {"force_pow_2_scales": recipe.pow2, "amax_epsilon": recipe.amax_epsilon}
+
+    def fingerprint_fields(self) -> dict:
+        return {"args": sorted((k, repr(v)) for k, v in vars(self.args).items()) if self.args else None,
+                "hf_config": None}
+
+    def describe(self, plan: Plan) -> list[str]:
+        return placement_table(self.layout, plan.arch) if plan.arch is not None else []
+
+    def write_file(self, out: OutputFile, path: str, ctx: "FileContext") -> None:
+        entries = [j for _, j in out.jobs() if j.expr is not None]
+        plain = [j for j in entries if not is_fp8_tensor(j.expr)]
+        buffers = ctx.carve([(j.expr.dtype, tuple(j.expr.shape)) for j in plain if j.expr is not None])
+        values: dict[int, object] = {}
+        for job, buf in zip(plain, buffers):
+            assert job.expr is not None
+            values[id(job)] = ctx.fill(job.name, job.expr, buf)
+        policy = ctx.fp8_policy
+        for job in entries:
+            if is_fp8_tensor(job.expr):  # pickled as TE's Float8BlockwiseQTensor
+                assert job.expr is not None and policy is not None
+                codes, scale = ctx.fp8_pair(job.name, job.expr)
+                values[id(job)] = te_pickle.blockwise_param(  # the quantizer says what the scales are
+                    codes, scale, policy.nominal_dtype, scales_are_pow2(scale), policy.recipe.amax_epsilon)
+        containers = {key: {j.name: values.get(id(j)) for j in jobs} for key, jobs in out.containers}
+        assert self.args is not None
+        save_rank_file(path, containers, self.args, self.iteration)
+
+    def finish(self, plan: Plan, results: "list[FileResult]") -> None:
+        from ..textfile import write_text
+
+        write_text(os.path.join(self.target_dir, TRACKER_NAME), iteration_dir_name(self.iteration)
+                   if self.iteration is None else str(self.iteration))
+
+
+def create_target(request: PlanRequest) -> McoreTarget:
+    return McoreTarget(request.target.path, request.layout, request.vocab)

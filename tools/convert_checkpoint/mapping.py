@@ -1,0 +1,193 @@
+"""The model mapping: HuggingFace names <-> canonical tensors, through the family's module
+convertors. Pure planning: expressions only, no data read (except ``check_copies``)."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Iterable, Mapping
+
+import torch
+
+from . import tensor_expr as tx
+from .config.arch import ModelArch
+from .config.family import FamilySpec
+from .core.canonical import CanonicalTensor
+from .core.plan import ModelInfo
+from .endpoints.base import HFSource
+from .errors import ConversionError
+from .layout.placement import MTP_INNER_LAYER
+from .module_convertor import ModuleConvertor, create
+from .module_convertor.moe import RoutedExperts
+from .tensor_expr import Expr, LeafReader
+
+
+def natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _layer_convertors(family: FamilySpec, arch: ModelArch, layer: int, hf_prefix: str, mcore_prefix: str) -> list[ModuleConvertor]:
+    kind = "moe" if arch.is_moe_layer(layer) else "dense"
+    return [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.layer_modules if spec.when in (None, kind)]
+
+
+def build_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConvertor]:
+    convertors = [create(spec, arch, "", "") for spec in family.global_modules]
+    for layer in range(arch.num_layers):
+        hf_prefix = family.layer_prefix.format(layer=layer)
+        convertors += _layer_convertors(family, arch, layer, hf_prefix, f"decoder.layers.{layer}.")
+    if arch.mtp_num_layers and family.mtp is None:
+        raise ConversionError(f"model family {family.name} has no multi-token-prediction layers (mtp_num_layers {arch.mtp_num_layers})")
+    for k in range(arch.mtp_num_layers):
+        assert family.mtp is not None
+        # HF stores MTP layer k as decoder layer num_layers + k; it is as MoE as the last layer.
+        layer = arch.num_layers + k
+        hf_prefix = family.mtp.layer_prefix.format(layer=layer)
+        mcore_prefix = f"mtp.layers.{k}."
+        convertors += [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.mtp.modules]
+        convertors += _layer_convertors(family, arch, layer, hf_prefix, f"{mcore_prefix}{MTP_INNER_LAYER}.")
+    return convertors
+
+
+def canonical_tensors(convertors: Iterable[ModuleConvertor]) -> list[CanonicalTensor]:
+    out: list[CanonicalTensor] = []
+    seen: set[str] = set()
+    for c in convertors:
+        for t in c.canonical():
+            if t.name in seen:
+                raise ConversionError(f"{c.spec.origin}: canonical tensor {t.name} is produced twice")
+            seen.add(t.name)
+            out.append(replace(t, fp8=True) if c.fp8_weights and len(t.shape) == 2 else t)
+    return out
+
+
+def check_convert_to_fp8(convert_to_fp8: bool, family: FamilySpec, convertors: Iterable[ModuleConvertor]) -> None:
+    if convert_to_fp8 and not any(c.fp8_weights for c in convertors):
+        raise ConversionError(
+            f"--convert_to_fp8: the {family.name} family ({family.path}) marks no tensor dtype: fp8, so nothing would be quantized"
+        )
+
+
+def fp8_hf_names(convertors: Iterable[ModuleConvertor]) -> set[str]:
+    """HF tensors the family YAML marks ``dtype: fp8`` (the modules' weight matrices)."""
+    return {n for c in convertors if c.fp8_weights for n, shape in c.hf_shapes().items() if len(shape) == 2}
+
+
+@dataclass(frozen=True)
+class Copy:
+    """An HF tensor that Megatron does not store because it duplicates another (an MTP layer's
+    embed_tokens / shared_head.head, a tied lm_head): dropped on the way in, only if equal."""
+
+    name: str  # the HF copy
+    expr: Expr
+    of: str  # the canonical tensor it duplicates
+    of_expr: Expr
+    in_mtp: bool  # held by a multi-token-prediction layer (else a tied LM head)
+
+
+@dataclass
+class HFMapping:
+    canonical: dict[str, Expr]
+    copies: list[Copy]
+    hf_dtypes: dict[str, str]  # HF tensors the canonical form casts: name -> source dtype
+
+
+def _check_expert_count(src: HFSource, convertors: list[ModuleConvertor], arch: ModelArch) -> None:
+    """A MoE checkpoint must hold exactly the configured number of experts per MoE layer."""
+    for conv in convertors:
+        if isinstance(conv, RoutedExperts):
+            found = conv.experts_present(src.index)
+            if found != arch.num_experts:
+                raise ConversionError(
+                    f"{src.root}: MoE layer {conv.hf_prefix or conv.mcore_prefix} holds {found} routed experts, "
+                    f"but the config says num_experts {arch.num_experts}"
+                )
+            return  # one layer is enough: a layer with a hole fails as a missing tensor below
+
+
+def gather_hf(src: HFSource, convertors: list[ModuleConvertor], family: FamilySpec, arch: ModelArch) -> HFMapping:
+    """Canonical expressions over the HF files; every HF tensor must be consumed or ignored."""
+    canonical: dict[str, Expr] = {}
+    consumed: set[str] = set()
+    copies: list[tuple[str, str, bool]] = []
+    _check_expert_count(src, convertors, arch)
+    for conv in convertors:
+        exprs: dict[str, Expr] = {}
+        for name, shape in conv.hf_shapes().items():
+            if name not in src.index:
+                hint = ""
+                if conv.mcore_prefix.startswith("mtp."):
+                    hint = "; this is a multi-token-prediction layer: pass --mtp_num_layers 0 if the checkpoint has none"
+                raise ConversionError(f"missing tensor {name} in {src.root} (expected by {conv.spec.origin}){hint}")
+            leaf = src.leaf(name)
+            if leaf.shape != shape:
+                raise ConversionError(
+                    f"tensor {name} has shape {list(leaf.shape)}, but the config implies {list(shape)}"
+                )
+            exprs[name] = leaf
+            consumed.add(name)
+            consumed.update(src.companions(name))
+        present_copies = {n: of for n, of in conv.copies().items() if n in src.index}
+        consumed |= {n for n in conv.optional_hf() if n in src.index}
+        copies += [(n, of, conv.mcore_prefix.startswith("mtp.")) for n, of in present_copies.items()]
+        try:
+            canonical.update(conv.to_canonical(exprs))
+        except ValueError as e:  # mixed dtypes inside one fused tensor
+            raise ConversionError(f"{conv.spec.origin}: cannot fuse {', '.join(exprs)}: {e}") from None
+    unmapped = sorted((n for n in src.index if n not in consumed and not family.is_ignored(n)), key=natural_key)
+    if unmapped:
+        more = f" (and {len(unmapped) - 1} more)" if len(unmapped) > 1 else ""
+        raise ConversionError(
+            f"unmapped tensor {unmapped[0]} in {src.index[unmapped[0]]}{more}: no convertor of family "
+            f"'{family.name}' ({family.path}) consumes it and it is not in its ignore list"
+        )
+    resolved = [Copy(n, src.leaf(n), of, canonical[of], in_mtp) for n, of, in_mtp in copies]
+    return HFMapping(canonical, resolved, _cast_dtypes(canonical))
+
+
+def _cast_dtypes(canonical: Mapping[str, Expr]) -> dict[str, str]:
+    """HF tensors whose canonical form is cast (e.g. a bf16 router bias held in fp32)."""
+    out = {}
+    for expr in canonical.values():
+        for node in tx.casts(expr):
+            for leaf in tx.leaves(node.part):
+                out[leaf.ref.name] = dtype_name(leaf.dtype)
+    return out
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def to_hf(convertors: list[ModuleConvertor], canonical: Mapping[str, Expr], model: ModelInfo) -> dict[str, Expr]:
+    """HF expressions of the canonical tensors; tensors the Megatron side had cast go back to
+    the dtype they came in (recorded when the checkpoint was written)."""
+    out: dict[str, Expr] = {}
+    for conv in convertors:
+        out.update(conv.to_hf({name: canonical[name] for name in conv.reads()}))
+    for name, dtype in model.hf_dtypes.items():
+        if name in out and dtype_name(out[name].dtype) != dtype:
+            out[name] = tx.cast(out[name], getattr(torch, dtype))
+    return out
+
+
+def check_copies(copies: list[Copy], reader: LeafReader, chunk_bytes: int = 64 << 20) -> None:
+    """Each dropped copy must equal the tensor Megatron keeps, bit for bit (read in row chunks)."""
+    try:
+        for c in copies:
+            if c.expr.dtype != c.of_expr.dtype:
+                raise ConversionError(
+                    f"tensor {c.name} is {dtype_name(c.expr.dtype)} but {c.of} is {dtype_name(c.of_expr.dtype)}: "
+                    "Megatron stores one copy, so they must be identical")
+            rows = c.expr.shape[0]
+            row_bytes = max(1, tx.nbytes(c.expr) // max(rows, 1))
+            step = max(1, chunk_bytes // row_bytes)
+            for first in range(0, rows, step):
+                n = min(step, rows - first)
+                a = tx.materialize(tx.narrow(c.expr, 0, first, n), reader)
+                b = tx.materialize(tx.narrow(c.of_expr, 0, first, n), reader)
+                if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+                    raise ConversionError(
+                        f"tensor {c.name} differs from {c.of} (first at rows {first}-{first + n - 1}): Megatron keeps "
+                        "one copy, so converting would silently replace it; the checkpoint's copies must be identical")
+    finally:
+        reader.close()

@@ -1,0 +1,201 @@
+"""Plan and validate a conversion; nothing here writes a byte.
+
+    source endpoint -> [pre-stage converters] -> model mapping -> layout -> target endpoint -> validation
+
+The source (chosen by ``--load_platform``) gives expressions over its files; the family's module
+convertors map HF names to the canonical form and back (skipped when both sides share a
+namespace: HF -> HF through converters); a Megatron target shards canonical tensors by the
+layout the flags ask for, an HF target into safetensors shards. HF -> MCore, MCore -> HF,
+MCore -> MCore and HF -> HF are pairs of endpoints, not code paths. Validation covers the whole
+plan before anything is written: every source tensor consumed or explicitly ignored, every
+target produced, shapes and divisibility, layer lists, FP8 feasibility, dropped copies equal.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from . import tensor_expr as tx
+from .core.plan import ModelInfo, Plan
+from .endpoints import endpoint
+from .endpoints.base import CanonicalSource, CanonicalTarget, HFSource, HFTarget, Source, Target
+from .errors import ConversionError
+from .mapping import (build_convertors, canonical_tensors, check_convert_to_fp8, check_copies, fp8_hf_names, gather_hf,
+                      to_hf)
+from .quant import fp8_block
+from .quant.fp8_materialize import Fp8Policy
+from .requests import Fp8Request, LayoutRequest, PlanRequest, TargetDir
+
+
+def check_target_dir(target: TargetDir, source_path: str) -> None:
+    path = os.path.abspath(target.path)
+    src = os.path.abspath(source_path)
+    if path == src or path.startswith(src + os.sep) or src.startswith(path + os.sep):
+        raise ConversionError(f"--save_ckpt_path {target.path} overlaps --load_ckpt_path {source_path}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConversionError(f"--save_ckpt_path {target.path} exists and is not a directory")
+    if os.path.isdir(path) and os.listdir(path) and not (target.overwrite or target.dry_run or target.resume):
+        raise ConversionError(f"--save_ckpt_path {target.path} is not empty; pass --overwrite to replace its "
+                              "contents, or --resume to finish an interrupted conversion")
+
+
+def open_source(request: PlanRequest) -> Source:
+    source: Source = endpoint(request.load_format, "--load_platform").open_source(request)
+    if request.converters and not isinstance(source, HFSource):
+        raise ConversionError(f"--converter rewrites HuggingFace checkpoints; {source.root} is a {source.format} checkpoint")
+    return source
+
+
+def build_plan(request: PlanRequest, options: Any = None) -> Plan:
+    """The whole conversion, validated. ``options`` (the flags as given) is recorded in the plan
+    for the report and the resume fingerprint."""
+    check_target_dir(request.target, request.source_path)
+    source = open_source(request)
+    target: Target = endpoint(request.save_format, "--save_platform").create_target(request)
+    if isinstance(source, HFSource) and isinstance(target, HFTarget):
+        plan = _plan_same_namespace(request, source, target)
+    else:
+        plan = _plan_through_model(request, source, target)
+    plan.options = options
+    finish_fp8_plan(plan, fp8_policy(request.fp8, _nominal_dtype(plan)))
+    target.check_plan(plan)
+    return plan
+
+
+def _plan_same_namespace(request: PlanRequest, source: HFSource, target: HFTarget) -> Plan:
+    """HF -> HF through converters: no model, the source's shards and names are kept."""
+    if not request.converters:
+        raise ConversionError("convert-checkpoint hf needs at least one --converter")
+    notes: list[str] = []
+    files = target.plan_files_like(source, notes)
+    notes += source.describe()
+    return Plan(f"{source.short}->{target.short}", request.source_path, request.target.path, files,
+                source.tensor_count, source, target, notes=notes)
+
+
+def _plan_through_model(request: PlanRequest, source: Source, target: Target) -> Plan:
+    if request.converters:
+        from .endpoints.huggingface import fp8_quantization_config
+
+        assert isinstance(source, HFSource)
+        fp8_quantization_config(source.hf_config, "after --converter " + " --converter ".join(
+            c if isinstance(c, str) else type(c).__name__ for c in request.converters))
+    model = source.model()
+    convertors = build_convertors(model.family, model.arch)
+    check_convert_to_fp8(request.fp8.convert_to_fp8, model.family, convertors)
+    notes: list[str] = []
+    copies = []
+    source_layout = None
+    if isinstance(source, HFSource):
+        mapped = gather_hf(source, convertors, model.family, model.arch)
+        tensors = canonical_tensors(convertors)
+        canonical = mapped.canonical
+        model = replace(model, hf_dtypes=mapped.hf_dtypes)
+        copies = mapped.copies
+        notes += [f"{line} (run on the HF tensors first)" for line in source.describe()]
+        notes += _copy_notes(mapped.copies)
+    elif isinstance(source, CanonicalSource):
+        tensors = canonical_tensors(convertors)
+        # Layout flags describe a Megatron target; only for another target are they checked against the source.
+        flags = LayoutRequest() if isinstance(target, CanonicalTarget) else request.layout
+        canonical, source_layout = source.canonical(tensors, model, flags)
+    else:
+        raise ConversionError(f"{source.format}: a source must be an HF or a canonical source")
+    fp8_output = source.has_fp8 or request.fp8.convert_to_fp8
+    if isinstance(target, CanonicalTarget):
+        files = target.plan_files(canonical, tensors, model, fp8_output)
+        layout = target.layout
+        if source_layout is not None:
+            notes.append(f"source layout: TP={source_layout.tp} PP={source_layout.pipeline.pp} "
+                         f"VPP={source_layout.pipeline.vpp} EP={source_layout.ep} ETP={source_layout.expert_tp} "
+                         f"impl={source_layout.transformer_impl}")
+    elif isinstance(target, HFTarget):
+        target.use_model_config(model)
+        files = target.plan_files(to_hf(convertors, canonical, model), fp8_hf_names(convertors) if fp8_output else set())
+        layout = source_layout
+        notes += target.notes
+    else:
+        raise ConversionError(f"{target.format}: a target must be an HF or a canonical target")
+    if copies:
+        check_copies(copies, source.reader())
+    return Plan(f"{source.short}->{target.short}", request.source_path, request.target.path, files,
+                source.tensor_count, source, target, model=model, layout=layout, notes=notes)
+
+
+def canonical_view(source: Source) -> tuple[ModelInfo, dict[str, tx.Expr]]:
+    """The model and full canonical expressions of a source (``verify``)."""
+    model = source.model()
+    convertors = build_convertors(model.family, model.arch)
+    if isinstance(source, HFSource):
+        return model, gather_hf(source, convertors, model.family, model.arch).canonical
+    if isinstance(source, CanonicalSource):
+        return model, source.canonical(canonical_tensors(convertors), model, LayoutRequest())[0]
+    raise ConversionError(f"{source.format}: a source must be an HF or a canonical source")
+
+
+def _copy_notes(copies: list) -> list[str]:
+    notes = []
+    tied = [c for c in copies if not c.in_mtp]
+    mtp = [c for c in copies if c.in_mtp]
+    if tied:
+        notes.append(f"tied embeddings: the HF {tied[0].name} copy was checked equal to the embedding and dropped "
+                     "(Megatron shares the embedding)")
+    if mtp:
+        notes.append(f"{len(mtp)} MTP copies of the embedding / LM head (e.g. {mtp[0].name}) were checked equal to "
+                     "the main ones and dropped: Megatron's MTP layers share the main model's")
+    return notes
+
+
+def _nominal_dtype(plan: Plan) -> torch.dtype:
+    """The dtype TE's FP8 parameters present as: the source's FP8 records say; else, for a
+    Megatron target, the model's config.json dtype; bf16 otherwise."""
+    from .endpoints.huggingface import nominal_dtype
+
+    found = plan.source.fp8_nominal_dtype
+    if found is not None:
+        return found
+    if isinstance(plan.target, CanonicalTarget) and plan.model is not None:
+        return nominal_dtype(plan.model.hf_config or {})
+    return torch.bfloat16
+
+
+def fp8_policy(request: Fp8Request, nominal: torch.dtype = torch.bfloat16) -> Fp8Policy:
+    recipe = fp8_block.Fp8Recipe(pow2=request.force_pow_2_scales, amax_epsilon=request.amax_epsilon,
+                                 method=request.quant_method, device=request.device)
+    return Fp8Policy(recipe, request.force_no_requant, nominal)
+
+
+def finish_fp8_plan(plan: Plan, policy: Fp8Policy) -> None:
+    """Attach the FP8 policy when the plan writes FP8 tensors, and check it can be carried out:
+    ``--fp8_force_no_requant`` refuses cuts through blocks, the quantizer must be able to run."""
+    jobs = plan.fp8_jobs()
+    if not jobs:
+        return
+    if policy.force_no_requant:
+        for name, expr in jobs:
+            if isinstance(expr, tx.Quantize) and tx.is_fp8(expr.part):
+                raise ConversionError(f"--fp8_force_no_requant: {name} would need requantization: {expr.reason}")
+    recipe = policy.recipe
+    if recipe.method == "te":
+        why = fp8_block.te_unavailable_reason()
+        if why:
+            recipe = replace(recipe, method="pt")
+            plan.notes.append(f"--quant_method te: {why}; using the pt quantizer, which follows TE's rule byte for byte")
+    if recipe.device == "cuda" and recipe.method == "pt" and not torch.cuda.is_available():
+        raise ConversionError("--device cuda: no CUDA device is visible; leave --device at cpu")
+    plan.fp8 = replace(policy, recipe=recipe)
+    quantized = [(n, e) for n, e in jobs if isinstance(e, tx.Quantize)]
+    requant = sum(1 for _, e in quantized if tx.is_fp8(e.part))
+    plan.notes.append(
+        f"FP8: {len(jobs)} block-FP8 tensors ({recipe.describe()}); {len(jobs) - len(quantized)} keep their codes and "
+        f"scales unless their scale style differs, {requant} are requantized (cuts through 128-blocks), "
+        f"{len(quantized) - requant} are quantized from bf16"
+    )
+    for name, expr in quantized[:5]:
+        assert isinstance(expr, tx.Quantize)
+        plan.notes.append(f"  {'requantize' if tx.is_fp8(expr.part) else 'quantize'} {name}: {expr.reason}")
+    if len(quantized) > 5:
+        plan.notes.append(f"  ... and {len(quantized) - 5} more (--dry_run --verbose lists every tensor's recipe)")

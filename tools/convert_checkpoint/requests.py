@@ -1,0 +1,94 @@
+"""Small frozen requests derived from the flags: each planning step takes the one it needs.
+
+``options.ConvertOptions`` is the record of the flags as given (kept whole for the report and
+the resume fingerprint); ``ConvertOptions.plan_request()`` and ``run_options()`` split it into
+what shapes the output (``PlanRequest`` and its parts) and how the run goes (``RunOptions``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """Where the model's family and architecture come from, besides the checkpoint itself."""
+
+    config_file: str | None = None  # architecture YAML, overrides what the checkpoint says
+    convert_file: str | None = None  # family YAML, instead of picking one by model_type
+    mtp_num_layers: int | None = None  # None: as the checkpoint says
+
+
+@dataclass(frozen=True)
+class LayoutRequest:
+    """The Megatron layout flags; None (False for grouped_gemm) = not given. A target builds its
+    layout from them; a source reads its layout off the files and checks the given ones agree."""
+
+    tp: int | None = None
+    pp: int | None = None
+    virtual_stages: int | None = None
+    layers_per_virtual_stage: int | None = None
+    custom_pipeline_layers: tuple[int, ...] | None = None
+    transformer_impl: str | None = None
+    ep: int | None = None
+    etp: int | None = None
+    grouped_gemm: bool = False
+    mtp_layer_name: str | None = None
+
+
+@dataclass(frozen=True)
+class VocabPadding:
+    make_vocab_size_divisible_by: int = 128
+    pad_vocab_size_to: int | None = None
+    add_embedding_padding: bool = True
+
+
+@dataclass(frozen=True)
+class Fp8Request:
+    convert_to_fp8: bool = False  # write the YAML's dtype: fp8 tensors as FP8 even from bf16
+    quant_method: str = "pt"
+    force_pow_2_scales: bool = True
+    amax_epsilon: float = 0.0
+    force_no_requant: bool = False
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class TargetDir:
+    """The output directory and how an existing one may be treated."""
+
+    path: str
+    overwrite: bool = False
+    resume: bool = False
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    load_format: str  # a registered endpoint name (--load_platform)
+    save_format: str  # (--save_platform)
+    source_path: str
+    target: TargetDir
+    model: ModelRequest = ModelRequest()
+    layout: LayoutRequest = LayoutRequest()
+    vocab: VocabPadding = VocabPadding()
+    fp8: Fp8Request = Fp8Request()
+    converters: tuple[Any, ...] = ()  # spec strings or Converter objects, run on an HF source first
+    max_shard_size: int = 5 * 1000**3  # HF output shards
+    hf_config_path: str | None = None  # HF output: copy config and tokenizer files from here
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a planned conversion runs; none of these change the output bytes."""
+
+    max_workers: int = 1
+    max_memory: int | None = None  # None: half of the available memory
+    world_size: int | None = None
+    rank: int | None = None
+    overwrite: bool = False
+    resume: bool = False
+    strict_values: bool = False
+    dry_run: bool = False
+    verbose: bool = False
+    progress: bool = True
