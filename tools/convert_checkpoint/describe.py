@@ -8,7 +8,7 @@ from .mapping import dtype_name
 
 def bytes_to_read(plan: Plan) -> int:
     """Source bytes the recipes read (a window read by several files counts each time)."""
-    return sum(plan.source.bytes_read_for([leaf for j in f.tensor_jobs() for leaf in tx.leaves(j.expr)])
+    return sum(plan.source.bytes_read_for([leaf for e in f.tensor_exprs() for leaf in tx.leaves(e)])
                for f in plan.files)
 
 

@@ -12,8 +12,7 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import tensor_expr as tx
 from ._version import __version__
@@ -43,11 +42,11 @@ class FileRecord:
     fp8_events: list = field(default_factory=list)  # [tensor, action, reason, pow2] of the run that wrote it
 
 
-def plan_fingerprint(plan: "Plan") -> str:
+def plan_fingerprint(plan: Plan) -> str:
     """sha256 over everything that decides the output bytes. Its inputs keep their historical
     form (direction string, file kinds, Megatron args, config.json) so that ``--resume`` of a run
     started by an earlier build of the same version still matches."""
-    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.options).items()
+    options: dict[str, Any] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.options).items()
                if k not in _RUNTIME_OPTIONS} if plan.options else {}
     options["load_ckpt_path"] = os.path.abspath(options.get("load_ckpt_path", plan.source_dir))
     h = hashlib.sha256()
@@ -77,13 +76,13 @@ class Manifest:
         self.files = files
 
     @classmethod
-    def fresh(cls, target: str, files: "list[OutputFile]", fingerprint: str, name: str = MANIFEST_NAME) -> "Manifest":
+    def fresh(cls, target: str, files: list[OutputFile], fingerprint: str, name: str = MANIFEST_NAME) -> Manifest:
         """A manifest of ``files`` (OutputFile), none done; a rank of a multi-process run keeps
         its own (``name``), merged by rank 0 at the end."""
         return cls(os.path.join(target, name), fingerprint, {f.relpath: FileRecord(f.nbytes) for f in files})
 
     @classmethod
-    def for_resume(cls, target: str, files: "list[OutputFile]", fingerprint: str, root: str, name: str = MANIFEST_NAME) -> "Manifest":
+    def for_resume(cls, target: str, files: list[OutputFile], fingerprint: str, root: str, name: str = MANIFEST_NAME) -> Manifest:
         """The earlier runs' records for ``files``, each done file checked on disk (size and
         sha256); refuses a directory written by another plan."""
         paths = sorted(os.path.join(target, n) for n in os.listdir(target) if n.startswith(MANIFEST_STEM)

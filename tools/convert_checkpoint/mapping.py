@@ -3,8 +3,8 @@ convertors. Pure planning: expressions only, no data read (except ``check_copies
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import Iterable, Mapping
 
 import torch
 
@@ -158,13 +158,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def to_hf(convertors: list[ModuleConvertor], canonical: Mapping[str, Expr], model: ModelInfo) -> dict[str, Expr]:
-    """HF expressions of the canonical tensors; tensors the Megatron side had cast go back to
-    the dtype they came in (recorded when the checkpoint was written)."""
+def to_hf(convertors: list[ModuleConvertor], canonical: Mapping[str, Expr], model: ModelInfo,
+          restore_dtypes: bool = True) -> dict[str, Expr]:
+    """HF expressions of the canonical tensors. With ``restore_dtypes``, tensors the Megatron
+    side had cast go back to the dtype they came in (recorded when the checkpoint was written);
+    without, they keep the family YAML's dtype (DeepSeek's published FP8 layout: fp32 router bias)."""
     out: dict[str, Expr] = {}
     for conv in convertors:
         out.update(conv.to_hf({name: canonical[name] for name in conv.reads()}))
-    for name, dtype in model.hf_dtypes.items():
+    for name, dtype in (model.hf_dtypes.items() if restore_dtypes else ()):
         if name in out and dtype_name(out[name].dtype) != dtype:
             out[name] = tx.cast(out[name], getattr(torch, dtype))
     return out

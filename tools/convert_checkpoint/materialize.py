@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 
@@ -36,7 +37,7 @@ class Arena:
         if self._buffer is None or self._buffer.numel() < total:
             self._buffer = None  # free the old one first
             self._buffer = torch.empty(max(total, 1), dtype=torch.uint8)
-        view = memoryview(self._buffer.numpy())
+        view = self._buffer.numpy().data  # ndarray.data: memoryview(array)
         out, offset = [], 0
         for (dtype, shape), n in zip(specs, sizes):
             if n == 0:
@@ -66,7 +67,7 @@ def nonfinite_count(t: torch.Tensor) -> int:
     return int((~torch.isfinite(t)).sum())
 
 
-def is_fp8_tensor(expr: Expr | None) -> bool:
+def is_fp8_tensor(expr: Expr | None) -> TypeGuard[tx.Fp8Blocks | tx.Quantize]:
     """A whole block-FP8 parameter (codes and scales together), as Megatron rank files hold them."""
     return isinstance(expr, (tx.Fp8Blocks, tx.Quantize))
 
@@ -112,7 +113,7 @@ class FileContext:
         self.check(name, [value])
         return value
 
-    def fp8_pair(self, name: str, expr: Expr) -> tuple[torch.Tensor, torch.Tensor]:
+    def fp8_pair(self, name: str, expr: tx.Fp8Blocks | tx.Quantize) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scale_inv) of a block-FP8 parameter: kept, requantized or quantized."""
         codes, scale = self._fp8.pair(expr, name)
         self.check(name, [codes, scale])

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-
-from typing import Any, Callable
+from typing import Any
 
 from .converters.registry import BUILTINS as CONVERTER_BUILTINS
 from .endpoints import ENDPOINTS
@@ -14,8 +14,7 @@ from .errors import ConversionError
 from .layout.pipeline import parse_layer_list
 from .layout.placement import MTP_INNER_NAMES, TRANSFORMER_IMPLS
 from .quant.fp8_block import QUANT_METHODS
-from .requests import (Fp8Request, LayoutRequest, ModelRequest, PlanRequest, RunOptions, TargetDir,
-                       VocabPadding)
+from .requests import Fp8Request, LayoutRequest, ModelRequest, PlanRequest, RunOptions, TargetDir, VocabPadding
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,11 +23,13 @@ from .core.plan import ModelInfo, Plan
 from .endpoints import endpoint
 from .endpoints.base import CanonicalSource, CanonicalTarget, HFSource, HFTarget, Source, Target
 from .errors import ConversionError
-from .mapping import (build_convertors, canonical_tensors, check_convert_to_fp8, check_copies, fp8_hf_names, gather_hf,
-                      to_hf)
+from .mapping import build_convertors, canonical_tensors, check_convert_to_fp8, check_copies, fp8_hf_names, gather_hf, to_hf
 from .quant import fp8_block
 from .quant.fp8_materialize import Fp8Policy
 from .requests import Fp8Request, LayoutRequest, PlanRequest, TargetDir
+
+if TYPE_CHECKING:
+    from .layout.placement import ParallelLayout
 
 
 def check_target_dir(target: TargetDir, source_path: str) -> None:
@@ -105,6 +107,7 @@ def _plan_through_model(request: PlanRequest, source: Source, target: Target) ->
     else:
         raise ConversionError(f"{source.format}: a source must be an HF or a canonical source")
     fp8_output = source.has_fp8 or request.fp8.convert_to_fp8
+    layout: ParallelLayout | None
     if isinstance(target, CanonicalTarget):
         files = target.plan_files(canonical, tensors, model, fp8_output)
         layout = target.layout
@@ -114,7 +117,9 @@ def _plan_through_model(request: PlanRequest, source: Source, target: Target) ->
                          f"impl={source_layout.transformer_impl}")
     elif isinstance(target, HFTarget):
         target.use_model_config(model)
-        files = target.plan_files(to_hf(convertors, canonical, model), fp8_hf_names(convertors) if fp8_output else set())
+        # --convert_to_fp8 writes the published FP8 layout, whose dtypes the family YAML states.
+        hf = to_hf(convertors, canonical, model, restore_dtypes=not request.fp8.convert_to_fp8)
+        files = target.plan_files(hf, fp8_hf_names(convertors) if fp8_output else set())
         layout = source_layout
         notes += target.notes
     else:

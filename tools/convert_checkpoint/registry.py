@@ -8,8 +8,9 @@ fast): an entry that needs torch registers a small loader function that imports 
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import ConversionError
 

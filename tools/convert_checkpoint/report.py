@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 from . import tensor_expr as tx
@@ -39,7 +38,7 @@ def _peak_rss_bytes() -> int:
     return max(own, workers) * scale
 
 
-def conversion_report(plan: "Plan", results: list[FileResult], seconds: float) -> dict:
+def conversion_report(plan: Plan, results: list[FileResult], seconds: float) -> dict:
     """What ``conversion_report.json`` holds: the flags, every file, speed, memory, what FP8
     tensors went through, and the coverage the plan validated."""
     events = [e for r in results for e in r.fp8_events]
@@ -81,7 +80,7 @@ def conversion_report(plan: "Plan", results: list[FileResult], seconds: float) -
     }
 
 
-def cast_tensors(plan: "Plan") -> list[dict]:
+def cast_tensors(plan: Plan) -> list[dict]:
     """Output tensors whose recipe changes a dtype (e.g. a bf16 router bias widened to fp32)."""
     out = []
     for f, _, j in plan.jobs():

@@ -27,8 +27,9 @@ windows on the source files.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union
+from typing import Protocol
 
 import torch
 
@@ -69,14 +70,14 @@ class Leaf:
 @dataclass(frozen=True)
 class Cat:
     dim: int
-    parts: tuple["Expr", ...]
+    parts: tuple[Expr, ...]
     shape: tuple[int, ...]
     dtype: torch.dtype
 
 
 @dataclass(frozen=True)
 class Repeat:
-    part: "Expr"
+    part: Expr
     dim: int
     count: int
     shape: tuple[int, ...]
@@ -85,15 +86,15 @@ class Repeat:
 
 @dataclass(frozen=True)
 class Cast:
-    part: "Expr"
+    part: Expr
     shape: tuple[int, ...]
     dtype: torch.dtype
 
 
 @dataclass(frozen=True)
 class Fp8Blocks:
-    data: "Expr"  # float8_e4m3fn codes
-    scale: "Expr"  # float32 dequant multipliers, one per 128x128 block
+    data: Expr  # float8_e4m3fn codes
+    scale: Expr  # float32 dequant multipliers, one per 128x128 block
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float8_e4m3fn
 
@@ -109,7 +110,7 @@ class Dequantize:
 
 @dataclass(frozen=True)
 class Quantize:
-    part: "Expr"
+    part: Expr
     reason: str
     shape: tuple[int, ...]
     dtype: torch.dtype = torch.float8_e4m3fn
@@ -117,13 +118,13 @@ class Quantize:
 
 @dataclass(frozen=True)
 class Fp8Part:
-    of: Union[Fp8Blocks, Quantize]
+    of: Fp8Blocks | Quantize
     which: str  # "codes" or "scale"
     shape: tuple[int, ...]
     dtype: torch.dtype
 
 
-Expr = Union[Leaf, Cat, Repeat, Cast, Fp8Blocks, Dequantize, Quantize, Fp8Part]
+Expr = Leaf | Cat | Repeat | Cast | Fp8Blocks | Dequantize | Quantize | Fp8Part
 
 
 def source(ref: TensorRef, dtype: torch.dtype, shape: Sequence[int]) -> Leaf:
@@ -132,17 +133,18 @@ def source(ref: TensorRef, dtype: torch.dtype, shape: Sequence[int]) -> Leaf:
 
 
 def cat(parts: Sequence[Expr], dim: int = 0) -> Expr:
-    parts = tuple(parts)
-    if not parts:
+    items = tuple(parts)
+    if not items:
         raise ValueError("cat of no parts")
-    if len(parts) == 1:
-        return parts[0]
-    if any(isinstance(p, (Fp8Blocks, Dequantize)) for p in parts):
-        parts = _fp8_cat_parts(parts, dim)
-        if isinstance(parts, Fp8Blocks):
-            return parts
-    first = parts[0]
-    for p in parts[1:]:
+    if len(items) == 1:
+        return items[0]
+    if any(isinstance(p, (Fp8Blocks, Dequantize)) for p in items):
+        joined = _fp8_cat_parts(items, dim)
+        if isinstance(joined, Fp8Blocks):
+            return joined
+        items = joined
+    first = items[0]
+    for p in items[1:]:
         if p.dtype != first.dtype:
             raise ValueError(f"cat of mixed dtypes {first.dtype} and {p.dtype}")
         if len(p.shape) != len(first.shape) or any(
@@ -150,8 +152,8 @@ def cat(parts: Sequence[Expr], dim: int = 0) -> Expr:
         ):
             raise ValueError(f"cat along dim {dim} of shapes {first.shape} and {p.shape}")
     shape = list(first.shape)
-    shape[dim] = sum(p.shape[dim] for p in parts)
-    return Cat(dim, parts, tuple(shape), first.dtype)
+    shape[dim] = sum(p.shape[dim] for p in items)
+    return Cat(dim, items, tuple(shape), first.dtype)
 
 
 def repeat(part: Expr, dim: int, count: int) -> Expr:
@@ -308,7 +310,9 @@ def _crop(part: Fp8Blocks, offsets: tuple[int, ...], shape: tuple[int, ...], rea
         lo = o // block * block
         hi = min(-(-(o + n) // block) * block, part.shape[dim])
         if (lo, hi) != (0, part.shape[dim]):
-            part = _narrow_fp8(part, dim, lo, hi - lo)  # block-aligned, so stays Fp8Blocks
+            narrowed = _narrow_fp8(part, dim, lo, hi - lo)
+            assert isinstance(narrowed, Fp8Blocks)  # block-aligned, so stays Fp8Blocks
+            part = narrowed
             offsets = _with(offsets, dim, o - lo)
     if offsets == (0,) * len(shape) and tuple(shape) == part.shape:
         return part  # whole blocks after all (e.g. one shard of a misaligned concatenation)
@@ -321,15 +325,16 @@ def _with(values: tuple[int, ...], dim: int, value: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _fp8_cat_parts(parts: tuple[Expr, ...], dim: int):
+def _fp8_cat_parts(parts: tuple[Expr, ...], dim: int) -> Fp8Blocks | tuple[Expr, ...]:
     """Concatenate block-FP8 parts: whole blocks (every part but the last a multiple of 128
     along ``dim``) stay FP8; otherwise every part is dequantized and the result requantized."""
-    if all(isinstance(p, Fp8Blocks) for p in parts) and all(p.shape[dim] % fp8_block.BLOCK == 0 for p in parts[:-1]):
-        for p in parts[1:]:
-            if any(a != b for i, (a, b) in enumerate(zip(p.shape, parts[0].shape)) if i != dim):
-                raise ValueError(f"cat along dim {dim} of shapes {parts[0].shape} and {p.shape}")
-        return Fp8Blocks(cat([p.data for p in parts], dim), cat([p.scale for p in parts], dim),
-                         _with(parts[0].shape, dim, sum(p.shape[dim] for p in parts)))
+    blocks = [p for p in parts if isinstance(p, Fp8Blocks)]
+    if len(blocks) == len(parts) and all(p.shape[dim] % fp8_block.BLOCK == 0 for p in blocks[:-1]):
+        for block in blocks[1:]:
+            if any(a != b for i, (a, b) in enumerate(zip(block.shape, blocks[0].shape)) if i != dim):
+                raise ValueError(f"cat along dim {dim} of shapes {blocks[0].shape} and {block.shape}")
+        return Fp8Blocks(cat([p.data for p in blocks], dim), cat([p.scale for p in blocks], dim),
+                         _with(blocks[0].shape, dim, sum(p.shape[dim] for p in blocks)))
     odd = next((p for p in parts[:-1] if p.shape[dim] % fp8_block.BLOCK), parts[0])
     reason = (f"{_source_names(odd)}: joined along dim {dim} after a part of {odd.shape[dim]} "
               f"{'rows' if dim == 0 else 'columns'}, not a multiple of 128")
@@ -364,7 +369,7 @@ def requant_reasons(expr: Expr) -> list[str]:
     return []
 
 
-def to_fp8(expr: Expr, reason: str) -> Union[Fp8Blocks, Quantize]:
+def to_fp8(expr: Expr, reason: str) -> Fp8Blocks | Quantize:
     """An output tensor written as block FP8: kept blocks as they are, anything else quantized
     (``reason`` applies to values that were never FP8)."""
     if isinstance(expr, (Fp8Blocks, Quantize)):
@@ -375,7 +380,7 @@ def to_fp8(expr: Expr, reason: str) -> Union[Fp8Blocks, Quantize]:
     return Quantize(expr, found[0] if found else reason, tuple(expr.shape))
 
 
-def fp8_part(expr: Union[Fp8Blocks, Quantize], which: str) -> Fp8Part:
+def fp8_part(expr: Fp8Blocks | Quantize, which: str) -> Fp8Part:
     if which == "codes":
         return Fp8Part(expr, which, expr.shape, torch.float8_e4m3fn)
     if which == "scale":

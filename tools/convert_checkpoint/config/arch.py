@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ConversionError
 from .yaml_file import load_mapping
@@ -93,9 +94,10 @@ class ModelArch:
         """Megatron's --moe-layer-freq: 1 (every layer) or the per-layer list."""
         return list(self.moe_layer_pattern) if self.moe_layer_pattern is not None else 1
 
-    # Multi-latent attention sizes.
+    # Multi-latent attention sizes (only for multi_latent_attention, whose sizes __post_init__ checks are set).
     @property
     def mla_q_head_dim(self) -> int:
+        assert self.qk_head_dim is not None and self.qk_pos_emb_head_dim is not None, "not a multi-latent attention model"
         return self.qk_head_dim + self.qk_pos_emb_head_dim
 
     @property
@@ -104,14 +106,17 @@ class ModelArch:
 
     @property
     def mla_kv_down_dim(self) -> int:
+        assert self.kv_lora_rank is not None and self.qk_pos_emb_head_dim is not None, "not a multi-latent attention model"
         return self.kv_lora_rank + self.qk_pos_emb_head_dim
 
     @property
     def mla_kv_up_dim(self) -> int:
+        assert self.qk_head_dim is not None and self.v_head_dim is not None, "not a multi-latent attention model"
         return self.num_attention_heads * (self.qk_head_dim + self.v_head_dim)
 
     @property
     def mla_v_dim(self) -> int:
+        assert self.v_head_dim is not None, "not a multi-latent attention model"
         return self.num_attention_heads * self.v_head_dim
 
     @property
@@ -130,7 +135,7 @@ class ModelArch:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], origin: str) -> "ModelArch":
+    def from_dict(cls, data: Mapping[str, Any], origin: str) -> ModelArch:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -140,7 +145,7 @@ class ModelArch:
             raise ConversionError(f"{origin}: missing architecture field(s) {', '.join(missing)}")
         return cls(**dict(data))
 
-    def replace(self, **changes: Any) -> "ModelArch":
+    def replace(self, **changes: Any) -> ModelArch:
         return dataclasses.replace(self, **changes)
 
 

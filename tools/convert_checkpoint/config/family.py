@@ -8,9 +8,10 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import ConversionError
 from .arch import ModelArch, arch_from_hf_config, hf_config_from_arch
@@ -56,7 +57,7 @@ class FamilySpec:
     layer_prefix: str
     layer_modules: tuple[ModuleSpec, ...]
     ignore: tuple[re.Pattern, ...]
-    moe_layers: Mapping[str, Any] = None  # rule for which layers are MoE (config.arch.moe_layer_pattern)
+    moe_layers: Mapping[str, Any] | None = None  # rule for which layers are MoE (config.arch.moe_layer_pattern)
     mtp: MtpSpec | None = None
 
     def is_ignored(self, hf_name: str) -> bool:

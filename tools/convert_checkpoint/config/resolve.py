@@ -2,7 +2,8 @@
 says plus ``--convert_file`` / ``--config_file`` / ``--mtp_num_layers``."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import ConversionError
 from ..requests import ModelRequest

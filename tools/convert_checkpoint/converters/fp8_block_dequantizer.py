@@ -8,7 +8,7 @@ dimension is not a multiple of the block, and because it checks the scale grid's
 """
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -32,7 +32,7 @@ class FP8BlockDequantizer:
 
     @classmethod
     def for_checkpoint(cls, tensor_names: Iterable[str], quantization_config: dict | None = None,
-                       **options) -> "FP8BlockDequantizer":
+                       **options) -> FP8BlockDequantizer:
         """Targets every module with a ``weight_scale_inv``; the block size comes from the
         config's ``weight_block_size`` unless given."""
         modules = {split_param(n)[0] for n in tensor_names if split_param(n)[1] == SCALE_SUFFIX}

@@ -8,8 +8,8 @@ like compressed-tensors' inverse weight map.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from ..errors import ConversionError
 from .protocol import ConverterChain

@@ -17,7 +17,7 @@ The library is imported here only, so the rest of the package works without it.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from compressed_tensors.compressors.format import infer_module_format
@@ -104,7 +104,7 @@ class ModelOptToCompressedTensors(ModelOptNvfp4Converter):
 
     @classmethod
     def for_checkpoint(cls, tensor_names: Iterable[str], quantization_config: dict | None, hf_quant_config: dict | None,
-                       **options) -> "ModelOptToCompressedTensors":
+                       **options) -> ModelOptToCompressedTensors:
         qc = quantization_config or {}
         algo = qc.get("quant_algo") or ((hf_quant_config or {}).get("quantization") or {}).get("quant_algo")
         if algo is not None and algo != "NVFP4":
@@ -158,7 +158,7 @@ class AwqToCompressedTensors(AutoAWQConverter):
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str, targets: Iterable[str] = ("Linear",),
-                        trust_remote_code: bool = False) -> "AwqToCompressedTensors":
+                        trust_remote_code: bool = False) -> AwqToCompressedTensors:
         import json
         import os
 
@@ -168,7 +168,7 @@ class AwqToCompressedTensors(AutoAWQConverter):
         return cls.for_config(qc, targets=targets, where=path)
 
     @classmethod
-    def for_config(cls, quantization_config: dict | None, where: str = "config.json", **options) -> "AwqToCompressedTensors":
+    def for_config(cls, quantization_config: dict | None, where: str = "config.json", **options) -> AwqToCompressedTensors:
         qc = quantization_config or {}
         if qc.get("quant_method") != "awq":
             raise ConversionError(f"autoawq: {where} quantization_config quant_method is {qc.get('quant_method')!r}, not 'awq'")

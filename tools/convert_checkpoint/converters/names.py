@@ -3,7 +3,7 @@ matched from the start of the name."""
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def matches(module: str, pattern: str) -> bool:

@@ -19,8 +19,9 @@ names the converter and the tensor.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -55,7 +56,7 @@ class ConverterChain:
     labels: tuple[str, ...]
 
     @classmethod
-    def of(cls, converters: Iterable[Any], labels: Iterable[str] | None = None) -> "ConverterChain":
+    def of(cls, converters: Iterable[Any], labels: Iterable[str] | None = None) -> ConverterChain:
         converters = tuple(converters)
         labels = tuple(labels) if labels is not None else tuple(converter_label(c) for c in converters)
         if not converters:
@@ -118,7 +119,7 @@ class ConverterChain:
         return config
 
     def model_config(self, config: dict) -> dict:
-        for c, label in zip(self.converters, self.labels):
+        for c in self.converters:
             update = getattr(c, "update_model_config", None)
             if callable(update):
                 config = update(dict(config))

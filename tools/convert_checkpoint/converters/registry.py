@@ -15,10 +15,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConversionError
 from ..registry import Registry
@@ -78,12 +77,12 @@ def _parse_options(text: str, spec: str) -> dict:
     text = text.strip()
     if text.startswith("{"):
         try:
-            options = json.loads(text)
+            parsed = json.loads(text)
         except ValueError as e:
             raise ConversionError(f"--converter {spec}: options are not valid JSON ({e})") from None
-        if not isinstance(options, dict):
+        if not isinstance(parsed, dict):
             raise ConversionError(f"--converter {spec}: JSON options must be an object")
-        return options
+        return parsed
     options: dict[str, Any] = {}
     for item in filter(None, text.split(",")):
         key, eq, value = item.partition("=")
@@ -101,7 +100,7 @@ def _parse_options(text: str, spec: str) -> dict:
 
 # --- option values -----------------------------------------------------------------------
 
-def _dtype(value: Any, spec: str) -> "torch.dtype":
+def _dtype(value: Any, spec: str) -> torch.dtype:
     import torch
 
     if isinstance(value, torch.dtype):
@@ -194,7 +193,7 @@ def _dequantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> l
         return _fp8_block(info, qc, dequant)
     if method == "compressed-tensors":
         return _ct_dequant(info, qc, dequant)
-    first = {"modelopt": _modelopt, "awq": _awq}.get(method)
+    first = {"modelopt": _modelopt, "awq": _awq}.get(method) if method is not None else None
     if first is None:
         raise ConversionError(f"dequantize: the checkpoint's quantization_config quant_method is {method!r}; "
                               "known: fp8, compressed-tensors, modelopt, awq")
@@ -221,7 +220,7 @@ def _custom(info: CheckpointInfo, spec: ConverterSpec) -> list:
     return list(made) if isinstance(made, (list, tuple)) else [made]
 
 
-def build_chain(info: CheckpointInfo, converters: Iterable[Any]) -> "ConverterChain":
+def build_chain(info: CheckpointInfo, converters: Iterable[Any]) -> ConverterChain:
     """Converters from specs (strings) and/or objects, in order; each built-in sees the
     ``quantization_config`` the converters before it leave."""
     from .protocol import ConverterChain, check_converter, converter_label

@@ -9,8 +9,9 @@ next tensors of the same group; so a worker holds one output file plus one tenso
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ class ConvertedIndex:
     group_of: dict[str, int] = field(default_factory=dict)  # output tensor name -> index into groups
     outputs: list[tuple[str, ...]] = field(default_factory=list)  # per group: the output tensor names
 
-    def reader(self) -> "ConvertedReader":
+    def reader(self) -> ConvertedReader:
         return ConvertedReader(self)
 
     def output_order(self) -> dict[str, list[str]]:

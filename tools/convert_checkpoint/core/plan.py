@@ -5,8 +5,9 @@ planned the files writes them and the metadata around them.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from .. import tensor_expr as tx
 from ..tensor_expr import Expr
@@ -41,9 +42,13 @@ class OutputFile:
         """The jobs that write a tensor (not ``_extra_state`` placeholders)."""
         return (j for _, j in self.jobs() if j.expr is not None)
 
+    def tensor_exprs(self) -> Iterator[Expr]:
+        """The expressions of :meth:`tensor_jobs`."""
+        return (j.expr for _, j in self.jobs() if j.expr is not None)
+
     @property
     def nbytes(self) -> int:
-        return sum(tx.nbytes(j.expr) for j in self.tensor_jobs())
+        return sum(tx.nbytes(e) for e in self.tensor_exprs())
 
     @property
     def tensor_count(self) -> int:
@@ -55,8 +60,8 @@ class ModelInfo:
     """The model a conversion moves: its family (YAML), architecture, and the HF config.json it
     came with (None when unknown)."""
 
-    family: "FamilySpec"
-    arch: "ModelArch"
+    family: FamilySpec
+    arch: ModelArch
     hf_config: dict | None = None
     # HF tensors whose dtype the Megatron side changes (e.g. a bf16 router bias kept in fp32):
     # name -> the source dtype name, restored on the way back to HF.
@@ -70,20 +75,20 @@ class Plan:
     target_dir: str
     files: list[OutputFile]
     source_tensor_count: int
-    source: "Source"
-    target: "Target"
+    source: Source
+    target: Target
     model: ModelInfo | None = None  # None: HF -> HF through converters, no model involved
-    layout: "ParallelLayout | None" = None  # the Megatron layout of whichever side has one
+    layout: ParallelLayout | None = None  # the Megatron layout of whichever side has one
     notes: list[str] = field(default_factory=list)
-    fp8: "Fp8Policy | None" = None  # set when some output tensor is block FP8
+    fp8: Fp8Policy | None = None  # set when some output tensor is block FP8
     options: Any = None  # the flags (ConvertOptions), recorded in the report and the fingerprint
 
     @property
-    def arch(self) -> "ModelArch | None":
+    def arch(self) -> ModelArch | None:
         return self.model.arch if self.model else None
 
     @property
-    def family(self) -> "FamilySpec | None":
+    def family(self) -> FamilySpec | None:
         return self.model.family if self.model else None
 
     def jobs(self) -> Iterator[tuple[OutputFile, str, TensorJob]]:

@@ -36,7 +36,8 @@ Call order of a **Target**::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, ClassVar
 
 from ..core.plan import ModelInfo, OutputFile, Plan
 from ..requests import LayoutRequest, ModelRequest
@@ -73,7 +74,7 @@ class Source(ABC):
         return False
 
     @property
-    def fp8_nominal_dtype(self) -> "torch.dtype | None":
+    def fp8_nominal_dtype(self) -> torch.dtype | None:
         """The dtype its FP8 parameters present as, where the format records one."""
         return None
 
@@ -100,7 +101,10 @@ class Source(ABC):
 class HFSource(Source):
     """A source under HuggingFace tensor names."""
 
-    index: Mapping[str, str]  # tensor name -> file, every tensor stored
+    if TYPE_CHECKING:  # declared read-only, so that a subclass may give it as a property or an attribute
+        @property
+        def index(self) -> Mapping[str, str]:
+            """Tensor name -> file, every tensor stored."""
 
     @abstractmethod
     def leaf(self, name: str) -> Expr:
@@ -125,8 +129,8 @@ class CanonicalSource(Source):
     """A source in Megatron-Core names: its layout is read off its files."""
 
     @abstractmethod
-    def canonical(self, tensors: "list[CanonicalTensor]", model: ModelInfo,
-                  flags: LayoutRequest) -> "tuple[dict[str, Expr], ParallelLayout]":
+    def canonical(self, tensors: list[CanonicalTensor], model: ModelInfo,
+                  flags: LayoutRequest) -> tuple[dict[str, Expr], ParallelLayout]:
         """Full canonical expressions of ``tensors`` and the layout the files hold. Layout
         flags that were given must agree with the files."""
 
@@ -147,7 +151,7 @@ class Target(ABC):
         """Where the planned files' relative paths start."""
         return self.target_dir
 
-    def check_plan(self, plan: Plan) -> None:
+    def check_plan(self, plan: Plan) -> None:  # noqa: B027  (an optional hook, not abstract)
         """Called once the plan is complete: last checks, notes."""
 
     def fingerprint_fields(self) -> dict:
@@ -159,16 +163,22 @@ class Target(ABC):
         return []
 
     @abstractmethod
-    def write_file(self, out: OutputFile, path: str, ctx: "FileContext") -> None:
+    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> None:
         """Write one planned file at ``path`` (a temporary name the executor renames)."""
 
     @abstractmethod
-    def finish(self, plan: Plan, results: "list[FileResult]") -> None:
+    def finish(self, plan: Plan, results: list[FileResult]) -> None:
         """After every file: config, index, tracker and other markers."""
 
 
 class HFTarget(Target):
     """A target under HuggingFace tensor names."""
+
+    notes: list[str]  # plan notes from use_model_config
+
+    @abstractmethod
+    def use_model_config(self, model: ModelInfo) -> None:
+        """The config.json to write for ``model`` (a conversion through a model; before ``plan_files``)."""
 
     @abstractmethod
     def plan_files(self, exprs: Mapping[str, Expr], fp8_names: set[str]) -> list[OutputFile]:
@@ -183,13 +193,13 @@ class CanonicalTarget(Target):
     """A target in Megatron-Core names, sharded by a layout it builds from the flags."""
 
     @abstractmethod
-    def plan_files(self, exprs: Mapping[str, Expr], tensors: "list[CanonicalTensor]", model: ModelInfo,
+    def plan_files(self, exprs: Mapping[str, Expr], tensors: list[CanonicalTensor], model: ModelInfo,
                    fp8_output: bool) -> list[OutputFile]:
         """Shard canonical tensors into the layout's files."""
 
     @property
     @abstractmethod
-    def layout(self) -> "ParallelLayout":
+    def layout(self) -> ParallelLayout:
         """The layout planned by ``plan_files``."""
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -106,7 +107,7 @@ class HuggingFaceSource(HFSource):
     tensor_file: dict[str, str]  # name -> file
     request: ModelRequest = ModelRequest()
     # Set when converters rewrite the checkpoint on the way: ``entries`` then index their output.
-    converted: "ConvertedIndex | None" = None
+    converted: ConvertedIndex | None = None
 
     @property
     def index(self) -> Mapping[str, str]:
@@ -185,7 +186,7 @@ class HuggingFaceSource(HFSource):
         return tuple(self.converted.chain.labels) if self.converted else ()
 
 
-def open_index(root: str, request: ModelRequest = ModelRequest(), check_quantization: bool = True) -> HuggingFaceSource:
+def open_index(root: str, request: ModelRequest | None = None, check_quantization: bool = True) -> HuggingFaceSource:
     """The lazy index of a HF checkpoint. ``check_quantization`` refuses a ``quantization_config``
     other than block FP8 (off when converters will rewrite the checkpoint first)."""
     if not os.path.isdir(root):
@@ -221,7 +222,7 @@ def open_index(root: str, request: ModelRequest = ModelRequest(), check_quantiza
             raise ConversionError(f"{INDEX_NAME} says tensor {name} is in {file}, but that file does not hold it")
     if check_quantization:  # refuse other formats early
         fp8_quantization_config(config, os.path.join(root, CONFIG_NAME))
-    return HuggingFaceSource(root, config, entries, tensor_file, request)
+    return HuggingFaceSource(root, config, entries, tensor_file, request or ModelRequest())
 
 
 def looks_like(path: str) -> bool:
@@ -364,14 +365,14 @@ class HuggingFaceTarget(HFTarget):
     def fingerprint_fields(self) -> dict:
         return {"args": None, "hf_config": self.config}
 
-    def write_file(self, out: OutputFile, path: str, ctx: "FileContext") -> None:
+    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> None:
         (_, jobs), = out.containers
-        by_name = {j.name: j.expr for j in jobs}
+        by_name = {j.name: j.expr for j in jobs if j.expr is not None}
         planned = [PlannedTensor(j.name, j.expr.dtype, tuple(j.expr.shape)) for j in jobs if j.expr is not None]
         # Tensors are produced one at a time, so each reuses the start of the worker's buffer.
         write_streaming(path, planned, lambda t: ctx.value(t.name, by_name[t.name]), {"format": "pt"})
 
-    def finish(self, plan: Plan, results: "list[FileResult]") -> None:
+    def finish(self, plan: Plan, results: list[FileResult]) -> None:
         from ..manifest import MANIFEST_NAME
         from ..report import REPORT_NAME
         from ..textfile import write_text
@@ -398,7 +399,7 @@ class HuggingFaceTarget(HFTarget):
 _MCORE_MARKERS = ("latest_checkpointed_iteration.txt",)
 
 
-def _with_quantization(config: dict, results: "list[FileResult]") -> dict:
+def _with_quantization(config: dict, results: list[FileResult]) -> dict:
     """config.json's ``quantization_config`` as the written tensors are: DeepSeek's FP8 block
     (``scale_fmt: ue8m0`` when every scale is a power of two), or none for an unquantized output."""
     config = dict(config)

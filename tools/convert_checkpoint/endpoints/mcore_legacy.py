@@ -14,8 +14,9 @@ import argparse
 import contextlib
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -154,7 +155,7 @@ class McoreSource(CanonicalSource):
                 return args
         return None
 
-    def reader(self) -> "McoreReader":
+    def reader(self) -> McoreReader:
         return McoreReader(self)
 
     def entries(self) -> Iterator[tuple[str, str, str]]:
@@ -217,11 +218,11 @@ def resolve_checkpoint_dir(path: str) -> tuple[str, int | None]:
     raise ConversionError(f"--load_ckpt_path {path}: no {TRACKER_NAME} and no release/ or iter_*/ directory")
 
 
-def open_checkpoint(path: str, request: ModelRequest = ModelRequest()) -> McoreSource:
+def open_checkpoint(path: str, request: ModelRequest | None = None) -> McoreSource:
     root, iteration = resolve_checkpoint_dir(path)
     if not os.path.isdir(root):
         raise ConversionError(f"Megatron checkpoint directory {root} does not exist")
-    src = McoreSource(root, iteration, request=request)
+    src = McoreSource(root, iteration, request=request or ModelRequest())
     for name in sorted(os.listdir(root)):
         if not _RANK_DIR.match(name):
             continue
@@ -605,7 +606,7 @@ class McoreTarget(CanonicalTarget):
     def describe(self, plan: Plan) -> list[str]:
         return placement_table(self.layout, plan.arch) if plan.arch is not None else []
 
-    def write_file(self, out: OutputFile, path: str, ctx: "FileContext") -> None:
+    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> None:
         entries = [j for _, j in out.jobs() if j.expr is not None]
         plain = [j for j in entries if not is_fp8_tensor(j.expr)]
         buffers = ctx.carve([(j.expr.dtype, tuple(j.expr.shape)) for j in plain if j.expr is not None])
@@ -624,7 +625,7 @@ class McoreTarget(CanonicalTarget):
         assert self.args is not None
         save_rank_file(path, containers, self.args, self.iteration)
 
-    def finish(self, plan: Plan, results: "list[FileResult]") -> None:
+    def finish(self, plan: Plan, results: list[FileResult]) -> None:
         from ..textfile import write_text
 
         write_text(os.path.join(self.target_dir, TRACKER_NAME), iteration_dir_name(self.iteration)

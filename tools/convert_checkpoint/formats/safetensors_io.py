@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -125,7 +125,7 @@ class SafetensorsReader:
         return None  # read from disk like any window
 
     def _pread_into(self, file: str, offset: int, out: torch.Tensor) -> None:
-        view = memoryview(out.view(torch.uint8).reshape(-1).numpy())
+        view = out.view(torch.uint8).reshape(-1).numpy().data  # ndarray.data: memoryview(array)
         fd = self._fd(file)
         done = 0
         total = len(view)
@@ -179,4 +179,4 @@ def write_streaming(
             value = produce(t)
             if value.dtype != t.dtype or tuple(value.shape) != t.shape:
                 raise RuntimeError(f"planned {t.name} as {t.dtype}{list(t.shape)}, got {value.dtype}{list(value.shape)}")
-            f.write(memoryview(value.contiguous().reshape(-1).view(torch.uint8).numpy()))  # reshape first: 0-d tensors cannot be viewed as bytes
+            f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # reshape first: 0-d tensors cannot be viewed as bytes

@@ -6,8 +6,9 @@ not: an endpoint turns a ``RankKey`` into its own files (legacy rank files, torc
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 from ..core.canonical import OUTPUT_LAYER, WORD_EMBEDDINGS, CanonicalTensor, Split
 from .expert_parallel import expert_rank_files
@@ -54,7 +55,7 @@ class ParallelLayout:
         """(TP rank, EP rank) of each file of a stage -> ETP rank of the experts it holds."""
         return expert_rank_files(self.tp, self.ep, self.expert_tp)
 
-    def ranks(self) -> list["RankKey"]:
+    def ranks(self) -> list[RankKey]:
         """Every model-parallel rank, in the order its files are planned."""
         return [RankKey(t, p, e) for (t, e) in sorted(self.expert_files()) for p in range(self.pipeline.pp)]
 

@@ -6,11 +6,11 @@ a plain row chunk (``groups / tp`` groups per rank), so every shard reads only i
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from .. import tensor_expr as te
-from ..errors import ConversionError
 from ..core.canonical import Split
+from ..errors import ConversionError
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
@@ -18,6 +18,7 @@ from .base import CanonicalTensor, ModuleConvertor, register
 @register
 class FusedQKV(ModuleConvertor):
     kind = "qkv"
+    help = "q, k, v (+ biases when `add_qkv_bias`) ↔ `linear_qkv`, rows per query group `[q heads; k; v]`; TP: rows, whole groups"
     options = ("hf", "mcore", "dtype")
     required = ("hf", "mcore")
 

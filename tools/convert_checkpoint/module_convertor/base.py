@@ -7,20 +7,20 @@ no data is read while planning.
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from ..config.arch import ModelArch
 from ..config.family import ModuleSpec
+from ..core.canonical import CanonicalTensor
 from ..errors import ConversionError
-from ..core.canonical import CanonicalTensor, Split
 from ..registry import Registry
 from ..tensor_expr import Expr
 
+CONVERTORS: Registry[type[ModuleConvertor]] = Registry("convertor")
 
-CONVERTORS: Registry[type["ModuleConvertor"]] = Registry("convertor")
 
-
-def register(cls: type["ModuleConvertor"]) -> type["ModuleConvertor"]:
+def register(cls: type[ModuleConvertor]) -> type[ModuleConvertor]:
     """Class decorator: the YAML names the convertor by its ``kind``; the first line of its
     docstring is its help (the README table of convertors comes from here)."""
     doc = (cls.__doc__ or cls.kind).strip().splitlines()[0]
@@ -33,6 +33,7 @@ def convertor_kinds() -> list[str]:
 
 class ModuleConvertor:
     kind: ClassVar[str]
+    help: ClassVar[str]  # one line: HF <-> canonical and the TP split (README table, error messages)
     # Option names the YAML entry may use (besides ``convertor``).
     options: ClassVar[tuple[str, ...]] = ()
     required: ClassVar[tuple[str, ...]] = ()

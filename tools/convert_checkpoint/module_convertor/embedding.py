@@ -1,17 +1,17 @@
 """Word embeddings and the output layer (vocab-padded, tied or untied)."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from ..core.canonical import OUTPUT_LAYER, WORD_EMBEDDINGS, Split
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
 
-
 @register
 class WordEmbedding(ModuleConvertor):
     kind = "word_embedding"
+    help = "`embed_tokens` ↔ `embedding.word_embeddings.weight`; TP: vocab (pad, then rows)"
     options = ("hf",)
     required = ("hf",)
 
@@ -35,6 +35,7 @@ class OutputLayer(ModuleConvertor):
     and an HF ``lm_head`` that merely duplicates the embedding is accepted and dropped."""
 
     kind = "output_layer"
+    help = "`lm_head` ↔ `output_layer.weight`; none when tied (the layout places Megatron's copy; an HF copy must equal the embedding); TP: vocab"
     options = ("hf",)
     required = ("hf",)
 

@@ -15,11 +15,11 @@ Without q-LoRA (DeepSeek-V2-Lite, ``q_lora_rank`` null) queries come from one ``
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
-from ..errors import ConversionError
 from ..core.canonical import Split
+from ..errors import ConversionError
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
@@ -39,6 +39,7 @@ class MultiLatentAttention(ModuleConvertor):
     """YAML: ``{convertor: mla, hf: self_attn., mcore: self_attention.}`` (module prefixes)."""
 
     kind = "mla"
+    help = "DeepSeek `self_attn.*` ↔ Megatron MLA, one to one (q-LoRA or not from the architecture); TP: up projections by heads, `linear_proj` by columns, down projections by rows (local) or replicated (TE)"
     options = ("hf", "mcore", "dtype")
     required = ("hf", "mcore")
 
@@ -50,6 +51,8 @@ class MultiLatentAttention(ModuleConvertor):
     def _rows(self) -> list[_Row]:
         a = self.arch
         h = a.hidden_size
+        kv_lora_rank = a.kv_lora_rank
+        assert kv_lora_rank is not None  # set for multi_latent_attention (ModelArch checks it; see __init__)
         rows = []
         if a.q_lora_rank:
             rows += [
@@ -62,8 +65,8 @@ class MultiLatentAttention(ModuleConvertor):
         rows += [
             _Row("kv_a_proj_with_mqa.weight", "linear_kv_down_proj.weight", (a.mla_kv_down_dim, h), Split.COLUMN, True,
                  Split.REPLICATED),
-            _Row("kv_a_layernorm.weight", "kv_layernorm.weight", (a.kv_lora_rank,), Split.REPLICATED, False),
-            _Row("kv_b_proj.weight", "linear_kv_up_proj.weight", (a.mla_kv_up_dim, a.kv_lora_rank), Split.COLUMN, True),
+            _Row("kv_a_layernorm.weight", "kv_layernorm.weight", (kv_lora_rank,), Split.REPLICATED, False),
+            _Row("kv_b_proj.weight", "linear_kv_up_proj.weight", (a.mla_kv_up_dim, kv_lora_rank), Split.COLUMN, True),
             _Row("o_proj.weight", "linear_proj.weight", (h, a.mla_v_dim), Split.ROW, True),
         ]
         return rows

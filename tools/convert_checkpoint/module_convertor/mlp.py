@@ -3,11 +3,11 @@
 The layout (Split.GATED_COLUMN) then gives TP rank t the rows [gate_t; up_t]."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from .. import tensor_expr as te
-from ..errors import ConversionError
 from ..core.canonical import Split
+from ..errors import ConversionError
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
@@ -15,6 +15,7 @@ from .base import CanonicalTensor, ModuleConvertor, register
 @register
 class GatedMLP(ModuleConvertor):
     kind = "gated_mlp"
+    help = "gate, up ↔ `linear_fc1` = `[gate; up]`, down ↔ `linear_fc2`; TP: each rank gets `[gate_t; up_t]`, fc2 by columns"
     options = ("hf", "mcore", "size", "dtype")
     required = ("hf", "mcore")
 

@@ -6,11 +6,11 @@ index there, the ETP split, and grouped-GEMM names when asked.
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 from .. import tensor_expr as te
-from ..errors import ConversionError
 from ..core.canonical import Split
+from ..errors import ConversionError
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
@@ -20,13 +20,17 @@ class RoutedExperts(ModuleConvertor):
     """YAML: ``{convertor: experts, hf: "mlp.experts.{expert}.", gate: .., up: .., down: .., mcore: mlp.experts}``."""
 
     kind = "experts"
+    help = "per-expert gate/up/down ↔ `mlp.experts.local_experts.<global e>.linear_fc1/fc2`; EP block, then ETP split like a gated MLP"
     options = ("hf", "gate", "up", "down", "mcore", "dtype")
     required = ("hf", "gate", "up", "down", "mcore")
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        if not self.arch.num_experts or not self.arch.moe_ffn_hidden_size:
+        num_experts, ffn = self.arch.num_experts, self.arch.moe_ffn_hidden_size
+        if not num_experts or not ffn:
             raise ConversionError(f"{self.spec.origin}: convertor 'experts' needs num_experts and moe_ffn_hidden_size")
+        self._num_experts: int = num_experts
+        self._ffn: int = ffn
         if "{expert}" not in self.opt("hf"):
             raise ConversionError(f"{self.spec.origin}: 'hf' of convertor experts must contain {{expert}}")
 
@@ -44,9 +48,9 @@ class RoutedExperts(ModuleConvertor):
 
     def hf_shapes(self):
         a = self.arch
-        up_shape, down_shape = (a.moe_ffn_hidden_size, a.hidden_size), (a.hidden_size, a.moe_ffn_hidden_size)
+        up_shape, down_shape = (self._ffn, a.hidden_size), (a.hidden_size, self._ffn)
         shapes = {}
-        for e in range(a.num_experts):
+        for e in range(self._num_experts):
             shapes[self._hf(e, "gate")] = up_shape
             shapes[self._hf(e, "up")] = up_shape
             shapes[self._hf(e, "down")] = down_shape
@@ -55,25 +59,25 @@ class RoutedExperts(ModuleConvertor):
     def canonical(self):
         a = self.arch
         out = []
-        for e in range(a.num_experts):
+        for e in range(self._num_experts):
             fc1, fc2 = self._mcore(e, "linear_fc1"), self._mcore(e, "linear_fc2")
-            out.append(CanonicalTensor(fc1, (2 * a.moe_ffn_hidden_size, a.hidden_size), Split.GATED_COLUMN,
+            out.append(CanonicalTensor(fc1, (2 * self._ffn, a.hidden_size), Split.GATED_COLUMN,
                                        fc1.rsplit(".", 1)[0], expert=e))
-            out.append(CanonicalTensor(fc2, (a.hidden_size, a.moe_ffn_hidden_size), Split.ROW,
+            out.append(CanonicalTensor(fc2, (a.hidden_size, self._ffn), Split.ROW,
                                        fc2.rsplit(".", 1)[0], expert=e))
         return out
 
     def to_canonical(self, hf: Mapping[str, Expr]):
         out = {}
-        for e in range(self.arch.num_experts):
+        for e in range(self._num_experts):
             out[self._mcore(e, "linear_fc1")] = te.cat([hf[self._hf(e, "gate")], hf[self._hf(e, "up")]], 0)
             out[self._mcore(e, "linear_fc2")] = hf[self._hf(e, "down")]
         return out
 
     def to_hf(self, canonical: Mapping[str, Expr]):
-        ffn = self.arch.moe_ffn_hidden_size
+        ffn = self._ffn
         out = {}
-        for e in range(self.arch.num_experts):
+        for e in range(self._num_experts):
             fc1 = canonical[self._mcore(e, "linear_fc1")]
             out[self._hf(e, "gate")] = te.narrow(fc1, 0, 0, ffn)
             out[self._hf(e, "up")] = te.narrow(fc1, 0, ffn, ffn)

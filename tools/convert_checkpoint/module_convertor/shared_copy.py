@@ -4,12 +4,12 @@ checked for shape, compared with the original (they must be bit-identical) and d
 way in, and written as copies on the way out."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
+from ..core.canonical import OUTPUT_LAYER, WORD_EMBEDDINGS
 from ..errors import ConversionError
 from ..tensor_expr import Expr
 from .base import ModuleConvertor, register
-from ..core.canonical import OUTPUT_LAYER, WORD_EMBEDDINGS
 
 
 @register
@@ -17,6 +17,7 @@ class SharedCopy(ModuleConvertor):
     """YAML: ``{convertor: shared_copy, hf: embed_tokens.weight, of: embedding}`` (or ``of: output_layer``)."""
 
     kind = "shared_copy"
+    help = "an HF tensor that duplicates the embedding or LM head (MTP `embed_tokens`, `shared_head.head`) ↔ nothing: consumed only if bit-identical, written back as a copy"
     options = ("hf", "of")
     required = ("hf", "of")
 

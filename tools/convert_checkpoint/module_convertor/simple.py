@@ -1,16 +1,15 @@
 """One HF tensor <-> one canonical tensor: norms, plain column/row-parallel linears."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
 from .. import tensor_expr as te
-from ..errors import ConversionError
 from ..core.canonical import Split
+from ..errors import ConversionError
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
-
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # plus fp8 (a marker)
 
@@ -68,6 +67,7 @@ class Norm(_OneToOne):
     """RMSNorm/LayerNorm weight (or bias), q/k layernorm: replicated on every TP rank."""
 
     kind = "norm"
+    help = "one tensor, same layout (norms, q/k norms); TP: replicated"
 
 
 @register
@@ -75,6 +75,7 @@ class ColumnParallelLinear(_OneToOne):
     """A linear whose output rows are split over TP (weight, or its bias with shape [out])."""
 
     kind = "column_parallel"
+    help = "one tensor, same layout; TP: rows (dim 0); `te_split: replicated` for linears the TE spec keeps whole"
     split = Split.COLUMN
     is_linear = True
 
@@ -84,6 +85,7 @@ class RowParallelLinear(_OneToOne):
     """A linear whose input columns are split over TP (attention output, MLP fc2)."""
 
     kind = "row_parallel"
+    help = "one tensor, same layout; TP: columns (dim 1)"
     split = Split.ROW
     is_linear = True
 
@@ -93,3 +95,4 @@ class Replicated(_OneToOne):
     """Any other tensor kept whole on every TP rank (router weight, router expert bias)."""
 
     kind = "replicated"
+    help = "one tensor, same layout (MoE router weight, router expert bias; `dtype: float32` fixes its dtype); TP: replicated"

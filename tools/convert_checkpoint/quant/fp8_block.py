@@ -22,6 +22,7 @@ gives TE's bytes without TE or a GPU:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -128,7 +129,7 @@ def _codes_and_multipliers(x: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Te
     return codes[:rows, :cols].contiguous(), scale
 
 
-_CUDA_QUANTIZERS: dict[Fp8Recipe, object] = {}
+_CUDA_QUANTIZERS: dict[Fp8Recipe, Callable[[torch.Tensor, Fp8Recipe], tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def _exact_division_options() -> dict | None:

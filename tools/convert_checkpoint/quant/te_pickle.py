@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import pickle
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -134,7 +135,7 @@ def _safe_getattr(obj, name):
     raise pickle.UnpicklingError(f"refusing getattr({obj!r}, {name!r}) in a checkpoint")
 
 
-_ALLOWED = [
+_ALLOWED: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
     argparse.Namespace,
     (_rebuild_blockwise, REBUILD_PATH),
     (_TensorClassStub, TENSOR_CLASS_PATH),
@@ -235,7 +236,22 @@ def blockwise_param(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.d
     return BlockwiseParam(codes, scale_inv, dtype, pow2, amax_epsilon)
 
 
-class _Pickler(pickle._Pickler):
+if TYPE_CHECKING:
+    class _PurePickler(pickle._Pickler):
+        """The internals of the pure-Python pickler that typeshed leaves undeclared."""
+
+        memo: dict[int, tuple[int, Any]]
+        proto: int
+        write: Callable[[bytes], Any]  # the file's write, set by __init__
+
+        def memoize(self, obj: Any) -> None: ...
+        def get(self, i: int) -> bytes: ...
+        def save(self, obj: Any, save_persistent_id: bool = True) -> None: ...
+else:
+    _PurePickler = pickle._Pickler
+
+
+class _Pickler(_PurePickler):
     """The pure-Python pickler (torch.save only pickles structure; tensor bytes go to separate
     zip records), with :class:`_Global` stand-ins written as GLOBALs of their TE paths."""
 
@@ -270,9 +286,7 @@ class _Pickler(pickle._Pickler):
 def _module_for_torch_save() -> types.ModuleType:
     """What ``torch.save(pickle_module=...)`` needs: a module-like object with ``Pickler``."""
     module = types.ModuleType(f"{__name__}.pickle")
-    module.Pickler = _Pickler
-    module.Unpickler = pickle.Unpickler
-    module.HIGHEST_PROTOCOL = pickle.HIGHEST_PROTOCOL
+    vars(module).update(Pickler=_Pickler, Unpickler=pickle.Unpickler, HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL)
     return module
 
 
