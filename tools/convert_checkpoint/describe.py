@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from . import tensor_expr as tx
 from .core.plan import Plan
-from .mapping import dtype_name
 
 
 def bytes_to_read(plan: Plan) -> int:
@@ -37,7 +36,7 @@ def describe_plan(plan: Plan, max_workers: int = 1, verbose: bool = False) -> st
             for key, j in f.jobs():
                 where = f"{key}/{j.name}" if key else j.name
                 recipe = ("None (_extra_state)" if j.expr is None
-                          else f"{list(j.expr.shape)} {dtype_name(j.expr.dtype)} <- {tx.describe(j.expr)}")
+                          else f"{list(j.expr.shape)} {tx.dtype_name(j.expr.dtype)} <- {tx.describe(j.expr)}")
                 lines.append(f"    {where}: {recipe}")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -2,7 +2,6 @@
 convertors. Pure planning: expressions only, no data read (except ``check_copies``)."""
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -12,17 +11,14 @@ from . import tensor_expr as tx
 from .config.arch import ModelArch
 from .config.family import FamilySpec
 from .core.canonical import CanonicalTensor
+from .core.naming import natural_key
 from .core.plan import ModelInfo
 from .endpoints.base import HFSource
 from .errors import ConversionError
 from .layout.placement import MTP_INNER_LAYER
 from .module_convertor import ModuleConvertor, create
 from .module_convertor.moe import RoutedExperts
-from .tensor_expr import Expr, LeafReader
-
-
-def natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+from .tensor_expr import Expr, LeafReader, dtype_name
 
 
 def _layer_convertors(family: FamilySpec, arch: ModelArch, layer: int, hf_prefix: str, mcore_prefix: str) -> list[ModuleConvertor]:
@@ -152,10 +148,6 @@ def _cast_dtypes(canonical: Mapping[str, Expr]) -> dict[str, str]:
             for leaf in tx.leaves(node.part):
                 out[leaf.ref.name] = dtype_name(leaf.dtype)
     return out
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def to_hf(convertors: list[ModuleConvertor], canonical: Mapping[str, Expr], model: ModelInfo,

@@ -85,13 +85,10 @@ def cast_tensors(plan: Plan) -> list[dict]:
     out = []
     for f, _, j in plan.jobs():
         for node in tx.casts(j.expr) if j.expr is not None else ():
-            out.append({"file": f.relpath, "tensor": j.name, "from": _dtype_name(node.part.dtype),
-                        "to": _dtype_name(node.dtype)})
+            out.append({"file": f.relpath, "tensor": j.name, "from": tx.dtype_name(node.part.dtype),
+                        "to": tx.dtype_name(node.dtype)})
     return out
 
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def value_warnings(results: list[FileResult], limit: int = 10) -> list[str]:

@@ -127,6 +127,11 @@ class Fp8Part:
 Expr = Leaf | Cat | Repeat | Cast | Fp8Blocks | Dequantize | Quantize | Fp8Part
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``bfloat16`` (messages, reports, recorded dtypes)."""
+    return str(dtype).replace("torch.", "")
+
+
 def source(ref: TensorRef, dtype: torch.dtype, shape: Sequence[int]) -> Leaf:
     shape = tuple(int(s) for s in shape)
     return Leaf(ref, dtype, shape, (0,) * len(shape), shape)

@@ -87,7 +87,7 @@ def compare(a: CanonicalSide, b: CanonicalSide, atol: float = 0.0, progress: boo
             ea, eb = a.exprs[name], b.exprs[name]
             stats = report.classes.setdefault(tensor_class(name), ClassStats())
             stats.tensors += 1
-            stats.dtypes.add(" vs ".join(sorted({str(ea.dtype).replace("torch.", ""), str(eb.dtype).replace("torch.", "")})))
+            stats.dtypes.add(" vs ".join(sorted({te.dtype_name(ea.dtype), te.dtype_name(eb.dtype)})))
             if tuple(ea.shape) != tuple(eb.shape):
                 report.shape_mismatches.append(f"{name}: {list(ea.shape)} vs {list(eb.shape)}")
                 continue

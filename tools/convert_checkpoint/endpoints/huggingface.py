@@ -21,6 +21,7 @@ from .. import tensor_expr as tx
 from ..config import resolve
 from ..config.arch import ModelArch
 from ..config.family import FamilySpec
+from ..core.naming import natural_key
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
 from ..errors import ConversionError
 from ..formats.safetensors_io import PlannedTensor, SafetensorsReader, TensorEntry, read_header, write_streaming
@@ -298,12 +299,6 @@ def _fp8_jobs(name: str, expr: Expr, fp8: bool) -> list[TensorJob]:
     return [TensorJob(name, tx.fp8_part(q, "codes")), TensorJob(fp8_scale_name(name), tx.fp8_part(q, "scale"))]
 
 
-def _natural_key(name: str) -> list:
-    import re
-
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
 class HuggingFaceTarget(HFTarget):
     format = "huggingface"
     short = "hf"
@@ -321,7 +316,7 @@ class HuggingFaceTarget(HFTarget):
     def plan_files(self, exprs: Mapping[str, Expr], fp8_names: set[str]) -> list[OutputFile]:
         groups: list[list[TensorJob]] = [[]]
         size = 0
-        for name in sorted(exprs, key=_natural_key):
+        for name in sorted(exprs, key=natural_key):
             jobs = _fp8_jobs(name, exprs[name], name in fp8_names)
             n = sum(tx.nbytes(j.expr) for j in jobs if j.expr is not None)  # a weight and its scales share a file
             if groups[-1] and size + n > self.max_shard_size:
@@ -379,8 +374,7 @@ class HuggingFaceTarget(HFTarget):
 
         config = self.config
         if self.copy_from:  # HF -> HF: config.json as the converters left it; every other file as it was
-            copy_other_files(self.copy_from, self.target_dir,
-                             skip={CONFIG_NAME, INDEX_NAME, REPORT_NAME, MANIFEST_NAME, *_MCORE_MARKERS})
+            copy_other_files(self.copy_from, self.target_dir, skip={CONFIG_NAME, INDEX_NAME, REPORT_NAME, MANIFEST_NAME})
             written = config
         elif self.reference_dir:
             copy_reference_files(self.reference_dir, self.target_dir)
@@ -393,10 +387,6 @@ class HuggingFaceTarget(HFTarget):
         weight_map = {j.name: f.relpath for f, _, j in plan.jobs()}
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         write_text(os.path.join(self.target_dir, INDEX_NAME), json.dumps(index, indent=2) + "\n")
-
-
-# A checkpoint directory copied HF -> HF never takes a Megatron tracker along (kept as before).
-_MCORE_MARKERS = ("latest_checkpointed_iteration.txt",)
 
 
 def _with_quantization(config: dict, results: list[FileResult]) -> dict:

@@ -628,8 +628,7 @@ class McoreTarget(CanonicalTarget):
     def finish(self, plan: Plan, results: list[FileResult]) -> None:
         from ..textfile import write_text
 
-        write_text(os.path.join(self.target_dir, TRACKER_NAME), iteration_dir_name(self.iteration)
-                   if self.iteration is None else str(self.iteration))
+        write_text(os.path.join(self.target_dir, TRACKER_NAME), "release" if self.iteration is None else str(self.iteration))
 
 
 def create_target(request: PlanRequest) -> McoreTarget:

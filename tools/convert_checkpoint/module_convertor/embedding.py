@@ -35,7 +35,8 @@ class OutputLayer(ModuleConvertor):
     and an HF ``lm_head`` that merely duplicates the embedding is accepted and dropped."""
 
     kind = "output_layer"
-    help = "`lm_head` ↔ `output_layer.weight`; none when tied (the layout places Megatron's copy; an HF copy must equal the embedding); TP: vocab"
+    help = ("`lm_head` ↔ `output_layer.weight`; none when tied (the layout places Megatron's copy; an HF copy "
+            "must equal the embedding); TP: vocab")
     options = ("hf",)
     required = ("hf",)
 

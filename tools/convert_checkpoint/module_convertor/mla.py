@@ -39,7 +39,8 @@ class MultiLatentAttention(ModuleConvertor):
     """YAML: ``{convertor: mla, hf: self_attn., mcore: self_attention.}`` (module prefixes)."""
 
     kind = "mla"
-    help = "DeepSeek `self_attn.*` ↔ Megatron MLA, one to one (q-LoRA or not from the architecture); TP: up projections by heads, `linear_proj` by columns, down projections by rows (local) or replicated (TE)"
+    help = ("DeepSeek `self_attn.*` ↔ Megatron MLA, one to one (q-LoRA or not from the architecture); TP: up "
+            "projections by heads, `linear_proj` by columns, down projections by rows (local) or replicated (TE)")
     options = ("hf", "mcore", "dtype")
     required = ("hf", "mcore")
 

@@ -17,7 +17,8 @@ class SharedCopy(ModuleConvertor):
     """YAML: ``{convertor: shared_copy, hf: embed_tokens.weight, of: embedding}`` (or ``of: output_layer``)."""
 
     kind = "shared_copy"
-    help = "an HF tensor that duplicates the embedding or LM head (MTP `embed_tokens`, `shared_head.head`) ↔ nothing: consumed only if bit-identical, written back as a copy"
+    help = ("an HF tensor that duplicates the embedding or LM head (MTP `embed_tokens`, `shared_head.head`) ↔ "
+            "nothing: consumed only if bit-identical, written back as a copy")
     options = ("hf", "of")
     required = ("hf", "of")
 
