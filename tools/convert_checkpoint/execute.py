@@ -121,6 +121,7 @@ def _clear_unfinished(target: str, markers: tuple[str, ...]) -> None:
 
 def _reused(f: OutputFile, manifest: Manifest) -> FileResult:
     record = manifest.files[f.relpath]
+    assert record.bytes is not None and record.sha256 is not None  # a done record, checked on disk by Manifest.for_resume
     events = tuple(Fp8Event(*e) for e in record.fp8_events)
     return FileResult(f.relpath, f.nbytes, 0.0, events, record.bytes, record.sha256, reused=True)
 
@@ -261,7 +262,7 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
             for index, f in enumerate(todo):
                 finished(_build_file(f, settings, index))
         else:
-            index = {f.relpath: i for i, f in enumerate(todo)}
+            position = {f.relpath: i for i, f in enumerate(todo)}
             # Reusing a worker's buffer saves page faults, but parks a file's worth of memory in
             # every worker: only when the budget could hold every worker's largest file.
             largest = max(f.nbytes for f in todo)
@@ -271,7 +272,7 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
             with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 peak_in_flight = _run_pool(
                     todo, max_workers, max_memory,
-                    lambda f: pool.submit(_build_file, f, settings, index[f.relpath]),
+                    lambda f: pool.submit(_build_file, f, settings, position[f.relpath]),
                     finished)
     except OSError as e:
         done = len(manifest.done)

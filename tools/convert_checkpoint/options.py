@@ -6,7 +6,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from .converters.registry import BUILTINS as CONVERTER_BUILTINS
 from .endpoints import ENDPOINTS
@@ -162,7 +162,7 @@ _non_negative = _int_at_least(0, "non-negative")
 class _OneLineParser(argparse.ArgumentParser):
     """Flag errors as one line and exit code 2, like every other input error."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
