@@ -1,13 +1,12 @@
 """Shared test helpers: run the converter in-process and compare checkpoints exactly."""
 from __future__ import annotations
 
-import json
 import os
 
 import torch
-from safetensors import safe_open
 
 from convert_checkpoint.cli import main
+from fixtures import load_hf_tensors  # noqa: F401  defined in fixtures; re-exported for test_packaging.py
 
 
 def convert(*args: str, **flags) -> int:
@@ -52,18 +51,6 @@ def swap_paths(a, b) -> None:
     a.rename(tmp)
     b.rename(a)
     tmp.rename(b)
-
-
-def load_hf_tensors(path: str) -> dict[str, torch.Tensor]:
-    index = os.path.join(path, "model.safetensors.index.json")
-    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else [
-        f for f in os.listdir(path) if f.endswith(".safetensors")]
-    out = {}
-    for file in files:
-        with safe_open(os.path.join(path, file), "pt") as f:
-            for k in f.keys():
-                out[k] = f.get_tensor(k)
-    return out
 
 
 def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

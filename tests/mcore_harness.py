@@ -42,7 +42,6 @@ import json
 import math
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,8 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from fixtures import dequantize_fp8_blocks, free_port  # its module-level imports are standard-library only too
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 RELEASE_DIR = "release"
@@ -191,9 +192,7 @@ class CheckJob:
 def _dequantize_fp8_parameters(ckpt: dict) -> None:
     """TE FP8 parameters (read by the converter's allow-listed unpickler, imported below) become
     their values in the nominal dtype, as TE's ``dequantize()`` gives them: without TE, megatron
-    builds bf16/fp32 parameters. The formula is written out here, not the converter's."""
-    import torch
-
+    builds bf16/fp32 parameters. The formula is the tests' own (``fixtures``), not the converter's."""
     from convert_checkpoint.quant.te_pickle import Fp8BlockRecord
 
     for key, entry in ckpt.items():
@@ -201,9 +200,8 @@ def _dequantize_fp8_parameters(ckpt: dict) -> None:
             continue
         for name, value in entry.items():
             if isinstance(value, Fp8BlockRecord):
-                rows, cols = value.shape
-                scale = value.rowwise_scale_inv.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
-                entry[name] = (value.rowwise_data.view(torch.float8_e4m3fn).float() * scale).to(value.nominal_dtype)
+                entry[name] = dequantize_fp8_blocks(value.rowwise_data, value.rowwise_scale_inv, value.nominal_dtype,
+                                                    shape=value.shape)
 
 
 def rank_dir_name(tp_rank: int, pp_rank: int, pp: int, ep_rank: int = 0, ep: int = 1) -> str:
@@ -545,12 +543,6 @@ def _is_extra_state(key: str) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _job_to_json(job: CheckJob) -> dict[str, Any]:
     return dataclasses.asdict(job)
 
@@ -603,7 +595,7 @@ def run_checks(
         env = dict(os.environ)
         # One thread per worker: the box has 2 cores and several workers.
         env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        port = _free_port()
+        port = free_port()
         logs = [work / f"rank{rank}.log" for rank in range(world_size)]
         procs: list[subprocess.Popen[bytes]] = []
         try:

@@ -13,20 +13,14 @@ import re
 import shutil
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from fixtures import load_hf_tensors
 
 # The linear layers a quantizer targets in a Llama-style model (not the LM head or embeddings).
 LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight")
 SCALE_SHARD = "model-00002-of-00002.safetensors"
 MAIN_SHARD = "model-00001-of-00002.safetensors"
-
-
-def _load_dir(path: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
 
 
 def write_two_shards(src_dir: str, path: str, main: dict, scales: dict, quantization_config: dict, extra_files: dict | None = None) -> str:
@@ -55,7 +49,7 @@ def _quantize_linears(bf16_dir: str, quantize, scale_params: tuple[str, ...]) ->
     """Each linear weight replaced by ``quantize(weight)`` (local names -> tensors); odd layers'
     ``scale_params`` go to the second shard."""
     main, scales = {}, {}
-    for name, value in _load_dir(bf16_dir).items():
+    for name, value in load_hf_tensors(bf16_dir).items():
         if LINEAR.fullmatch(name):
             module = name.rpartition(".")[0]
             layer = int(name.split(".")[2])
@@ -133,7 +127,7 @@ def ct_reference(path: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, to
     (scheme,) = QuantizationConfig.model_validate(qc).config_groups.values()
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
     params = compressor.compression_param_names(scheme)
-    tensors = _load_dir(path)
+    tensors = load_hf_tensors(path)
     out = {}
     modules = sorted({n.rpartition(".")[0] for n in tensors if n.endswith("." + params[0]) and LINEAR.fullmatch(
         n.rpartition(".")[0] + ".weight")})
@@ -180,7 +174,7 @@ def awq_dequantize(q: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, g
 
 def make_awq_checkpoint(bf16_dir: str, path: str, group: int = 32) -> tuple[str, dict[str, torch.Tensor]]:
     """AutoAWQ GEMM checkpoint; returns it and the dequantized weights by AWQ's own formula."""
-    tensors = _load_dir(bf16_dir)
+    tensors = load_hf_tensors(bf16_dir)
     main, scales_shard, reference = {}, {}, {}
     for name, value in tensors.items():
         if LINEAR.fullmatch(name):

@@ -8,7 +8,8 @@ import os
 
 import pytest
 import torch
-from helpers import assert_same_tensors, bits, hf_to_mcore, load_hf_tensors, mcore_to_hf
+from fixtures import load_hf_tensors
+from helpers import assert_same_tensors, bits, hf_to_mcore, mcore_to_hf
 from tiny_models import TinySpec, dequantize_checkpoint, make_fp8_checkpoint
 
 import quantized_fixtures as qf

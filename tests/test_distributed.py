@@ -3,26 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
+from fixtures import free_port, read_tree
 from helpers import hf_to_mcore
 from tiny_models import TinySpec
 
 FLAGS = ["--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2", "--no_progress"]
 KEEP_OUT = {"conversion_manifest.json", "conversion_report.json"}  # paths and timings
-
-
-def _files(root: str) -> dict[str, bytes]:
-    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
-            for d, _, names in os.walk(root) for n in names if n not in KEEP_OUT}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_write_what_one_writes(tiny_hf, tmp_path):
@@ -37,14 +26,14 @@ def test_two_processes_write_what_one_writes(tiny_hf, tmp_path):
                            "--distributed_convert"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # another launcher: explicit ranks, rank 0's address in MASTER_ADDR/MASTER_PORT
-    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     procs = [subprocess.Popen([sys.executable, "-m", "convert_checkpoint", *args, "--save_ckpt_path", manual, *FLAGS,
                                "--world_size", "2", "--rank", str(r)], env=env, stderr=subprocess.PIPE, text=True)
              for r in range(2)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
     for out in (torchrun, manual):
-        assert _files(out) == _files(one)
+        assert read_tree(out, KEEP_OUT) == read_tree(one, KEEP_OUT)
         report = json.load(open(os.path.join(out, "conversion_report.json")))
         assert report["processes"] == 2 and len(report["files"]) == 4
         assert not [n for n in os.listdir(out) if n.startswith("conversion_manifest.rank")]  # merged by rank 0

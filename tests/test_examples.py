@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from helpers import assert_same_tensors, bits, hf_to_mcore, load_hf_tensors, mcore_to_hf, rank_files
+from fixtures import load_hf_tensors
+from helpers import assert_same_tensors, bits, hf_to_mcore, mcore_to_hf, rank_files
 from tiny_models import TinySpec, make_fp8_checkpoint
 
 from convert_checkpoint.quant.fp8_block import quantize_blocks

@@ -12,7 +12,8 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_tensors, bits, hf_to_mcore, load_hf_tensors, mcore_to_hf, rank_files
+from fixtures import load_hf_tensors
+from helpers import assert_same_tensors, bits, hf_to_mcore, mcore_to_hf, rank_files
 from tiny_models import DEEPSEEK_FP8, TinySpec, make_fp8_checkpoint
 
 from convert_checkpoint import tensor_expr as te

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from helpers import hf_to_mcore_at, rank_files, swap_paths
+from fixtures import MegatronCase, convert_case, expected_local_experts
+from helpers import rank_files, swap_paths
 from mcore_harness import CheckJob, Layout, assert_all_ok, job_problems, run_checks
 from tiny_models import TinySpec, dequantize_checkpoint, make_fp8_checkpoint
 
@@ -33,11 +34,8 @@ SPECS = {"v3": TinySpec("deepseek_v3", mtp_layers=1), "v2": TinySpec("deepseek_v
 
 
 @dataclass(frozen=True)
-class Case:
-    model: str  # "v3" (q-LoRA, sigmoid router with bias and groups, MTP) or "v2" (q_proj, softmax greedy)
-    layout: Layout
-    impl: str = "local"  # --transformer_impl
-    grouped: bool = False  # --moe-grouped-gemm
+class Case(MegatronCase):
+    # model: "v3" (q-LoRA, sigmoid router with bias and groups, MTP) or "v2" (q_proj, softmax greedy)
     fp8: bool = False  # convert DeepSeek's FP8 layout of the model (TE FP8 parameters in the rank files)
 
     @property
@@ -65,25 +63,18 @@ CASES = [
 
 
 def _convert(case: Case, hf_dir: str, out: Path) -> CheckJob:
-    layout = case.layout
-    if case.fp8:
-        fp8_dir = make_fp8_checkpoint(hf_dir, str(out.with_name(out.name + "_hf_fp8")))
-        hf_to_mcore_at(fp8_dir, str(out), layout, case.impl, case.grouped)
-        hf_dir = dequantize_checkpoint(fp8_dir, str(out.with_name(out.name + "_hf_dequantized")))
-        fp8_params = [n for sd in rank_files(str(out)).values() for n, v in sd["model"].items()
-                      if isinstance(v, Fp8BlockRecord)]
-        # 4 rank files x (dense layer 7 + 3 MoE layers x 11 + MTP layer 11): not a vacuous check
-        assert len(fp8_params) == 4 * (7 + 3 * 11 + 11), len(fp8_params)
-    else:
-        hf_to_mcore_at(hf_dir, str(out), layout, case.impl, case.grouped)
-    return CheckJob(
-        hf_dir,
-        str(out),
-        layout,
-        te_names=case.impl == "transformer_engine",
-        check_logits=True,
-        grouped_gemm=case.grouped,
-    )
+    """``convert_case``; an FP8 case converts DeepSeek's FP8 layout of the model and is checked
+    against the HF model of its dequantized weights."""
+    if not case.fp8:
+        return convert_case(case, hf_dir, out)
+    fp8_dir = make_fp8_checkpoint(hf_dir, str(out.with_name(out.name + "_hf_fp8")))
+    hf_dir = dequantize_checkpoint(fp8_dir, str(out.with_name(out.name + "_hf_dequantized")))
+    job = convert_case(case, hf_dir, out, source_dir=fp8_dir)
+    fp8_params = [n for sd in rank_files(str(out)).values() for n, v in sd["model"].items()
+                  if isinstance(v, Fp8BlockRecord)]
+    # 4 rank files x (dense layer 7 + 3 MoE layers x 11 + MTP layer 11): not a vacuous check
+    assert len(fp8_params) == 4 * (7 + 3 * 11 + 11), len(fp8_params)
+    return job
 
 
 def _swap_tensor(a: Path, b: Path, key: str) -> None:
@@ -93,19 +84,6 @@ def _swap_tensor(a: Path, b: Path, key: str) -> None:
     ckpt_a["model"][key], ckpt_b["model"][key] = ckpt_b["model"][key], ckpt_a["model"][key]
     torch.save(ckpt_a, a)
     torch.save(ckpt_b, b)
-
-
-def _expected_experts(layout: Layout, pp_rank: int, ep_rank: int) -> list[list[int]]:
-    """Global experts megatron places on a rank, per chunk ([] for a chunk of dense layers only)."""
-    per_rank = NUM_EXPERTS // layout.ep
-    out = []
-    for chunk in range(layout.vpp):
-        vstage = layout.vstage(pp_rank, chunk)
-        last_layer = layout.layer_offset(vstage) + layout.layers_per_vstage[vstage] - 1
-        out.append(
-            list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank)) if last_layer >= FIRST_DENSE else []
-        )
-    return out
 
 
 def test_mla_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str], tmp_path: Path) -> None:
@@ -144,7 +122,8 @@ def test_mla_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str
         ), index
         layout = case.layout
         for res in job_results:
-            assert res["local_experts"] == _expected_experts(layout, res["pp_rank"], res["ep_rank"]), (
+            assert res["local_experts"] == expected_local_experts(
+                layout, res["pp_rank"], res["ep_rank"], NUM_EXPERTS, range(FIRST_DENSE)), (
                 index,
                 res,
             )

@@ -16,13 +16,14 @@ import argparse
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from helpers import hf_to_mcore_at, swap_paths
+from fixtures import MegatronCase as Case
+from fixtures import convert_case, expected_local_experts
+from helpers import swap_paths
 from mcore_harness import CheckJob, Layout, assert_all_ok, job_problems, run_checks
 from tiny_models import TinySpec
 
@@ -35,15 +36,7 @@ QWEN3_MOE_DENSE = TinySpec("qwen3_moe", mlp_only_layers=(0, 2))
 DENSE_LAYERS = {"qwen2_moe": QWEN2_MOE.mlp_only_layers, "qwen3_moe_dense": QWEN3_MOE_DENSE.mlp_only_layers}
 
 
-@dataclass(frozen=True)
-class Case:
-    model: str  # "qwen3_moe", "qwen3_moe_norm_topk", "mixtral", "qwen2_moe" or "qwen3_moe_dense"
-    layout: Layout
-    impl: str = "local"  # --transformer_impl
-    grouped: bool = False  # --moe-grouped-gemm
-    custom: str | None = None  # --custom_pipeline_layers
-
-
+# Case.model: "qwen3_moe", "qwen3_moe_norm_topk", "mixtral", "qwen2_moe" or "qwen3_moe_dense".
 CASES = [
     # ETP defaults to TP; logits through TP, PP and EP at once.
     Case("qwen3_moe", Layout(2, 2, 1, (2, 2), ep=2)),
@@ -77,13 +70,6 @@ def _norm_topk_copy(hf_dir: str, out: Path) -> str:
     return str(out)
 
 
-def _convert(case: Case, hf_dir: str, out: Path) -> CheckJob:
-    layout = case.layout
-    hf_to_mcore_at(hf_dir, str(out), layout, case.impl, case.grouped, custom_pipeline_layers=case.custom)
-    return CheckJob(hf_dir, str(out), layout, te_names=case.impl == "transformer_engine",
-                    check_logits=True, grouped_gemm=case.grouped)
-
-
 def _negate_shared_expert_gates(mcore_dir: Path) -> None:
     """Flip the sign of every Qwen2-MoE shared-expert gate (sigmoid(z) -> sigmoid(-z))."""
     torch.serialization.add_safe_globals([argparse.Namespace])
@@ -101,21 +87,6 @@ def _job_results(results: list[dict[str, Any]], index: int) -> list[dict[str, An
     return [r for r in results if r["job"] == index]
 
 
-def _expected_local_experts(case: Case, pp_rank: int, ep_rank: int) -> list[list[int]]:
-    """Global expert indices megatron must place on a rank: its EP share if its stage holds
-    a MoE layer, none if the stage holds dense layers only."""
-    layout, dense = case.layout, DENSE_LAYERS.get(case.model, ())
-    per_rank = NUM_EXPERTS // layout.ep
-    out = []
-    for chunk in range(layout.vpp):
-        vstage = layout.vstage(pp_rank, chunk)
-        first = layout.layer_offset(vstage)
-        layers = range(first, first + layout.layers_per_vstage[vstage])
-        has_moe = any(layer not in dense for layer in layers)
-        out.append(list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank)) if has_moe else [])
-    return out
-
-
 def test_moe_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str], tmp_path: Path) -> None:
     hf_dirs = {
         "qwen3_moe": tiny_hf(QWEN3_MOE),
@@ -124,7 +95,7 @@ def test_moe_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str
         "qwen2_moe": tiny_hf(QWEN2_MOE),
         "qwen3_moe_dense": tiny_hf(QWEN3_MOE_DENSE),
     }
-    jobs = [_convert(case, hf_dirs[case.model], tmp_path / f"case{i}") for i, case in enumerate(CASES)]
+    jobs = [convert_case(case, hf_dirs[case.model], tmp_path / f"case{i}") for i, case in enumerate(CASES)]
 
     # Negative control: two EP ranks' files of one (tp, pp) swapped. Keys and shapes agree
     # (local expert indices), so every strict load passes and only the logits can tell.
@@ -150,7 +121,8 @@ def test_moe_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str
         # exactly one rank compared logits.
         assert len(job_results) == WORLD_SIZE and all(len(r["files"]) == 1 for r in job_results), index
         for res in job_results:
-            assert res["local_experts"] == _expected_local_experts(case, res["pp_rank"], res["ep_rank"]), (
+            assert res["local_experts"] == expected_local_experts(
+                case.layout, res["pp_rank"], res["ep_rank"], NUM_EXPERTS, DENSE_LAYERS.get(case.model, ())), (
                 index, res["rank"], res["local_experts"])
         diffs = [r["max_abs_diff"] for r in job_results if r["max_abs_diff"] is not None]
         assert len(diffs) == 1 and diffs[0] <= 1e-4, (index, diffs)

@@ -11,7 +11,8 @@ import shutil
 import pytest
 import torch
 
-from helpers import assert_same_tensors, convert, hf_to_mcore, load_hf_tensors, mcore_to_hf
+from fixtures import load_hf_tensors
+from helpers import assert_same_tensors, convert, hf_to_mcore, mcore_to_hf
 from tiny_models import TinySpec
 
 # (tp, pp, custom layers, ep, etp or None, grouped, transformer_impl)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+from fixtures import read_tree
 from helpers import hf_to_mcore, mcore_to_hf
 from tiny_models import TinySpec
 
@@ -24,16 +25,6 @@ def _cli(src: str, out: str, *extra: str, fault: str | None = None) -> subproces
            "--load_ckpt_path", src, "--save_ckpt_path", out, "--tensor_model_parallel_size", "2",
            "--pipeline_model_parallel_size", "2", "--no_progress", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _files(root: str) -> dict[str, bytes]:
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            rel = os.path.relpath(os.path.join(dirpath, name), root)
-            if rel not in KEEP_OUT:
-                out[rel] = open(os.path.join(dirpath, name), "rb").read()
-    return out
 
 
 def _stamps(root: str, rels) -> dict[str, tuple[int, int]]:
@@ -55,7 +46,7 @@ def test_killed_run_resumes_to_identical_bytes(tiny_hf, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "2 finished earlier, verified and kept" in proc.stderr
     assert _stamps(killed, done) == before  # no file written twice
-    assert _files(killed) == _files(whole)
+    assert read_tree(killed, KEEP_OUT) == read_tree(whole, KEEP_OUT)
     report = json.load(open(os.path.join(killed, "conversion_report.json")))
     assert sum(1 for f in report["files"] if f.get("reused")) == 2
 
@@ -72,7 +63,7 @@ def test_full_disk_then_resume(tiny_hf, tmp_path):
     assert leftovers == []  # the partial file was removed
     proc = _cli(hf, out, "--resume")
     assert proc.returncode == 0, proc.stderr
-    assert _files(out) == _files(whole)
+    assert read_tree(out, KEEP_OUT) == read_tree(whole, KEEP_OUT)
 
 
 def test_resume_refuses_another_plan_and_checks_finished_files(tiny_hf, tmp_path, capsys):

@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from helpers import assert_same_tensors, hf_to_mcore, load_hf_tensors, mcore_to_hf, rank_files
+from fixtures import load_hf_tensors
+from helpers import assert_same_tensors, hf_to_mcore, mcore_to_hf, rank_files
 from tiny_models import TinySpec
 
 # (tp, pp, vpp, custom layer list) over 4-layer models

@@ -143,15 +143,11 @@ def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True) -> str:
 
     The block scales (``weight_scale_inv``) go to a second shard, away from their weights, as a
     checkpoint may store them anywhere the index says."""
-    from safetensors.torch import load_file
-
     from convert_checkpoint.quant.fp8_block import Fp8Recipe, quantize_blocks
+    from fixtures import load_hf_tensors
     from quantized_fixtures import write_two_shards
 
-    tensors = {}
-    for name in sorted(os.listdir(bf16_dir)):
-        if name.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(bf16_dir, name)))
+    tensors = load_hf_tensors(bf16_dir)
     weights, scales = {}, {}
     for name, value in tensors.items():
         if DEEPSEEK_FP8.fullmatch(name):
@@ -172,24 +168,21 @@ def dequantize_checkpoint(fp8_dir: str, path: str) -> str:
     import json
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from fixtures import dequantize_fp8_blocks, load_hf_tensors
 
     os.makedirs(path, exist_ok=True)
-    tensors = {}
+    tensors = load_hf_tensors(fp8_dir)
     for name in os.listdir(fp8_dir):
-        if name.endswith(".safetensors"):
-            tensors.update(load_file(os.path.join(fp8_dir, name)))
-        elif not name.endswith(".index.json"):
+        if not name.endswith(".safetensors") and not name.endswith(".index.json"):
             shutil.copyfile(os.path.join(fp8_dir, name), os.path.join(path, name))
     out = {}
     for name, value in tensors.items():
         if name.endswith("_scale_inv"):
             continue
         if value.dtype == torch.float8_e4m3fn:
-            scale = tensors[name + "_scale_inv"]
-            rows, cols = value.shape
-            full = scale.repeat_interleave(128, 0)[:rows].repeat_interleave(128, 1)[:, :cols]
-            value = (value.float() * full).to(torch.bfloat16)
+            value = dequantize_fp8_blocks(value, tensors[name + "_scale_inv"], torch.bfloat16)
         out[name] = value
     save_file(out, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json")) as f:
