@@ -6,7 +6,6 @@ import os
 import torch
 
 from convert_checkpoint.cli import main
-from fixtures import load_hf_tensors  # noqa: F401  defined in fixtures; re-exported for test_packaging.py
 
 
 def convert(*args: str, **flags) -> int:

@@ -267,7 +267,8 @@ def test_shared_expert_gate_and_dense_layer(tiny_hf, tmp_path):
 
 def test_router_expert_bias_is_fp32_in_a_bf16_model(tiny_hf, tmp_path):
     """Megatron keeps router.expert_bias in fp32 (and so do DeepSeek's HF files): a bf16 bias is
-    widened losslessly on the way in and stays fp32 on the way out; everything else keeps bf16."""
+    widened losslessly on the way in and, its source dtype being recorded, narrowed back to bf16
+    on the way out (issue 13: dtypes round-trip); everything else keeps bf16."""
     hf_dir = tiny_hf(TinySpec("deepseek_v3", mtp_layers=1, dtype=torch.bfloat16))
     hf = load_hf_tensors(hf_dir)
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
@@ -282,7 +283,7 @@ def test_router_expert_bias_is_fp32_in_a_bf16_model(tiny_hf, tmp_path):
     assert mcore_to_hf(mcore, back) == 0
     out = load_hf_tensors(back)
     biases = [k for k in hf if k.endswith("e_score_correction_bias")]
-    assert len(biases) == 4 and all(out[k].dtype == torch.float32 and torch.equal(out[k], hf[k].float()) for k in biases)
+    assert len(biases) == 4 and all(out[k].dtype == torch.bfloat16 and torch.equal(out[k], hf[k]) for k in biases)
     assert_same_tensors({k: v for k, v in hf.items() if k not in biases}, {k: v for k, v in out.items() if k not in biases})
 
 

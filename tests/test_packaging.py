@@ -8,7 +8,8 @@ import subprocess
 import sys
 import zipfile
 
-from helpers import assert_same_tensors, load_hf_tensors
+from fixtures import load_hf_tensors
+from helpers import assert_same_tensors
 from tiny_models import TinySpec, make_tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
