@@ -120,7 +120,8 @@ def test_executor_knows_no_format():
     """The executor, pipeline and API name no format or direction: they go through endpoints."""
     for module in ("execute.py", "pipeline.py", "api.py", "describe.py", "manifest.py", "report.py"):
         source = (PACKAGE / module).read_text()
-        for word in ("mcore_legacy", "\"mcore\"", "'mcore'", "->mcore", "hf->", "safetensors_io", "rank_file"):
+        for word in ("mcore_legacy", "endpoints.huggingface", "\"mcore\"", "'mcore'", "->mcore", "hf->",
+                     "safetensors_io", "rank_file", "TRACKER", "INDEX_NAME"):
             assert word not in source, (module, word)
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import tensor_expr as tx
+from .config.resolve import param_dtype
 from .core.plan import ModelInfo, Plan
 from .endpoints import endpoint
 from .endpoints.base import CanonicalSource, CanonicalTarget, HFSource, HFTarget, Source, Target
@@ -79,12 +80,6 @@ def _plan_same_namespace(request: PlanRequest, source: HFSource, target: HFTarge
 
 
 def _plan_through_model(request: PlanRequest, source: Source, target: Target) -> Plan:
-    if request.converters:
-        from .endpoints.huggingface import fp8_quantization_config
-
-        assert isinstance(source, HFSource)
-        fp8_quantization_config(source.hf_config, "after --converter " + " --converter ".join(
-            c if isinstance(c, str) else type(c).__name__ for c in request.converters))
     model = source.model()
     convertors = build_convertors(model.family, model.arch)
     check_convert_to_fp8(request.fp8.convert_to_fp8, model.family, convertors)
@@ -157,13 +152,11 @@ def _copy_notes(copies: list) -> list[str]:
 def _nominal_dtype(plan: Plan) -> torch.dtype:
     """The dtype TE's FP8 parameters present as: the source's FP8 records say; else, for a
     Megatron target, the model's config.json dtype; bf16 otherwise."""
-    from .endpoints.huggingface import nominal_dtype
-
     found = plan.source.fp8_nominal_dtype
     if found is not None:
         return found
     if isinstance(plan.target, CanonicalTarget) and plan.model is not None:
-        return nominal_dtype(plan.model.hf_config or {})
+        return param_dtype(plan.model.hf_config or {})
     return torch.bfloat16
 
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from ..errors import ConversionError
 from ..requests import ModelRequest
 from .arch import ModelArch, load_arch_yaml
 from .family import FamilySpec, family_by_name, family_for_hf_config, load_family
+
+
+def param_dtype(hf_config: Mapping[str, Any]) -> torch.dtype:
+    """The model's parameter dtype (what TE's FP8 tensors present as): config.json's, else bf16."""
+    name = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return {"float32": torch.float32, "float16": torch.float16}.get(str(name), torch.bfloat16)
 
 
 def _with_arch_yaml(values: dict, request: ModelRequest) -> dict:

@@ -78,12 +78,6 @@ def fp8_quantization_block(pow2: bool, base: dict | None = None) -> dict:
     return qc
 
 
-def nominal_dtype(hf_config: Mapping[str, Any]) -> torch.dtype:
-    """The model's parameter dtype (what TE's FP8 tensors present as): config.json's, else bf16."""
-    name = hf_config.get("torch_dtype") or hf_config.get("dtype")
-    return {"float32": torch.float32, "float16": torch.float16}.get(str(name), torch.bfloat16)
-
-
 def read_config(root: str) -> dict:
     path = os.path.join(root, CONFIG_NAME)
     if not os.path.isfile(path):
@@ -119,6 +113,8 @@ class HuggingFaceSource(HFSource):
         return self.config
 
     def model(self) -> ModelInfo:
+        if self.converted:  # the model path takes full precision or block FP8 only
+            fp8_quantization_config(self.config, f"after --converter {' --converter '.join(self.converter_labels)}")
         family, arch = resolve.from_hf_config(self.config, self.request)
         return ModelInfo(family, arch, self.config)
 
@@ -165,7 +161,7 @@ class HuggingFaceSource(HFSource):
 
     @property
     def fp8_nominal_dtype(self) -> torch.dtype:
-        return nominal_dtype(self.config)
+        return resolve.param_dtype(self.config)
 
     def reader(self) -> LeafReader:
         return self.converted.reader() if self.converted else SafetensorsReader(self.root, self.entries)
