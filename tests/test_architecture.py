@@ -125,7 +125,7 @@ def test_executor_knows_no_format():
             assert word not in source, (module, word)
 
 
-@pytest.mark.parametrize("name", ["formats", "converters", "convertors"])
+@pytest.mark.parametrize("name", ["formats", "converters", "convertors", "loongforge_flags"])
 def test_readme_tables_come_from_the_registries(name):
     from convert_checkpoint.docs import registry_tables
 

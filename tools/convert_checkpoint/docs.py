@@ -6,6 +6,7 @@ from __future__ import annotations
 def registry_tables() -> dict[str, str]:
     import convert_checkpoint.module_convertor  # noqa: F401  (registers every convertor kind)
 
+    from . import compat
     from .converters.registry import BUILTINS
     from .endpoints import ENDPOINTS
     from .module_convertor.base import CONVERTORS
@@ -14,6 +15,7 @@ def registry_tables() -> dict[str, str]:
         "formats": ENDPOINTS.markdown_table("`--load_platform` / `--save_platform`"),
         "converters": BUILTINS.markdown_table("`--converter` built-in"),
         "convertors": CONVERTORS.markdown_table("family YAML `convertor:`"),
+        "loongforge_flags": compat.markdown_table(),
     }
 
 

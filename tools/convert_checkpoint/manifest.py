@@ -30,7 +30,9 @@ def rank_manifest_name(rank: int) -> str:
     return f"{MANIFEST_STEM}.rank{rank}.json"
 # Flags that change how a conversion runs, not what it writes.
 _RUNTIME_OPTIONS = {"max_workers", "max_memory", "world_size", "rank", "overwrite", "dry_run", "verbose", "progress",
-                    "resume", "save_ckpt_path", "strict_values"}
+                    "resume", "save_ckpt_path", "strict_values",
+                    # checks against the model: they only ever stop a run
+                    "check_num_experts", "check_vocab_size", "check_torch_dtype"}
 
 
 @dataclass

@@ -8,13 +8,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from . import compat
 from .converters.registry import BUILTINS as CONVERTER_BUILTINS
+from .converters.registry import DTYPE_NAMES
 from .endpoints import ENDPOINTS
 from .errors import ConversionError
 from .layout.pipeline import parse_layer_list
 from .layout.placement import MTP_INNER_NAMES, TRANSFORMER_IMPLS
 from .quant.fp8_block import QUANT_METHODS
-from .requests import Fp8Request, LayoutRequest, ModelRequest, PlanRequest, RunOptions, TargetDir, VocabPadding
+from .requests import (
+    Fp8Request,
+    LayoutRequest,
+    ModelChecks,
+    ModelRequest,
+    PlanRequest,
+    RunOptions,
+    TargetDir,
+    VocabPadding,
+)
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,11 @@ class ConvertOptions:
     dry_run: bool = False
     verbose: bool = False
     progress: bool = True
+    # LoongForge's checking flags (--num_experts, --vocab_size, --torch_dtype): they must agree
+    # with the model, and change nothing written.
+    check_num_experts: int | None = None
+    check_vocab_size: int | None = None
+    check_torch_dtype: str | None = None
 
     def plan_request(self, converters: tuple[Any, ...] | None = None) -> PlanRequest:
         """What shapes the output. ``converters`` (objects, Python API) replaces the spec strings."""
@@ -81,30 +97,13 @@ class ConvertOptions:
             converters=tuple(self.converters if converters is None else converters),
             max_shard_size=self.max_shard_size,
             hf_config_path=self.hf_config_path,
+            checks=ModelChecks(self.check_num_experts, self.check_vocab_size, self.check_torch_dtype),
         )
 
     def run_options(self) -> RunOptions:
         """How the run goes (none of it changes the output)."""
         return RunOptions(self.max_workers, self.max_memory, self.world_size, self.rank, self.overwrite, self.resume,
                           self.strict_values, self.dry_run, self.verbose, self.progress)
-
-
-# Incumbent flags we parse so scripts do not break, but whose features are not built yet.
-# Giving one with a value that would change the result is an error, never silently ignored.
-_NOT_YET = {
-    "torch_dtype": "dtype casting is not supported yet: tensors keep their source dtype",
-    "vocab_size": "overriding the vocabulary size is not supported; it comes from the checkpoint",
-    "vpp_scheduler": "the dualpipev schedule is not supported yet",
-    "pipeline_model_parallel_layout": "layout strings are not supported yet; use --custom_pipeline_layers",
-    "decoder_first_pipeline_num_layers": "not supported yet; use --custom_pipeline_layers",
-    "decoder_last_pipeline_num_layers": "not supported yet; use --custom_pipeline_layers",
-    "load_lora_ckpt_path": "LoRA merging is not supported yet",
-    "hf_dequantize_int4": "INT4 checkpoints are not supported yet",
-    "hf_dequantize_mxfp4": "MXFP4 checkpoints are not supported yet",
-    "adapter_convert_file": "vision-language models are not supported yet",
-    "vision_patch_convert_file": "vision-language models are not supported yet",
-}
-_BOOL_FLAGS = {"hf_dequantize_int4", "hf_dequantize_mxfp4"}
 
 
 def _spellings(name: str) -> list[str]:
@@ -249,28 +248,57 @@ def build_parser() -> argparse.ArgumentParser:
     add("fp8_force_no_requant", action="store_true",
         help="FP8: never requantize; a cut through a 128-block is an error, scales are kept in their style")
     add("device", choices=("cpu", "cuda"), default="cpu", help="where FP8 quantization math runs (default cpu)")
-    add("pretrain_as_fp8", action="store_true", help="accepted for compatibility; no effect")
+    add("pretrain_as_fp8", action="store_true", help="accepted for LoongForge compatibility; no effect")
     add("max_shard_size", type=_size, default=5 * 1000**3, help="HF output shard cap (default 5GB)")
     add("safetensors", action="store_true", help="accepted for compatibility; HF I/O is always safetensors")
     add("distributed_convert", action="store_true",
         help="accepted for compatibility: a run under torchrun is always shared between its processes")
     add("megatron_path", help="accepted for compatibility; prepended to sys.path")
     _add_runtime_flags(add)
-    for name in _NOT_YET:
-        if name in _BOOL_FLAGS:
-            add(name, action="store_true", help=argparse.SUPPRESS)
-        else:
-            add(name, help=argparse.SUPPRESS)
+    _add_incumbent_flags(p)
     return p
+
+
+def _add_incumbent_flags(p: argparse.ArgumentParser) -> None:
+    """LoongForge's flags that this parser does not define itself (see ``compat``)."""
+    group = p.add_argument_group("LoongForge compatibility (README: Coming from LoongForge)")
+    for flag in compat.added_flags():
+        names = [s for n in (flag.name, *flag.aliases) for s in _spellings(n)]
+        kind: dict[str, Any] = {"action": "store_true"} if not flag.takes_value else {"metavar": "VALUE"}
+        group.add_argument(*names, dest=flag.dest, help=f"{flag.treatment}: {flag.note}", **kind)
+
+
+def _apply_incumbent_flags(ns: argparse.Namespace) -> None:
+    """Rejected flags stop here with one line; honoured ones become this tool's settings."""
+    for flag in compat.added_flags():
+        value = getattr(ns, flag.dest)
+        if flag.treatment == compat.REJECTED and value not in (None, False) and str(value) not in flag.harmless:
+            shown = "" if value is True else f" {value}"
+            raise ConversionError(f"--{flag.name}{shown}: {flag.note}")
+    if ns.resume_convert:
+        ns.resume = True
+    if ns.no_te:
+        if ns.transformer_impl == "transformer_engine":
+            raise ConversionError("--no-te contradicts --transformer_impl transformer_engine")
+        ns.transformer_impl = "local"
+    for dtype_flag in ("hf_dequantize_dtype", "torch_dtype"):
+        value = getattr(ns, dtype_flag)
+        if value is not None and value not in DTYPE_NAMES:
+            raise ConversionError(f"--{dtype_flag} {value}: expected one of {', '.join(sorted(DTYPE_NAMES))}")
+    if ns.hf_dequantize_int4:
+        ns.converter = [*(ns.converter or ()), f"dequantize:dtype={ns.hf_dequantize_dtype or 'bfloat16'},if_quantized=true"]
+    for name in ("num_experts", "vocab_size"):
+        value = getattr(ns, name)
+        if value is not None:
+            try:
+                setattr(ns, name, _non_negative(value))
+            except argparse.ArgumentTypeError as e:
+                raise ConversionError(f"--{name} {value}: {e}") from None
 
 
 def parse_options(argv: list[str] | None = None) -> ConvertOptions:
     ns = build_parser().parse_args(argv)
-    for name, why in _NOT_YET.items():
-        value = getattr(ns, name)
-        if value in (None, False):
-            continue
-        raise ConversionError(f"--{name} {'' if value is True else value}: {why}".replace("  ", " "))
+    _apply_incumbent_flags(ns)
     if ns.megatron_path:
         sys.path.insert(0, ns.megatron_path)
     _check_runtime(ns)
@@ -319,6 +347,9 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         dry_run=ns.dry_run,
         verbose=ns.verbose,
         progress=not ns.no_progress,
+        check_num_experts=ns.num_experts,
+        check_vocab_size=ns.vocab_size,
+        check_torch_dtype=DTYPE_NAMES[ns.torch_dtype] if ns.torch_dtype else None,
     )
 
 

@@ -20,6 +20,7 @@ import torch
 
 from . import tensor_expr as tx
 from .config.resolve import param_dtype
+from .core.canonical import WORD_EMBEDDINGS
 from .core.plan import ModelInfo, Plan
 from .endpoints import endpoint
 from .endpoints.base import CanonicalSource, CanonicalTarget, HFSource, HFTarget, Source, Target
@@ -27,7 +28,7 @@ from .errors import ConversionError
 from .mapping import build_convertors, canonical_tensors, check_convert_to_fp8, check_copies, fp8_hf_names, gather_hf, to_hf
 from .quant import fp8_block
 from .quant.fp8_materialize import Fp8Policy
-from .requests import Fp8Request, LayoutRequest, PlanRequest, TargetDir
+from .requests import Fp8Request, LayoutRequest, ModelChecks, PlanRequest, TargetDir
 
 if TYPE_CHECKING:
     from .layout.placement import ParallelLayout
@@ -101,6 +102,7 @@ def _plan_through_model(request: PlanRequest, source: Source, target: Target) ->
         canonical, source_layout = source.canonical(tensors, model, flags)
     else:
         raise ConversionError(f"{source.format}: a source must be an HF or a canonical source")
+    check_model(model, request.checks, canonical)
     fp8_output = source.has_fp8 or request.fp8.convert_to_fp8
     layout: ParallelLayout | None
     if isinstance(target, CanonicalTarget):
@@ -123,6 +125,22 @@ def _plan_through_model(request: PlanRequest, source: Source, target: Target) ->
         check_copies(copies, source.reader())
     return Plan(f"{source.short}->{target.short}", request.source_path, request.target.path, files,
                 source.tensor_count, source, target, model=model, layout=layout, notes=notes)
+
+
+def check_model(model: ModelInfo, checks: ModelChecks, canonical: dict[str, tx.Expr]) -> None:
+    """LoongForge's --num_experts, --vocab_size and --torch_dtype must agree with the model."""
+    arch = model.arch
+    if checks.num_experts is not None and checks.num_experts != (arch.num_experts or 0):
+        raise ConversionError(f"--num_experts {checks.num_experts} disagrees with the model, which has "
+                              f"{arch.num_experts or 0} routed experts per MoE layer")
+    if checks.vocab_size is not None and checks.vocab_size != arch.vocab_size:
+        raise ConversionError(f"--vocab_size {checks.vocab_size} disagrees with the model's vocabulary of {arch.vocab_size}")
+    if checks.torch_dtype is not None:
+        config = model.hf_config or {}
+        own = str(config.get("torch_dtype") or config.get("dtype") or tx.dtype_name(canonical[WORD_EMBEDDINGS].dtype))
+        if own != checks.torch_dtype:
+            raise ConversionError(f"--torch_dtype {checks.torch_dtype}: the checkpoint holds {own}, and casting to "
+                                  f"another dtype is not supported yet; drop the flag to keep {own}")
 
 
 def canonical_view(source: Source) -> tuple[ModelInfo, dict[str, tx.Expr]]:

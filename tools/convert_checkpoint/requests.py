@@ -64,6 +64,15 @@ class TargetDir:
 
 
 @dataclass(frozen=True)
+class ModelChecks:
+    """Values the model must have (LoongForge's --num_experts, --vocab_size, --torch_dtype)."""
+
+    num_experts: int | None = None
+    vocab_size: int | None = None
+    torch_dtype: str | None = None  # a torch dtype name, e.g. "bfloat16"
+
+
+@dataclass(frozen=True)
 class PlanRequest:
     load_format: str  # a registered endpoint name (--load_platform)
     save_format: str  # (--save_platform)
@@ -76,6 +85,7 @@ class PlanRequest:
     converters: tuple[Any, ...] = ()  # spec strings or Converter objects, run on an HF source first
     max_shard_size: int = 5 * 1000**3  # HF output shards
     hf_config_path: str | None = None  # HF output: copy config and tokenizer files from here
+    checks: ModelChecks = ModelChecks()
 
 
 @dataclass(frozen=True)

@@ -181,13 +181,17 @@ def _awq(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
     return [converter]
 
 
-@BUILTINS.register("dequantize", "any of the above formats -> dtype, chosen from quantization_config. Options: dtype, ignore")
+@BUILTINS.register("dequantize", "any of the above formats -> dtype, chosen from quantization_config. "
+                                 "Options: dtype, ignore, if_quantized (true: an unquantized checkpoint passes unchanged)")
 def _dequantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
     """Whatever the checkpoint holds, to full precision."""
     from .protocol import ConverterChain
 
-    o = _take(spec.options, ("dtype", "ignore"), spec)
+    o = _take(spec.options, ("dtype", "ignore", "if_quantized"), spec)
     method = (qc or {}).get("quant_method")
+    if method is None and str(o.pop("if_quantized", "false")).lower() in ("1", "true", "yes"):
+        return []  # nothing to dequantize (LoongForge's --hf-dequantize-int4 on a full-precision checkpoint)
+    o.pop("if_quantized", None)
     dequant = ConverterSpec(spec.text, "", o)
     if method == "fp8":
         return _fp8_block(info, qc, dequant)
@@ -220,9 +224,10 @@ def _custom(info: CheckpointInfo, spec: ConverterSpec) -> list:
     return list(made) if isinstance(made, (list, tuple)) else [made]
 
 
-def build_chain(info: CheckpointInfo, converters: Iterable[Any]) -> ConverterChain:
+def build_chain(info: CheckpointInfo, converters: Iterable[Any]) -> ConverterChain | None:
     """Converters from specs (strings) and/or objects, in order; each built-in sees the
-    ``quantization_config`` the converters before it leave."""
+    ``quantization_config`` the converters before it leave. None when the built-ins found
+    nothing to do (``dequantize:if_quantized=true`` on a full-precision checkpoint)."""
     from .protocol import ConverterChain, check_converter, converter_label
 
     made: list[Any] = []
@@ -237,7 +242,9 @@ def build_chain(info: CheckpointInfo, converters: Iterable[Any]) -> ConverterCha
             new, new_labels = [item], [converter_label(item)]
         for c, label in zip(new, new_labels):
             check_converter(c, label)
+        if not new:
+            continue
         made += new
         labels += new_labels
         qc = ConverterChain.of(new, new_labels).quantization_config(qc)
-    return ConverterChain.of(made, labels)
+    return ConverterChain.of(made, labels) if made else None

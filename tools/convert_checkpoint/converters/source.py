@@ -69,10 +69,11 @@ def _nbytes(entry: TensorEntry) -> int:
 
 
 def convert_index(root: str, config: dict, entries: dict[str, dict[str, TensorEntry]], tensor_file: dict[str, str],
-                  converters: Iterable[Any]) -> ConvertedIndex:
-    """Build the chain for this checkpoint (specs or objects) and index what it will produce."""
+                  converters: Iterable[Any]) -> ConvertedIndex | None:
+    """Build the chain for this checkpoint (specs or objects) and index what it will produce;
+    None when the chain turns out empty (nothing to convert)."""
     chain = build_chain(CheckpointInfo(root, config, frozenset(tensor_file)), converters)
-    return _apply_chain(root, config, entries, tensor_file, chain)
+    return None if chain is None else _apply_chain(root, config, entries, tensor_file, chain)
 
 
 def _apply_chain(root: str, config: dict, src_entries: dict[str, dict[str, TensorEntry]],

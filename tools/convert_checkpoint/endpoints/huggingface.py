@@ -234,6 +234,9 @@ def open_source(request: PlanRequest) -> HuggingFaceSource:
 
     src = open_index(request.source_path, request.model, check_quantization=False)
     converted = convert_index(src.root, src.config, src.entries, src.tensor_file, request.converters)
+    if converted is None:  # the converters found nothing to do: the checkpoint as it is
+        fp8_quantization_config(src.config, os.path.join(src.root, CONFIG_NAME))
+        return src
     return HuggingFaceSource(src.root, converted.config, converted.entries, converted.tensor_file, request.model,
                              converted)
 
