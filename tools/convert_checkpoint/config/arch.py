@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ConversionError
+from . import loongforge_yaml
 from .yaml_file import load_mapping
 
 
@@ -150,8 +151,14 @@ class ModelArch:
 
 
 def load_arch_yaml(path: str) -> dict[str, Any]:
-    """An architecture YAML (``--config_file``): a flat mapping of ModelArch fields."""
-    return load_mapping(path, "--config_file")
+    """An architecture YAML (``--config_file``): a flat mapping of ModelArch fields, or
+    LoongForge's model YAML, read for the fields it states (config/loongforge_yaml.py)."""
+    data = load_mapping(path, "--config_file")
+    if loongforge_yaml.is_convert_yaml(data):
+        raise ConversionError(f"--config_file {path} is a LoongForge convert YAML; pass it as --convert_file")
+    if loongforge_yaml.is_model_yaml(data):
+        return loongforge_yaml.arch_values(path)
+    return data
 
 
 def _lookup(config: Mapping[str, Any], key: str) -> Any:

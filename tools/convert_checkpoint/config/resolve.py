@@ -11,6 +11,7 @@ from ..errors import ConversionError
 from ..requests import ModelRequest
 from .arch import ModelArch, load_arch_yaml
 from .family import FamilySpec, family_by_name, family_for_hf_config, load_family
+from .loongforge_yaml import cross_check, is_model_yaml_file
 
 
 def param_dtype(hf_config: Mapping[str, Any]) -> torch.dtype:
@@ -27,10 +28,13 @@ def _with_arch_yaml(values: dict, request: ModelRequest) -> dict:
 
 def from_hf_config(config: Mapping[str, Any], request: ModelRequest) -> tuple[FamilySpec, ModelArch]:
     """A HuggingFace checkpoint: the family from ``model_type`` (or the convert YAML), the
-    architecture from config.json (overridden by the architecture YAML)."""
+    architecture from config.json (overridden by our architecture YAML; LoongForge's YAMLs are
+    checked against it instead)."""
     family = load_family(request.convert_file) if request.convert_file else family_for_hf_config(config)
     derived = family.arch_from_config(config)
-    arch = ModelArch.from_dict(_with_arch_yaml(derived.to_dict(), request), request.config_file or "config.json")
+    cross_check(derived.to_dict(), family, request.config_file, request.convert_file)
+    values = derived.to_dict() if is_model_yaml_file(request.config_file) else _with_arch_yaml(derived.to_dict(), request)
+    arch = ModelArch.from_dict(values, request.config_file or "config.json")
     if request.mtp_num_layers is not None:
         arch = arch.replace(mtp_num_layers=request.mtp_num_layers)
     return family, arch
