@@ -37,9 +37,12 @@ FP8_SCRIPTS = {"hf_fp8_to_mcore_fp8.sh", "mcore_fp8_to_hf_fp8.sh", "mcore_bf16_t
 
 def test_every_example_directory_is_tested():
     assert sorted(d for d in os.listdir(os.path.join(REPO, "examples"))
-                  if os.path.isdir(os.path.join(REPO, "examples", d)) and not d.startswith("__")) == sorted([*EXAMPLES, "converters"])
+                  if os.path.isdir(os.path.join(REPO, "examples", d)) and not d.startswith("__")) == sorted([*EXAMPLES, "converters", "loongforge"])
     # examples/converters holds the custom-converter example, run by test_converters.py
     assert {f for f in os.listdir(os.path.join(REPO, "examples", "converters")) if not f.startswith("__")} == {"cast_dtype.py"}
+    # examples/loongforge holds LoongForge's documentation scripts, run by test_loongforge_scripts.py
+    assert set(os.listdir(os.path.join(REPO, "examples", "loongforge"))) == {
+        "deepseek_v3_1_hf_fp8_to_mcore_fp8.sh", "deepseek_v3_1_mcore_fp8_to_hf_fp8.sh"}
     for example in EXAMPLES:  # each script is run below
         extra = FP8_SCRIPTS if example == "deepseek_v3" else set()
         assert set(os.listdir(os.path.join(REPO, "examples", example))) == {"hf_to_mcore.sh", "mcore_to_hf.sh"} | extra
