@@ -71,14 +71,32 @@ def rank_files(layout: ParallelLayout) -> list[str]:
     return [rank_file(r, layout) for r in layout.ranks()]
 
 
+_KEPT_ENTRIES = re.compile(r"model\d*|args|checkpoint_version|iteration")
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+
+
 def load_file(path: str) -> dict:
     """Memory-mapped, weights-only load: tensors stay on disk until sliced. TE FP8 parameters
-    come back as plain records (``quant/te_pickle``), without TE and without running code."""
+    come back as plain records (``quant/te_pickle``), without TE and without running code.
+
+    Only the model entries and the args are kept: a training checkpoint's optimizer state, LR
+    scheduler and RNG state are unpickled (allow-listed, their tensors never read) and dropped."""
     try:
         loaded = te_pickle.load(path)
     except Exception as e:  # torch raises many types for corrupt zips/pickles
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = str(e).strip()
+        refused = _REFUSED_GLOBAL.search(text)
+        if refused:
+            name = refused.group(1).rstrip(".,")
+            raise ConversionError(
+                f"cannot read Megatron checkpoint file {path}: it references {name}, which is not on the allow-list "
+                "(tensors, containers, argparse.Namespace, TE FP8 tensors and the RNG and optimizer values of "
+                "Megatron training checkpoints); code in a checkpoint is never run") from None
+        first = text.splitlines()[0] if text else type(e).__name__
         raise ConversionError(f"cannot read Megatron checkpoint file {path}: {first}") from None
+    if not isinstance(loaded, dict):
+        raise ConversionError(f"Megatron checkpoint file {path} holds a {type(loaded).__name__}, not a dict")
+    loaded = {k: v for k, v in loaded.items() if isinstance(k, str) and _KEPT_ENTRIES.fullmatch(k)}
     for key, value in loaded.items():
         if isinstance(value, dict):
             for name, t in value.items():
@@ -99,13 +117,22 @@ class McoreSource(CanonicalSource):
     iteration: int | None
     files: dict[str, dict] = field(default_factory=dict)  # relpath -> loaded dict (mmap)
     request: ModelRequest = ModelRequest()
+    hf_config_path: str | None = None  # --hf_config_path: the model's HF directory (family, architecture)
+    arch_origin: str = "the checkpoint's saved architecture"  # where model() found the architecture
 
     def model(self) -> ModelInfo:
+        """Ours: the architecture saved in the args. Another writer's (LoongForge, Megatron
+        training): from --hf_config_path, --config_file or --convert_file, cross-checked against the
+        sizes its Megatron args state (``config/resolve.for_megatron_checkpoint``) and then against
+        the tensor shapes (``infer_layout``, ``gather``)."""
         args = self.args()
-        family, arch = resolve.from_saved_arch(getattr(args, "convert_checkpoint_arch", None), self.request)
+        found = resolve.for_megatron_checkpoint(vars(args) if args is not None else None, self.request,
+                                                self.hf_config_path)
+        self.arch_origin = found.origin
         hf_config = getattr(args, "convert_checkpoint_hf_config", None) if args is not None else None
+        hf_config = hf_config or found.hf_config
         hf_dtypes = getattr(args, "convert_checkpoint_hf_dtypes", None) if args is not None else None
-        return ModelInfo(family, arch, dict(hf_config) if hf_config else None, dict(hf_dtypes or {}))
+        return ModelInfo(found.family, found.arch, dict(hf_config) if hf_config else None, dict(hf_dtypes or {}))
 
     @property
     def tensor_count(self) -> int:
@@ -218,11 +245,11 @@ def resolve_checkpoint_dir(path: str) -> tuple[str, int | None]:
     raise ConversionError(f"--load_ckpt_path {path}: no {TRACKER_NAME} and no release/ or iter_*/ directory")
 
 
-def open_checkpoint(path: str, request: ModelRequest | None = None) -> McoreSource:
+def open_checkpoint(path: str, request: ModelRequest | None = None, hf_config_path: str | None = None) -> McoreSource:
     root, iteration = resolve_checkpoint_dir(path)
     if not os.path.isdir(root):
         raise ConversionError(f"Megatron checkpoint directory {root} does not exist")
-    src = McoreSource(root, iteration, request=request or ModelRequest())
+    src = McoreSource(root, iteration, request=request or ModelRequest(), hf_config_path=hf_config_path)
     for name in sorted(os.listdir(root)):
         if not _RANK_DIR.match(name):
             continue
@@ -278,7 +305,9 @@ def looks_like(path: str) -> bool:
 
 
 def open_source(request: PlanRequest) -> McoreSource:
-    return open_checkpoint(request.source_path, request.model)
+    # --hf_config_path names the model's HF directory: for a checkpoint whose args do not carry
+    # the architecture, its config.json says which model this is (the HF target copies its files).
+    return open_checkpoint(request.source_path, request.model, request.hf_config_path)
 
 
 # --- the layout, read off the files --------------------------------------------------------
@@ -335,7 +364,7 @@ def infer_layout(src: McoreSource, flags: LayoutRequest, arch: ModelArch) -> Par
     if sum(counts) != arch.num_layers:
         raise ConversionError(
             f"the checkpoint's model chunks hold {sum(counts)} decoder layers ({','.join(map(str, counts))}), "
-            f"but the architecture has num_layers {arch.num_layers}"
+            f"but the architecture has num_layers {arch.num_layers} (from {src.arch_origin})"
         )
     pipe = PipelineLayout(pp, vpp, tuple(counts))
     te_named = any(n.endswith((".layer_norm_weight", ".layer_norm_bias")) for _, _, n in src.entries())
@@ -345,7 +374,14 @@ def infer_layout(src: McoreSource, flags: LayoutRequest, arch: ModelArch) -> Par
     embed = src.state_dict(first, containers[0]).get(WORD_EMBEDDINGS)
     padded = tuple(embed.shape)[0] * tp if embed is not None else arch.vocab_size
     if padded < arch.vocab_size:
-        raise ConversionError(f"embedding rows {padded} are fewer than vocab_size {arch.vocab_size}")
+        raise ConversionError(f"embedding rows {padded} are fewer than vocab_size {arch.vocab_size} (from {src.arch_origin})")
+    args = src.args()
+    saved_padded = getattr(args, "padded_vocab_size", None) if args is not None else None
+    if embed is not None and isinstance(saved_padded, int) and saved_padded != padded:
+        raise ConversionError(
+            f"the checkpoint's saved Megatron args say padded_vocab_size {saved_padded}, but its embedding shards "
+            f"hold {padded} rows ({tuple(embed.shape)[0]} x TP={tp})"
+        )
     etp, grouped = _infer_experts(src, stage_files, arch, tp, ep)
     _check_flag("--expert_parallel_size", flags.ep, ep)
     _check_flag("--expert_tensor_parallel_size", flags.etp, etp or tp)
@@ -415,7 +451,8 @@ def _infer_experts(src: McoreSource, files: list[str], arch: ModelArch, tp: int,
             if grouped or _LOCAL_FC1.search(name):
                 rows = tuple(value.shape)[0]
                 if rows == 0 or (2 * moe_ffn) % rows:
-                    raise ConversionError(f"{file}: expert tensor {name} has {rows} rows, which no ETP size gives")
+                    raise ConversionError(f"{file}: expert tensor {name} has {rows} rows, which no ETP size gives for "
+                                          f"moe_ffn_hidden_size {moe_ffn} (from {src.arch_origin})")
                 etp = 2 * moe_ffn // rows
                 layer = name[: name.index(".mlp.experts.")]
                 local = {m.group(1) or m.group(2) for n in state
@@ -423,10 +460,12 @@ def _infer_experts(src: McoreSource, files: list[str], arch: ModelArch, tp: int,
                 if len(local) * ep != arch.num_experts:
                     raise ConversionError(
                         f"{file}: MoE layer {layer} holds {len(local)} experts per expert-parallel rank x EP {ep} = "
-                        f"{len(local) * ep} experts, but the architecture says num_experts {arch.num_experts}"
+                        f"{len(local) * ep} experts, but the architecture says num_experts {arch.num_experts} "
+                        f"(from {src.arch_origin})"
                     )
                 return (None if etp == tp else etp), grouped
-    raise ConversionError(f"{files[0]}: the architecture has {arch.num_experts} experts, but no stage holds expert weights")
+    raise ConversionError(f"{files[0]}: the architecture has {arch.num_experts} experts (from {src.arch_origin}), "
+                          "but no stage holds expert weights")
 
 
 def gather(src: McoreSource, tensors: list[CanonicalTensor], layout: ParallelLayout) -> dict[str, Expr]:
@@ -454,7 +493,7 @@ def gather(src: McoreSource, tensors: list[CanonicalTensor], layout: ParallelLay
         if tuple(value.shape) != want:
             raise ConversionError(
                 f"tensor {p.container}/{p.name} in {file} has shape {list(value.shape)}, expected {list(want)} "
-                f"for TP={layout.tp} and the configured architecture"
+                f"at TP={layout.tp} from {src.arch_origin}"
             )
         consumed.add((file, p.container, p.name))
         splits[p.canonical.name] = p.split

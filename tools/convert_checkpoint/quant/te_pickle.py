@@ -147,14 +147,67 @@ _ALLOWED: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
 torch.serialization.add_safe_globals(_ALLOWED)  # so a plain weights_only torch.load reads them too
 
 
+# --- the rest of a Megatron training checkpoint --------------------------------------------
+# Megatron's training loop saves, next to the model: the optimizer state and the LR scheduler
+# (tensors, numbers and plain containers: no global needed), ``num_floating_point_operations_so_far``
+# and ``rng_state``, whose numpy part (``np.random.get_state()``) pickles a uint32 ndarray through
+# numpy's ``_reconstruct``, ``ndarray`` and ``dtype``. Its ``args`` hold Megatron enums
+# (``attention_backend`` is an ``AttnBackend`` by default; ``cuda_graph_scope`` may list
+# ``CudaGraphScope`` members), and TE before 1.6 saved ``_extra_state`` as an ``io.BytesIO``.
+# The converter reads none of these values. Each of exactly these globals is mapped to an inert
+# stand-in that only keeps its pickled arguments and state, so loading runs no numpy, Megatron or
+# io code, and every other global (``os.system`` ...) is still refused. Active only inside
+# :func:`load`, never for a plain ``torch.load``.
+
+class ForeignValue:
+    """A value of an allow-listed foreign global, kept as pickled (``path``: the global)."""
+
+    path = ""
+    args: tuple = ()  # what the global was called with (none when unpickled as NEWOBJ + BUILD)
+    state: Any = None  # what BUILD gave it
+
+    def __init__(self, *args: Any):
+        self.args = args
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.path}{self.args!r}>"
+
+
+def _foreign(path: str) -> type[ForeignValue]:
+    return type(path.rsplit(".", 1)[1], (ForeignValue,), {"path": path})
+
+
+_NDARRAY = _foreign("numpy.ndarray")
+
+
+def _numpy_reconstruct(cls: Any, shape: Any, typecode: Any) -> ForeignValue:
+    """numpy's ``_reconstruct(ndarray, (0,), b'b')``: an empty array that BUILD then fills."""
+    return _NDARRAY(shape, typecode)
+
+
+_TRAINING_STATE: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+    (_numpy_reconstruct, "numpy.core.multiarray._reconstruct"),  # numpy 1.x
+    (_numpy_reconstruct, "numpy._core.multiarray._reconstruct"),  # numpy 2.x
+    (_NDARRAY, "numpy.ndarray"),
+    (_foreign("numpy.dtype"), "numpy.dtype"),
+    (_foreign("megatron.core.transformer.enums.AttnBackend"), "megatron.core.transformer.enums.AttnBackend"),
+    (_foreign("megatron.core.transformer.enums.CudaGraphScope"), "megatron.core.transformer.enums.CudaGraphScope"),
+    (_foreign("_io.BytesIO"), "_io.BytesIO"),
+]
+
+
 def load(path: str, mmap: bool = True) -> dict:
-    """A Megatron rank file, weights only: FP8 parameters come back as :class:`Fp8BlockRecord`.
+    """A Megatron rank file, weights only: FP8 parameters come back as :class:`Fp8BlockRecord`,
+    the foreign values of a training checkpoint as :class:`ForeignValue`.
 
     Only this module's allow-list is active during the load: TE, when imported, registers its
     real classes under the same names, and those must not be the ones the file reaches."""
     previous = torch.serialization.get_safe_globals()
     torch.serialization.clear_safe_globals()
-    torch.serialization.add_safe_globals(_ALLOWED)
+    torch.serialization.add_safe_globals(_ALLOWED + _TRAINING_STATE)
     try:
         return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
     finally:
