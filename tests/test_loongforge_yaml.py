@@ -125,6 +125,16 @@ model_type: "deepseek"
 convert_file: ${oc.env:LOONGFORGE_PATH}/configs/models/deepseek3/ckpt_convert/deepseek_v3_convert.yaml
 """ + COMMON,
 }
+# Qwen2 / Qwen2.5: Llama's shape with q/k/v biases.
+TINY["qwen2"] = (TINY["llama"].replace("add_qkv_bias: false", "add_qkv_bias: true")
+                 .replace("LLaMAConfig", "Qwen2Config").replace('model_type: "llama"', 'model_type: "qwen"'))
+# DeepSeek-V2-Lite shape: MLA without q-LoRA, softmax router (no bias), two shared experts of 32.
+TINY["deepseek_v2"] = (TINY["deepseek_v3"].replace("mtp_num_layers: 1", "mtp_num_layers: null")
+                       .replace("q_lora_rank: 32", "q_lora_rank: null")
+                       .replace("moe_shared_expert_intermediate_size: 32", "moe_shared_expert_intermediate_size: 64")
+                       .replace("moe_router_enable_expert_bias: true", "moe_router_enable_expert_bias: false")
+                       .replace("deepseek3/ckpt_convert/deepseek_v3_convert.yaml",
+                                "deepseek2/ckpt_convert/deepseek_v2_lite_convert.yaml"))
 # Kimi-K2: DeepSeek-V3's layout, no MTP layer.
 TINY["kimi_k2"] = (TINY["deepseek_v3"].replace("mtp_num_layers: 1", "mtp_num_layers: null")
                    .replace("deepseek3/ckpt_convert/deepseek_v3_convert.yaml", "kimi_k2/ckpt_convert/kimi_k2_convert.yaml"))
@@ -442,6 +452,19 @@ CASES = {
                                     "deepseek3/ckpt_convert/deepseek_v3_convert.yaml", dict(pipeline_model_parallel_size=2)),
     "kimi_k2-shipped-convert": (TinySpec("deepseek_v3"), "kimi_k2", "kimi_k2/ckpt_convert/kimi_k2_convert.yaml",
                                 dict(expert_parallel_size=4)),
+    # Every other family LoongForge ships a convert YAML for, with the one shipped at its path.
+    "llama2-shipped-convert": (TinySpec("llama"), "llama", "llama2/ckpt_convert/llama2_convert.yaml",
+                               dict(tensor_model_parallel_size=2)),
+    "llama3_1-shipped-convert": (TinySpec("llama"), "llama", "llama3/ckpt_convert/llama3_1_convert.yaml", {}),
+    "qwen2-ours-at-its-path": (TinySpec("qwen2"), "qwen2", "qwen2/ckpt_convert/qwen2_convert.yaml",
+                               dict(tensor_model_parallel_size=2)),
+    "qwen2_5-shipped-convert": (TinySpec("qwen2"), "qwen2", "qwen2.5/ckpt_convert/qwen2_5_convert.yaml",
+                                dict(pipeline_model_parallel_size=2)),
+    "deepseek_v2_lite-shipped-convert": (TinySpec("deepseek_v2"), "deepseek_v2",
+                                         "deepseek2/ckpt_convert/deepseek_v2_lite_convert.yaml",
+                                         dict(tensor_model_parallel_size=2, expert_parallel_size=2)),
+    "deepseek_v2-shipped-convert": (TinySpec("deepseek_v2"), "deepseek_v2", "deepseek2/ckpt_convert/deepseek_v2_convert.yaml",
+                                    dict(expert_parallel_size=4)),
 }
 
 
