@@ -47,6 +47,18 @@ def load_hf_tensors(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_fails(capsys, rc: int, out_dir: str, *fragments: str) -> None:
+    """A run that must stop on bad input: exit code 2, one error line holding every fragment,
+    and nothing written to ``out_dir``."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1, err  # one line
+    assert err[0].startswith("convert-checkpoint: error: ")
+    for fragment in fragments:
+        assert fragment in err[0], err[0]
+    assert not os.path.exists(out_dir) or os.listdir(out_dir) == [], "output was written"
+
+
 def read_tree(root: str, skip: Collection[str] = ()) -> dict[str, bytes]:
     """The bytes of every file under ``root`` by its path relative to ``root``, except the
     relative paths in ``skip`` (files whose contents record paths or timings)."""

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from fixtures import assert_fails as _assert_fails
 from helpers import hf_to_mcore, mcore_to_hf
 from tiny_models import TinySpec
 
@@ -32,16 +33,6 @@ def _edit_config(hf_dir, **changes):
     config = json.load(open(path))
     config.update(changes)
     json.dump(config, open(path, "w"))
-
-
-def _assert_fails(capsys, rc, out_dir, *fragments):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1, err  # one line
-    assert err[0].startswith("convert-checkpoint: error: ")
-    for fragment in fragments:
-        assert fragment in err[0], err[0]
-    assert not os.path.exists(out_dir) or os.listdir(out_dir) == [], "output was written"
 
 
 def test_missing_tensor(hf_copy, tmp_path, capsys):

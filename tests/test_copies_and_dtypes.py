@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fixtures import load_hf_tensors
+from fixtures import assert_fails, load_hf_tensors
 from helpers import assert_same_tensors, convert, hf_to_mcore, mcore_to_hf
 from tiny_models import TinySpec
 
@@ -28,15 +28,6 @@ def _copy_with(tiny_hf, tmp_path, spec, edit, capsys):
     return path
 
 
-def _assert_one_line_error(capsys, rc, out_dir, *fragments):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith("convert-checkpoint: error: "), err
-    for fragment in fragments:
-        assert fragment in err[0], err[0]
-    assert not os.path.exists(out_dir) or os.listdir(out_dir) == [], "output was written"
-
-
 def _bump(tensors, name, row=7):
     t = tensors[name].clone()
     t[row, 3] += 1
@@ -48,7 +39,7 @@ def _bump(tensors, name, row=7):
 def test_mtp_copy_that_differs_stops_the_conversion(tiny_hf, tmp_path, capsys, copy, of):
     hf = _copy_with(tiny_hf, tmp_path, DEEPSEEK_MTP, lambda t: _bump(t, copy), capsys)
     out = str(tmp_path / "out")
-    _assert_one_line_error(capsys, hf_to_mcore(hf, out, expert_parallel_size=2), out,
+    assert_fails(capsys, hf_to_mcore(hf, out, expert_parallel_size=2), out,
                            f"tensor {copy} differs from {of}", "rows 0-")
 
 
@@ -56,7 +47,7 @@ def test_mtp_copy_in_another_dtype_stops_the_conversion(tiny_hf, tmp_path, capsy
     name = "model.layers.4.embed_tokens.weight"
     hf = _copy_with(tiny_hf, tmp_path, DEEPSEEK_MTP, lambda t: t.__setitem__(name, t[name].float()), capsys)
     out = str(tmp_path / "out")
-    _assert_one_line_error(capsys, hf_to_mcore(hf, out), out, f"tensor {name} is float32 but embedding")
+    assert_fails(capsys, hf_to_mcore(hf, out), out, f"tensor {name} is float32 but embedding")
 
 
 def test_equal_mtp_copies_are_checked_and_dropped(tiny_hf, tmp_path, capsys):
@@ -74,7 +65,7 @@ def test_tied_lm_head_that_differs_stops_the_conversion(tiny_hf, tmp_path, capsy
 
     out = str(tmp_path / "out")
     differing = _copy_with(tiny_hf, tmp_path, TinySpec("llama", tied=True), lambda t: add_lm_head(t, True), capsys)
-    _assert_one_line_error(capsys, hf_to_mcore(differing, out), out,
+    assert_fails(capsys, hf_to_mcore(differing, out), out,
                            "tensor lm_head.weight differs from embedding.word_embeddings.weight (first at rows 0-249)")
     shutil.rmtree(os.path.dirname(differing) + "/hf")
     equal = _copy_with(tiny_hf, tmp_path, TinySpec("llama", tied=True), lambda t: add_lm_head(t, False), capsys)
@@ -105,5 +96,5 @@ def test_converter_on_a_megatron_source_is_refused(tiny_hf, tmp_path, capsys):
     mcore, out = str(tmp_path / "m"), str(tmp_path / "out")
     assert hf_to_mcore(tiny_hf(TinySpec("llama")), mcore) == 0
     capsys.readouterr()
-    _assert_one_line_error(capsys, mcore_to_hf(mcore, out, converter="dequantize"), out,
+    assert_fails(capsys, mcore_to_hf(mcore, out, converter="dequantize"), out,
                            "--converter rewrites HuggingFace checkpoints")
