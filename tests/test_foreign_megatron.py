@@ -386,7 +386,7 @@ def test_training_checkpoint_with_a_foreign_global_is_refused(loongforge, tmp_pa
     ("moe_tp2pp2ep2_gg", "qwen3_moe", "qwen3/ckpt_convert/qwen3_moe_convert.yaml"),
 ])
 def test_loongforge_rank_files_with_its_own_yamls(loongforge, tmp_path, name, model, conv):
-    """Its model YAML (config/loongforge_yaml reads it) and its convert YAML, as its mcore_to_hf
+    """Its model YAML (config/loongforge reads it) and its convert YAML, as its mcore_to_hf
     scripts pass them: the architecture comes from the model YAML, cross-checked with the args."""
     from test_loongforge_yaml import TINY, shipped, write
 

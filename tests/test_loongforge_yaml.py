@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from convert_checkpoint.config import loongforge_yaml as ly
+from convert_checkpoint.config import loongforge as ly
 from convert_checkpoint.config.arch import ModelArch, load_arch_yaml
 from convert_checkpoint.config.family import CONFIG_ROOT, builtin_family_paths, family_by_name, load_family
 from convert_checkpoint.config.resolve import from_hf_config

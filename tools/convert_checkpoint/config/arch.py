@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import ConversionError
-from . import loongforge_yaml
+from . import loongforge
 from .yaml_file import load_mapping
 
 
@@ -152,12 +152,12 @@ class ModelArch:
 
 def load_arch_yaml(path: str) -> dict[str, Any]:
     """An architecture YAML (``--config_file``): a flat mapping of ModelArch fields, or
-    LoongForge's model YAML, read for the fields it states (config/loongforge_yaml.py)."""
+    LoongForge's model YAML, read for the fields it states (config/loongforge/)."""
     data = load_mapping(path, "--config_file")
-    if loongforge_yaml.is_convert_yaml(data):
+    if loongforge.is_convert_yaml(data):
         raise ConversionError(f"--config_file {path} is a LoongForge convert YAML; pass it as --convert_file")
-    if loongforge_yaml.is_model_yaml(data):
-        return loongforge_yaml.arch_values(path)
+    if loongforge.is_model_yaml(data):
+        return loongforge.arch_values(path)
     return data
 
 

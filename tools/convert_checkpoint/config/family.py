@@ -14,7 +14,7 @@ from importlib import resources
 from typing import Any
 
 from ..errors import ConversionError
-from . import loongforge_yaml
+from . import loongforge
 from .arch import ModelArch, arch_from_hf_config, hf_config_from_arch
 from .yaml_file import load_mapping
 
@@ -118,9 +118,9 @@ def _mtp(data: Any, path: str) -> MtpSpec | None:
 
 def load_family(path: str) -> FamilySpec:
     data = load_mapping(path, "convert YAML")
-    if loongforge_yaml.is_convert_yaml(data):  # LoongForge's format names one of our families
-        return family_by_name(loongforge_yaml.family_name(path))
-    if loongforge_yaml.is_model_yaml(data):
+    if loongforge.is_convert_yaml(data):  # LoongForge's format names one of our families
+        return family_by_name(loongforge.family_name(path))
+    if loongforge.is_model_yaml(data):
         raise ConversionError(f"--convert_file {path} is a LoongForge model YAML; pass it as --config_file")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
@@ -156,7 +156,7 @@ def load_family(path: str) -> FamilySpec:
 def builtin_family_paths() -> list[str]:
     """Our family YAMLs; LoongForge-format convert YAMLs shipped at its paths (same glob) are not families."""
     paths = glob.glob(os.path.join(CONFIG_ROOT, "*", "ckpt_convert", "*_convert.yaml"))
-    return sorted(p for p in paths if not loongforge_yaml.is_convert_yaml_file(p))
+    return sorted(p for p in paths if not loongforge.is_convert_yaml_file(p))
 
 
 def builtin_families() -> dict[str, FamilySpec]:

@@ -14,7 +14,7 @@ from ..errors import ConversionError
 from ..requests import ModelRequest
 from .arch import ModelArch, load_arch_yaml
 from .family import FamilySpec, family_by_name, family_for_hf_config, load_family
-from .loongforge_yaml import cross_check, is_model_yaml_file
+from .loongforge import cross_check, is_model_yaml_file
 
 
 def param_dtype(hf_config: Mapping[str, Any]) -> torch.dtype:
