@@ -19,6 +19,7 @@ from convert_checkpoint.config.family import CONFIG_ROOT, builtin_family_paths, 
 from convert_checkpoint.config.resolve import from_hf_config
 from convert_checkpoint.errors import ConversionError
 from convert_checkpoint.requests import ModelRequest
+from fixtures import assert_fails as _assert_fails
 from fixtures import load_hf_tensors
 from helpers import assert_same_tensors, hf_to_mcore, mcore_to_hf, rank_files
 from tiny_models import TinySpec
@@ -201,16 +202,6 @@ def convert_yaml(root, dir_: str, name: str, names: str = "dense", vocab: str = 
     path = os.path.join(str(root), dir_, "ckpt_convert", f"{name}.yaml")
     text = CONVERT.format(dir=dir_, vocab=vocab, extra_common=extra_common, hf_names=NAMES[names])
     return write(path, text)
-
-
-def _assert_fails(capsys, rc, out_dir, *fragments):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1, err  # one line
-    assert err[0].startswith("convert-checkpoint: error: ")
-    for fragment in fragments:
-        assert fragment in err[0], err[0]
-    assert not os.path.exists(out_dir) or os.listdir(out_dir) == [], "output was written"
 
 
 # ------------------------------------------------------------------------------------------
