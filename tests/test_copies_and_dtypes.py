@@ -90,11 +90,3 @@ def test_bf16_router_bias_comes_back_bf16(tiny_hf, tmp_path):
                    "--save_ckpt_path", b, "--pipeline_model_parallel_size", "2") == 0
     assert mcore_to_hf(b, back) == 0
     assert_same_tensors(hf, load_hf_tensors(back))
-
-
-def test_converter_on_a_megatron_source_is_refused(tiny_hf, tmp_path, capsys):
-    mcore, out = str(tmp_path / "m"), str(tmp_path / "out")
-    assert hf_to_mcore(tiny_hf(TinySpec("llama")), mcore) == 0
-    capsys.readouterr()
-    assert_fails(capsys, mcore_to_hf(mcore, out, converter="dequantize"), out,
-                           "--converter rewrites HuggingFace checkpoints")

@@ -21,7 +21,7 @@ import torch
 from . import tensor_expr as tx
 from .config.resolve import param_dtype
 from .core.canonical import WORD_EMBEDDINGS
-from .core.plan import ModelInfo, Plan
+from .core.plan import ModelInfo, OutputFile, Plan
 from .endpoints import endpoint
 from .endpoints.base import CanonicalSource, CanonicalTarget, HFSource, HFTarget, Source, Target
 from .errors import ConversionError
@@ -47,10 +47,7 @@ def check_target_dir(target: TargetDir, source_path: str) -> None:
 
 
 def open_source(request: PlanRequest) -> Source:
-    source: Source = endpoint(request.load_format, "--load_platform").open_source(request)
-    if request.converters and not isinstance(source, HFSource):
-        raise ConversionError(f"--converter rewrites HuggingFace checkpoints; {source.root} is a {source.format} checkpoint")
-    return source
+    return endpoint(request.load_format, "--load_platform").open_source(request)
 
 
 def build_plan(request: PlanRequest, options: Any = None) -> Plan:
@@ -59,6 +56,9 @@ def build_plan(request: PlanRequest, options: Any = None) -> Plan:
     check_target_dir(request.target, request.source_path)
     source = open_source(request)
     target: Target = endpoint(request.save_format, "--save_platform").create_target(request)
+    if request.converters and not isinstance(source, HFSource) and not isinstance(target, HFTarget):
+        raise ConversionError("--converter runs on HuggingFace tensors: those of an HF source (before the model "
+                              f"mapping) or of an HF target (after it); here both sides are {source.format}")
     if isinstance(source, HFSource) and isinstance(target, HFTarget):
         plan = _plan_same_namespace(request, source, target)
     else:
@@ -116,7 +116,11 @@ def _plan_through_model(request: PlanRequest, source: Source, target: Target) ->
         target.use_model_config(model)
         # --convert_to_fp8 writes the published FP8 layout, whose dtypes the family YAML states.
         hf = to_hf(convertors, canonical, model, restore_dtypes=not request.fp8.convert_to_fp8)
-        files = target.plan_files(hf, fp8_hf_names(convertors) if fp8_output else set())
+        fp8_names = fp8_hf_names(convertors) if fp8_output else set()
+        if request.converters and not isinstance(source, HFSource):
+            source, files = _post_stage(request, source, target, hf, fp8_names, model, notes)
+        else:
+            files = target.plan_files(hf, fp8_names)
         layout = source_layout
         notes += target.notes
     else:
@@ -125,6 +129,34 @@ def _plan_through_model(request: PlanRequest, source: Source, target: Target) ->
         check_copies(copies, source.reader())
     return Plan(f"{source.short}->{target.short}", request.source_path, request.target.path, files,
                 source.tensor_count, source, target, model=model, layout=layout, notes=notes)
+
+
+def _post_stage(request: PlanRequest, source: Source, target: HFTarget, hf: dict[str, tx.Expr], fp8_names: set[str],
+                model: ModelInfo, notes: list[str]) -> tuple[Source, list[OutputFile]]:
+    """``--converter`` on a Megatron source: the chain runs on the HF tensors before they are
+    written (e.g. MCore -> quantized HF in one pass). The shards are those MCore -> HF writes,
+    each receiving its tensors' converted outputs: the bytes of the two-step route."""
+    from .converters.post_stage import PostStageSource, build_post_stage, chain_input
+
+    inputs = {name: chain_input(expr) for name, expr in hf.items()}
+    files = target.plan_files(inputs, set())
+    shard_of = {job.name: f.relpath for f, _, job in _jobs(files)}
+    stage = build_post_stage(inputs, shard_of, request.converters, source.root,
+                             _unquantized(target.config or model.hf_config or {}))
+    if stage is None:  # the chain has nothing to do: the plain plan
+        return source, target.plan_files(hf, fp8_names)
+    chain = stage.chain
+    target.post_stage_config = lambda config: chain.hf_config(_unquantized(config))
+    return PostStageSource(source, stage), target.plan_shards(stage.by_shard(f.relpath for f in files), notes)
+
+
+def _unquantized(config: dict) -> dict:
+    """config.json of the chain's input: full-precision tensors (block FP8 is dequantized first)."""
+    return {k: v for k, v in config.items() if k != "quantization_config"}
+
+
+def _jobs(files: list[OutputFile]):
+    return ((f, key, job) for f in files for key, job in f.jobs())
 
 
 def check_model(model: ModelInfo, checks: ModelChecks, canonical: dict[str, tx.Expr]) -> None:

@@ -125,6 +125,17 @@ class ConverterChain:
                 config = update(dict(config))
         return config
 
+    def hf_config(self, config: Mapping[str, Any]) -> dict:
+        """config.json after the chain: its ``quantization_config`` (removed when the chain
+        leaves none) and the converters' model-config changes."""
+        out = dict(config)
+        qc = self.quantization_config(out.get("quantization_config"))
+        if qc is None:
+            out.pop("quantization_config", None)
+        else:
+            out["quantization_config"] = qc
+        return self.model_config(out)
+
 
 def _validate_step(converter: Any, tensors: Tensors) -> Any:
     validate = getattr(converter, "validate", None)

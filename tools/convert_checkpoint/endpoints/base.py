@@ -36,7 +36,7 @@ Call order of a **Target**::
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from ..core.plan import ModelInfo, OutputFile, Plan
@@ -55,8 +55,8 @@ if TYPE_CHECKING:
 class Source(ABC):
     """A checkpoint to read (see the module docstring for the call order)."""
 
-    format: ClassVar[str]  # the registered name (--load_platform)
-    short: ClassVar[str]  # in the plan's direction string: "hf", "mcore"
+    format: str  # the registered name (--load_platform)
+    short: str  # in the plan's direction string: "hf", "mcore"
     root: str  # the directory the tensors are read from
 
     @abstractmethod
@@ -175,6 +175,9 @@ class HFTarget(Target):
     """A target under HuggingFace tensor names."""
 
     notes: list[str]  # plan notes from use_model_config
+    config: dict | None  # config.json to write, as planned (None: a reference directory's)
+    # Set when converters run after the model mapping: config.json -> what they make of it.
+    post_stage_config: Callable[[dict], dict] | None
 
     @abstractmethod
     def use_model_config(self, model: ModelInfo) -> None:
@@ -187,6 +190,10 @@ class HFTarget(Target):
     @abstractmethod
     def plan_files_like(self, source: HFSource, notes: list[str]) -> list[OutputFile]:
         """Keep the source's own files and names (HF -> HF through converters)."""
+
+    @abstractmethod
+    def plan_shards(self, shards: Mapping[str, list[tuple[str, Expr]]], notes: list[str]) -> list[OutputFile]:
+        """Files as given: shard name -> its tensors in order (converter outputs in their home shard)."""
 
 
 class CanonicalTarget(Target):

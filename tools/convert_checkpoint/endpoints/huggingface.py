@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -310,6 +310,8 @@ class HuggingFaceTarget(HFTarget):
         self.reference_dir = reference_dir  # --hf_config_path: config and tokenizer files come from here
         self.config: dict | None = None  # config.json to write (None: the reference dir's)
         self.copy_from: str | None = None  # HF -> HF: every other file of the source comes along
+        # Converters after the model mapping say what config.json's quantization_config is.
+        self.post_stage_config: Callable[[dict], dict] | None = None
         self.notes: list[str] = []
 
     def plan_files(self, exprs: Mapping[str, Expr], fp8_names: set[str]) -> list[OutputFile]:
@@ -344,16 +346,20 @@ class HuggingFaceTarget(HFTarget):
             self.notes.append("config.json synthesized from the architecture; pass --hf_config_path to reuse the original one")
 
     def plan_files_like(self, source: HFSource, notes: list[str]) -> list[OutputFile]:
+        files = self.plan_shards(source.native(), notes)
+        notes += [f"{f} is copied unchanged: only safetensors files are converted" for f in other_weight_files(source.root)]
+        self.config = source.hf_config
+        self.copy_from = source.root
+        return files
+
+    def plan_shards(self, shards: Mapping[str, list[tuple[str, Expr]]], notes: list[str]) -> list[OutputFile]:
         files = []
-        for shard, tensors in source.native().items():
+        for shard, tensors in shards.items():
             jobs = tuple(TensorJob(name, expr) for name, expr in tensors)
             if jobs:
                 files.append(OutputFile(shard, self.file_kind, (("", jobs),)))
             else:
                 notes.append(f"{shard} receives no tensors: all of them were converted together with tensors of other shards")
-        notes += [f"{f} is copied unchanged: only safetensors files are converted" for f in other_weight_files(source.root)]
-        self.config = source.hf_config
-        self.copy_from = source.root
         return files
 
     def fingerprint_fields(self) -> dict:
@@ -378,14 +384,20 @@ class HuggingFaceTarget(HFTarget):
         elif self.reference_dir:
             copy_reference_files(self.reference_dir, self.target_dir)
             config = read_config(self.reference_dir)
-            written = _with_quantization(config, results)
+            written = self._final_config(config, results)
         else:
-            written = _with_quantization(config or {}, results)
+            written = self._final_config(config or {}, results)
         if written != config or not self.reference_dir:  # a copied config.json stays byte for byte when true
             write_text(os.path.join(self.target_dir, CONFIG_NAME), json.dumps(written, indent=2, sort_keys=True) + "\n")
         weight_map = {j.name: f.relpath for f, _, j in plan.jobs()}
         index = {"metadata": {"total_size": plan.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         write_text(os.path.join(self.target_dir, INDEX_NAME), json.dumps(index, indent=2) + "\n")
+
+
+    def _final_config(self, config: dict, results: list[FileResult]) -> dict:
+        if self.post_stage_config is not None:  # the converters' quantization_config, not the FP8 one
+            return self.post_stage_config(config)
+        return _with_quantization(config, results)
 
 
 def _with_quantization(config: dict, results: list[FileResult]) -> dict:
