@@ -3,7 +3,7 @@ from typing import Any
 
 from ._version import __version__
 
-__all__ = ["Converter", "__version__", "convert_checkpoint"]
+__all__ = ["Converter", "__version__", "convert_checkpoint", "model_free_ptq"]
 
 
 def __getattr__(name: str) -> Any:
@@ -12,6 +12,10 @@ def __getattr__(name: str) -> Any:
         from .api import convert_checkpoint
 
         return convert_checkpoint
+    if name == "model_free_ptq":
+        from .api import model_free_ptq
+
+        return model_free_ptq
     if name == "Converter":
         from .converters.protocol import Converter
 

@@ -93,3 +93,30 @@ def convert_checkpoint(model_stub: str | os.PathLike, save_directory: str | os.P
                           converters=labels, max_workers=max_workers, max_memory=max_memory, overwrite=overwrite,
                           resume=resume, strict_values=strict_values, progress=progress)
     return run(opts, converters=items, world=SINGLE, echo=False).results
+
+
+def model_free_ptq(model_stub: str | os.PathLike, save_directory: str | os.PathLike, scheme: Any = None,
+                   config: Any = None, ignore: Any = (), max_workers: int = 1, device: str = "cpu",
+                   converter: Any = None, *, targets: Any = (), rounding: str = "fp32",
+                   format: str = "compressed-tensors", resume: bool = False, overwrite: bool = False,
+                   max_memory: int | None = None, progress: bool = True, dry_run: bool = False) -> list[FileResult]:
+    """Quantize the safetensors checkpoint in ``model_stub`` into ``save_directory`` without loading
+    the model, as llm-compressor's ``model_free_ptq``: ``scheme`` (a preset name such as
+    ``"NVFP4A16"``, or a ``QuantizationScheme``) or ``config`` (a ``QuantizationConfig`` or a dict
+    with ``config_groups``); ``converter``: pre-stages run first (specs or Converter objects).
+
+    Example::
+
+        from convert_checkpoint import model_free_ptq
+        model_free_ptq("Qwen3-8B", "Qwen3-8B-NVFP4A16", scheme="NVFP4A16", ignore=["lm_head"], max_workers=4)
+    """
+    from .converters.protocol import converter_label
+    from .converters.quantize_ct import quantize_spec
+
+    pre = () if converter is None else tuple(converter if isinstance(converter, (list, tuple)) else [converter])
+    items = (*pre, quantize_spec(scheme, config, targets, ignore, rounding, str(device), format))
+    labels = tuple(c if isinstance(c, str) else converter_label(c) for c in items)
+    opts = ConvertOptions("huggingface", "huggingface", os.fspath(model_stub), os.fspath(save_directory),
+                          converters=labels, max_workers=max_workers, max_memory=max_memory, overwrite=overwrite,
+                          resume=resume, progress=progress, dry_run=dry_run)
+    return run(opts, converters=items, world=SINGLE, echo=False).results

@@ -1,4 +1,4 @@
-"""Entry point: ``convert-checkpoint [verify|hf] ...``; flag errors and bad input are one line."""
+"""Entry point: ``convert-checkpoint [verify|hf|quantize] ...``; flag errors and bad input are one line."""
 from __future__ import annotations
 
 import sys
@@ -13,6 +13,10 @@ def main(argv: list[str] | None = None) -> int:
         from .verify import main as verify_main
 
         return verify_main(argv[1:])
+    if argv[:1] == ["quantize"]:  # HF -> HF, model-free quantization
+        from .quantize_cmd import main as quantize_main
+
+        return quantize_main(argv[1:])
     if argv[:1] == ["hf"]:  # HF -> HF through converters
         from .options import parse_hf_options
 

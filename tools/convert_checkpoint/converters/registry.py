@@ -206,6 +206,29 @@ def _dequantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> l
     return chain + _ct_dequant(info, ct_config, ConverterSpec(spec.text, "", {k: v for k, v in o.items() if k == "dtype"}))
 
 
+@BUILTINS.register("quantize", "full precision -> a quantized checkpoint, model-free (compressed-tensors, or Quark with "
+                               "format=quark). Options: scheme or config, targets, ignore, rounding (fp32 or weight_dtype), "
+                               "device, format")
+def _quantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
+    o = _take(spec.options, ("scheme", "config", "targets", "ignore", "rounding", "device", "format"), spec)
+    fmt = o.pop("format", "compressed-tensors")
+    if fmt == "quark":
+        try:
+            quantize_quark = importlib.import_module(f"{__package__}.quantize_quark")  # another module's
+        except ImportError:
+            raise ConversionError("quantize: --format quark is not available in this version") from None
+        if "config" in o:
+            raise ConversionError("quantize: --format quark takes --scheme, not --config")
+        return list(quantize_quark.build(str(o.get("scheme")), _names(o.get("targets", ())), _names(o.get("ignore", ()))))
+    if fmt != "compressed-tensors":
+        raise ConversionError(f"quantize: format {fmt!r} is not compressed-tensors or quark")
+    from .quantize_ct import build_quantizer
+
+    return [build_quantizer(info.config, info.tensor_names, qc, scheme=o.get("scheme"), config=o.get("config"),
+                            targets=_names(o.get("targets", ())), ignore=_names(o.get("ignore", ())),
+                            rounding=str(o.get("rounding", "fp32")), device=str(o.get("device", "cpu")))]
+
+
 def _custom(info: CheckpointInfo, spec: ConverterSpec) -> list:
     module_name, attr = spec.name.split(":")
     try:

@@ -1,7 +1,8 @@
 """A HuggingFace checkpoint seen through a converter chain (the pre-stage, and ``hf`` HF -> HF).
 
 ``convert_index`` validates every tensor group on meta tensors and indexes what the chain will
-produce: names, dtypes and shapes, each attributed to its group's home shard. The HuggingFace
+produce: names, dtypes and shapes, each attributed to the shard of the source tensor it comes
+from (a tensor's own shard, that of its module, else its group's home shard). The HuggingFace
 source endpoint presents that index like its own. Reading a converted tensor loads its group's
 source tensors (wherever they are stored), runs the chain once, and keeps the result for the
 next tensors of the same group; so a worker holds one output file plus one tensor group.
@@ -43,10 +44,11 @@ class ConvertedIndex:
         return ConvertedReader(self)
 
     def output_order(self) -> dict[str, list[str]]:
-        """Per home file, its output tensors in group order (how HF -> HF writes them)."""
+        """Per output file, its tensors in group order (how HF -> HF writes them)."""
         order: dict[str, list[str]] = {}
-        for index, names in enumerate(self.outputs):
-            order.setdefault(self.groups[index].home, []).extend(names)
+        for names in self.outputs:
+            for name in names:
+                order.setdefault(self.tensor_file[name], []).append(name)
         return order
 
     def group_bytes(self, index: int) -> int:
@@ -62,6 +64,18 @@ class ConvertedIndex:
         """Source bytes read to build one output file from ``leaves`` (each group read once)."""
         touched = {self.group_of[leaf.ref.name] for leaf in leaves}
         return sum(_nbytes(self.inputs[self.input_file[n]][n]) for i in touched for n in self.groups[i].members)
+
+
+def _output_file(name: str, group: TensorGroup, src_tensor_file: dict[str, str]) -> str:
+    """The shard an output tensor goes to: that of the source tensor of the same name, else of the
+    group's first tensor of the same module (a fused partner keeps its own shard), else the home."""
+    if name in group.members:
+        return src_tensor_file[name]
+    module = name.rpartition(".")[0]
+    for member in group.members:
+        if member.rpartition(".")[0] == module:
+            return src_tensor_file[member]
+    return group.home
 
 
 def _nbytes(entry: TensorEntry) -> int:
@@ -94,8 +108,9 @@ def _apply_chain(root: str, config: dict, src_entries: dict[str, dict[str, Tenso
             if name in group_of:
                 other = groups[group_of[name]].label
                 raise ConversionError(f"the converters produce tensor {name} twice: from {other} and from {group.label}")
-            entries[group.home][name] = TensorEntry(t.dtype, tuple(t.shape), 0)
-            tensor_file[name] = group.home
+            file = _output_file(name, group, src_tensor_file)
+            entries[file][name] = TensorEntry(t.dtype, tuple(t.shape), 0)
+            tensor_file[name] = file
             group_of[name] = index
     config = dict(config)
     qc = chain.quantization_config(config.get("quantization_config"))
