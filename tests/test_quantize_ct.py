@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 from fixtures import read_tree
+from quantized_fixtures import make_modelopt_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_models import TinySpec, make_fp8_checkpoint
@@ -339,6 +340,18 @@ def test_prestage_chains_equal_two_steps(llama, dsv3, tmp_path):
     assert quantize(w4, one, "--scheme", "NVFP4A16", "--converter", "dequantize") == 0
     assert main(["hf", w4, deq, "--converter", "dequantize", "--no_progress"]) == 0
     assert quantize(deq, two, "--scheme", "NVFP4A16") == 0
+    assert read_tree(one, KEEP_OUT) == read_tree(two, KEEP_OUT)
+    # compressed-tensors W4A16 -> MXFP4 (the Kimi-K2 route)
+    one, two = str(tmp_path / "one_mx"), str(tmp_path / "two_mx")
+    assert quantize(w4, one, "--scheme", "MXFP4A16", "--converter", "dequantize") == 0
+    assert quantize(deq, two, "--scheme", "MXFP4A16") == 0
+    assert read_tree(one, KEEP_OUT) == read_tree(two, KEEP_OUT)
+    # ModelOpt NVFP4 -> FP8_BLOCK
+    nv = make_modelopt_checkpoint(llama, str(tmp_path / "nv"))
+    one, deq, two = str(tmp_path / "one_nv"), str(tmp_path / "deq_nv"), str(tmp_path / "two_nv")
+    assert quantize(nv, one, "--scheme", "FP8_BLOCK", "--converter", "dequantize") == 0
+    assert main(["hf", nv, deq, "--converter", "dequantize", "--no_progress"]) == 0
+    assert quantize(deq, two, "--scheme", "FP8_BLOCK") == 0
     assert read_tree(one, KEEP_OUT) == read_tree(two, KEEP_OUT)
     # DeepSeek block FP8 -> NVFP4
     fp8 = make_fp8_checkpoint(dsv3, str(tmp_path / "fp8"))

@@ -3,10 +3,9 @@
 A tensor and everything it depends on (``Converter.get_dependencies``, transitively, through
 every converter of the chain) form one group; groups that share a dependency merge. Each
 source tensor belongs to exactly one group, so it is read once per use, wherever its shard is.
-A group's results are written to the shard of the source tensor they come from: an output named
-like a member, or of a member's module, goes to that member's shard (a fused partner read as a
-dependency stays in its own shard); any other output goes to the shard of the group's first
-primary tensor (its *home*).
+A group's results are written to the shard of their module's weight in the source (a fused
+partner read as a dependency stays in its own shard); any other output goes to the shard of
+the group's first primary tensor (its *home*).
 """
 from __future__ import annotations
 

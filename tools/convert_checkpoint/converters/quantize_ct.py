@@ -301,6 +301,8 @@ class CTQuantizer:
         args = scheme.weights
         if meta:
             return _meta_outputs(w, scheme, group.strategy)
+        if self.device != "cpu":
+            _eager_kernels()
         w = w.to(self.device)
         low, high = _min_max(w, args, group.strategy)
         scale, zero_point = calculate_qparams(low, high, args, global_scale=gs)
@@ -447,6 +449,14 @@ def build_quantizer(model_config: Mapping, tensor_names: Iterable[str], source_q
         ignore += [p for p in data.get("ignore") or () if p not in ignore]
     return CTQuantizer(groups, ignore=ignore, rounding=rounding, device=device, model_config=model_config,
                        tensor_names=tensor_names)
+
+
+def _eager_kernels() -> None:
+    """On an accelerator, compressed-tensors' eager (torch) kernels rather than its Triton ones, so
+    that each rounding mode writes the bytes it writes on CPU (Triton always divides in fp32)."""
+    from compressed_tensors.utils import impl_backend
+
+    impl_backend.ENFORCE_EAGER = True
 
 
 def _check_device(device: str) -> None:

@@ -1,8 +1,8 @@
 """A HuggingFace checkpoint seen through a converter chain (the pre-stage, and ``hf`` HF -> HF).
 
 ``convert_index`` validates every tensor group on meta tensors and indexes what the chain will
-produce: names, dtypes and shapes, each attributed to the shard of the source tensor it comes
-from (a tensor's own shard, that of its module, else its group's home shard). The HuggingFace
+produce: names, dtypes and shapes, each attributed to the shard of its module's weight in the
+source (else of its group's home). The HuggingFace
 source endpoint presents that index like its own. Reading a converted tensor loads its group's
 source tensors (wherever they are stored), runs the chain once, and keeps the result for the
 next tensors of the same group; so a worker holds one output file plus one tensor group.
@@ -67,15 +67,17 @@ class ConvertedIndex:
 
 
 def _output_file(name: str, group: TensorGroup, src_tensor_file: dict[str, str]) -> str:
-    """The shard an output tensor goes to: that of the source tensor of the same name, else of the
-    group's first tensor of the same module (a fused partner keeps its own shard), else the home."""
-    if name in group.members:
-        return src_tensor_file[name]
+    """The shard an output tensor goes to: that of its module's weight in the source (so a fused
+    partner read as a dependency keeps its own shard), else the group's home."""
     module = name.rpartition(".")[0]
-    for member in group.members:
-        if member.rpartition(".")[0] == module:
-            return src_tensor_file[member]
-    return group.home
+    same = [m for m in group.members if m.rpartition(".")[0] == module]
+    for param in _MAIN_PARAMS:
+        if f"{module}.{param}" in same:
+            return src_tensor_file[f"{module}.{param}"]
+    return src_tensor_file[same[0]] if same else group.home
+
+
+_MAIN_PARAMS = ("weight", "weight_packed", "qweight")
 
 
 def _nbytes(entry: TensorEntry) -> int:
