@@ -286,6 +286,8 @@ class QuarkQuantizer:
             if self._explicit(module) and (not linear or t.dim() != 2):
                 what = "an embedding or norm" if not linear else f"{t.dim()}-D {list(t.shape)}"
                 raise ConversionError(f"quark {self.scheme}: {name} is {what}; only 2-D Linear weights can be quantized")
+            if linear and t.dim() > 2:  # fused experts left as they are: listed, so no loader takes them for quantized
+                self.excluded.add(module)
             return False
         if not t.dtype.is_floating_point or t.dtype.itemsize < 2:
             raise ConversionError(f"quark {self.scheme}: {name} is {str(t.dtype).replace('torch.', '')}, "
