@@ -5,10 +5,11 @@ venv (``.venv``) through the Python API, ``convert_checkpoint(src, dst, quantize
 
     bash compat/quark_setup.sh && .venv-quark/bin/python compat/quark_check.py
 
-It writes a tiny bf16 checkpoint (two shards: attention, dense MLP, a MoE layer with a router,
+It writes a tiny checkpoint (bf16, fp16 and fp32 copies) (two shards: attention, dense MLP, a MoE layer with a router,
 norms, embeddings, lm_head; edge rows: all zero, tiny, huge, exact ties), quantizes it with
 Quark's ``quantize_model_per_safetensor`` on CPU for every scheme and with ours, and compares
-every tensor with ``torch.equal`` (dtype and shape included), the tensor names per file, the
+every tensor byte for byte (``torch.equal`` of the bytes, so NaN codes compare too; dtype and shape
+included), the tensor names per file, the
 index's weight map, and config.json with its ``quantization_config``. Exit 0 only when all are equal.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,14 +34,18 @@ QUARK_EXCLUDE = ["lm_head", "*.mlp.gate"]
 H, FFN, E, V = 256, 384, 4, 512
 
 
-def make_model(path: str, seed: int = 0) -> None:
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def make_model(path: str, seed: int = 0, dtype: str = "bfloat16") -> None:
     g = torch.Generator().manual_seed(seed)
+    dt = DTYPES[dtype]
 
     def w(*shape, scale=0.05):
-        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+        return (torch.randn(*shape, generator=g) * scale).to(dt)
 
     shard1 = {"model.embed_tokens.weight": w(V, H)}
-    shard2 = {"lm_head.weight": w(V, H), "model.norm.weight": torch.ones(H, dtype=torch.bfloat16)}
+    shard2 = {"lm_head.weight": w(V, H), "model.norm.weight": torch.ones(H, dtype=dt)}
     for layer, shard in ((0, shard1), (1, shard2)):
         p = f"model.layers.{layer}"
         shard[f"{p}.input_layernorm.weight"] = w(H) + 1
@@ -59,7 +65,7 @@ def make_model(path: str, seed: int = 0) -> None:
     q[1, :128] = 0
     q[2] = q[2] * 1e-6  # tiny
     q[3] = q[3] * 300  # large
-    q[4] = torch.arange(H, dtype=torch.bfloat16).remainder(16) - 8  # exact halves after scaling
+    q[4] = torch.arange(H, dtype=dt).remainder(16) - 8  # exact halves after scaling
     q[5, :32] = torch.tensor([6.0, 0.25, -0.75, 1.25, 3.5, -5.0, 0.5, 2.5] * 4)  # fp4 ties
     shard1["model.layers.0.self_attn.k_proj.weight"][7] = torch.tensor([7.5, -7.5, 1.0, 3.75] * (H // 4))
     os.makedirs(path, exist_ok=True)
@@ -72,7 +78,7 @@ def make_model(path: str, seed: int = 0) -> None:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": H,
               "intermediate_size": FFN, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
-              "vocab_size": V, "rms_norm_eps": 1e-6, "torch_dtype": "bfloat16", "tie_word_embeddings": False}
+              "vocab_size": V, "rms_norm_eps": 1e-6, "torch_dtype": dtype, "tie_word_embeddings": False}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
 
@@ -99,6 +105,10 @@ def run_ours(src: str, dst: str, scheme: str, python: str) -> None:
         raise SystemExit(f"our converter failed on {scheme}:\n{done.stderr}")
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
 def compare(ref: str, ours: str) -> tuple[int, list[str]]:
     """(tensors compared, differences)."""
     diffs: list[str] = []
@@ -119,9 +129,9 @@ def compare(ref: str, ours: str) -> tuple[int, list[str]]:
             x, y = a[name], b[name]
             if x.dtype != y.dtype or x.shape != y.shape:
                 diffs.append(f"{name}: quark {x.dtype} {list(x.shape)} ours {y.dtype} {list(y.shape)}")
-            elif not torch.equal(x, y):
-                bad = (x.view(torch.uint8) != y.view(torch.uint8)).sum().item() if x.dtype.itemsize == 1 else (x != y).sum().item()
-                diffs.append(f"{name}: {bad}/{x.numel()} elements differ ({x.dtype})")
+            elif not torch.equal(_bits(x), _bits(y)):  # bitwise: NaN codes compare too
+                bad = (_bits(x) != _bits(y)).sum().item()
+                diffs.append(f"{name}: {bad}/{x.nbytes} bytes differ ({x.dtype})")
     qc, rest, maps = [], [], []
     for root in (ref, ours):
         with open(os.path.join(root, "config.json")) as f:
@@ -167,6 +177,7 @@ def main() -> int:
     parser.add_argument("--ours_python", default=os.path.join(ROOT, ".venv", "bin", "python"),
                         help="python of the project's venv (runs our converter)")
     parser.add_argument("--schemes", nargs="*", default=list(SCHEMES))
+    parser.add_argument("--dtypes", nargs="*", default=list(DTYPES), help="source checkpoint dtypes")
     parser.add_argument("--keep", help="keep the checkpoints in this directory")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
@@ -175,29 +186,29 @@ def main() -> int:
         import quark.torch.quantization.file2file_quantization  # noqa: F401  (builds its kernels, logs)
 
     work = args.keep or tempfile.mkdtemp(prefix="quark_check_")
-    src = os.path.join(work, "src")
-    make_model(src)
     rows, ok = [], True
-    for scheme in args.schemes:
-        ref, ours = os.path.join(work, f"quark_{scheme}"), os.path.join(work, f"ours_{scheme}")
-        for d in (ref, ours):
-            if os.path.exists(d):
-                import shutil
-                shutil.rmtree(d)
-        os.makedirs(ref)
-        with _quiet():
-            run_quark(src, ref, scheme)
-        run_ours(src, ours, scheme, args.ours_python)
-        n, diffs = compare(ref, ours)
-        ok &= not diffs
-        rows.append((scheme, n, "byte-identical" if not diffs else f"{len(diffs)} differences"))
-        for d in diffs[: None if args.verbose else 10]:
-            print(f"  {scheme}: {d}")
+    for dtype in args.dtypes:
+        src = os.path.join(work, f"src_{dtype}")
+        make_model(src, dtype=dtype)
+        for scheme in args.schemes:
+            ref, ours = os.path.join(work, f"quark_{scheme}_{dtype}"), os.path.join(work, f"ours_{scheme}_{dtype}")
+            for d in (ref, ours):
+                if os.path.exists(d):
+                    shutil.rmtree(d)
+            os.makedirs(ref)
+            with _quiet():
+                run_quark(src, ref, scheme)
+            run_ours(src, ours, scheme, args.ours_python)
+            n, diffs = compare(ref, ours)
+            ok &= not diffs
+            rows.append((scheme, dtype, n, "byte-identical" if not diffs else f"{len(diffs)} differences"))
+            for d in diffs[: None if args.verbose else 10]:
+                print(f"  {scheme} {dtype}: {d}")
     print(f"\namd-quark {quark.__version__} file-to-file (CPU) vs convert_checkpoint quark converter")
-    print(f"{'scheme':<12} {'tensors':>7}  result")
-    for scheme, n, result in rows:
-        print(f"{scheme:<12} {n:>7}  {result}")
-    print("tensors: torch.equal with dtype and shape; config.json (quantization_config included) and the "
+    print(f"{'scheme':<12} {'source':<9} {'tensors':>7}  result")
+    for scheme, dtype, n, result in rows:
+        print(f"{scheme:<12} {dtype:<9} {n:>7}  {result}")
+    print("tensors: torch.equal of the bytes, with dtype and shape; config.json (quantization_config included) and the "
           "index weight map compared too")
     return 0 if ok else 1
 

@@ -127,7 +127,8 @@ def test_int4_wo_128():
     assert torch.equal(codes, q.reshape(40, 256))
     assert torch.all(s[0] == EPS32)  # an all-zero group: eps, codes 0
 
-    vllm = quantize("int4_wo_128", w, targets=(), ignore=(), int4_layout="vllm")
+    (c,) = build("int4_wo_128", [], [], int4_layout="vllm")
+    vllm = c.process({n: w})
     assert torch.equal(vllm[f"{n}_scale"], scale.t())
     assert torch.equal(unpack_nibbles(vllm[n], AWQ)[:, :40].t(), q.reshape(40, 256))
 

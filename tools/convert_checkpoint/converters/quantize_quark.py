@@ -33,20 +33,27 @@ embeddings, ``lm_head``, norms, MoE routers and shared-expert gates (``mlp.gate`
 overrides that default set. ``quantization_config`` is what Quark writes, with ``exclude`` the sorted
 exact names of the Linear-like modules left unquantized (Quark resolves its globs the same way).
 
-**Where Quark and vLLM's Quark loader disagree** (§2.6), we follow Quark's bytes by default, because
-the point of this converter is a drop-in replacement whose output equals the tool people use and
-compare against; where that output is not loadable, the option below changes the layout:
+**Where Quark and vLLM's Quark loader disagree** (§2.6), we follow Quark's bytes by default: the
+point of this converter is a drop-in replacement whose output equals what the tool people use
+writes (and compare against). Where that output is not loadable, an option changes the layout:
 
 * ``int4_wo_128``: Quark writes ``weight`` int32 (in, out/8) in natural nibble order and
-  ``weight_scale`` (out, in/g) while declaring ``export.pack_method: "reorder"``; vLLM's
-  ``QuarkW4A16Int4`` reads ``pack_method`` and wants ``weight_scale`` (in/g, out). With
-  ``int4_layout="vllm"`` we write the nibbles in the declared (AWQ, "reorder") order and the scale
-  transposed to (in/g, out), which is what that loader expects; the codes are the same.
+  ``weight_scale`` (out, in/g), while declaring ``export.pack_method: "reorder"``. vLLM's
+  ``QuarkW4A16Int4`` (read from its source, not run here) creates ``weight`` (in, out/8),
+  ``weight_scale`` (in/g, out) and an optional ``weight_zero_point``, and decodes the nibbles in
+  the AWQ order that ``pack_method: "reorder"`` declares (``canonicalize_quark_packed_int4``). So
+  Quark's scale fails that loader's shape check, and even a square one would scramble the codes.
+  ``int4_layout="vllm"`` (``build(..., int4_layout="vllm")``) writes the same codes and scales in
+  the loader's layout: nibbles in AWQ order, ``weight_scale`` transposed to (in/g, out).
 * ``fp8``: Quark's scheme declares static per-tensor input scales, but file-to-file writes no
-  ``input_scale`` (there is no calibration data). We write the same (Quark's bytes); prefer
-  ``ptpc_fp8`` (dynamic activations) for serving.
+  ``input_scale`` (there is no calibration data), and so do we (Quark's bytes); serve
+  ``ptpc_fp8`` (dynamic activations) instead.
 * ``int4_fp8``: vLLM loads it only for MoE experts (ROCm AITER); dense layers raise
-  ``NotImplementedError`` there. We write it everywhere Quark does; restrict it with ``targets``.
+  ``NotImplementedError`` there. We write it wherever Quark does; restrict it with ``targets``.
+* ``ptpc_fp8`` on an fp16 source: a row whose ``amax/448`` underflows fp16 (``amax`` below about
+  1.3e-5, not zero) gets its scale rounded to 0 before the division, so Quark writes ±448 codes
+  and NaN codes for the row's zeros. We reproduce it byte for byte; bf16 and fp32 sources are not
+  affected.
 """
 from __future__ import annotations
 
@@ -380,6 +387,8 @@ def _drop_quantization_config(config: dict) -> None:
             _drop_quantization_config(value)
 
 
-def build(scheme: str, targets: list[str], ignore: list[str]) -> list[QuarkQuantizer]:
-    """The converters for ``convert-checkpoint quantize --format quark --scheme SCHEME``."""
-    return [QuarkQuantizer(scheme, targets, ignore)]
+def build(scheme: str, targets: list[str], ignore: list[str], *, int4_layout: str = "quark") -> list[QuarkQuantizer]:
+    """The converters for ``convert-checkpoint quantize --format quark --scheme SCHEME``:
+    ``targets``/``ignore`` are module names or ``re:`` patterns (empty targets: every Linear
+    weight); ``int4_layout`` is ``quark`` (amd-quark's bytes) or ``vllm`` (see the module doc)."""
+    return [QuarkQuantizer(scheme, targets, ignore, int4_layout=int4_layout)]
