@@ -316,18 +316,21 @@ def test_transformers_loads_llama(llama, tmp_path, scheme):
     assert (logits - base).abs().mean() < bound * base.abs().mean()
 
 
-def test_transformers_loads_qwen3_moe(tiny_hf, tmp_path):
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_transformers_loads_moe(tiny_hf, dsv3, tmp_path, family):
+    """Qwen3-MoE and DeepSeek-V3 (MLA, shared experts, an MTP layer transformers skips), FP8_DYNAMIC.
+    transformers dequantizes the fused experts in bf16 (the other weights are exact), hence 1e-3.
+    (Its NVFP4 expert loading ignores weight_global_scale, in transformers 5.24: not used here.)"""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    hf = tiny_hf(TinySpec("qwen3_moe", dtype=torch.bfloat16, num_layers=2))
+    hf = tiny_hf(TinySpec("qwen3_moe", dtype=torch.bfloat16, num_layers=2)) if family == "qwen3_moe" else dsv3
     out = str(tmp_path / "out")
     assert quantize(hf, out, "--scheme", "FP8_DYNAMIC") == 0
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
                                                  quantization_config=CompressedTensorsConfig(run_compressed=False))
     with torch.no_grad():
         logits = model(torch.arange(24).reshape(2, 12)).logits
-    # transformers dequantizes the fused experts in bf16 (the attention weights are exact): 1e-4
-    assert (logits - _dequantized_logits(out, tmp_path)).abs().max() < 1e-4 * max(1.0, logits.abs().max().item())
+    assert (logits - _dequantized_logits(out, tmp_path)).abs().max() < 1e-3
 
 
 # --- pre-stages ------------------------------------------------------------------------------
