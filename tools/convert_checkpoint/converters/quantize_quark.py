@@ -190,16 +190,15 @@ def pack_int4(q: torch.Tensor, reorder: bool) -> torch.Tensor:
     """Quark's ``Pack_4_bits``: 8 nibbles per int32 along the last dim (zero-padded), nibble ``i``
     from element ``order[i]`` (``[0,2,4,6,1,3,5,7]`` when ``reorder``), two's complement."""
     rows, cols = q.shape
-    pad = -cols % 8
-    nib = (q.to(torch.int32) & 0xF)
-    if pad:
-        nib = torch.cat([nib, torch.zeros(rows, pad, dtype=torch.int32)], dim=1)
+    nib = q.to(torch.int32) & 0xF
+    if cols % 8:
+        nib = torch.cat([nib, torch.zeros(rows, -cols % 8, dtype=torch.int32)], dim=1)
     nib = nib.reshape(rows, -1, 8)
-    if reorder:
-        nib = nib[:, :, [0, 2, 4, 6, 1, 3, 5, 7]]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    total = (nib.to(torch.int64) << shifts).sum(dim=2)  # disjoint bits: the sum is the OR
-    return torch.where(total >= (1 << 31), total - (1 << 32), total).to(torch.int32)
+    order = (0, 2, 4, 6, 1, 3, 5, 7) if reorder else tuple(range(8))
+    packed = nib[:, :, order[0]].clone()
+    for i in range(1, 8):  # int32 shifts wrap the top nibble into the sign bit, as Quark's do
+        packed |= nib[:, :, order[i]] << (4 * i)
+    return packed
 
 
 def mx_scale(amax: torch.Tensor) -> torch.Tensor:
@@ -214,21 +213,17 @@ def mx_scale(amax: torch.Tensor) -> torch.Tensor:
     return s.masked_fill(s == 0, _EPS32)
 
 
-_FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-
-
 def fp4_codes(x: torch.Tensor) -> torch.Tensor:
-    """E2M1 codes (sign bit 3) of fp32 ``x``: nearest grid value, ties to the even code, saturating;
-    zero is always +0 (code 0), as Quark packs it."""
-    a = x.abs()
-    # boundaries between grid values; at a tie the even code (lower mantissa bit 0) wins
-    mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
-    idx = torch.bucketize(a, mids, right=False)  # a == mid -> lower index
-    tie = (idx < 7) & (a == mids[idx.clamp(max=6)])
-    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # a tie goes to the even code
-    idx = torch.where(torch.isnan(a), torch.full_like(idx, 7), idx)
-    sign = (x < 0) & (idx > 0)  # Quark writes +0 for values that round to zero
-    return (idx | (sign.to(idx.dtype) << 3)).to(torch.uint8)
+    """E2M1 codes (sign bit 3) of fp32 ``x``: nearest grid value, ties to the even code, saturating
+    at 6; zero is always +0 (code 0), as Quark packs it. Below 1 the code is ``round(2|x|)`` (half
+    to even); from 1 to 6 it is the fp32 bits rounded to one mantissa bit (half to even), whose
+    exponent and mantissa bit are the code's."""
+    a = x.abs().clamp_(max=6.0)
+    bits = a.view(torch.int32)
+    normal = ((bits + (0x1FFFFF + ((bits >> 22) & 1))) >> 22) - 252  # 1.0 (127 << 23) -> code 2
+    code = torch.where(a < 1, torch.round(a * 2).to(torch.int32), normal)
+    code = code.masked_fill_(torch.isnan(a), 7).to(torch.uint8)
+    return code | (((x < 0) & (code > 0)).to(torch.uint8) << 3)
 
 
 def mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
