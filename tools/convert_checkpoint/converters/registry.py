@@ -219,6 +219,9 @@ def _quantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> lis
             raise ConversionError("quantize: --format quark is not available in this version") from None
         if "config" in o:
             raise ConversionError("quantize: --format quark takes --scheme, not --config")
+        if str(o.get("rounding", "fp32")) != "fp32" or str(o.get("device", "cpu")) != "cpu":
+            raise ConversionError("quantize: --format quark has its own rounding and runs on cpu "
+                                  "(--rounding and --device are for compressed-tensors)")
         return list(quantize_quark.build(str(o.get("scheme")), _names(o.get("targets", ())), _names(o.get("ignore", ()))))
     if fmt != "compressed-tensors":
         raise ConversionError(f"quantize: format {fmt!r} is not compressed-tensors or quark")
