@@ -8,11 +8,12 @@
 # spelling pulls CUDA builds), and stays pinned by a constraint while llmcompressor's own
 # requirements resolve (its range torch>=2.10,<=2.14 admits 2.13.0).
 #
-# Exit status: 0 when the venv is ready; 3 when it cannot be created (no network, package not found),
-# which compat/llmcompressor_check.py turns into a "SKIPPED: ..." line.
+# Exit status: 0 when the venv is ready (then $VENV/.ready exists); 3 when it cannot be created
+# (no network, package not found), which compat/llmcompressor_check.py turns into a "SKIPPED: ..."
+# line; 1 when it installs but llmcompressor does not import (a real failure).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-VENV=.venv-llmc
+VENV=${LLMC_VENV:-.venv-llmc}
 LLMC_VERSION=0.14.0.1
 PY=$VENV/bin/python
 start=$(date +%s)
@@ -28,11 +29,14 @@ from llmcompressor import model_free_ptq  # noqa: F401
 PYEOF
 }
 
+# compat/llmcompressor_check.py runs this script when $VENV/.ready is missing.
 if ready; then
+  touch "$VENV/.ready"
   echo "llmcompressor setup: $VENV already ready ($(( $(date +%s) - start )) s)"
   exit 0
 fi
 
+rm -f "$VENV/.ready"
 if [ ! -x "$PY" ]; then
   python3 -m venv "$VENV" || { echo "llmcompressor setup: cannot create $VENV"; exit 3; }
 fi
@@ -48,7 +52,8 @@ pipi -c "$cons" "llmcompressor==$LLMC_VERSION" "compressed-tensors==0.19.0" "tra
 if ! ready; then
   echo "llmcompressor setup: $VENV built but 'from llmcompressor import model_free_ptq' fails:"
   "$PY" -c "from llmcompressor import model_free_ptq" 2>&1 | tail -5
-  exit 3
+  exit 1
 fi
+touch "$VENV/.ready"
 "$PY" -c "import torch, transformers, compressed_tensors, llmcompressor; from importlib.metadata import version; print('llmcompressor setup ok: torch', torch.__version__, 'llmcompressor', version('llmcompressor'), 'compressed-tensors', compressed_tensors.__version__, 'transformers', transformers.__version__)"
 echo "llmcompressor setup: $(( $(date +%s) - start )) s"
