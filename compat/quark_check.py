@@ -83,24 +83,34 @@ def make_model(path: str, seed: int = 0, dtype: str = "bfloat16") -> None:
         json.dump(config, f)
 
 
-def run_quark(src: str, dst: str, scheme: str) -> None:
+def cases(schemes: list[str]) -> list[tuple[str, str, list[str], list[str]]]:
+    """(scheme, case label, Quark's extra exclude globs, our ignore patterns): each scheme as is,
+    then one with more modules left out, so that the resolved ``exclude`` lists are compared."""
+    out = [(s, "", [], []) for s in schemes]
+    if "ptpc_fp8" in schemes:
+        out.append(("ptpc_fp8", "+ignore", ["*down_proj", "model.layers.1.self_attn.o_proj"],
+                    [r"re:.*down_proj$", "model.layers.1.self_attn.o_proj"]))
+    return out
+
+
+def run_quark(src: str, dst: str, scheme: str, exclude: list[str]) -> None:
     from quark.torch.quantization.config.config import QConfig
     from quark.torch.quantization.config.template import QuantizationSchemeCollection
     from quark.torch.quantization.file2file_quantization import quantize_model_per_safetensor
 
     layer = QuantizationSchemeCollection().get_scheme(scheme).config
-    config = QConfig(global_quant_config=layer, exclude=list(QUARK_EXCLUDE))
+    config = QConfig(global_quant_config=layer, exclude=list(QUARK_EXCLUDE) + exclude)
     quantize_model_per_safetensor(src, config, dst, device="cpu")
 
 
-def run_ours(src: str, dst: str, scheme: str, python: str) -> None:
+def run_ours(src: str, dst: str, scheme: str, ignore: list[str], python: str) -> None:
     """Our converter through the project's Python API (``convert_checkpoint`` with the objects of
     ``quantize_quark.build``), in the project's venv."""
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tools"))
     code = ("import sys; from convert_checkpoint import convert_checkpoint; "
             "from convert_checkpoint.converters.quantize_quark import build; "
-            "convert_checkpoint(sys.argv[1], sys.argv[2], build(sys.argv[3], [], []), progress=False)")
-    done = subprocess.run([python, "-c", code, src, dst, scheme], env=env, capture_output=True, text=True)
+            "convert_checkpoint(sys.argv[1], sys.argv[2], build(sys.argv[3], [], sys.argv[4:]), progress=False)")
+    done = subprocess.run([python, "-c", code, src, dst, scheme, *ignore], env=env, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"our converter failed on {scheme}:\n{done.stderr}")
 
@@ -190,24 +200,26 @@ def main() -> int:
     for dtype in args.dtypes:
         src = os.path.join(work, f"src_{dtype}")
         make_model(src, dtype=dtype)
-        for scheme in args.schemes:
-            ref, ours = os.path.join(work, f"quark_{scheme}_{dtype}"), os.path.join(work, f"ours_{scheme}_{dtype}")
+        for scheme, case, quark_exclude, our_ignore in cases(args.schemes):
+            tag = f"{scheme}_{dtype}" + (f"_{case}" if case else "")
+            ref, ours = os.path.join(work, f"quark_{tag}"), os.path.join(work, f"ours_{tag}")
             for d in (ref, ours):
                 if os.path.exists(d):
                     shutil.rmtree(d)
             os.makedirs(ref)
             with _quiet():
-                run_quark(src, ref, scheme)
-            run_ours(src, ours, scheme, args.ours_python)
+                run_quark(src, ref, scheme, quark_exclude)
+            run_ours(src, ours, scheme, our_ignore, args.ours_python)
             n, diffs = compare(ref, ours)
             ok &= not diffs
-            rows.append((scheme, dtype, n, "byte-identical" if not diffs else f"{len(diffs)} differences"))
+            label = scheme + (f" ({case})" if case else "")
+            rows.append((label, dtype, n, "byte-identical" if not diffs else f"{len(diffs)} differences"))
             for d in diffs[: None if args.verbose else 10]:
-                print(f"  {scheme} {dtype}: {d}")
+                print(f"  {label} {dtype}: {d}")
     print(f"\namd-quark {quark.__version__} file-to-file (CPU) vs convert_checkpoint quark converter")
-    print(f"{'scheme':<12} {'source':<9} {'tensors':>7}  result")
-    for scheme, dtype, n, result in rows:
-        print(f"{scheme:<12} {dtype:<9} {n:>7}  {result}")
+    print(f"{'scheme':<20} {'source':<9} {'tensors':>7}  result")
+    for label, dtype, n, result in rows:
+        print(f"{label:<20} {dtype:<9} {n:>7}  {result}")
     print("tensors: torch.equal of the bytes, with dtype and shape; config.json (quantization_config included) and the "
           "index weight map compared too")
     return 0 if ok else 1
