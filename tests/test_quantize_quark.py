@@ -299,3 +299,13 @@ def test_bad_input_one_line(tmp_path, scheme, extra, targets, fragments):
 def test_unknown_scheme():
     with pytest.raises(ConversionError, match="unknown Quark scheme 'nvfp4'"):
         build("nvfp4", [], [])
+
+
+def test_fused_3d_weight_left_and_excluded():
+    """A 3-D ``*.weight`` (fused experts) is not quantized by default, and is listed in ``exclude``
+    so that no loader takes it for quantized; named in ``targets`` it is an error (above)."""
+    (c,) = build("fp8", [], [])
+    fused = torch.ones(2, 8, 128, dtype=torch.bfloat16)
+    out = c.process({"model.layers.0.mlp.experts.weight": fused})
+    assert torch.equal(out["model.layers.0.mlp.experts.weight"], fused)
+    assert c.update_config(None)["exclude"] == ["model.layers.0.mlp.experts"]
