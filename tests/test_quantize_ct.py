@@ -427,14 +427,19 @@ def test_bad_input(tiny_hf, llama, tmp_path, capsys):
         assert_fails_quantize(capsys, quantize(*argv), out, *fragments)
 
 
-def test_quark_format_without_its_module(llama, tmp_path, capsys):
+def test_format_quark_dispatches(llama, tmp_path, capsys):
+    out = str(tmp_path / "out")
     try:
         import convert_checkpoint.converters.quantize_quark  # noqa: F401
     except ImportError:
-        out = str(tmp_path / "out")
         assert_fails_quantize(capsys, quantize(llama, out, "--scheme", "fp8", "--format", "quark"), out, "not available")
-    else:
-        pytest.skip("quantize_quark exists: tested in test_quantize_quark.py")
+        return
+    assert quantize(llama, out, "--scheme", "fp8", "--format", "quark", "--ignore", "lm_head") == 0
+    assert qconfig(out)["quant_method"] == "quark"  # the bytes: tests/test_quantize_quark.py
+    bad = str(tmp_path / "bad")
+    capsys.readouterr()
+    assert_fails_quantize(capsys, quantize(llama, bad, "--scheme", "fp8", "--format", "quark", "--rounding", "weight_dtype"),
+                          bad, "--format quark has its own rounding")
 
 
 def test_config_groups_and_python_api(llama, tmp_path):
