@@ -453,6 +453,8 @@ def ensure_llmc_venv() -> str | None:
     """None when .venv-llmc is usable, else the reason to skip."""
     if (LLMC_VENV / ".ready").exists():  # written by the setup script once llmcompressor imports
         return None
+    if os.environ.get("LLMC_SETUP_DONE") == "1":  # .ci/compat ran the setup just before: no second try
+        return f"{SETUP.relative_to(ROOT)} (run by .ci/compat) could not create {LLMC_VENV.name}/"
     print(f"{LLMC_VENV.name}/ not ready: running {SETUP.relative_to(ROOT)}", flush=True)
     p = subprocess.run(["bash", str(SETUP)], cwd=ROOT)
     if p.returncode == 3:
