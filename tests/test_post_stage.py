@@ -62,3 +62,32 @@ def test_fp8_megatron_to_hf_through_converters(tiny_hf, tmp_path, monkeypatch):
     config = json.load(open(os.path.join(one, "config.json")))
     assert "quantization_config" not in config
     assert config == json.load(open(os.path.join(two, "config.json")))
+
+
+def test_mcore_to_quantized_hf_equals_two_steps(tiny_hf, tmp_path, capsys):
+    """--quantize on MCore -> HF (item 8 of issue 15): one pass, the bytes of MCore -> HF then
+    `convert-checkpoint quantize` with the same scheme and options, config.json included."""
+    hf = tiny_hf(TinySpec("qwen3_moe"))
+    mcore, one, plain, two = (str(tmp_path / n) for n in ("m", "one", "plain", "two"))
+    assert hf_to_mcore(hf, mcore, tensor_model_parallel_size=2, expert_parallel_size=2) == 0
+    for scheme, extra in (("NVFP4A16", ["--ignore", "re:.*down_proj$"]), ("FP8_DYNAMIC", ["--rounding", "weight_dtype"])):
+        for d in (one, plain, two):
+            if os.path.isdir(d):
+                import shutil
+
+                shutil.rmtree(d)
+        assert convert("--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", mcore,
+                       "--save_ckpt_path", one, "--max_shard_size", "150KB", "--quantize", scheme, *extra) == 0
+        assert mcore_to_hf(mcore, plain, max_shard_size="150KB") == 0
+        assert convert("quantize", plain, two, "--scheme", scheme, *extra) == 0
+        skip = {"conversion_report.json", "conversion_manifest.json"}
+        assert read_tree(one, skip) == read_tree(two, skip), scheme
+        assert json.load(open(os.path.join(one, "config.json")))["quantization_config"]["quant_method"] == \
+            "compressed-tensors"
+    capsys.readouterr()
+    assert convert("--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", hf,
+                   "--save_ckpt_path", str(tmp_path / "x"), "--quantize", "NVFP4A16") == 2
+    assert "needs --save_platform huggingface" in capsys.readouterr().err
+    assert convert("--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", mcore,
+                   "--save_ckpt_path", str(tmp_path / "y"), "--ignore", "lm_head") == 2
+    assert "--ignore goes with --quantize" in capsys.readouterr().err

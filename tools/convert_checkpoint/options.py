@@ -238,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="name of an MTP layer's decoder layer: transformer_layer (megatron-core <= 0.16, default) or mtp_model_layer (0.19+)")
     add("hf_config_path", help="MCore->HF: reference HF dir whose config/tokenizer files are copied")
     add("converter", action="append", metavar="SPEC", help=converter_help() + " HF->MCore: run on the HF source first.")
+    add("quantize", metavar="SCHEME",
+        help="MCore->HF: write a quantized HF checkpoint in one pass (a `convert-checkpoint quantize` scheme, e.g. "
+             "NVFP4A16); the same bytes as MCore->HF followed by `convert-checkpoint quantize`")
+    add("ignore", action="append", metavar="PAT", help="with --quantize: modules not to quantize (names or re: patterns)")
+    add("targets", action="append", metavar="PAT", help="with --quantize: modules to quantize (names or re: patterns)")
+    add("format", choices=("compressed-tensors", "quark"), help="with --quantize: output format (default compressed-tensors)")
+    add("rounding", choices=("fp32", "weight_dtype"), help="with --quantize: fp32 (default) or weight_dtype rounding")
     add("convert_to_fp8", action="store_true",
         help="write the tensors the family YAML marks dtype: fp8 as 128x128 block FP8 even when the source holds them in bf16")
     add("quant_method", choices=QUANT_METHODS, default="pt",
@@ -266,6 +273,24 @@ def _add_incumbent_flags(p: argparse.ArgumentParser) -> None:
         names = [s for n in (flag.name, *flag.aliases) for s in _spellings(n)]
         kind: dict[str, Any] = {"action": "store_true"} if not flag.takes_value else {"metavar": "VALUE"}
         group.add_argument(*names, dest=flag.dest, help=f"{flag.treatment}: {flag.note}", **kind)
+
+
+def _apply_quantize(ns: argparse.Namespace) -> None:
+    """``--quantize SCHEME`` (+ its options) is the built-in ``quantize`` converter, run on the HF
+    tensors after the model mapping."""
+    given = [f for f in ("ignore", "targets", "format", "rounding") if getattr(ns, f)]
+    if ns.quantize is None:
+        if given:
+            raise ConversionError(f"--{given[0]} goes with --quantize")
+        return
+    if ns.save_platform != "huggingface":
+        raise ConversionError(f"--quantize {ns.quantize} writes a quantized HuggingFace checkpoint: it needs "
+                              "--save_platform huggingface")
+    from .converters.quantize_ct import quantize_spec
+
+    spec = quantize_spec(ns.quantize, None, ns.targets or (), ns.ignore or (), ns.rounding or "fp32", ns.device,
+                         ns.format or "compressed-tensors")
+    ns.converter = [*(ns.converter or ()), spec]
 
 
 def _apply_incumbent_flags(ns: argparse.Namespace) -> None:
@@ -299,6 +324,7 @@ def _apply_incumbent_flags(ns: argparse.Namespace) -> None:
 def parse_options(argv: list[str] | None = None) -> ConvertOptions:
     ns = build_parser().parse_args(argv)
     _apply_incumbent_flags(ns)
+    _apply_quantize(ns)
     if ns.megatron_path:
         sys.path.insert(0, ns.megatron_path)
     _check_runtime(ns)

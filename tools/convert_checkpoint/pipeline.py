@@ -147,7 +147,7 @@ def _post_stage(request: PlanRequest, source: Source, target: HFTarget, hf: dict
         return source, target.plan_files(hf, fp8_names)
     chain = stage.chain
     target.post_stage_config = lambda config: chain.hf_config(_unquantized(config))
-    return PostStageSource(source, stage), target.plan_shards(stage.by_shard(f.relpath for f in files), notes)
+    return PostStageSource(source, stage), target.plan_shards(stage.by_shard((f.relpath for f in files), shard_of), notes)
 
 
 def _unquantized(config: dict) -> dict:

@@ -23,6 +23,7 @@ from ..tensor_expr import Expr, Leaf, LeafReader, TensorRef, source
 from .groups import TensorGroup, plan_groups
 from .protocol import ConverterChain
 from .registry import CheckpointInfo, build_chain
+from .source import output_file
 
 STAGE_FILE = "<post-stage>"  # the TensorRef file of converted tensors (they exist only in memory)
 
@@ -41,11 +42,13 @@ class PostStage:
     output_meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
     group_of: dict[str, int] = field(default_factory=dict)  # output name -> group index
 
-    def by_shard(self, shards: Iterable[str]) -> dict[str, list[tuple[str, Expr]]]:
-        """Per output file (in ``shards`` order), its groups' outputs as whole leaves over the stage."""
+    def by_shard(self, shards: Iterable[str], shard_of: Mapping[str, str]) -> dict[str, list[tuple[str, Expr]]]:
+        """Per output file (in ``shards`` order), the outputs as whole leaves over the stage, each
+        in the shard of its module's weight (``convert-checkpoint hf``'s rule)."""
         out: dict[str, list[tuple[str, Expr]]] = {shard: [] for shard in shards}
         for group, names in zip(self.groups, self.outputs):
-            out[group.home] += [(n, source(TensorRef(STAGE_FILE, n), *self.output_meta[n])) for n in names]
+            for n in names:
+                out[output_file(n, group, shard_of)].append((n, source(TensorRef(STAGE_FILE, n), *self.output_meta[n])))
         return out
 
     def group_bytes(self, index: int) -> int:

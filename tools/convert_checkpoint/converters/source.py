@@ -10,7 +10,7 @@ next tensors of the same group; so a worker holds one output file plus one tenso
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,7 +66,7 @@ class ConvertedIndex:
         return sum(_nbytes(self.inputs[self.input_file[n]][n]) for i in touched for n in self.groups[i].members)
 
 
-def _output_file(name: str, group: TensorGroup, src_tensor_file: dict[str, str]) -> str:
+def output_file(name: str, group: TensorGroup, src_tensor_file: Mapping[str, str]) -> str:
     """The shard an output tensor goes to: that of its module's weight in the source (so a fused
     partner read as a dependency keeps its own shard), else the group's home."""
     module = name.rpartition(".")[0]
@@ -110,7 +110,7 @@ def _apply_chain(root: str, config: dict, src_entries: dict[str, dict[str, Tenso
             if name in group_of:
                 other = groups[group_of[name]].label
                 raise ConversionError(f"the converters produce tensor {name} twice: from {other} and from {group.label}")
-            file = _output_file(name, group, src_tensor_file)
+            file = output_file(name, group, src_tensor_file)
             entries[file][name] = TensorEntry(t.dtype, tuple(t.shape), 0)
             tensor_file[name] = file
             group_of[name] = index
