@@ -191,9 +191,17 @@ def main() -> int:
     parser.add_argument("--keep", help="keep the checkpoints in this directory")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    with _quiet():
-        import quark
-        import quark.torch.quantization.file2file_quantization  # noqa: F401  (builds its kernels, logs)
+    try:
+        with _quiet():
+            import quark
+            import quark.torch.quantization.file2file_quantization  # noqa: F401  (builds its kernels, logs)
+    except ImportError as e:
+        print(f"SKIPPED: amd-quark is not importable here ({e}); run bash compat/quark_setup.sh, "
+              "then .venv-quark/bin/python compat/quark_check.py")
+        return 0
+    if not os.access(args.ours_python, os.X_OK):
+        print(f"quark_check: {args.ours_python} (the project's venv) not found; give --ours_python", file=sys.stderr)
+        return 2
 
     work = args.keep or tempfile.mkdtemp(prefix="quark_check_")
     rows, ok = [], True
