@@ -22,6 +22,7 @@ from . import tensor_expr as tx
 from .config.resolve import param_dtype
 from .core.canonical import WORD_EMBEDDINGS
 from .core.plan import ModelInfo, OutputFile, Plan
+from .devices import cuda_device_count
 from .endpoints import endpoint
 from .endpoints.base import CanonicalSource, CanonicalTarget, HFSource, HFTarget, Source, Target
 from .errors import ConversionError
@@ -232,7 +233,7 @@ def finish_fp8_plan(plan: Plan, policy: Fp8Policy) -> None:
         if why:
             recipe = replace(recipe, method="pt")
             plan.notes.append(f"--quant_method te: {why}; using the pt quantizer, which follows TE's rule byte for byte")
-    if recipe.device == "cuda" and recipe.method == "pt" and not torch.cuda.is_available():
+    if recipe.device == "cuda" and recipe.method == "pt" and cuda_device_count() == 0:
         raise ConversionError("--device cuda: no CUDA device is visible; leave --device at cpu")
     plan.fp8 = replace(policy, recipe=recipe)
     quantized = [(n, e) for n, e in jobs if isinstance(e, tx.Quantize)]

@@ -464,11 +464,14 @@ def _check_device(device: str) -> None:
         return
     if not re.fullmatch(r"cuda(:\d+)?", device):
         raise ConversionError(f"quantize: device {device!r} is not cpu, cuda or cuda:N")
-    if not torch.cuda.is_available():
+    from ..devices import cuda_device_count  # without initializing CUDA here: the workers are forked
+
+    count = cuda_device_count()
+    if count == 0:
         raise ConversionError(f"quantize: device {device} requested, but CUDA is not available on this machine")
     index = int(device.partition(":")[2] or 0)
-    if index >= torch.cuda.device_count():
-        raise ConversionError(f"quantize: device {device} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    if index >= count:
+        raise ConversionError(f"quantize: device {device} does not exist ({count} CUDA devices)")
 
 
 def quantize_spec(scheme: Any = None, config: Any = None, targets=(), ignore=(), rounding: str = "fp32",

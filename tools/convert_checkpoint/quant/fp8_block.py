@@ -204,7 +204,9 @@ def te_unavailable_reason() -> str | None:
         import transformer_engine_torch  # noqa: F401
     except Exception as e:  # noqa: BLE001  (ImportError, or a broken build raising anything)
         return f"transformer-engine is not importable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-    if not torch.cuda.is_available():
+    from ..devices import cuda_device_count  # without initializing CUDA: the workers are forked
+
+    if cuda_device_count() == 0:
         return "transformer-engine quantizes on a GPU and no CUDA device is visible"
     return None
 
