@@ -114,14 +114,7 @@ def _apply_chain(root: str, config: dict, src_entries: dict[str, dict[str, Tenso
             entries[file][name] = TensorEntry(t.dtype, tuple(t.shape), 0)
             tensor_file[name] = file
             group_of[name] = index
-    config = dict(config)
-    qc = chain.quantization_config(config.get("quantization_config"))
-    if qc is None:
-        config.pop("quantization_config", None)
-    else:
-        config["quantization_config"] = qc
-    config = chain.model_config(config)
-    return ConvertedIndex(root, config, entries, tensor_file, chain, inputs=src_entries,
+    return ConvertedIndex(root, chain.hf_config(config), entries, tensor_file, chain, inputs=src_entries,
                           input_file=dict(src_tensor_file), groups=groups, group_of=group_of, outputs=outputs)
 
 
