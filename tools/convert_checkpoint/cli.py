@@ -14,9 +14,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return verify_main(argv[1:])
     if argv[:1] == ["quantize"]:  # HF -> HF, model-free quantization
-        from .quantize_cmd import main as quantize_main
+        from .quantize_cmd import not_quantized_lines, parse_quantize_options
 
-        return quantize_main(argv[1:])
+        return run(lambda: parse_quantize_options(argv[1:]), "convert-checkpoint quantize", not_quantized_lines)
     if argv[:1] == ["hf"]:  # HF -> HF through converters
         from .options import parse_hf_options
 
@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     return run(lambda: parse_options(argv), "convert-checkpoint")
 
 
-def run(parse: Callable, prog: str) -> int:
-    """Parse, then the run sequence of ``api.run``; errors become one line with an exit code."""
+def run(parse: Callable, prog: str, dry_run_lines: Callable | None = None) -> int:
+    """Parse, then the run sequence of ``api.run``; errors become one line with an exit code.
+    ``dry_run_lines(plan)`` adds a subcommand's own lines to ``--dry_run``'s output."""
     # Imports inside so that `--help` and flag errors stay fast.
     from . import api
     from .distributed import SINGLE, world_from
@@ -36,7 +37,10 @@ def run(parse: Callable, prog: str) -> int:
     try:
         opts = parse()
         world = world_from(opts.world_size, opts.rank)
-        api.run(opts, world=world)
+        outcome = api.run(opts, world=world)
+        if opts.dry_run and dry_run_lines is not None:
+            for line in dry_run_lines(outcome.plan):
+                print(line)
     except ConversionError as e:
         print(f"{prog}{_who(world)}: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any
 
 from .errors import ConversionError
@@ -77,28 +76,3 @@ def not_quantized_lines(plan: Any) -> list[str]:
     if converted is None:
         return []
     return [line for c in converted.chain.converters if callable(getattr(c, "describe", None)) for line in c.describe()]
-
-
-def main(argv: list[str]) -> int:
-    from . import api
-    from .distributed import SINGLE, world_from
-
-    def _who(world) -> str:
-        return f" [rank {world.rank}/{world.size}]" if world.size > 1 else ""
-
-    prog = "convert-checkpoint quantize"
-    world = SINGLE
-    try:
-        opts = parse_quantize_options(argv)
-        world = world_from(opts.world_size, opts.rank)
-        outcome = api.run(opts, world=world)
-        if opts.dry_run:
-            for line in not_quantized_lines(outcome.plan):
-                print(line)
-    except ConversionError as e:
-        print(f"{prog}{_who(world)}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        print(f"{prog}{_who(world)}: error: {e}", file=sys.stderr)
-        return 1
-    return 0

@@ -23,7 +23,7 @@ from ..tensor_expr import Expr, Leaf, LeafReader, TensorRef, source
 from .groups import TensorGroup, plan_groups
 from .protocol import ConverterChain
 from .registry import CheckpointInfo, build_chain
-from .source import output_file
+from .source import GroupReader, output_file
 
 STAGE_FILE = "<post-stage>"  # the TensorRef file of converted tensors (they exist only in memory)
 
@@ -81,44 +81,28 @@ def build_post_stage(exprs: Mapping[str, Expr], shard_of: Mapping[str, str], con
     return stage
 
 
-class PostStageReader:
-    """Reads converted tensors: a group is materialized and converted on first use, then kept."""
+class PostStageReader(GroupReader):
+    """Converted tensors after the model mapping: group inputs materialized from the Megatron
+    source's expressions."""
 
     def __init__(self, stage: PostStage, inner: LeafReader):
+        super().__init__(stage.chain)
         self._stage = stage
         self._inner = inner
-        self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
 
-    def _outputs(self, index: int) -> dict[str, torch.Tensor]:
-        if self._cached is not None and self._cached[0] == index:
-            return self._cached[1]
-        self._cached = None  # drop the previous group before building the next
-        group = self._stage.groups[index]
-        tensors = {n: tx.materialize(self._stage.inputs[n], self._inner) for n in group.members}
-        out = self._stage.chain.process(tensors, group.label)
-        planned = self._stage.outputs[index]
-        if set(out) != set(planned):
-            odd = sorted(set(out) ^ set(planned))[0]
-            raise ConversionError(f"the converters' process() and validate() disagree for {group.label}: tensor {odd}")
-        for name, t in out.items():
-            dtype, shape = self._stage.output_meta[name]
-            if t.dtype != dtype or tuple(t.shape) != shape:
-                raise ConversionError(f"converter output {name} is {tx.dtype_name(t.dtype)} {list(t.shape)}, but "
-                                      f"validate() promised {tx.dtype_name(dtype)} {list(shape)}")
-        self._cached = (index, out)
-        return out
+    def _group(self, index: int) -> TensorGroup:
+        return self._stage.groups[index]
 
-    def whole(self, leaf: Leaf) -> torch.Tensor | None:
-        return self._outputs(self._stage.group_of[leaf.ref.name])[leaf.ref.name]
+    def _group_index(self, output: str) -> int:
+        return self._stage.group_of[output]
 
-    def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
-        value = self._outputs(self._stage.group_of[leaf.ref.name])[leaf.ref.name]
-        for dim, (start, length) in enumerate(zip(leaf.offsets, leaf.shape)):
-            value = value.narrow(dim, start, length)
-        out.copy_(value)
+    def _read_inputs(self, group: TensorGroup) -> dict[str, torch.Tensor]:
+        return {n: tx.materialize(self._stage.inputs[n], self._inner) for n in group.members}
 
-    def close(self) -> None:
-        self._cached = None
+    def _planned(self, index: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {n: self._stage.output_meta[n] for n in self._stage.outputs[index]}
+
+    def _close_inputs(self) -> None:
         self._inner.close()
 
 

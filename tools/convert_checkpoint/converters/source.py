@@ -18,7 +18,7 @@ import torch
 
 from ..errors import ConversionError
 from ..formats.safetensors_io import SafetensorsReader, TensorEntry
-from ..tensor_expr import Leaf, TensorRef, source
+from ..tensor_expr import Leaf, TensorRef, dtype_name, source
 from .groups import TensorGroup, plan_groups
 from .protocol import ConverterChain
 from .registry import CheckpointInfo, build_chain
@@ -118,19 +118,82 @@ def _apply_chain(root: str, config: dict, src_entries: dict[str, dict[str, Tenso
                           input_file=dict(src_tensor_file), groups=groups, group_of=group_of, outputs=outputs)
 
 
-class ConvertedReader:
-    """Materializes windows of converted tensors (``tensor_expr.LeafReader``)."""
+class GroupReader:
+    """Reads converted tensors (``tensor_expr.LeafReader``): a group's inputs are read and
+    converted on first use, checked against what ``validate`` announced, and kept for the
+    group's other outputs. Subclasses say where groups, inputs and planned outputs come from."""
 
-    def __init__(self, src: ConvertedIndex):
-        self._src = src
-        self._files = SafetensorsReader(src.root, src.inputs)
+    def __init__(self, chain: ConverterChain) -> None:
+        self._chain = chain
         self._cached: tuple[int, dict[str, torch.Tensor]] | None = None
 
+    # --- what a subclass provides ---------------------------------------------------------
+    def _group(self, index: int) -> TensorGroup:
+        raise NotImplementedError
+
+    def _group_index(self, output: str) -> int:
+        raise NotImplementedError
+
+    def _read_inputs(self, group: TensorGroup) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _planned(self, index: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Output name -> (dtype, shape) that ``validate`` announced for group ``index``."""
+        raise NotImplementedError
+
+    def _close_inputs(self) -> None:
+        raise NotImplementedError
+
+    # --- shared ---------------------------------------------------------------------------
     def _outputs(self, index: int) -> dict[str, torch.Tensor]:
         if self._cached is not None and self._cached[0] == index:
             return self._cached[1]
         self._cached = None  # drop the previous group before loading the next
-        group: TensorGroup = self._src.groups[index]
+        group = self._group(index)
+        out = self._chain.process(self._read_inputs(group), group.label)
+        planned = self._planned(index)
+        if set(out) != set(planned):
+            extra = sorted(set(out) - set(planned)) or sorted(set(planned) - set(out))
+            raise ConversionError(f"the converters' process() and validate() disagree for {group.label}: "
+                                  f"{'unexpected' if set(out) - set(planned) else 'missing'} tensor {extra[0]}")
+        for name, t in out.items():
+            dtype, shape = planned[name]
+            if t.dtype != dtype or tuple(t.shape) != shape:
+                raise ConversionError(f"converter output {name} is {dtype_name(t.dtype)} {list(t.shape)}, but "
+                                      f"validate() promised {dtype_name(dtype)} {list(shape)}")
+        self._cached = (index, out)
+        return out
+
+    def whole(self, leaf: Leaf) -> torch.Tensor | None:
+        """A whole converted tensor, as the chain produced it (written without a copy)."""
+        return self._outputs(self._group_index(leaf.ref.name))[leaf.ref.name]
+
+    def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
+        value = self._outputs(self._group_index(leaf.ref.name))[leaf.ref.name]
+        for dim, (start, length) in enumerate(zip(leaf.offsets, leaf.shape)):
+            value = value.narrow(dim, start, length)
+        out.copy_(value)
+
+    def close(self) -> None:
+        self._cached = None
+        self._close_inputs()
+
+
+class ConvertedReader(GroupReader):
+    """Converted tensors of an HF checkpoint: group inputs read from its safetensors files."""
+
+    def __init__(self, src: ConvertedIndex):
+        super().__init__(src.chain)
+        self._src = src
+        self._files = SafetensorsReader(src.root, src.inputs)
+
+    def _group(self, index: int) -> TensorGroup:
+        return self._src.groups[index]
+
+    def _group_index(self, output: str) -> int:
+        return self._src.group_of[output]
+
+    def _read_inputs(self, group: TensorGroup) -> dict[str, torch.Tensor]:
         tensors = {}
         for name in group.members:
             file = self._src.input_file[name]
@@ -138,32 +201,11 @@ class ConvertedReader:
             value = torch.empty(e.shape, dtype=e.dtype)
             self._files.read_into(source(TensorRef(file, name), e.dtype, e.shape), value)
             tensors[name] = value
-        out = self._src.chain.process(tensors, group.label)
-        planned = set(self._src.outputs[index])
-        if set(out) != planned:
-            extra = sorted(set(out) - planned) or sorted(planned - set(out))
-            raise ConversionError(f"the converters' process() and validate() disagree for {group.label}: "
-                                  f"{'unexpected' if set(out) - planned else 'missing'} tensor {extra[0]}")
-        for name, t in out.items():
-            e = self._src.entries[self._src.tensor_file[name]][name]
-            if t.dtype != e.dtype or tuple(t.shape) != e.shape:
-                raise ConversionError(
-                    f"converter output {name} is {str(t.dtype).replace('torch.', '')} {list(t.shape)}, but validate() "
-                    f"promised {str(e.dtype).replace('torch.', '')} {list(e.shape)}")
-        self._cached = (index, out)
-        return out
+        return tensors
 
-    def whole(self, leaf: Leaf) -> torch.Tensor:
-        """A whole converted tensor, as the chain produced it (HF -> HF writes it directly)."""
-        return self._outputs(self._src.group_of[leaf.ref.name])[leaf.ref.name]
+    def _planned(self, index: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        return {n: (e.dtype, tuple(e.shape)) for n in self._src.outputs[index]
+                for e in (self._src.entries[self._src.tensor_file[n]][n],)}
 
-    def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
-        value = self._outputs(self._src.group_of[leaf.ref.name])[leaf.ref.name]
-        for dim, (start, length) in enumerate(zip(leaf.offsets, leaf.shape)):
-            value = value.narrow(dim, start, length)
-        out.copy_(value)
-
-    def close(self) -> None:
-        self._cached = None
+    def _close_inputs(self) -> None:
         self._files.close()
-
