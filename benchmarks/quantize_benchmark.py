@@ -4,9 +4,10 @@
 Two measurements per scheme, both in GB/s of bf16 input:
 
 * **math**: the compressed-tensors quantizer on one group of tensors already in memory (on the
-  device for --device cuda; outputs copied back to the host, as the writer needs them): a
-  Llama-8B-sized layer's q/k/v, o, gate/up and down projections (NVFP4 shares global scales
-  across q/k/v and gate/up, as in a real run);
+  device for --device cuda): a Llama-8B-sized layer's q/k/v, o, gate/up and down projections
+  (NVFP4 shares global scales across q/k/v and gate/up, as in a real run). On a GPU it is
+  reported twice: outputs left on the device (the math alone) and copied back to the host (as
+  the writer needs them);
 * **end to end** (``--end-to-end GB``): the command on a synthetic Llama-shaped bf16 checkpoint of
   that size (benchmarks/make_llama_checkpoint.py), wall time and peak RSS of the whole run.
 
@@ -33,7 +34,8 @@ import torch  # noqa: E402
 
 SCHEMES = ("FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W8A16", "W4A16", "W4A16_ASYM", "NVFP4A16", "MXFP4A16", "MXFP4",
            "MXFP8A16")
-HIDDEN, FFN, KV = 4096, 14336, 1024  # Llama-3-8B
+SHAPES = {"llama8b": (4096, 14336, 1024), "llama70b": (8192, 28672, 1024)}  # hidden, ffn, kv width
+HIDDEN, FFN, KV = SHAPES["llama8b"]
 
 
 def layer_tensors(device: str) -> dict[str, torch.Tensor]:
@@ -45,22 +47,49 @@ def layer_tensors(device: str) -> dict[str, torch.Tensor]:
             for n, s in shapes.items()}
 
 
-def math_speed(scheme: str, device: str, repeats: int) -> float:
+def math_speed(scheme: str, device: str, repeats: int, rounding: str = "fp32", check_bytes: bool = False,
+               profile: bool = False) -> dict:
     from convert_checkpoint.converters.quantize_ct import build_quantizer
 
     tensors = layer_tensors(device)
     config = {"model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": FFN}
-    quantizer = build_quantizer(config, tensors.keys(), None, scheme=scheme, device=device)
+    quantizer = build_quantizer(config, tensors.keys(), None, scheme=scheme, device=device, rounding=rounding)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    quantizer.process(dict(tensors))  # warm-up (kernels, allocator)
+    runs = {"math_gb_s": quantizer.process}
     if device != "cpu":
+        runs = {"math_gb_s": quantizer.process_on_device, "math_to_host_gb_s": quantizer.process}
+    speeds: dict = {}
+    if check_bytes and device != "cpu":  # the device's bytes against the CPU's, on these large tensors
+        host = build_quantizer(config, tensors.keys(), None, scheme=scheme, device="cpu", rounding=rounding)
+        want = host.process({k: v.cpu() for k, v in tensors.items()})
+        got = quantizer.process(dict(tensors))
+        speeds["bytes_equal_cpu"] = want.keys() == got.keys() and all(
+            want[k].dtype == got[k].dtype and torch.equal(want[k].view(torch.uint8), got[k].view(torch.uint8))
+            for k in want)
+    if profile and device != "cpu":
+        quantizer.process_on_device(dict(tensors))
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        quantizer.process(dict(tensors))
-    if device != "cpu":
-        torch.cuda.synchronize()
-    return nbytes * repeats / (time.perf_counter() - start) / 1e9
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                quantizer.process_on_device(dict(tensors))
+            torch.cuda.synchronize()
+        print(f"\n{scheme}: one layer's math on the device, 3 times (host and GPU time)")
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=50))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=6, max_name_column_width=50))
+    for key, fn in runs.items():
+        fn(dict(tensors))  # warm-up (kernels, allocator)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn(dict(tensors))
+        if device != "cpu":
+            torch.cuda.synchronize()
+        speeds[key] = round(nbytes * repeats / (time.perf_counter() - start) / 1e9, 3)
+    return speeds
 
 
 def end_to_end(scheme: str, device: str, src: str, work: str, workers: int) -> tuple[float, float]:
@@ -86,11 +115,17 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--shape", default="llama8b", choices=sorted(SHAPES), help="the layer whose projections are timed")
+    ap.add_argument("--rounding", default="fp32", choices=("fp32", "weight_dtype"))
+    ap.add_argument("--profile", action="store_true", help="on a GPU, print the kernels of one layer's math")
+    ap.add_argument("--check-bytes", action="store_true", help="on a GPU, also compare its bytes with the CPU's")
     ap.add_argument("--end-to-end", type=float, default=0.0, metavar="GB", help="also time the command on a checkpoint of GB")
     ap.add_argument("--max_workers", type=int, default=1)
     ap.add_argument("--work", default="/tmp/quantize_benchmark")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
+    global HIDDEN, FFN, KV
+    HIDDEN, FFN, KV = SHAPES[args.shape]
     schemes = args.schemes.split(",")
     src = os.path.join(args.work, "src")
     if args.end_to_end:
@@ -100,10 +135,15 @@ def main() -> int:
     results = []
     print(f"device {args.device}, torch {torch.__version__}, {os.cpu_count()} cores"
           + (f", {torch.cuda.get_device_name()}" if args.device != "cpu" else ""))
-    print(f"{'scheme':<12} {'math GB/s':>10}" + (f" {'end-to-end GB/s':>16} {'peak RSS GiB':>13}" if args.end_to_end else ""))
+    gpu = args.device != "cpu"
+    print(f"{'scheme':<12} {'math GB/s':>10}" + (f" {'to host GB/s':>13}" if gpu else "")
+          + (f" {'end-to-end GB/s':>16} {'peak RSS GiB':>13}" if args.end_to_end else ""))
     for scheme in schemes:
-        row = {"scheme": scheme, "math_gb_s": round(math_speed(scheme, args.device, args.repeats), 3)}
-        print(f"{scheme:<12} {row['math_gb_s']:>10.3f}", end="", flush=True)
+        row: dict = {"scheme": scheme, "rounding": args.rounding,
+                     **math_speed(scheme, args.device, args.repeats, args.rounding, args.check_bytes,
+                                     args.profile)}
+        print(f"{scheme:<12} {row['math_gb_s']:>10.3f}" + (f" {row['math_to_host_gb_s']:>13.3f}" if gpu else "")
+              + (f" bytes==cpu {row['bytes_equal_cpu']}" if "bytes_equal_cpu" in row else ""), end="", flush=True)
         if args.end_to_end:
             row["end_to_end_gb_s"], row["peak_rss_gib"] = (round(v, 3) for v in end_to_end(
                 scheme, args.device, src, args.work, args.max_workers))
@@ -112,7 +152,7 @@ def main() -> int:
         results.append(row)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "cores": os.cpu_count(), "end_to_end_gb": args.end_to_end,
+            json.dump({"device": args.device, "shape": args.shape, "cores": os.cpu_count(), "end_to_end_gb": args.end_to_end,
                        "max_workers": args.max_workers, "results": results}, f, indent=1)
     return 0
 

@@ -440,6 +440,18 @@ def test_format_quark_dispatches(llama, tmp_path, capsys):
     capsys.readouterr()
     assert_fails_quantize(capsys, quantize(llama, bad, "--scheme", "fp8", "--format", "quark", "--rounding", "weight_dtype"),
                           bad, "--format quark has its own rounding")
+    # --int4_layout vllm: the same codes and scales as the default layout, in vLLM's loader's layout
+    layouts = {}
+    for layout in ("quark", "vllm"):
+        d = str(tmp_path / layout)
+        assert quantize(llama, d, "--scheme", "int4_wo_128", "--format", "quark", "--int4_layout", layout) == 0
+        layouts[layout] = tensors_of(d)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(layouts["vllm"][f"{name}_scale"], layouts["quark"][f"{name}_scale"].t())
+    assert not torch.equal(layouts["vllm"][name], layouts["quark"][name])  # nibbles in AWQ order
+    capsys.readouterr()
+    assert_fails_quantize(capsys, quantize(llama, bad, "--scheme", "W4A16", "--int4_layout", "vllm"), bad,
+                          "--int4_layout is for --format quark")
 
 
 def test_config_groups_and_python_api(llama, tmp_path):

@@ -117,6 +117,6 @@ def model_free_ptq(model_stub: str | os.PathLike, save_directory: str | os.PathL
     items = (*pre, quantize_spec(scheme, config, targets, ignore, rounding, str(device), format))
     labels = tuple(c if isinstance(c, str) else converter_label(c) for c in items)
     opts = ConvertOptions("huggingface", "huggingface", os.fspath(model_stub), os.fspath(save_directory),
-                          converters=labels, max_workers=max_workers, max_memory=max_memory, overwrite=overwrite,
-                          resume=resume, progress=progress, dry_run=dry_run)
+                          converters=labels, device=str(device), max_workers=max_workers, max_memory=max_memory,
+                          overwrite=overwrite, resume=resume, progress=progress, dry_run=dry_run)
     return run(opts, converters=items, world=SINGLE, echo=False).results

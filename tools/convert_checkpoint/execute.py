@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .core.plan import OutputFile, Plan
+from .devices import DeviceLoad
 from .distributed import SINGLE, World
 from .errors import ConversionError
 from .manifest import (
@@ -61,9 +62,11 @@ class BuildSettings:
     strict_values: bool = False  # NaN/Inf in a tensor is an error, not a warning
 
 
-def _build_file(out: OutputFile, settings: BuildSettings, index: int = 0) -> FileResult:
+def _build_file(out: OutputFile, settings: BuildSettings, index: int = 0, gpu: int | None = None) -> FileResult:
     assert _PLAN is not None
     start = time.perf_counter()
+    if gpu is not None:  # the file's math (FP8, quantizers asking for "cuda") runs on this device
+        torch.cuda.set_device(gpu)
     ctx = FileContext(out.relpath, _PLAN.source.reader(), settings.fp8, settings.strict_values)
     path = os.path.join(settings.root, out.relpath)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -151,22 +154,29 @@ def check_memory_budget(plan: Plan, budget: int | None) -> None:
         )
 
 
-def _run_pool(todo: list[OutputFile], max_workers: int, budget: int | None, submit, finished) -> int:
+def _run_pool(todo: list[OutputFile], max_workers: int, budget: int | None, submit, finished,
+              gpus: tuple[int, ...] = ()) -> int:
     """Build files in worker processes, admitting them largest first while the planned sizes of
-    the files in flight fit in ``budget``. Returns the largest in-flight total seen."""
+    the files in flight fit in ``budget``; with GPUs, each file goes to the GPU with the least
+    planned bytes in flight. Returns the largest in-flight total seen."""
     queue = sorted(todo, key=lambda f: f.nbytes, reverse=True)
     in_flight: dict = {}
+    load = DeviceLoad(gpus)
     held = peak = 0
     while queue or in_flight:
         while queue and len(in_flight) < max_workers and (
                 not in_flight or budget is None or held + queue[0].nbytes <= budget):
             f = queue.pop(0)
-            in_flight[submit(f)] = f
+            gpu = load.take(f.nbytes) if gpus else None
+            in_flight[submit(f, gpu)] = (f, gpu)
             held += f.nbytes
             peak = max(peak, held)
         done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
         for fut in done:
-            held -= in_flight.pop(fut).nbytes
+            f, gpu = in_flight.pop(fut)
+            held -= f.nbytes
+            if gpu is not None:
+                load.release(gpu, f.nbytes)
             finished(fut.result())
     return peak
 
@@ -196,8 +206,9 @@ def execute(plan: Plan, run: RunOptions, max_memory: int | None = None, world: W
     error = None
     try:
         settings = BuildSettings(root, plan.fp8, strict_values=run.strict_values)
+        gpus = run.gpus[world.rank % len(run.gpus):] + run.gpus[:world.rank % len(run.gpus)] if run.gpus else ()
         results, peak_in_flight = _build_share(plan, mine, manifest, settings, run.max_workers, max_memory,
-                                               run.progress and world.leader)
+                                               run.progress and world.leader, gpus)
         # Make every file durable before the markers that declare the checkpoint complete. Done
         # here rather than per file so a worker never blocks on the disk between files.
         for f in mine:
@@ -238,8 +249,10 @@ def _merge_manifests(target: str, plan: Plan, fingerprint: str, results: list[Fi
 
 
 def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settings: BuildSettings, max_workers: int,
-                 max_memory: int | None, progress: bool) -> tuple[list[FileResult], int]:
-    """Build ``files`` not already done (verified) in ``manifest``, recording each as it lands."""
+                 max_memory: int | None, progress: bool, gpus: tuple[int, ...] = ()) -> tuple[list[FileResult], int]:
+    """Build ``files`` not already done (verified) in ``manifest``, recording each as it lands
+    (spread over ``gpus``, the first of them when building in this process; under torchrun each
+    rank starts the rotation at its own rank)."""
     global _PLAN
     _PLAN = plan
     done_before = manifest.done
@@ -260,20 +273,23 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
     try:
         if max_workers <= 1 or len(todo) <= 1:
             for index, f in enumerate(todo):
-                finished(_build_file(f, settings, index))
+                finished(_build_file(f, settings, index, gpus[0] if gpus else None))
         else:
             position = {f.relpath: i for i, f in enumerate(todo)}
             # Reusing a worker's buffer saves page faults, but parks a file's worth of memory in
             # every worker: only when the budget could hold every worker's largest file.
             largest = max(f.nbytes for f in todo)
             settings = replace(settings, keep_arena=max_memory is None or max_workers * largest <= max_memory)
+            if gpus and torch.cuda.is_initialized():
+                raise ConversionError("this process has already used CUDA, so the forked workers cannot: run the "
+                                      "conversion in a fresh process, or with max_workers=1")
             # torch's intra-op threads would oversubscribe the cores next to N workers.
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
                 peak_in_flight = _run_pool(
                     todo, max_workers, max_memory,
-                    lambda f: pool.submit(_build_file, f, settings, position[f.relpath]),
-                    finished)
+                    lambda f, gpu: pool.submit(_build_file, f, settings, position[f.relpath], gpu),
+                    finished, gpus)
     except OSError as e:
         done = len(manifest.done)
         raise OSError(e.errno, f"{e.strerror}; {done} of {len(files)} files are finished and kept: "

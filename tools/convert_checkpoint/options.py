@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 from . import compat
 from .converters.registry import BUILTINS as CONVERTER_BUILTINS
 from .converters.registry import DTYPE_NAMES
+from .devices import math_device
 from .endpoints import ENDPOINTS
 from .errors import ConversionError
 from .layout.pipeline import parse_layer_list
@@ -93,7 +94,7 @@ class ConvertOptions:
                 mtp_layer_name=self.mtp_layer_name),
             vocab=VocabPadding(self.make_vocab_size_divisible_by, self.pad_vocab_size_to, self.add_embedding_padding),
             fp8=Fp8Request(self.convert_to_fp8, self.quant_method, self.force_pow_2_scales, self.amax_epsilon,
-                           self.fp8_force_no_requant, self.device),
+                           self.fp8_force_no_requant, math_device(self.device)),
             converters=tuple(self.converters if converters is None else converters),
             max_shard_size=self.max_shard_size,
             hf_config_path=self.hf_config_path,
@@ -102,8 +103,10 @@ class ConvertOptions:
 
     def run_options(self) -> RunOptions:
         """How the run goes (none of it changes the output)."""
+        from .devices import parse_device  # counts GPUs (through NVML): only when a run starts
+
         return RunOptions(self.max_workers, self.max_memory, self.world_size, self.rank, self.overwrite, self.resume,
-                          self.strict_values, self.dry_run, self.verbose, self.progress)
+                          self.strict_values, self.dry_run, self.verbose, self.progress, gpus=parse_device(self.device, require=False))
 
 
 def _spellings(name: str) -> list[str]:
@@ -119,6 +122,12 @@ def _str2bool(text: str) -> bool:
     if low in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?(,(cuda:)?\d+)*", text.strip()):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or cuda:N,M,..., got {text!r}")
+    return text.strip()
 
 
 def _size(text: str) -> int:
@@ -245,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("targets", action="append", metavar="PAT", help="with --quantize: modules to quantize (names or re: patterns)")
     add("format", choices=("compressed-tensors", "quark"), help="with --quantize: output format (default compressed-tensors)")
     add("rounding", choices=("fp32", "weight_dtype"), help="with --quantize: fp32 (default) or weight_dtype rounding")
+    add("int4_layout", choices=("quark", "vllm"),
+        help="with --quantize int4_wo_128 --format quark: quark (amd-quark's bytes, default) or vllm (its loader's layout)")
     add("convert_to_fp8", action="store_true",
         help="write the tensors the family YAML marks dtype: fp8 as 128x128 block FP8 even when the source holds them in bf16")
     add("quant_method", choices=QUANT_METHODS, default="pt",
@@ -254,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("amax_epsilon", type=_non_negative_float, default=0.0, help="FP8: floor on each block's amax (default 0)")
     add("fp8_force_no_requant", action="store_true",
         help="FP8: never requantize; a cut through a 128-block is an error, scales are kept in their style")
-    add("device", choices=("cpu", "cuda"), default="cpu", help="where FP8 quantization math runs (default cpu)")
+    add("device", type=_device, default="cpu",
+        help="where FP8 and --quantize math runs: cpu (default), cuda (every GPU), cuda:N or cuda:N,M (files spread "
+             "over the GPUs by estimated memory)")
     add("pretrain_as_fp8", action="store_true", help="accepted for LoongForge compatibility; no effect")
     add("max_shard_size", type=_size, default=5 * 1000**3, help="HF output shard cap (default 5GB)")
     add("safetensors", action="store_true", help="accepted for compatibility; HF I/O is always safetensors")
@@ -278,7 +291,7 @@ def _add_incumbent_flags(p: argparse.ArgumentParser) -> None:
 def _apply_quantize(ns: argparse.Namespace) -> None:
     """``--quantize SCHEME`` (+ its options) is the built-in ``quantize`` converter, run on the HF
     tensors after the model mapping."""
-    given = [f for f in ("ignore", "targets", "format", "rounding") if getattr(ns, f)]
+    given = [f for f in ("ignore", "targets", "format", "rounding", "int4_layout") if getattr(ns, f)]
     if ns.quantize is None:
         if given:
             raise ConversionError(f"--{given[0]} goes with --quantize")
@@ -289,7 +302,7 @@ def _apply_quantize(ns: argparse.Namespace) -> None:
     from .converters.quantize_ct import quantize_spec
 
     spec = quantize_spec(ns.quantize, None, ns.targets or (), ns.ignore or (), ns.rounding or "fp32", ns.device,
-                         ns.format or "compressed-tensors")
+                         ns.format or "compressed-tensors", ns.int4_layout)
     ns.converter = [*(ns.converter or ()), spec]
 
 

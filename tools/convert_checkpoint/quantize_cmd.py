@@ -51,7 +51,12 @@ def parse_quantize_options(argv: list[str]) -> ConvertOptions:
     p.add_argument("--format", choices=FORMATS, default="compressed-tensors", help="output format (default compressed-tensors)")
     p.add_argument("--converter", action="append", default=[], metavar="SPEC",
                    help="pre-stage run first (e.g. dequantize). " + converter_help())
-    p.add_argument("--device", default="cpu", help="where the quantization math runs: cpu (default), cuda or cuda:N")
+    p.add_argument("--device", default="cpu",
+                   help="where the quantization math runs: cpu (default), cuda (every GPU), cuda:N, or cuda:N,M "
+                        "(files spread over the GPUs by estimated memory)")
+    p.add_argument("--int4_layout", choices=("quark", "vllm"),
+                   help="--format quark int4_wo_128: quark (amd-quark's bytes, default) or vllm (the layout vLLM's Quark "
+                        "loader reads: AWQ nibble order, scale transposed)")
     p.add_argument("--rounding", choices=("fp32", "weight_dtype"), default="fp32",
                    help="fp32: one rounding in fp32 (llm-compressor on CUDA, default); weight_dtype: quotient in the "
                         "weight's dtype (llm-compressor on CPU)")
@@ -63,9 +68,9 @@ def parse_quantize_options(argv: list[str]) -> ConvertOptions:
     config = read_config(ns.config) if ns.config is not None else None
     from .converters.quantize_ct import quantize_spec
 
-    spec = quantize_spec(ns.scheme, config, ns.targets, ns.ignore, ns.rounding, ns.device, ns.format)
+    spec = quantize_spec(ns.scheme, config, ns.targets, ns.ignore, ns.rounding, ns.device, ns.format, ns.int4_layout)
     return ConvertOptions("huggingface", "huggingface", ns.model_stub, ns.save_directory,
-                          converters=(*ns.converter, spec), device=ns.device if ns.device == "cpu" else "cuda",
+                          converters=(*ns.converter, spec), device=ns.device,
                           max_workers=ns.max_workers, max_memory=ns.max_memory, world_size=ns.world_size, rank=ns.rank,
                           overwrite=ns.overwrite, resume=ns.resume, strict_values=ns.strict_values, dry_run=ns.dry_run,
                           verbose=ns.verbose, progress=not ns.no_progress)

@@ -102,3 +102,4 @@ class RunOptions:
     dry_run: bool = False
     verbose: bool = False
     progress: bool = True
+    gpus: tuple[int, ...] = ()  # CUDA devices the workers' math is spread over (--device)

@@ -187,6 +187,11 @@ class CTQuantizer:
     def process(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self._run(tensors, meta=False)
 
+    def process_on_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``process`` with the quantized outputs left on the quantizer's device (the math alone,
+        for benchmarks; the writer needs ``process``'s host tensors)."""
+        return self._run(tensors, meta=False, to_host=False)
+
     def update_config(self, config: Any) -> dict:
         from compressed_tensors import __version__ as library_version
         from compressed_tensors.quantization import QuantizationConfig
@@ -219,7 +224,7 @@ class CTQuantizer:
 
     # --- the work ---------------------------------------------------------------------------
 
-    def _run(self, tensors: dict[str, torch.Tensor], meta: bool) -> dict[str, torch.Tensor]:
+    def _run(self, tensors: dict[str, torch.Tensor], meta: bool, to_host: bool = True) -> dict[str, torch.Tensor]:
         work: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
             module, param = split_param(name)
@@ -251,6 +256,8 @@ class CTQuantizer:
             self._check_divisible(name, t, group)
             todo[name] = group
         out: dict[str, torch.Tensor] = {}
+        if not meta and self.device != "cpu":  # each weight crosses to the device once
+            work = {n: _to_device(t, self.device) if n in todo else t for n, t in work.items()}
         global_scales = self._global_scales(work, todo, meta)
         for name, t in work.items():
             group = todo.get(name)
@@ -259,7 +266,7 @@ class CTQuantizer:
                 continue
             module = split_param(name)[0]
             self.quantized.add(module)
-            for key, value in self._quantize(t, group, global_scales.get(name), meta).items():
+            for key, value in self._quantize(t, group, global_scales.get(name), meta, to_host).items():
                 out[f"{module}.{key}"] = value
         return out
 
@@ -277,6 +284,8 @@ class CTQuantizer:
         """NVFP4: one global scale per fused set, from the set's max |w| (in the weight's dtype)."""
         from compressed_tensors.quantization.utils import generate_gparam
 
+        from ..quant import ct_fused
+
         found: dict[str, torch.Tensor] = {}
         for name, group in todo.items():
             if group.strategy != "tensor_group" or name in found:
@@ -286,24 +295,45 @@ class CTQuantizer:
             members = [m for m in members if todo.get(m) is group] or [name]
             if meta:
                 gs = torch.empty(1, dtype=torch.float32, device="meta")
+            elif self.device != "cpu":  # the reductions and generate_gparam compiled together
+                gs = ct_fused.nvfp4_global_scale([work[m] for m in members])
             else:
-                amax = torch.stack([work[m].to(self.device).abs().amax() for m in members]).amax()
+                amax = torch.stack([_abs_max(work[m]) for m in members]).amax()
                 gs = generate_gparam(-amax.reshape(1), amax.reshape(1))
             for m in members:
                 found[m] = gs
         return found
 
-    def _quantize(self, w: torch.Tensor, group: _Group, gs: torch.Tensor | None, meta: bool) -> dict[str, torch.Tensor]:
+    def _quantize(self, w: torch.Tensor, group: _Group, gs: torch.Tensor | None, meta: bool,
+                  to_host: bool) -> dict[str, torch.Tensor]:
+        if meta:
+            return _meta_outputs(w, group.scheme, group.strategy)
+        out = self.quantize_on_device(_to_device(w, self.device), group, gs)
+        return {key: _to_host(value) for key, value in out.items()} if to_host else out
+
+    def quantize_on_device(self, w: torch.Tensor, group: _Group, gs: torch.Tensor | None,
+                           fused: bool | None = None) -> dict[str, torch.Tensor]:
+        """The compressed tensors of one 2-D weight, computed and left on ``w``'s device.
+
+        ``fused``: through ``quant/ct_fused`` (observer, scale and codes compiled together; the
+        library's bytes) where it covers the scheme. None: on an accelerator with ``fp32``
+        rounding, the case it exists for; True elsewhere runs its formulas eagerly (tests)."""
         from compressed_tensors.compressors import BaseCompressor
         from compressed_tensors.quantization.utils import calculate_qparams
 
+        from ..quant import ct_fused
+
         scheme = group.scheme
         args = scheme.weights
-        if meta:
-            return _meta_outputs(w, scheme, group.strategy)
-        if self.device != "cpu":
-            _eager_kernels()
-        w = w.to(self.device)
+        accelerator = w.device.type != "cpu"
+        if fused is None:
+            fused = accelerator and self.rounding == "fp32"
+        if fused and self.rounding == "fp32":
+            done = ct_fused.quantize(w, scheme, gs, compiled=accelerator)
+            if done is not None:
+                return done
+        if accelerator:
+            _library_kernels(fused=self.rounding == "fp32")
         low, high = _min_max(w, args, group.strategy)
         scale, zero_point = calculate_qparams(low, high, args, global_scale=gs)
         state: dict[str, torch.Tensor | None] = {"weight": w, "weight_scale": scale.to(w.dtype)}
@@ -312,17 +342,19 @@ class CTQuantizer:
         if gs is not None:
             state["weight_global_scale"] = gs
         if self.rounding == "fp32" and w.dtype != torch.float32:
-            state["weight"] = w.float()
+            # One rounding in fp32. The library's fused GPU kernels upcast each element in
+            # registers (x / s with IEEE division), so only the eager path needs an fp32 copy.
+            if not accelerator:
+                state["weight"] = w.float()
             state["weight_scale"] = scale.to(w.dtype).float()
-        compressor = BaseCompressor.get_value_from_registry(scheme.format)
-        out = compressor.compress(state, scheme)
+        out = BaseCompressor.get_value_from_registry(scheme.format).compress(state, scheme)
         result = {}
         for key, value in out.items():
             if value is None:
                 continue
             if key == "weight_scale" and value.dtype == torch.float32 and w.dtype != torch.float32:
                 value = value.to(w.dtype)  # back to the weight's dtype, as the library stores it
-            result[key] = value.contiguous().cpu()
+            result[key] = value.contiguous()
         return result
 
     def _split_experts(self, name: str, param: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -366,21 +398,49 @@ def _expert_sizes(config: Mapping) -> tuple[int, set[int]]:
 
 
 def _min_max(w: torch.Tensor, args: Any, strategy: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """llm-compressor's memoryless min-max observer, in the weight's dtype (reductions are exact)."""
+    """llm-compressor's memoryless min-max observer, in the weight's dtype (reductions are exact,
+    so one ``aminmax`` pass gives its values)."""
     if strategy == "tensor":
-        return w.amin().reshape(1), w.amax().reshape(1)
+        low, high = torch.aminmax(w)
+        return low.reshape(1), high.reshape(1)
     if strategy == "channel":
-        return w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        return torch.aminmax(w, dim=1, keepdim=True)
     if strategy in ("group", "tensor_group"):
-        f = w.reshape(w.shape[0], -1, args.group_size)
-        return f.amin(-1), f.amax(-1)
+        return torch.aminmax(w.reshape(w.shape[0], -1, args.group_size), dim=-1)
     if strategy == "block":
         bh, bw = args.block_structure
         rows, cols = -(-w.shape[0] // bh), -(-w.shape[1] // bw)
-        padded = torch.nn.functional.pad(w, (0, cols * bw - w.shape[1], 0, rows * bh - w.shape[0]))
-        f = padded.reshape(rows, bh, cols, bw).transpose(1, 2).reshape(rows, cols, bh * bw)
-        return f.amin(-1), f.amax(-1)
+        if (rows * bh, cols * bw) != tuple(w.shape):
+            w = torch.nn.functional.pad(w, (0, cols * bw - w.shape[1], 0, rows * bh - w.shape[0]))
+        blocks = w.view(rows, bh, cols, bw)
+        return blocks.amin(dim=(1, 3)), blocks.amax(dim=(1, 3))
     raise ConversionError(f"quantize: weight strategy {strategy} is not supported")
+
+
+def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    """``t`` on ``device``, staged through page-locked host memory when it comes from the host
+    (a copy from pageable memory is several times slower and waits for the device)."""
+    if t.device.type != "cpu" or device == "cpu":
+        return t.to(device)
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    staged.copy_(t)
+    return staged.to(device, non_blocking=True)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A device tensor copied into page-locked host memory (cached by torch's host allocator):
+    several times faster than a copy into pageable memory."""
+    if t.device.type == "cpu":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t)
+    return host
+
+
+def _abs_max(w: torch.Tensor) -> torch.Tensor:
+    """``max |w|`` in one pass (no |w| copy): the larger magnitude of the min and the max."""
+    low, high = torch.aminmax(w)
+    return torch.maximum(low.abs(), high.abs())
 
 
 def _meta_outputs(w: torch.Tensor, scheme: Any, strategy: str) -> dict[str, torch.Tensor]:
@@ -429,7 +489,7 @@ def build_quantizer(model_config: Mapping, tensor_names: Iterable[str], source_q
         method = source_qc.get("quant_method", "?")
         raise ConversionError(f"quantize: the checkpoint is already quantized (quant_method {method}); "
                               "put a pre-stage first: --converter dequantize")
-    _check_device(device)
+    device = _math_device(device)
     if (scheme is None) == (config is None):
         raise ConversionError("quantize: give exactly one of scheme and config")
     groups: dict[str, Any] = {}
@@ -451,35 +511,35 @@ def build_quantizer(model_config: Mapping, tensor_names: Iterable[str], source_q
                        tensor_names=tensor_names)
 
 
-def _eager_kernels() -> None:
-    """On an accelerator, compressed-tensors' eager (torch) kernels rather than its Triton ones, so
-    that each rounding mode writes the bytes it writes on CPU (Triton always divides in fp32)."""
+def _library_kernels(fused: bool) -> None:
+    """On an accelerator, compressed-tensors' fused Triton kernels divide in fp32 with IEEE
+    rounding (``tl.div_rn``): the ``fp32`` rounding's bytes, at memory speed. The ``weight_dtype``
+    rounding divides in the weight's dtype, which only the library's eager (torch) kernels do."""
     from compressed_tensors.utils import impl_backend
 
-    impl_backend.ENFORCE_EAGER = True
+    impl_backend.ENFORCE_EAGER = not fused
 
 
-def _check_device(device: str) -> None:
-    if device == "cpu":
-        return
-    if not re.fullmatch(r"cuda(:\d+)?", device):
-        raise ConversionError(f"quantize: device {device!r} is not cpu, cuda or cuda:N")
-    from ..devices import cuda_device_count  # without initializing CUDA here: the workers are forked
+def _math_device(device: str) -> str:
+    """Validates ``device`` (cpu, cuda, cuda:N, cuda:N,M; existing GPUs) and names where the math
+    runs: one named GPU, or ``cuda`` (the current device, which the executor sets per file when
+    the work is spread over several)."""
+    from ..devices import parse_device  # counts through NVML: the workers are forked
 
-    count = cuda_device_count()
-    if count == 0:
-        raise ConversionError(f"quantize: device {device} requested, but CUDA is not available on this machine")
-    index = int(device.partition(":")[2] or 0)
-    if index >= count:
-        raise ConversionError(f"quantize: device {device} does not exist ({count} CUDA devices)")
+    gpus = parse_device(device)
+    if not gpus:
+        return "cpu"
+    return f"cuda:{gpus[0]}" if len(gpus) == 1 and device.strip() != "cuda" else "cuda"
 
 
 def quantize_spec(scheme: Any = None, config: Any = None, targets=(), ignore=(), rounding: str = "fp32",
-                  device: str = "cpu", fmt: str = "compressed-tensors") -> str:
+                  device: str = "cpu", fmt: str = "compressed-tensors", int4_layout: str | None = None) -> str:
     """The ``--converter`` spec of the built-in ``quantize`` (JSON options)."""
     options: dict[str, Any] = {"rounding": rounding, "device": device}
     if fmt != "compressed-tensors":
         options["format"] = fmt
+    if int4_layout is not None:
+        options["int4_layout"] = int4_layout
     if scheme is not None:
         options["scheme"] = scheme if isinstance(scheme, str) else _dump(scheme)
     if config is not None:

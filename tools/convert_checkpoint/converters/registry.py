@@ -208,10 +208,11 @@ def _dequantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> l
 
 @BUILTINS.register("quantize", "full precision -> a quantized checkpoint, model-free (compressed-tensors, or Quark with "
                                "format=quark). Options: scheme or config, targets, ignore, rounding (fp32 or weight_dtype), "
-                               "device, format")
+                               "device, format, int4_layout (quark: quark or vllm)")
 def _quantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
-    o = _take(spec.options, ("scheme", "config", "targets", "ignore", "rounding", "device", "format"), spec)
+    o = _take(spec.options, ("scheme", "config", "targets", "ignore", "rounding", "device", "format", "int4_layout"), spec)
     fmt = o.pop("format", "compressed-tensors")
+    int4_layout = o.pop("int4_layout", None)
     if fmt == "quark":
         try:
             quantize_quark = importlib.import_module(f"{__package__}.quantize_quark")  # another module's
@@ -222,9 +223,12 @@ def _quantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> lis
         if str(o.get("rounding", "fp32")) != "fp32" or str(o.get("device", "cpu")) != "cpu":
             raise ConversionError("quantize: --format quark has its own rounding and runs on cpu "
                                   "(--rounding and --device are for compressed-tensors)")
-        return list(quantize_quark.build(str(o.get("scheme")), _names(o.get("targets", ())), _names(o.get("ignore", ()))))
+        return list(quantize_quark.build(str(o.get("scheme")), _names(o.get("targets", ())), _names(o.get("ignore", ())),
+                                         int4_layout=str(int4_layout or "quark")))
     if fmt != "compressed-tensors":
         raise ConversionError(f"quantize: format {fmt!r} is not compressed-tensors or quark")
+    if int4_layout is not None:
+        raise ConversionError("quantize: --int4_layout is for --format quark (int4_wo_128)")
     from .quantize_ct import build_quantizer
 
     return [build_quantizer(info.config, info.tensor_names, qc, scheme=o.get("scheme"), config=o.get("config"),

@@ -22,10 +22,11 @@ gives TE's bytes without TE or a GPU:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .compiled import CompiledOrEager
 
 BLOCK = 128
 E4M3_MAX = 448.0
@@ -129,46 +130,15 @@ def _codes_and_multipliers(x: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Te
     return codes[:rows, :cols].contiguous(), scale
 
 
-_CUDA_QUANTIZERS: dict[Fp8Recipe, Callable[[torch.Tensor, Fp8Recipe], tuple[torch.Tensor, torch.Tensor]]] = {}
-
-
-def _exact_division_options() -> dict | None:
-    """Inductor's switch for IEEE-rounded fp32 division (by default its division is approximate,
-    which moves fp32 scales by an ulp): ``emulate_divison_rounding`` in torch 2.10/2.11,
-    ``eager_numerics.division_rounding`` later."""
-    try:
-        import torch._inductor.config as cfg
-    except ImportError:
-        return None
-    if hasattr(cfg, "emulate_divison_rounding"):
-        return {"emulate_divison_rounding": True}
-    if hasattr(getattr(cfg, "eager_numerics", None), "division_rounding"):
-        return {"eager_numerics.division_rounding": True}
-    return None
+_CUDA_QUANTIZERS: dict[Fp8Recipe, CompiledOrEager] = {}
 
 
 def _quantize_pt_cuda(x: torch.Tensor, recipe: Fp8Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """On a GPU the branch-free quantizer is compiled into one fused kernel (about 1.2 TB/s of
-    bf16 on an H100, TE's bytes; eager torch makes ~8 passes, ~130 GB/s). Without an exact-division
-    option, or if compiling fails, it runs eagerly: same bytes, slower. ``1/S`` stays eager
+    bf16 on an H100, TE's bytes; eager torch makes ~8 passes, ~130 GB/s). ``1/S`` stays eager
     because Inductor's reciprocal is not IEEE-rounded."""
-    fn = _CUDA_QUANTIZERS.get(recipe)
-    if fn is None:
-        options = _exact_division_options()
-        fn = _codes_and_multipliers
-        if options is not None:
-            from torch import _dynamo  # (a plain `import torch._dynamo` would make torch local here)
-
-            for knob in ("recompile_limit", "cache_size_limit"):  # one graph per weight shape
-                if hasattr(_dynamo.config, knob):
-                    setattr(_dynamo.config, knob, max(getattr(_dynamo.config, knob), 64))
-            fn = torch.compile(_codes_and_multipliers, dynamic=False, fullgraph=True, options=options)
-        _CUDA_QUANTIZERS[recipe] = fn
-    try:
-        codes, scale = fn(x, recipe)
-    except Exception:  # noqa: BLE001  (an Inductor/Triton failure: fall back to the eager form)
-        _CUDA_QUANTIZERS[recipe] = _codes_and_multipliers
-        codes, scale = _codes_and_multipliers(x, recipe)
+    fn = _CUDA_QUANTIZERS.setdefault(recipe, CompiledOrEager(_codes_and_multipliers))
+    codes, scale = fn(x, recipe)
     return codes, torch.reciprocal(scale)
 
 
