@@ -142,31 +142,32 @@ def check_memory_budget(plan: Plan, budget: int | None) -> None:
     """Each worker holds about one output file: a file larger than the budget cannot be built."""
     if budget is None or not plan.files:
         return
-    largest = max(plan.files, key=lambda f: f.nbytes)
-    if largest.nbytes > budget:
+    largest = max(plan.files, key=plan.target.memory_bytes)
+    if plan.target.memory_bytes(largest) > budget:
         raise ConversionError(
             f"--max_memory {budget / 2**30:.2f} GiB is smaller than output file {largest.relpath} "
-            f"({largest.nbytes / 2**30:.2f} GiB), which a worker holds whole: raise --max_memory, or split the "
+            f"({plan.target.memory_bytes(largest) / 2**30:.2f} GiB held while it is written): raise --max_memory, or split the "
             "model further (more TP/PP/EP ranks, a smaller --max_shard_size)"
         )
 
 
-def _run_pool(todo: list[OutputFile], max_workers: int, budget: int | None, submit, finished) -> int:
-    """Build files in worker processes, admitting them largest first while the planned sizes of
-    the files in flight fit in ``budget``. Returns the largest in-flight total seen."""
-    queue = sorted(todo, key=lambda f: f.nbytes, reverse=True)
+def _run_pool(todo: list[OutputFile], max_workers: int, budget: int | None, submit, finished,
+              memory=lambda f: f.nbytes) -> int:
+    """Build files in worker processes, admitting them largest first while the memory the files
+    in flight hold (``memory(f)``) fits in ``budget``. Returns the largest in-flight total seen."""
+    queue = sorted(todo, key=memory, reverse=True)
     in_flight: dict = {}
     held = peak = 0
     while queue or in_flight:
         while queue and len(in_flight) < max_workers and (
-                not in_flight or budget is None or held + queue[0].nbytes <= budget):
+                not in_flight or budget is None or held + memory(queue[0]) <= budget):
             f = queue.pop(0)
             in_flight[submit(f)] = f
-            held += f.nbytes
+            held += memory(f)
             peak = max(peak, held)
         done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
         for fut in done:
-            held -= in_flight.pop(fut).nbytes
+            held -= memory(in_flight.pop(fut))
             finished(fut.result())
     return peak
 
@@ -256,7 +257,8 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
         if kill_after is not None and len(results) - len(done_before) >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    peak_in_flight = max((f.nbytes for f in todo), default=0)
+    memory = plan.target.memory_bytes
+    peak_in_flight = max((memory(f) for f in todo), default=0)
     try:
         if max_workers <= 1 or len(todo) <= 1:
             for index, f in enumerate(todo):
@@ -265,7 +267,7 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
             position = {f.relpath: i for i, f in enumerate(todo)}
             # Reusing a worker's buffer saves page faults, but parks a file's worth of memory in
             # every worker: only when the budget could hold every worker's largest file.
-            largest = max(f.nbytes for f in todo)
+            largest = max(memory(f) for f in todo)
             settings = replace(settings, keep_arena=max_memory is None or max_workers * largest <= max_memory)
             # torch's intra-op threads would oversubscribe the cores next to N workers.
             ctx = multiprocessing.get_context("fork")
@@ -273,7 +275,7 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
                 peak_in_flight = _run_pool(
                     todo, max_workers, max_memory,
                     lambda f: pool.submit(_build_file, f, settings, position[f.relpath]),
-                    finished)
+                    finished, memory)
     except OSError as e:
         done = len(manifest.done)
         raise OSError(e.errno, f"{e.strerror}; {done} of {len(files)} files are finished and kept: "

@@ -18,6 +18,7 @@ from .layout.placement import MTP_INNER_NAMES, TRANSFORMER_IMPLS
 from .quant.fp8_block import QUANT_METHODS
 from .requests import (
     Fp8Request,
+    KtRequest,
     LayoutRequest,
     ModelChecks,
     ModelRequest,
@@ -76,6 +77,7 @@ class ConvertOptions:
     check_num_experts: int | None = None
     check_vocab_size: int | None = None
     check_torch_dtype: str | None = None
+    kt: KtRequest = KtRequest()  # convert-checkpoint kt: the KTransformers target's settings
 
     def plan_request(self, converters: tuple[Any, ...] | None = None) -> PlanRequest:
         """What shapes the output. ``converters`` (objects, Python API) replaces the spec strings."""
@@ -98,6 +100,7 @@ class ConvertOptions:
             max_shard_size=self.max_shard_size,
             hf_config_path=self.hf_config_path,
             checks=ModelChecks(self.check_num_experts, self.check_vocab_size, self.check_torch_dtype),
+            kt=self.kt,
         )
 
     def run_options(self) -> RunOptions:

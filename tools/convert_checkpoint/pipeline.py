@@ -72,7 +72,7 @@ def build_plan(request: PlanRequest, options: Any = None) -> Plan:
 
 def _plan_same_namespace(request: PlanRequest, source: HFSource, target: HFTarget) -> Plan:
     """HF -> HF through converters: no model, the source's shards and names are kept."""
-    if not request.converters:
+    if not request.converters and target.needs_converter:
         raise ConversionError("convert-checkpoint hf needs at least one --converter")
     notes: list[str] = []
     files = target.plan_files_like(source, notes)
