@@ -124,6 +124,7 @@ class KtCpuTarget(HFTarget):
         self.post_stage_config = None
         self.notes: list[str] = []
         self.shape: MoeShape | None = None
+        self.found: ExpertLayers | None = None  # the source's experts, as planned (verify-kt reads them)
         self.memory: dict[str, int] = {}  # relpath -> bytes a worker holds to write it
 
     # --- planning ------------------------------------------------------------------------
@@ -154,6 +155,7 @@ class KtCpuTarget(HFTarget):
         shape = moe_shape(self.config or {})
         self.shape = shape
         found = find_experts(names, expert_expr, shape)
+        self.found = found
         if not found.layers:
             raise ConversionError("no routed experts found (mlp.experts.N.{gate,up,down}_proj, fused "
                                   "mlp.experts.gate_up_proj/down_proj, or block_sparse_moe.experts.N.w1/w2/w3)")
