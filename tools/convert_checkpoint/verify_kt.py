@@ -12,7 +12,6 @@ the part count the server must use. Exit 0 when all holds, 1 on any mismatch, 2 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -135,7 +134,7 @@ def verify(kt_dir: str, source: str, load_platform: str = "huggingface", convert
     probes = {layer: stored.probe(layer) for layer in layers}
     parts = probes[layers[0]][1]
     out = Outcome(problems=[])
-    for layer, (experts, p) in probes.items():
+    for layer, (_, p) in probes.items():
         if p != parts:
             out.add(f"layer {layer}: {p} NUMA parts, layer {layers[0]} has {parts}")
     method = quant_method or stored.method or _method_from_sizes(stored, layers[0])
@@ -204,12 +203,12 @@ def _check_projection(stored: Stored, target: KtCpuTarget, reader, scheme: kt_am
     if projection.transposed:
         source = source.t()
     err = (values - source).abs()
-    limit = bounds * (1 + 1e-5) + source.abs() * 2.0**-20
-    ratio = float((err / limit.clamp(min=1e-38)).max()) if err.numel() else 0.0
+    ok = kt_amx.within_bound(err, source, bounds)
+    ratio = float((err / bounds.clamp(min=1e-38)).max()) if err.numel() else 0.0
     out.worst = max(out.worst, ratio)
     out.checked += 1
-    if not bool((err <= limit).all()):
-        bad = int((err > limit).sum())
+    if not bool(ok.all()):
+        bad = int((~ok).sum())
         out.add(f"layer {layer} expert {expert} {proj}: {bad} of {err.numel()} values beyond the {scheme.name} bound "
                 f"(max error {float(err.max()):.3g}) against {projection.source}")
 

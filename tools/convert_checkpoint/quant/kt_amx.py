@@ -138,3 +138,9 @@ def error_bound(scale: torch.Tensor, scheme: AmxScheme) -> torch.Tensor:
     """Largest |w - decoded| per row: half a step for INT8; 8.5 steps of ``d`` for INT4 (the
     second rounding adds up to 8 to the first one's 0.5)."""
     return scale * (0.5 if scheme.bits == 8 else 8.5)
+
+
+def within_bound(error: torch.Tensor, values: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``error <= bound`` up to fp32 rounding: ``d`` is the rounded amax/127 (or /112), so codes
+    times ``d`` miss the ideal grid by a few ulps of the value (ties show it)."""
+    return error <= bound * (1 + 2.0**-16) + values.abs() * 2.0**-18
