@@ -13,7 +13,7 @@ F32 = np.float32
 
 
 def oracle_scales(f: np.ndarray, bits: int, ieee: bool) -> np.ndarray:
-    amax = np.abs(f).max(axis=1).astype(F32)
+    amax = np.abs(f).max(axis=1).astype(F32) + F32(0)  # -0.0 + 0 = +0.0
     if bits == 8:
         return (amax / F32(127)).astype(F32) if ieee else (amax * F32(1 / 127)).astype(F32)
     return (amax.astype(np.float64) / 112.0).astype(F32)
@@ -90,7 +90,7 @@ def test_packing_matches_the_spec_oracle(bits, n, k):
     weight, scale = kt_amx.encode(w, scheme)
     want, d = oracle_pack(w, bits)
     assert weight.dtype == torch.int8 and scale.dtype == torch.float32
-    assert np.array_equal(scale.numpy(), d)
+    assert np.array_equal(scale.numpy().view(np.uint32), d.view(np.uint32))  # bits: +0.0, not -0.0
     got = weight.view(torch.uint8).numpy()
     assert got.shape == want.shape
     assert np.array_equal(got, want), f"{int((got != want).sum())} bytes differ"

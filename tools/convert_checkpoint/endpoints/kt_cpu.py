@@ -325,8 +325,7 @@ class _PartEncoder:
             if codec.transpose:
                 matrix = matrix.t()
             if codec.what == "scale":  # a scale asked first (a raw .kt scale file): the row maxima suffice
-                amax = matrix.to(torch.float32).abs().amax(dim=1)
-                return kt_amx.row_scales(amax, self.scheme, codec.ieee)
+                return kt_amx.row_scales(kt_amx.row_amax(matrix.to(torch.float32)), self.scheme, codec.ieee)
             self._value = kt_amx.encode(matrix, self.scheme, codec.ieee)
             self._key = key
         assert self._value is not None

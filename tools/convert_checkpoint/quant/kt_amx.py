@@ -63,16 +63,21 @@ def row_scales(amax: torch.Tensor, scheme: AmxScheme, ieee: bool = False) -> tor
     return (amax.double() * (1.0 / 112.0) if not ieee else amax.double() / 112.0).float()
 
 
+def row_amax(f: torch.Tensor) -> torch.Tensor:
+    """max |w| per row of fp32 ``f`` (one pass; +0.0 for a zero row, never -0.0)."""
+    low, high = torch.aminmax(f, dim=1)
+    return torch.maximum(high, low.neg()).abs_()
+
+
 def quantize(w: torch.Tensor, scheme: AmxScheme, ieee: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes (int8 ``[n, k]``: INT8 codes, or INT4 values in [-7, 7]) and fp32 scales ``[n]``."""
     f = w.to(torch.float32)
-    d = row_scales(f.abs().amax(dim=1), scheme, ieee)
+    d = row_scales(row_amax(f), scheme, ieee)
     inv = torch.where(d != 0, torch.ones_like(d) / d, torch.zeros_like(d))  # a true fp32 division
-    q = torch.round(f.mul_(inv[:, None])).clamp_(-128, 127).to(torch.int8)  # round() is half-to-even
-    if scheme.bits == 4:
-        mag = q.abs().to(torch.int16).add_(8).bitwise_right_shift_(4).to(torch.int8)  # (|q| + 8) & 0xF0 >> 4
-        q = torch.where(q < 0, -mag, mag)
-    return q, d
+    q = f.mul_(inv[:, None]).round_().clamp_(-128, 127)  # round() is half-to-even, as cvtps2dq
+    if scheme.bits == 4:  # (|q| + 8) >> 4 with q's sign; exact in fp32 for these small integers
+        q = q.abs().add_(8).mul_(1.0 / 16).floor_().copysign_(q)
+    return q.to(torch.int8), d
 
 
 def _nibbles(v: torch.Tensor) -> torch.Tensor:
