@@ -155,6 +155,7 @@ def _fails(capsys, rc: int, out: str, *fragments: str) -> None:
     (dict(rename=lambda k: _shift_experts(k)), [], ["numbered from 1, not 0"]),
     (dict(), ["--quant-method", "moe_int4"], ["--quant-method moe_int4", "another layout"]),
     (dict(), ["--resume-layer", "3"], ["--resume-layer 3", "--resume"]),
+    (dict(), ["--save-backward-weights"], ["--save-backward-weights", "not written yet"]),
     (dict(), ["--input-type", "fp8"], ["--input-type fp8", "experts are bf16"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, make, flags, fragments):

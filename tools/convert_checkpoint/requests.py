@@ -79,7 +79,6 @@ class KtRequest:
     quant_method: str = "int4"  # int4 | int8 (AMXINT4 / AMXINT8)
     parts: int = 2  # --threadpool-count: NUMA parts the intermediate dimension is split into
     merge: bool = True  # False: --no-merge-safetensor, raw _layer_L/_numa_p/*.kt files
-    backward: bool = False  # --save-backward-weights
     input_type: str | None = None  # bf16 | fp16 | fp8 | awq; None: as the checkpoint is
     ieee_scales: bool = False  # INT8 scale by a true division instead of kt-kernel's fast-math multiply
 

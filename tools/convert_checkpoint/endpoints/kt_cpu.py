@@ -5,8 +5,7 @@ What kt-kernel 0.7's ``convert_cpu_weights.py`` writes, from any source this pro
 * every routed expert's gate, up and down projection, its intermediate dimension split equally
   into ``--threadpool-count`` NUMA parts (gate/up by rows, down by columns), each part quantized
   and tiled by ``quant/kt_amx``: ``blk.L.ffn_{gate,up,down}_exps.E.numa.p.weight`` (int8 bytes)
-  and ``.scale`` (fp32 per output row); with ``--save-backward-weights`` also the transposed parts
-  as ``ffn_{gate,up,down}_bwd_exps``;
+  and ``.scale`` (fp32 per output row);
 * merged (default): one safetensors shard per MoE layer in layer order, then one with every
   non-expert tensor as stored, renamed ``model.layers.`` -> ``blk.`` and ``model.`` dropped; the
   index (``total_size`` 0, as kt-kernel writes it); config.json and three tokenizer files copied;
@@ -67,15 +66,14 @@ class KtCodec:
         return f"amx-{self.method}-{self.what}{'-T' if self.transpose else ''}{'-ieee' if self.ieee else ''}"
 
 
-def tensor_name(layer: int, proj: str, expert: int, part: int, what: str, backward: bool = False) -> str:
-    return f"blk.{layer}.ffn_{proj}_{'bwd_' if backward else ''}exps.{expert}.numa.{part}.{what}"
+def tensor_name(layer: int, proj: str, expert: int, part: int, what: str) -> str:
+    return f"blk.{layer}.ffn_{proj}_exps.{expert}.numa.{part}.{what}"
 
 
 def raw_file_name(scheme: kt_amx.AmxScheme, layer: int, proj: str, expert: int, part: int, what: str,
-                  nbytes: int, backward: bool = False) -> str:
+                  nbytes: int) -> str:
     kind = "quant" if what == "weight" else "scale"
-    return (f"_layer_{layer}/_numa_{part}/{scheme.name}_{proj}{'_bwd' if backward else ''}_{expert}_"
-            f"{nbytes}Byte_{kind}_.kt")
+    return f"_layer_{layer}/_numa_{part}/{scheme.name}_{proj}_{expert}_{nbytes}Byte_{kind}_.kt"
 
 
 @dataclass(frozen=True)
@@ -88,19 +86,15 @@ class Part:
     k: int
 
 
-def numa_part(p: Projection, proj: str, index: int, count: int, backward: bool = False) -> Part:
-    """Part ``index`` of ``count``: gate/up rows, down columns of the HF [out, in] matrix; the
-    backward weights encode the same window transposed."""
+def numa_part(p: Projection, proj: str, index: int, count: int) -> Part:
+    """Part ``index`` of ``count``: gate/up rows, down columns of the HF [out, in] matrix."""
     hf_dim = 1 if proj == "down" else 0  # the intermediate dimension
     dim = p.hf_dim(hf_dim)
     size = p.expr.shape[dim] // count
     window = tx.cast(tx.narrow(p.expr, dim, index * size, size), torch.bfloat16)
     rows, cols = tuple(window.shape[-2:])
     n, k = (cols, rows) if p.transposed else (rows, cols)
-    transposed = p.transposed
-    if backward:
-        n, k, transposed = k, n, not transposed
-    return Part(window, transposed, n, k)
+    return Part(window, p.transposed, n, k)
 
 
 class KtCpuTarget(HFTarget):
@@ -194,38 +188,34 @@ class KtCpuTarget(HFTarget):
             raise ConversionError(f"hidden_size {shape.hidden} is not a multiple of {s.k_multiple}, as "
                                   f"--quant-method {self.request.quant_method} needs")
 
-    def _encoded(self, part: Part, layer: int, proj: str, expert: int, index: int,
-                 backward: bool) -> list[tuple[str, TensorJob]]:
+    def _encoded(self, part: Part, layer: int, proj: str, expert: int, index: int) -> list[tuple[str, TensorJob]]:
         """(what, job) for the weight bytes and the scales of one part."""
         out = []
         for what, dtype, size in (("weight", torch.int8, kt_amx.weight_bytes(part.n, part.k, self.scheme)),
                                   ("scale", torch.float32, part.n)):
             codec = KtCodec(self.request.quant_method, what, part.transposed, self.request.ieee_scales)
-            job = TensorJob(tensor_name(layer, proj, expert, index, what, backward),
+            job = TensorJob(tensor_name(layer, proj, expert, index, what),
                             tx.Encode(part.window, codec, (size,), dtype))
             out.append((what, job))
         return out
 
     def _parts(self, found: ExpertLayers, layer: int):
-        """Every (projection, expert, part index, backward, Part) of a layer, in output order."""
+        """Every (projection, expert, part index, Part) of a layer, in output order."""
         shape = self.shape
         assert shape is not None
         slot = found.layers[layer]
-        passes = (False, True) if self.request.backward else (False,)
-        for backward in passes:
-            for index in range(self.request.parts):
-                for expert in range(shape.num_experts):
-                    for proj in PROJECTIONS:
-                        yield proj, expert, index, backward, numa_part(slot[(expert, proj)], proj, index,
-                                                                       self.request.parts, backward)
+        for index in range(self.request.parts):
+            for expert in range(shape.num_experts):
+                for proj in PROJECTIONS:
+                    yield proj, expert, index, numa_part(slot[(expert, proj)], proj, index, self.request.parts)
 
     def _plan_merged(self, found: ExpertLayers, stored: Mapping[str, Expr]) -> list[OutputFile]:
         groups: list[tuple[list[TensorJob], int]] = []
         for layer in sorted(found.layers):
             jobs: list[TensorJob] = []
             largest = 0
-            for proj, expert, index, backward, part in self._parts(found, layer):
-                jobs += [job for _, job in self._encoded(part, layer, proj, expert, index, backward)]
+            for proj, expert, index, part in self._parts(found, layer):
+                jobs += [job for _, job in self._encoded(part, layer, proj, expert, index)]
                 largest = max(largest, part.n * part.k)
             groups.append((jobs, largest * _BYTES_PER_ELEMENT))
         others = [TensorJob(output_name(name), stored[found.renamed[name]]) for name in found.others]
@@ -248,10 +238,10 @@ class KtCpuTarget(HFTarget):
     def _plan_raw(self, found: ExpertLayers) -> list[OutputFile]:
         files = []
         for layer in sorted(found.layers):
-            for proj, expert, index, backward, part in self._parts(found, layer):
-                for what, job in self._encoded(part, layer, proj, expert, index, backward):
+            for proj, expert, index, part in self._parts(found, layer):
+                for what, job in self._encoded(part, layer, proj, expert, index):
                     assert job.expr is not None
-                    relpath = raw_file_name(self.scheme, layer, proj, expert, index, what, tx.nbytes(job.expr), backward)
+                    relpath = raw_file_name(self.scheme, layer, proj, expert, index, what, tx.nbytes(job.expr))
                     self.memory[relpath] = part.n * part.k * _BYTES_PER_ELEMENT
                     files.append(OutputFile(relpath, RAW_KIND, (("", (job,)),)))
         return files
