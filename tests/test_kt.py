@@ -269,6 +269,14 @@ def test_fp8_source_equals_its_bf16_dequantization(tmp_path, tiny_hf):
     assert b and all(torch.equal(a[k], v) for k, v in b.items())
     assert a["blk.1.self_attn.kv_b_proj.weight"].dtype == torch.float8_e4m3fn  # non-experts copied as stored
     assert "blk.1.self_attn.kv_b_proj.weight_scale_inv" in a
+    # The same FP8 model as Megatron-Core FP8 parameters: the same experts and the same FP8 copies.
+    mcore = str(tmp_path / "mcore")
+    assert main(["--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", fp8,
+                 "--save_ckpt_path", mcore, "--no_progress"]) == 0
+    assert kt("--load_platform", "mcore", "-i", mcore, "-o", str(tmp_path / "c"), "--quant-method", "int8") == 0
+    c = load(str(tmp_path / "c"))
+    assert c.keys() == a.keys()
+    assert all(c[k].dtype == a[k].dtype and torch.equal(c[k].view(torch.uint8), a[k].view(torch.uint8)) for k in a)
 
 
 def test_w4a16_source_equals_its_bf16_decompression(tmp_path):

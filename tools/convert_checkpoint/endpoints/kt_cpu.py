@@ -218,7 +218,7 @@ class KtCpuTarget(HFTarget):
                 jobs += [job for _, job in self._encoded(part, layer, proj, expert, index)]
                 largest = max(largest, part.n * part.k)
             groups.append((jobs, largest * _BYTES_PER_ELEMENT))
-        others = [TensorJob(output_name(name), stored[found.renamed[name]]) for name in found.others]
+        others = [job for name in found.others for job in _copy_jobs(output_name(name), stored[found.renamed[name]])]
         if others:
             groups.append((others, max(tx.nbytes(j.expr) for j in others if j.expr is not None)))
         seen: dict[str, str] = {}
@@ -292,6 +292,14 @@ class KtCpuTarget(HFTarget):
                     copied.add(name)
         if CONFIG_NAME not in copied and self.config is not None:  # a Megatron source: the model's config.json
             write_text(os.path.join(self.target_dir, CONFIG_NAME), json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+
+
+def _copy_jobs(name: str, expr: Expr) -> list[TensorJob]:
+    """A non-expert tensor as stored; block FP8 from a Megatron source as HF stores it, codes and
+    ``weight_scale_inv`` (what kt-kernel copies from an HF FP8 checkpoint)."""
+    if isinstance(expr, (tx.Fp8Blocks, tx.Quantize)):
+        return [TensorJob(name, tx.fp8_part(expr, "codes")), TensorJob(f"{name}_scale_inv", tx.fp8_part(expr, "scale"))]
+    return [TensorJob(name, expr)]
 
 
 class _PartEncoder:
