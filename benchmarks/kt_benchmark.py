@@ -11,7 +11,8 @@ Two measurements, both in GB/s of bf16 expert input:
   largest worker.
 
     python benchmarks/kt_benchmark.py --experts 16 --layers 2 --max_workers 2      # the 2-core VM
-    python benchmarks/kt_benchmark.py --experts 256 --layers 2 --max_workers 16    # a 16-core host
+    python benchmarks/kt_benchmark.py --experts 16 --layers 16 --max_workers 16    # a 16-core host: workers
+    python benchmarks/kt_benchmark.py --experts 256 --layers 1                     # one full layer, torch threads
 
 Prints one JSON object (``--json FILE`` also writes it).
 """
