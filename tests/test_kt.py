@@ -353,3 +353,32 @@ def test_resume_after_a_kill_is_byte_identical(syn, tmp_path):
         if name != "conversion_report.json":
             with open(os.path.join(clean, name), "rb") as f, open(os.path.join(killed, name), "rb") as g:
                 assert f.read() == g.read(), name
+
+
+def test_autoawq_source_equals_its_dequantization(tmp_path):
+    """AutoAWQ GEMM 4-bit experts (--input-type awq): dequantized by the pre-stage on the way."""
+    from quantized_fixtures import awq_dequantize, awq_pack, awq_quantize, write_two_shards
+
+    bf16 = synthetic(str(tmp_path / "bf16"))
+    main_, scales, reference = {}, {}, {}
+    for name, value in load(bf16).items():
+        if ".mlp.experts." not in name:
+            main_[name] = reference[name] = value
+            continue
+        module = name.rpartition(".")[0]
+        q, zeros, s = awq_quantize(value, 32)
+        main_.update({f"{module}.qweight": awq_pack(q), f"{module}.qzeros": awq_pack(zeros)})
+        scales[f"{module}.scales"] = s
+        reference[name] = awq_dequantize(q, zeros, s, 32).to(torch.bfloat16)
+    qc = {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+          "modules_to_not_convert": ["self_attn", "mlp.gate", "lm_head", "embed_tokens"]}
+    awq = write_two_shards(bf16, str(tmp_path / "awq"), main_, scales, qc)
+    ref = str(tmp_path / "ref")
+    os.makedirs(ref)
+    save_file(reference, os.path.join(ref, "model.safetensors"))
+    with open(os.path.join(bf16, "config.json")) as f, open(os.path.join(ref, "config.json"), "w") as g:
+        g.write(f.read())
+    assert kt("-i", awq, "-o", str(tmp_path / "a"), "--input-type", "awq", "--quant-method", "int8") == 0
+    assert kt("-i", ref, "-o", str(tmp_path / "b"), "--quant-method", "int8") == 0
+    a, b = _experts(str(tmp_path / "a")), _experts(str(tmp_path / "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

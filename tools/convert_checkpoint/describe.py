@@ -8,9 +8,16 @@ FILES_LISTED = 200  # beyond this (e.g. KTransformers' raw .kt files), a count
 
 
 def bytes_to_read(plan: Plan) -> int:
-    """Source bytes the recipes read (a window read by several files counts each time)."""
-    return sum(plan.source.bytes_read_for([leaf for e in f.tensor_exprs() for leaf in tx.leaves(e)])
+    """Source bytes the recipes read (a window read by several files counts each time; the
+    tensors a target encodes from one part, e.g. a weight and its scales, read it once)."""
+    return sum(plan.source.bytes_read_for([leaf for e in _read_exprs(f.tensor_exprs()) for leaf in tx.leaves(e)])
                for f in plan.files)
+
+
+def _read_exprs(found) -> list[tx.Expr]:
+    exprs = list(found)
+    parts = dict.fromkeys(e.part for e in exprs if isinstance(e, tx.Encode))
+    return [*parts, *(e for e in exprs if not isinstance(e, tx.Encode))]
 
 
 def predicted_memory(plan: Plan, max_workers: int) -> str:
