@@ -118,9 +118,3 @@ def test_int4_double_rounding_is_half_away_from_zero_of_the_rounded_code():
     q, scale = kt_amx.quantize(row.to(torch.bfloat16), kt_amx.INT4)
     assert float(scale[0]) == d
     assert q[0, :4].tolist() == [7, 2, -2, 2]
-
-
-def test_shape_problems_name_the_multiple():
-    assert kt_amx.shape_problem(96, 192, kt_amx.INT4) == "192 columns are not a multiple of 128 (INT4)"
-    assert kt_amx.shape_problem(48, 128, kt_amx.INT8) == "48 rows are not a multiple of 32"
-    assert kt_amx.shape_problem(64, 192, kt_amx.INT8) is None

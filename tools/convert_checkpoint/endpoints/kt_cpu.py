@@ -179,11 +179,9 @@ class KtCpuTarget(HFTarget):
                                   "is not divisible by it")
         part = shape.intermediate // parts
         if part % s.k_multiple:
-            raise ConversionError(f"--threadpool-count {parts}: each part holds {part} of the expert intermediate "
-                                  f"size {shape.intermediate}, not a multiple of {s.k_multiple} as "
-                                  f"{s.name} needs (try fewer parts or --quant-method int8)" if s.bits == 4 else
-                                  f"--threadpool-count {parts}: each part holds {part} of the expert intermediate "
-                                  f"size {shape.intermediate}, not a multiple of {s.k_multiple} as {s.name} needs")
+            hint = " (try fewer parts, or --quant-method int8)" if s.bits == 4 and part % 64 == 0 else " (try fewer parts)"
+            raise ConversionError(f"--threadpool-count {parts}: each part holds {part} of the expert intermediate size "
+                                  f"{shape.intermediate}, not a multiple of {s.k_multiple} as {s.name} needs{hint}")
         if shape.hidden % s.k_multiple:
             raise ConversionError(f"hidden_size {shape.hidden} is not a multiple of {s.k_multiple}, as "
                                   f"--quant-method {self.request.quant_method} needs")

@@ -36,21 +36,11 @@ class AmxScheme:
 INT8 = AmxScheme("INT8", 8, 64, 64, 3584)
 INT4 = AmxScheme("INT4", 4, 128, 128, 1792)
 SCHEMES = {"int4": INT4, "int8": INT8}
-ROW_MULTIPLE = 32  # a tile holds 32 rows
 _TILE_ROWS, _HALF, _GROUP_BYTES, _STEP_BYTES = 32, 16, 4, 64
 
 
 def weight_bytes(n: int, k: int, scheme: AmxScheme) -> int:
     return n * k * scheme.bits // 8
-
-
-def shape_problem(n: int, k: int, scheme: AmxScheme) -> str | None:
-    """Why ``[n, k]`` cannot be packed (None when it can)."""
-    if n % ROW_MULTIPLE:
-        return f"{n} rows are not a multiple of {ROW_MULTIPLE}"
-    if k % scheme.k_multiple:
-        return f"{k} columns are not a multiple of {scheme.k_multiple} ({scheme.name})"
-    return None
 
 
 def row_scales(amax: torch.Tensor, scheme: AmxScheme, ieee: bool = False) -> torch.Tensor:
