@@ -213,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Convert LLM checkpoints between HuggingFace safetensors and Megatron-Core legacy per-rank "
         "checkpoints, resharding over tensor and pipeline parallel ranks. "
         "`convert-checkpoint verify A B` compares two checkpoints; `convert-checkpoint hf SRC DST --converter SPEC` "
-        "rewrites a quantized HF checkpoint (dequantize, ModelOpt NVFP4 / AutoAWQ to compressed-tensors).",
+        "rewrites a quantized HF checkpoint (dequantize, ModelOpt NVFP4 / AutoAWQ to compressed-tensors); "
+        "`convert-checkpoint quantize SRC DST --scheme S` quantizes; `convert-checkpoint kt -i SRC -o DST` writes "
+        "KTransformers CPU experts (kt-kernel's flags) and `convert-checkpoint verify-kt DIR --source SRC` checks them.",
     )
 
     add = _adder(p)
