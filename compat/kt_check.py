@@ -11,7 +11,8 @@ huge, and on the exact +-x.5 rounding grid), in bf16, fp16 and block FP8 (attent
 with ``weight_scale_inv``), plus a VL-style fused-expert one (``language_model.`` prefix, 3-D
 ``gate_up_proj``/``down_proj``). Each is converted by kt-kernel and by us, for INT4 and INT8 and
 1/2/4 NUMA parts, merged and ``--no-merge-safetensor``, and every output tensor is compared byte
-for byte (names, dtype, shape, bytes), with the index's weight map and the copied files.
+for byte (names, dtype, shape, bytes), with the index's weight map and the copied files; our
+``verify-kt`` must also accept kt-kernel's own output.
 
 kt-kernel is run on this CPU-only machine with two shims, nothing else changed: ``pin_memory``
 is dropped (CPU torch refuses it), and for FP8 its Triton dequantization kernel (CUDA only) is
@@ -207,6 +208,16 @@ def run_ours(src: str, out: str, input_type: str, method: str, parts: int, merge
     return time.perf_counter() - start
 
 
+def verify_theirs(src: str, ref: str) -> list[str]:
+    """Our verify-kt on kt-kernel's own output: probing, sizes and bounds must accept it."""
+    python = os.environ.get("KT_OURS_PYTHON", os.path.join(ROOT, ".venv", "bin", "python"))
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "tools") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([python, "-m", "convert_checkpoint", "verify-kt", ref, "--source", src], capture_output=True,
+                          text=True, env=env)
+    return [] if proc.returncode == 0 else [f"verify-kt on kt-kernel's output: rc {proc.returncode}: "
+                                            f"{(proc.stdout + proc.stderr).strip()[-600:]}"]
+
+
 def _tensors(path: str) -> dict:
     from safetensors import safe_open
 
@@ -309,6 +320,7 @@ def main() -> int:
             t_kt = run_kt(sources[src], ref, itype, method, parts, merged)
             t_ours = run_ours(sources[src], ours, itype, method, parts, merged)
             problems = compare_merged(ref, ours) if merged else compare_raw(ref, ours)
+            problems += verify_theirs(sources[src], ref)
             count = len(_tensors(ours)) if merged else sum(n.endswith(".kt") for _, _, f in os.walk(ours) for n in f)
             status = "OK" if not problems else "DIFFERENT"
             print(f"{status}: {label}: {count} {'tensors' if merged else 'files'} "
