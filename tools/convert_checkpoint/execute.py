@@ -277,6 +277,7 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
                     lambda f: pool.submit(_build_file, f, settings, position[f.relpath]),
                     finished, memory)
     except OSError as e:
+        manifest.save()  # every file finished so far, recorded for --resume
         done = len(manifest.done)
         raise OSError(e.errno, f"{e.strerror}; {done} of {len(files)} files are finished and kept: "
                                "fix the cause and re-run the same command with --resume", e.filename) from None
@@ -285,4 +286,5 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
             bar.close()
         _PLAN = None
         ARENA.release()
+    manifest.save()  # the records not yet saved (see Manifest.SAVE_EVERY_FRACTION)
     return results, peak_in_flight
