@@ -33,7 +33,10 @@ def rank_manifest_name(rank: int) -> str:
 _RUNTIME_OPTIONS = {"max_workers", "max_memory", "world_size", "rank", "overwrite", "dry_run", "verbose", "progress",
                     "resume", "save_ckpt_path", "strict_values",
                     # checks against the model: they only ever stop a run
-                    "check_num_experts", "check_vocab_size", "check_torch_dtype"}
+                    "check_num_experts", "check_vocab_size", "check_torch_dtype",
+                    # the kt_cpu target's settings: hashed by that target (fingerprint_fields), so
+                    # other conversions keep their earlier fingerprints
+                    "kt"}
 
 
 @dataclass
