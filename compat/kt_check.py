@@ -12,7 +12,7 @@ with ``weight_scale_inv``), plus a VL-style fused-expert one (``language_model.`
 ``gate_up_proj``/``down_proj``). Each is converted by kt-kernel and by us, for INT4 and INT8 and
 1/2/4 NUMA parts, merged and ``--no-merge-safetensor``, and every output tensor is compared byte
 for byte (names, dtype, shape, bytes), with the index's weight map and the copied files; our
-``verify-kt`` must also accept kt-kernel's own output.
+``verify-kt`` must also accept kt-kernel's own output (merged, raw, FP8 and fused cases).
 
 kt-kernel is run on this CPU-only machine with two shims, nothing else changed: ``pin_memory``
 is dropped (CPU torch refuses it), and for FP8 its Triton dequantization kernel (CUDA only) is
@@ -289,6 +289,9 @@ CASES = [  # (source, input type, method, parts, merged)
 ]
 
 
+VERIFIED = {2, 7, 9, 11}  # cases whose kt-kernel output our verify-kt also checks (one per source and mode)
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--run-kt":
         _run_kt(sys.argv[2:])
@@ -320,7 +323,8 @@ def main() -> int:
             t_kt = run_kt(sources[src], ref, itype, method, parts, merged)
             t_ours = run_ours(sources[src], ours, itype, method, parts, merged)
             problems = compare_merged(ref, ours) if merged else compare_raw(ref, ours)
-            problems += verify_theirs(sources[src], ref)
+            if i in VERIFIED:
+                problems += verify_theirs(sources[src], ref)
             count = len(_tensors(ours)) if merged else sum(n.endswith(".kt") for _, _, f in os.walk(ours) for n in f)
             status = "OK" if not problems else "DIFFERENT"
             print(f"{status}: {label}: {count} {'tensors' if merged else 'files'} "
