@@ -23,7 +23,7 @@ def _quant_method(name: str) -> str:
     return name
 
 
-def _source_quantization(path: str) -> str | None:
+def source_quant_method(path: str) -> str | None:
     """config.json's quant_method of an HF source (None: unquantized or unreadable; the source
     endpoint reports those)."""
     try:
@@ -90,7 +90,7 @@ def parse_kt_options(argv: list[str]) -> ConvertOptions:
         raise ConversionError("--converter and --input-type fp8/awq apply to an HF source; a Megatron source is read "
                               "as it is stored")
     if ns.load_platform == "huggingface" and not converters:
-        method_in = _source_quantization(ns.input_path)
+        method_in = source_quant_method(ns.input_path)
         if ns.input_type == "awq" or (method_in is not None and method_in != "fp8"):
             converters = ("dequantize",)  # 4-bit and other formats: to bf16 on the way, in one pass
     kt = KtRequest(method, ns.threadpool_count, not ns.no_merge, ns.input_type, ns.ieee_scales)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -113,12 +113,11 @@ class Stored:
 
 @dataclass
 class Outcome:
-    checked: int = 0
-    problems: list[str] | None = None
+    checked: int = 0  # projections decoded and compared
+    problems: list[str] = field(default_factory=list)
     worst: float = 0.0  # largest error as a fraction of its bound
 
     def add(self, problem: str) -> None:
-        assert self.problems is not None
         self.problems.append(problem)
 
 
@@ -133,7 +132,7 @@ def verify(kt_dir: str, source: str, load_platform: str = "huggingface", convert
                               "safetensors nor _layer_L/_numa_p/*.kt files of kt-kernel)")
     probes = {layer: stored.probe(layer) for layer in layers}
     parts = probes[layers[0]][1]
-    out = Outcome(problems=[])
+    out = Outcome()
     for layer, (_, p) in probes.items():
         if p != parts:
             out.add(f"layer {layer}: {p} NUMA parts, layer {layers[0]} has {parts}")
@@ -225,9 +224,9 @@ def main(argv: list[str]) -> int:
     try:
         converters = tuple(ns.converter)
         if ns.load_platform == "huggingface" and not converters:
-            from .kt_cmd import _source_quantization
+            from .kt_cmd import source_quant_method
 
-            q = _source_quantization(ns.source)
+            q = source_quant_method(ns.source)
             converters = ("dequantize",) if q is not None and q != "fp8" else ()
         outcome, method = verify(ns.kt_dir, ns.source, ns.load_platform, converters, ns.quant_method)
     except ConversionError as e:
@@ -236,9 +235,9 @@ def main(argv: list[str]) -> int:
     stored = Stored(ns.kt_dir)
     layers = stored.layers()
     experts, parts = stored.probe(layers[0])
-    for problem in (outcome.problems or [])[:20]:
+    for problem in outcome.problems[:20]:
         print(f"MISMATCH: {problem}")
-    if outcome.problems and len(outcome.problems) > 20:
+    if len(outcome.problems) > 20:
         print(f"... and {len(outcome.problems) - 20} more")
     print(f"{ns.kt_dir}: {method.upper()} ({'merged safetensors' if stored.merged else 'raw .kt files'}), "
           f"{len(layers)} MoE layers x {experts} experts x {parts} NUMA parts; {outcome.checked} projections "

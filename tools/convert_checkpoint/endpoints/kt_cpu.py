@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -145,7 +145,7 @@ class KtCpuTarget(HFTarget):
         raise ConversionError("--converter after a Megatron source is not supported for the kt_cpu target; "
                               "convert to HF first, or give the converters on an HF source")
 
-    def _plan(self, names: list[str], expert_expr, stored: Mapping[str, Expr]) -> list[OutputFile]:
+    def _plan(self, names: list[str], expert_expr: Callable[[str], Expr], stored: Mapping[str, Expr]) -> list[OutputFile]:
         shape = moe_shape(self.config or {})
         self.shape = shape
         found = find_experts(names, expert_expr, shape)
@@ -197,7 +197,7 @@ class KtCpuTarget(HFTarget):
             out.append((what, job))
         return out
 
-    def _parts(self, found: ExpertLayers, layer: int):
+    def _parts(self, found: ExpertLayers, layer: int) -> Iterator[tuple[str, int, int, Part]]:
         """Every (projection, expert, part index, Part) of a layer, in output order."""
         shape = self.shape
         assert shape is not None
