@@ -1,4 +1,4 @@
-"""Entry point: ``convert-checkpoint [verify|hf|quantize] ...``; flag errors and bad input are one line."""
+"""Entry point: ``convert-checkpoint [verify|hf|quantize|kt|verify-kt] ...``; flag errors and bad input are one line."""
 from __future__ import annotations
 
 import sys
@@ -17,6 +17,14 @@ def main(argv: list[str] | None = None) -> int:
         from .quantize_cmd import not_quantized_lines, parse_quantize_options
 
         return run(lambda: parse_quantize_options(argv[1:]), "convert-checkpoint quantize", not_quantized_lines)
+    if argv[:1] == ["kt"]:  # KTransformers CPU experts (kt-kernel's convert_cpu_weights.py flags)
+        from .kt_cmd import parse_kt_options
+
+        return run(lambda: parse_kt_options(argv[1:]), "convert-checkpoint kt")
+    if argv[:1] == ["verify-kt"]:
+        from .verify_kt import main as verify_kt_main
+
+        return verify_kt_main(argv[1:])
     if argv[:1] == ["hf"]:  # HF -> HF through converters
         from .options import parse_hf_options
 

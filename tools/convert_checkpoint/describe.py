@@ -4,20 +4,29 @@ from __future__ import annotations
 from . import tensor_expr as tx
 from .core.plan import Plan
 
+FILES_LISTED = 200  # beyond this (e.g. KTransformers' raw .kt files), a count
+
 
 def bytes_to_read(plan: Plan) -> int:
-    """Source bytes the recipes read (a window read by several files counts each time)."""
-    return sum(plan.source.bytes_read_for([leaf for e in f.tensor_exprs() for leaf in tx.leaves(e)])
+    """Source bytes the recipes read (a window read by several files counts each time; the
+    tensors a target encodes from one part, e.g. a weight and its scales, read it once)."""
+    return sum(plan.source.bytes_read_for([leaf for e in _read_exprs(f.tensor_exprs()) for leaf in tx.leaves(e)])
                for f in plan.files)
+
+
+def _read_exprs(found) -> list[tx.Expr]:
+    exprs = list(found)
+    parts = dict.fromkeys(e.part for e in exprs if isinstance(e, tx.Encode))
+    return [*parts, *(e for e in exprs if not isinstance(e, tx.Encode))]
 
 
 def predicted_memory(plan: Plan, max_workers: int) -> str:
     """Each worker holds about one output file (its tensors are carved from a reused buffer),
     plus, behind converters, one tensor group in and out."""
-    largest = max((f.nbytes for f in plan.files), default=0)
+    largest = max((plan.target.memory_bytes(f) for f in plan.files), default=0)
     group = plan.source.largest_group_bytes
     workers = min(max_workers, max(len(plan.files), 1))
-    held = f"the largest file, {largest / 1e9:.3f} GB" + (f", and converter group, {group / 1e9:.3f} GB" if group else "")
+    held = f"the largest file's {largest / 1e9:.3f} GB" + (f", and converter group, {group / 1e9:.3f} GB" if group else "")
     return (f"predicted peak memory: about {(workers * (largest + group) + 2**30) / 2**30:.2f} GiB "
             f"({workers} worker{'s' if workers > 1 else ''} x {held}, + ~1 GiB)")
 
@@ -30,7 +39,8 @@ def describe_plan(plan: Plan, max_workers: int = 1, verbose: bool = False) -> st
         predicted_memory(plan, max_workers),
     ]
     lines += plan.target.describe(plan)
-    for f in plan.files:
+    listed = plan.files if verbose else plan.files[:FILES_LISTED]
+    for f in listed:
         lines.append(f"  {f.relpath}: {f.tensor_count} tensors, {f.nbytes / 1e6:.1f} MB")
         if verbose:
             for key, j in f.jobs():
@@ -38,6 +48,8 @@ def describe_plan(plan: Plan, max_workers: int = 1, verbose: bool = False) -> st
                 recipe = ("None (_extra_state)" if j.expr is None
                           else f"{list(j.expr.shape)} {tx.dtype_name(j.expr.dtype)} <- {tx.describe(j.expr)}")
                 lines.append(f"    {where}: {recipe}")
+    if len(listed) < len(plan.files):
+        lines.append(f"  ... and {len(plan.files) - len(listed)} more files (--dry_run --verbose lists them all)")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 

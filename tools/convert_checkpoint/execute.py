@@ -145,38 +145,38 @@ def check_memory_budget(plan: Plan, budget: int | None) -> None:
     """Each worker holds about one output file: a file larger than the budget cannot be built."""
     if budget is None or not plan.files:
         return
-    largest = max(plan.files, key=lambda f: f.nbytes)
-    if largest.nbytes > budget:
+    largest = max(plan.files, key=plan.target.memory_bytes)
+    if plan.target.memory_bytes(largest) > budget:
         raise ConversionError(
             f"--max_memory {budget / 2**30:.2f} GiB is smaller than output file {largest.relpath} "
-            f"({largest.nbytes / 2**30:.2f} GiB), which a worker holds whole: raise --max_memory, or split the "
+            f"({plan.target.memory_bytes(largest) / 2**30:.2f} GiB held while it is written): raise --max_memory, or split the "
             "model further (more TP/PP/EP ranks, a smaller --max_shard_size)"
         )
 
 
 def _run_pool(todo: list[OutputFile], max_workers: int, budget: int | None, submit, finished,
-              gpus: tuple[int, ...] = ()) -> int:
-    """Build files in worker processes, admitting them largest first while the planned sizes of
-    the files in flight fit in ``budget``; with GPUs, each file goes to the GPU with the least
-    planned bytes in flight. Returns the largest in-flight total seen."""
-    queue = sorted(todo, key=lambda f: f.nbytes, reverse=True)
+              memory=lambda f: f.nbytes, gpus: tuple[int, ...] = ()) -> int:
+    """Build files in worker processes, admitting them largest first while the memory the files
+    in flight hold (``memory(f)``) fits in ``budget``; with GPUs, each file goes to the GPU with
+    the least of that memory in flight. Returns the largest in-flight total seen."""
+    queue = sorted(todo, key=memory, reverse=True)
     in_flight: dict = {}
     load = DeviceLoad(gpus)
     held = peak = 0
     while queue or in_flight:
         while queue and len(in_flight) < max_workers and (
-                not in_flight or budget is None or held + queue[0].nbytes <= budget):
+                not in_flight or budget is None or held + memory(queue[0]) <= budget):
             f = queue.pop(0)
-            gpu = load.take(f.nbytes) if gpus else None
+            gpu = load.take(memory(f)) if gpus else None
             in_flight[submit(f, gpu)] = (f, gpu)
-            held += f.nbytes
+            held += memory(f)
             peak = max(peak, held)
         done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
         for fut in done:
             f, gpu = in_flight.pop(fut)
-            held -= f.nbytes
+            held -= memory(f)
             if gpu is not None:
-                load.release(gpu, f.nbytes)
+                load.release(gpu, memory(f))
             finished(fut.result())
     return peak
 
@@ -269,7 +269,8 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
         if kill_after is not None and len(results) - len(done_before) >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    peak_in_flight = max((f.nbytes for f in todo), default=0)
+    memory = plan.target.memory_bytes
+    peak_in_flight = max((memory(f) for f in todo), default=0)
     try:
         if max_workers <= 1 or len(todo) <= 1:
             for index, f in enumerate(todo):
@@ -278,7 +279,7 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
             position = {f.relpath: i for i, f in enumerate(todo)}
             # Reusing a worker's buffer saves page faults, but parks a file's worth of memory in
             # every worker: only when the budget could hold every worker's largest file.
-            largest = max(f.nbytes for f in todo)
+            largest = max(memory(f) for f in todo)
             settings = replace(settings, keep_arena=max_memory is None or max_workers * largest <= max_memory)
             if gpus and torch.cuda.is_initialized():
                 raise ConversionError("this process has already used CUDA, so the forked workers cannot: run the "
@@ -289,8 +290,9 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
                 peak_in_flight = _run_pool(
                     todo, max_workers, max_memory,
                     lambda f, gpu: pool.submit(_build_file, f, settings, position[f.relpath], gpu),
-                    finished, gpus)
+                    finished, memory, gpus)
     except OSError as e:
+        manifest.save()  # every file finished so far, recorded for --resume
         done = len(manifest.done)
         raise OSError(e.errno, f"{e.strerror}; {done} of {len(files)} files are finished and kept: "
                                "fix the cause and re-run the same command with --resume", e.filename) from None
@@ -299,4 +301,5 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
             bar.close()
         _PLAN = None
         ARENA.release()
+    manifest.save()  # the records not yet saved (see Manifest.SAVE_EVERY_FRACTION)
     return results, peak_in_flight

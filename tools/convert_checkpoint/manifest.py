@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import tensor_expr as tx
@@ -32,7 +33,10 @@ def rank_manifest_name(rank: int) -> str:
 _RUNTIME_OPTIONS = {"max_workers", "max_memory", "world_size", "rank", "overwrite", "dry_run", "verbose", "progress",
                     "resume", "save_ckpt_path", "strict_values",
                     # checks against the model: they only ever stop a run
-                    "check_num_experts", "check_vocab_size", "check_torch_dtype"}
+                    "check_num_experts", "check_vocab_size", "check_torch_dtype",
+                    # the kt_cpu target's settings: hashed by that target (fingerprint_fields), so
+                    # other conversions keep their earlier fingerprints
+                    "kt"}
 
 
 @dataclass
@@ -72,10 +76,17 @@ def file_sha256(path: str) -> str:
 
 
 class Manifest:
+    # Rewriting the whole manifest after every file is quadratic in the file count (KTransformers'
+    # raw mode writes ~180,000 files for DeepSeek-V3): a larger manifest is saved at most every
+    # SAVE_SECONDS, and at the end. A file finished but not yet recorded is rebuilt on --resume.
+    SAVE_EACH_UP_TO = 64
+    SAVE_SECONDS = 2.0
+
     def __init__(self, path: str, fingerprint: str, files: dict[str, FileRecord]):
         self.path = path
         self.fingerprint = fingerprint
         self.files = files
+        self._saved_at = 0.0
 
     @classmethod
     def fresh(cls, target: str, files: list[OutputFile], fingerprint: str, name: str = MANIFEST_NAME) -> Manifest:
@@ -121,8 +132,10 @@ class Manifest:
     def mark_done(self, relpath: str, nbytes: int, sha256: str, fp8_events: list) -> None:
         record = self.files[relpath]
         record.done, record.bytes, record.sha256, record.fp8_events = True, nbytes, sha256, fp8_events
-        self.save()
+        if len(self.files) <= self.SAVE_EACH_UP_TO or time.monotonic() - self._saved_at >= self.SAVE_SECONDS:
+            self.save()
 
     def save(self) -> None:
-        data = {"fingerprint": self.fingerprint, "files": {k: asdict(v) for k, v in self.files.items()}}
+        data = {"fingerprint": self.fingerprint, "files": {k: vars(v) for k, v in self.files.items()}}
         write_text(self.path, json.dumps(data, indent=1), tmp=self.path + ".tmp")
+        self._saved_at = time.monotonic()

@@ -19,6 +19,7 @@ from .layout.placement import MTP_INNER_NAMES, TRANSFORMER_IMPLS
 from .quant.fp8_block import QUANT_METHODS
 from .requests import (
     Fp8Request,
+    KtRequest,
     LayoutRequest,
     ModelChecks,
     ModelRequest,
@@ -77,6 +78,7 @@ class ConvertOptions:
     check_num_experts: int | None = None
     check_vocab_size: int | None = None
     check_torch_dtype: str | None = None
+    kt: KtRequest = KtRequest()  # convert-checkpoint kt: the KTransformers target's settings
 
     def plan_request(self, converters: tuple[Any, ...] | None = None) -> PlanRequest:
         """What shapes the output. ``converters`` (objects, Python API) replaces the spec strings."""
@@ -99,6 +101,7 @@ class ConvertOptions:
             max_shard_size=self.max_shard_size,
             hf_config_path=self.hf_config_path,
             checks=ModelChecks(self.check_num_experts, self.check_vocab_size, self.check_torch_dtype),
+            kt=self.kt,
         )
 
     def run_options(self) -> RunOptions:
@@ -219,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Convert LLM checkpoints between HuggingFace safetensors and Megatron-Core legacy per-rank "
         "checkpoints, resharding over tensor and pipeline parallel ranks. "
         "`convert-checkpoint verify A B` compares two checkpoints; `convert-checkpoint hf SRC DST --converter SPEC` "
-        "rewrites a quantized HF checkpoint (dequantize, ModelOpt NVFP4 / AutoAWQ to compressed-tensors).",
+        "rewrites a quantized HF checkpoint (dequantize, ModelOpt NVFP4 / AutoAWQ to compressed-tensors); "
+        "`convert-checkpoint quantize SRC DST --scheme S` quantizes; `convert-checkpoint kt -i SRC -o DST` writes "
+        "KTransformers CPU experts (kt-kernel's flags) and `convert-checkpoint verify-kt DIR --source SRC` checks them.",
     )
 
     add = _adder(p)

@@ -48,7 +48,10 @@ def check_target_dir(target: TargetDir, source_path: str) -> None:
 
 
 def open_source(request: PlanRequest) -> Source:
-    return endpoint(request.load_format, "--load_platform").open_source(request)
+    module = endpoint(request.load_format, "--load_platform")
+    if not hasattr(module, "open_source"):
+        raise ConversionError(f"--load_platform {request.load_format}: this format is written, not read")
+    return module.open_source(request)
 
 
 def build_plan(request: PlanRequest, options: Any = None) -> Plan:
@@ -56,7 +59,10 @@ def build_plan(request: PlanRequest, options: Any = None) -> Plan:
     for the report and the resume fingerprint."""
     check_target_dir(request.target, request.source_path)
     source = open_source(request)
-    target: Target = endpoint(request.save_format, "--save_platform").create_target(request)
+    writer = endpoint(request.save_format, "--save_platform")
+    if not hasattr(writer, "create_target"):
+        raise ConversionError(f"--save_platform {request.save_format}: this format is read, not written")
+    target: Target = writer.create_target(request)
     if request.converters and not isinstance(source, HFSource) and not isinstance(target, HFTarget):
         raise ConversionError("--converter runs on HuggingFace tensors: those of an HF source (before the model "
                               f"mapping) or of an HF target (after it); here both sides are {source.format}")
@@ -72,7 +78,7 @@ def build_plan(request: PlanRequest, options: Any = None) -> Plan:
 
 def _plan_same_namespace(request: PlanRequest, source: HFSource, target: HFTarget) -> Plan:
     """HF -> HF through converters: no model, the source's shards and names are kept."""
-    if not request.converters:
+    if not request.converters and target.needs_converter:
         raise ConversionError("convert-checkpoint hf needs at least one --converter")
     notes: list[str] = []
     files = target.plan_files_like(source, notes)

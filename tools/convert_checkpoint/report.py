@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import TYPE_CHECKING
 
 from . import tensor_expr as tx
@@ -43,7 +43,8 @@ def conversion_report(plan: Plan, results: list[FileResult], seconds: float) -> 
     tensors went through, and the coverage the plan validated."""
     events = [e for r in results for e in r.fp8_events]
     total = sum(r.nbytes for r in results if not r.reused)
-    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.options).items()} if plan.options else None
+    options = {k: (list(v) if isinstance(v, tuple) else vars(v) if is_dataclass(v) else v)
+               for k, v in vars(plan.options).items()} if plan.options else None
     return {
         "tool": "convert_checkpoint",
         "version": __version__,

@@ -73,6 +73,17 @@ class ModelChecks:
 
 
 @dataclass(frozen=True)
+class KtRequest:
+    """KTransformers CPU-expert output (``convert-checkpoint kt``; kt-kernel's flag meanings)."""
+
+    quant_method: str = "int4"  # int4 | int8 (AMXINT4 / AMXINT8)
+    parts: int = 2  # --threadpool-count: NUMA parts the intermediate dimension is split into
+    merge: bool = True  # False: --no-merge-safetensor, raw _layer_L/_numa_p/*.kt files
+    input_type: str | None = None  # bf16 | fp16 | fp8 | awq; None: as the checkpoint is
+    ieee_scales: bool = False  # INT8 scale by a true division instead of kt-kernel's fast-math multiply
+
+
+@dataclass(frozen=True)
 class PlanRequest:
     load_format: str  # a registered endpoint name (--load_platform)
     save_format: str  # (--save_platform)
@@ -86,6 +97,7 @@ class PlanRequest:
     max_shard_size: int = 5 * 1000**3  # HF output shards
     hf_config_path: str | None = None  # HF output: copy config and tokenizer files from here
     checks: ModelChecks = ModelChecks()
+    kt: KtRequest = KtRequest()  # the kt_cpu target's settings
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,9 @@ Block-scaled FP8 weights (128x128 blocks, ``quant/fp8_block``) add four kinds:
 * ``Fp8Part``    the codes or the scale grid of an FP8 expression (HF files store them as two
   tensors, ``weight`` and ``weight_scale_inv``).
 
+``Encode`` is a part turned into a target's own encoding when its file is written (KTransformers'
+AMX INT4/INT8 bytes and scales); only the target that planned it applies it.
+
 ``narrow(expr, dim, start, length)`` pushes a slice down to the leaves, so composing the model
 mapping (HF <-> canonical) with the layout mapping (canonical <-> shards) stays a tree of
 windows on the source files.
@@ -124,7 +127,15 @@ class Fp8Part:
     dtype: torch.dtype
 
 
-Expr = Leaf | Cat | Repeat | Cast | Fp8Blocks | Dequantize | Quantize | Fp8Part
+@dataclass(frozen=True)
+class Encode:
+    part: Expr  # the values encoded
+    codec: object  # what the target applies (frozen, printable: part of the plan's fingerprint)
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+Expr = Leaf | Cat | Repeat | Cast | Fp8Blocks | Dequantize | Quantize | Fp8Part | Encode
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -208,7 +219,7 @@ def narrow(expr: Expr, dim: int, start: int, length: int) -> Expr:
         shape = list(expr.shape)
         shape[dim] = length
         return _crop(expr.part, tuple(offsets), tuple(shape), expr.reason)
-    if isinstance(expr, (Quantize, Fp8Part)):
+    if isinstance(expr, (Quantize, Fp8Part, Encode)):
         raise TypeError("a quantized output tensor cannot be cut further")
     if dim != expr.dim:
         return cat([narrow(p, dim, start, length) for p in expr.parts], expr.dim)
@@ -234,7 +245,7 @@ def split_even(expr: Expr, dim: int, parts: int, index: int) -> Expr:
 
 
 def children(expr: Expr) -> tuple[Expr, ...]:
-    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize)):
+    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize, Encode)):
         return (expr.part,)
     if isinstance(expr, Fp8Part):
         return (expr.of,)
@@ -416,6 +427,8 @@ def describe(expr: Expr) -> str:
         return f"quantize({describe(expr.part)}; {expr.reason})"
     if isinstance(expr, Fp8Part):
         return f"{expr.which} of {describe(expr.of)}"
+    if isinstance(expr, Encode):
+        return f"{expr.codec}({describe(expr.part)})"
     return f"cat{expr.dim}(" + ", ".join(describe(p) for p in expr.parts) + ")"
 
 
@@ -461,6 +474,8 @@ def materialize_into(expr: Expr, reader: LeafReader, out: torch.Tensor) -> None:
         return
     if isinstance(expr, (Fp8Blocks, Quantize, Fp8Part)):
         raise TypeError("block-FP8 expressions are materialized by quant.fp8_materialize")
+    if isinstance(expr, Encode):
+        raise TypeError(f"{expr.codec} is applied by the target that planned it")
     pos = 0
     for part in expr.parts:
         n = part.shape[expr.dim]

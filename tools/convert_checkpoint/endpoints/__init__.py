@@ -32,6 +32,14 @@ def _mcore_legacy() -> ModuleType:
     return mcore_legacy
 
 
+@ENDPOINTS.register("kt_cpu", "KTransformers CPU experts (kt-kernel AMXINT4/AMXINT8, NUMA parts; "
+                              "convert-checkpoint kt): routed experts quantized and tiled, other tensors copied; written")
+def _kt_cpu() -> ModuleType:
+    from . import kt_cpu
+
+    return kt_cpu
+
+
 def detect(path: str) -> str:
     """The format of a checkpoint directory (``verify``): the first whose ``looks_like`` agrees;
     Megatron layouts are tried before HF, since a Megatron directory may hold a config.json."""

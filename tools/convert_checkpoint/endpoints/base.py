@@ -162,6 +162,11 @@ class Target(ABC):
         """Extra ``--dry_run`` lines (e.g. the placement table)."""
         return []
 
+    def memory_bytes(self, out: OutputFile) -> int:
+        """Bytes a worker holds while writing ``out`` (the memory budget admits files by it): the
+        whole file by default; a target that streams small independent pieces says less."""
+        return out.nbytes
+
     @abstractmethod
     def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> None:
         """Write one planned file at ``path`` (a temporary name the executor renames)."""
@@ -173,6 +178,10 @@ class Target(ABC):
 
 class HFTarget(Target):
     """A target under HuggingFace tensor names."""
+
+    # HF -> HF without a --converter would be a plain copy; a target that transforms the tensors
+    # itself (KTransformers' experts) takes an HF source as it is.
+    needs_converter: ClassVar[bool] = True
 
     notes: list[str]  # plan notes from use_model_config
     config: dict | None  # config.json to write, as planned (None: a reference directory's)
