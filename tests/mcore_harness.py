@@ -182,6 +182,12 @@ class CheckJob:
     grouped_gemm: bool = False  # experts named like TE GroupedLinear (mlp.experts.linear_fc1.weight<j>)
     # DeepSeek MTP layers in the checkpoint; None: the HF config's num_nextn_predict_layers.
     mtp_layers: int | None = None
+    # "torch": legacy rank files, strict-loaded per rank; "torch_dist": megatron-core's
+    # ``dist_checkpointing.load`` of the whole model's sharded state dict, strict RAISE_ALL.
+    ckpt_format: str = "torch"
+    # After loading: ``dist_checkpointing.save`` of the loaded model to ``<dir>/release``
+    # (with the tracker), i.e. a torch_dist checkpoint written by megatron-core itself.
+    save_torch_dist: str | None = None
 
     def arch(self) -> HFArch:
         """The HF architecture, with this job's MTP layer count."""
@@ -761,6 +767,8 @@ def _apply_cpu_workarounds() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     # W7: tied embeddings with PP>1 all-reduce `weight.data.cuda()` at model init.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    # W8: dist_checkpointing.save synchronizes CUDA streams.
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
 
 
 def _patch_megatron_after_import() -> None:
@@ -862,16 +870,27 @@ class _Worker:
                 tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=ep_rank, dp_rank=ps.get_data_parallel_rank()
             )
             arch = job.arch()
-            ckpt = self.open_rank_file(job, arch, tp_rank, pp_rank, ep_rank, result["files"])
+            if job.ckpt_format == "torch_dist":
+                ckpt = self.open_torch_dist(job)
+            else:
+                ckpt = self.open_rank_file(job, arch, tp_rank, pp_rank, ep_rank, result["files"])
             chunks = self.build_chunks(job, arch, padded_vocab_size=_padded_vocab_size(ckpt, arch))
             result["layers_per_chunk"] = [len(model.decoder.layers) for model in chunks]
             result["local_experts"] = [_local_expert_indices(model) for model in chunks]
             result["mtp_layers_per_chunk"] = [
                 len(model.mtp.layers) if getattr(model, "mtp_process", False) else 0 for model in chunks
             ]
-            result["renamed"] = self.load_chunks(job, arch, ckpt, chunks)
+            if job.ckpt_format == "torch_dist":
+                self.load_torch_dist(job, chunks)
+            else:
+                result["renamed"] = self.load_chunks(job, arch, ckpt, chunks)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a report
             result.update(ok=False, err=_describe(exc))
+        if job.save_torch_dist and _all_ranks_true(result["ok"]):
+            try:
+                self.save_torch_dist(job, chunks)
+            except Exception as exc:  # noqa: BLE001
+                result.update(ok=False, err=_describe(exc))
 
         # The collectives below need every rank: run them only if all of them loaded.
         loaded_everywhere = _all_ranks_true(result["ok"])
@@ -971,6 +990,58 @@ class _Worker:
             if have != want and (have or want):
                 raise CheckFailure(f"{name}: args.{field}={have}, expected {want}")
         return ckpt
+
+    def open_torch_dist(self, job: CheckJob) -> dict[str, Any]:
+        """The tracker, metadata.json and common.pt of a torch_dist checkpoint (its args say
+        the padded vocabulary); the tensors are read by ``load_torch_dist``."""
+        import torch
+
+        tracker = Path(job.mcore_dir, TRACKER_FILE)
+        if not tracker.is_file() or tracker.read_text().strip() != RELEASE_DIR:
+            raise CheckFailure(f"{tracker}: missing or not 'release'")
+        root = Path(job.mcore_dir, RELEASE_DIR)
+        meta = json.loads((root / "metadata.json").read_text())
+        if meta.get("sharded_backend") != "torch_dist":
+            raise CheckFailure(f"{root}/metadata.json: {meta}")
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        common = torch.load(root / "common.pt", map_location="cpu", weights_only=True)
+        if common.get("checkpoint_version") != 3.0 or not isinstance(common.get("args"), argparse.Namespace):
+            raise CheckFailure(f"{root}/common.pt: checkpoint_version {common.get('checkpoint_version')!r}, "
+                               f"args {type(common.get('args')).__name__}")
+        return common
+
+    @staticmethod
+    def load_torch_dist(job: CheckJob, chunks: Sequence[Any]) -> None:
+        """megatron-core's own loader, at this job's layout: every key the model asks for must be
+        in the checkpoint and every checkpoint key asked for by some rank (RAISE_ALL); then a
+        strict ``load_state_dict`` of what it returned."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.validation import StrictHandling
+
+        names = _model_entry_names(job.layout.vpp)
+        sharded = {name: model.sharded_state_dict() for name, model in zip(names, chunks)}
+        loaded = dist_checkpointing.load(sharded, str(Path(job.mcore_dir, RELEASE_DIR)),
+                                         strict=StrictHandling.RAISE_ALL)
+        for chunk, (name, model) in enumerate(zip(names, chunks)):
+            _strict_load(model, loaded[name], label=f"{name} (chunk {chunk})")
+
+    @staticmethod
+    def save_torch_dist(job: CheckJob, chunks: Sequence[Any]) -> None:
+        """``dist_checkpointing.save`` of the loaded chunks as a release checkpoint (no args:
+        the converter reads such a checkpoint with --hf_config_path)."""
+        import torch.distributed as dist
+        from megatron.core import dist_checkpointing
+
+        assert job.save_torch_dist is not None
+        root = Path(job.save_torch_dist, RELEASE_DIR)
+        if dist.get_rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            Path(job.save_torch_dist, TRACKER_FILE).write_text(RELEASE_DIR)
+        dist.barrier()
+        names = _model_entry_names(job.layout.vpp)
+        state = {name: model.sharded_state_dict() for name, model in zip(names, chunks)}
+        state.update(checkpoint_version=3.0, iteration=0)
+        dist_checkpointing.save(state, str(root))
 
     # ----- model building -----
 
@@ -1529,7 +1600,7 @@ def _model_entry_names(vpp: int) -> list[str]:
 
 
 def _padded_vocab_size(ckpt: Mapping[str, Any], arch: HFArch) -> int:
-    padded = getattr(ckpt["args"], "padded_vocab_size", None)
+    padded = getattr(ckpt.get("args"), "padded_vocab_size", None)
     if not isinstance(padded, int) or padded < arch.vocab_size:
         raise CheckFailure(f"args.padded_vocab_size={padded!r} is not an int >= vocab_size {arch.vocab_size}")
     return padded
