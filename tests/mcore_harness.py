@@ -859,6 +859,7 @@ class _Worker:
             "renamed": 0,
         }
         chunks: list[Any] = []
+        sharded: dict[str, Any] = {}
         arch: HFArch | None = None
         self.duplicated = []
         try:
@@ -881,11 +882,17 @@ class _Worker:
                 len(model.mtp.layers) if getattr(model, "mtp_process", False) else 0 for model in chunks
             ]
             if job.ckpt_format == "torch_dist":
-                self.load_torch_dist(job, chunks)
+                sharded = _sharded_state_dicts(job, chunks)
             else:
                 result["renamed"] = self.load_chunks(job, arch, ckpt, chunks)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a report
             result.update(ok=False, err=_describe(exc))
+        # dist_checkpointing.load runs collectives: every rank enters it, or none.
+        if job.ckpt_format == "torch_dist" and _all_ranks_true(result["ok"]):
+            try:
+                self.load_torch_dist(job, sharded, chunks)
+            except Exception as exc:  # noqa: BLE001
+                result.update(ok=False, err=_describe(exc))
         if job.save_torch_dist and _all_ranks_true(result["ok"]):
             try:
                 self.save_torch_dist(job, chunks)
@@ -1011,7 +1018,7 @@ class _Worker:
         return common
 
     @staticmethod
-    def load_torch_dist(job: CheckJob, chunks: Sequence[Any]) -> None:
+    def load_torch_dist(job: CheckJob, sharded: dict[str, Any], chunks: Sequence[Any]) -> None:
         """megatron-core's own loader, at this job's layout: every key the model asks for must be
         in the checkpoint and every checkpoint key asked for by some rank (RAISE_ALL); then a
         strict ``load_state_dict`` of what it returned."""
@@ -1019,7 +1026,6 @@ class _Worker:
         from megatron.core.dist_checkpointing.validation import StrictHandling
 
         names = _model_entry_names(job.layout.vpp)
-        sharded = {name: model.sharded_state_dict() for name, model in zip(names, chunks)}
         loaded = dist_checkpointing.load(sharded, str(Path(job.mcore_dir, RELEASE_DIR)),
                                          strict=StrictHandling.RAISE_ALL)
         for chunk, (name, model) in enumerate(zip(names, chunks)):
@@ -1038,8 +1044,7 @@ class _Worker:
             root.mkdir(parents=True, exist_ok=True)
             Path(job.save_torch_dist, TRACKER_FILE).write_text(RELEASE_DIR)
         dist.barrier()
-        names = _model_entry_names(job.layout.vpp)
-        state = {name: model.sharded_state_dict() for name, model in zip(names, chunks)}
+        state = _sharded_state_dicts(job, chunks)
         state.update(checkpoint_version=3.0, iteration=0)
         dist_checkpointing.save(state, str(root))
 
@@ -1593,6 +1598,16 @@ def _local_expert_indices(model: Any) -> list[int]:
         if indices is not None:
             return [int(i) for i in indices]
     return []
+
+
+def _sharded_state_dicts(job: CheckJob, chunks: Sequence[Any]) -> dict[str, Any]:
+    """Each chunk's sharded state dict under its model entry (megatron-core 0.16's MTP stage
+    without the embedding needs the metadata that holds the DP/CP group)."""
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    names = _model_entry_names(job.layout.vpp)
+    return {name: model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
+            for name, model in zip(names, chunks)}
 
 
 def _model_entry_names(vpp: int) -> list[str]:
