@@ -138,3 +138,24 @@ def test_megatron_saved_torch_dist_to_legacy_and_back(spawned):
     a, b = load_hf_tensors(hf["qwen3_moe"]), load_hf_tensors(back)
     assert_same_tensors(a, b)
     assert all(t.dtype == torch.float32 for t in b.values())
+
+
+def _schema(path: str) -> dict[str, tuple]:
+    """Key -> (global shape, dtype) of tensors, or "bytes" of objects, in a torch_dist .metadata."""
+    md = pickle.loads((Path(path) / "release" / ".metadata").read_bytes())
+    return {k: (tuple(m.size), m.properties.dtype) if hasattr(m, "size") else "bytes"
+            for k, m in md.state_dict_metadata.items()}
+
+
+def test_our_keys_and_shapes_are_megatrons(spawned):
+    """What we write for the local spec has exactly the keys, global shapes, dtypes and
+    _extra_state objects of megatron-core's own save of the same model."""
+    hf, _, _, saves, _, tmp = spawned
+    for i, ((model, _), job) in enumerate(zip(SAVES, saves)):
+        assert job.save_torch_dist is not None
+        ours = str(tmp / f"ours_{i}")
+        assert hf_to_mcore(hf[model], ours, ckpt_format="torch_dist", transformer_impl="local") == 0
+        theirs = _schema(job.save_torch_dist)
+        mine = _schema(ours)
+        assert sorted(set(theirs) ^ set(mine)) == [], model
+        assert mine == theirs, model
