@@ -206,3 +206,41 @@ def test_killed_run_resumes_to_the_bytes_of_one_run(tiny_hf, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "1 finished earlier, verified and kept" in proc.stderr
     assert read_tree(killed, KEEP_OUT) == read_tree(whole, KEEP_OUT)
+
+
+def test_fp8_source_is_written_dequantized(tiny_hf, tmp_path, capsys):
+    """DeepSeek's FP8 layout -> torch_dist holds the nominal-dtype values (megatron-core >= 0.17
+    stores FP8 parameters that way); back to HF they equal the dequantized checkpoint."""
+    from tiny_models import dequantize_checkpoint, make_fp8_checkpoint
+
+    bf16 = tiny_hf(TinySpec("deepseek_v3", mtp_layers=1, wide=True, dtype=torch.bfloat16))
+    fp8 = make_fp8_checkpoint(bf16, str(tmp_path / "fp8"))
+    dist = str(tmp_path / "dist")
+    capsys.readouterr()
+    to_dist(fp8, dist)
+    assert "block-FP8 tensors are written dequantized to bfloat16" in capsys.readouterr().err
+    dtypes = {m.properties.dtype for m in metadata(dist).state_dict_metadata.values() if hasattr(m, "properties")}
+    assert torch.float8_e4m3fn not in dtypes
+    assert mcore_to_hf(dist, str(tmp_path / "back")) == 0
+    assert_same_tensors(load_hf_tensors(dequantize_checkpoint(fp8, str(tmp_path / "deq"))),
+                        load_hf_tensors(str(tmp_path / "back")))
+
+
+def test_two_processes_write_what_one_writes(tiny_hf, tmp_path):
+    """--world_size 2: each process writes its share of the .distcp files, rank 0 the metadata
+    (from every file's blob index): the bytes of one process."""
+    from fixtures import free_port
+
+    hf = tiny_hf(LLAMA)
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    to_dist(hf, one, max_shard_size="150KB")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "CONVERT_CHECKPOINT_FAULT")}
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    cmd = [sys.executable, "-m", "convert_checkpoint", "--load_platform", "huggingface", "--save_platform", "mcore",
+           "--ckpt-format", "torch_dist", "--load_ckpt_path", hf, "--save_ckpt_path", two, "--max_shard_size",
+           "150KB", "--no_progress", "--world_size", "2"]
+    procs = [subprocess.Popen([*cmd, "--rank", str(r)], env=env, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:] if p.stderr else ""
+    assert read_tree(two, KEEP_OUT) == read_tree(one, KEEP_OUT)
+    assert json.load(open(os.path.join(two, "conversion_report.json")))["processes"] == 2

@@ -27,7 +27,6 @@ from .requests import (
     VocabPadding,
 )
 
-
 CKPT_FORMATS = ("torch", "torch_dist")  # Megatron's --ckpt-format values this tool writes
 
 

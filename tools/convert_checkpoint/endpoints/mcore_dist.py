@@ -316,6 +316,7 @@ class DistTarget(CanonicalTarget):
         self.tensors: dict[str, dcp.TensorEntry] = {}
         self.objects: list[str] = []
         self._chunks: dict[str, PlannedChunk] = {}  # job name -> chunk
+        self._dequantized = 0  # block-FP8 source tensors written in their nominal dtype
 
     @property
     def data_dir(self) -> str:
@@ -347,6 +348,7 @@ class DistTarget(CanonicalTarget):
             expr = exprs[t.name]
             if tx.is_fp8(expr):  # megatron-core >= 0.17 stores FP8 parameters dequantized, in their nominal dtype
                 expr = tx.cast(expr, nominal)
+                self._dequantized += 1
             if t.split is Split.VOCAB:
                 expr = shard(expr, Split.VOCAB, 1, 0, layout.padded_vocab_size)
             where = slot(t.name, rules, names)
@@ -393,6 +395,11 @@ class DistTarget(CanonicalTarget):
 
     def check_plan(self, plan: Plan) -> None:
         """Every tensor's planned chunks tile it (the same check runs on the written files)."""
+        if self._dequantized:
+            plan.notes.append(
+                f"FP8: {self._dequantized} block-FP8 tensors are written dequantized to "
+                f"{tx.dtype_name(param_dtype(plan.model.hf_config or {}) if plan.model else torch.bfloat16)}, as "
+                "megatron-core >= 0.17 stores FP8 parameters in torch_dist (codes and scales are not kept)")
         for key, entry in self.tensors.items():
             problem = dcp.tiling_problem(entry.shape, entry.chunks)
             if problem:
