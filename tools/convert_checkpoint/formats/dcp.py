@@ -78,17 +78,44 @@ def tiling_problem(shape: Sequence[int], chunks: Sequence[tuple[Sequence[int], S
             return f"chunk at {list(offsets)} has {len(offsets)} dimensions, the tensor {len(shape)}"
         if any(o < 0 or s < 0 or o + s > n for o, s, n in zip(offsets, sizes, shape)):
             return f"chunk at {list(offsets)} of size {list(sizes)} lies outside the global shape {list(shape)}"
-    boxes = sorted((tuple(o), tuple(s)) for o, s in chunks if math.prod(s) > 0)
-    # Sweep along dim 0: only chunks whose dim-0 ranges meet can overlap.
-    for i, (oa, sa) in enumerate(boxes):
-        for ob, sb in boxes[i + 1:]:
-            if shape and ob[0] >= oa[0] + sa[0]:
-                break
-            if all(max(a, b) < min(a + x, b + y) for a, x, b, y in zip(oa, sa, ob, sb)):
-                return f"chunks at {list(oa)} and {list(ob)} overlap"
+    boxes = [(tuple(o), tuple(s)) for o, s in chunks if math.prod(s) > 0]
+    clash = _overlap(boxes, 0)
+    if clash is not None:
+        return f"chunks at {list(clash[0][0])} and {list(clash[1][0])} overlap"
     covered = sum(math.prod(s) for _, s in boxes)
     if covered != math.prod(shape):
         return f"chunks cover {covered} of {math.prod(shape)} elements of the global shape {list(shape)} (a gap)"
+    return None
+
+
+Box = tuple[tuple[int, ...], tuple[int, ...]]
+
+
+def _overlap(boxes: list[Box], dim: int) -> tuple[Box, Box] | None:
+    """Two boxes that intersect, or None. Boxes whose ranges along ``dim`` meet form a cluster;
+    a cluster sharing one range (a grid, as every writer makes) is checked along the next
+    dimension, any other cluster pair by pair."""
+    if len(boxes) < 2:
+        return None
+    if dim == len(boxes[0][0]):
+        return boxes[0], boxes[1]  # equal ranges on every dimension
+    boxes = sorted(boxes, key=lambda b: b[0][dim])
+    cluster = [boxes[0]]
+    end = boxes[0][0][dim] + boxes[0][1][dim]
+    for box in [*boxes[1:], None]:
+        if box is not None and box[0][dim] < end:
+            cluster.append(box)
+            end = max(end, box[0][dim] + box[1][dim])
+            continue
+        if len({(b[0][dim], b[1][dim]) for b in cluster}) == 1:
+            found = _overlap(cluster, dim + 1)
+        else:
+            found = next(((a, b) for i, a in enumerate(cluster) for b in cluster[i + 1:]
+                          if all(max(x, y) < min(x + m, y + n) for x, m, y, n in zip(a[0], a[1], b[0], b[1]))), None)
+        if found is not None:
+            return found
+        if box is not None:
+            cluster, end = [box], box[0][dim] + box[1][dim]
     return None
 
 
