@@ -136,6 +136,9 @@ def _damaged(tiny_hf, tmp_path, how: str) -> str:
             f.truncate(last.stat().st_size // 2)
     elif how == "missing":
         next(Path(out, "release").glob("__0_1.distcp")).unlink()
+    elif how == "singleton":  # megatron-core 0.15.0rc1's per-shard keys
+        fc1 = "decoder.layers.mlp.linear_fc1.weight"
+        md.state_dict_metadata[fc1 + "_w"] = md.state_dict_metadata.pop(fc1)
     save_metadata(out, md)
     return out
 
@@ -145,6 +148,7 @@ def _damaged(tiny_hf, tmp_path, how: str) -> str:
     ("overlap", ["tensor decoder.layers.mlp.linear_fc2.weight", "overlap"]),
     ("truncated", ["is truncated", ".distcp"]),
     ("missing", ["data file __0_1.distcp is missing"]),
+    ("singleton", ["tensor decoder.layers.mlp.linear_fc1.weight_w", "singleton_local_shards"]),
 ])
 def test_a_damaged_checkpoint_is_refused_with_one_line(tiny_hf, tmp_path, capsys, how, fragments):
     src = _damaged(tiny_hf, tmp_path, how)
@@ -244,3 +248,29 @@ def test_two_processes_write_what_one_writes(tiny_hf, tmp_path):
         assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:] if p.stderr else ""
     assert read_tree(two, KEEP_OUT) == read_tree(one, KEEP_OUT)
     assert json.load(open(os.path.join(two, "conversion_report.json")))["processes"] == 2
+
+
+def test_a_te_fp8_chunk_is_read_dequantized(tiny_hf, tmp_path):
+    """megatron-core <= 0.16 saves FP8 parameters as they are: a chunk that holds a pickled TE
+    block-FP8 tensor (2-D, without the layer axis) is read without TE, in its nominal dtype."""
+    from convert_checkpoint.quant import te_pickle
+
+    hf = tiny_hf(QWEN3_MOE_BF16)
+    dist = str(tmp_path / "dist")
+    to_dist(hf, dist)
+    codes = (torch.randn(64, 128) * 4).to(torch.float8_e4m3fn)
+    te_pickle.save(te_pickle.blockwise_param(codes, torch.tensor([[0.5]]), torch.bfloat16), str(tmp_path / "blob"))
+    blob = (tmp_path / "blob").read_bytes()
+    md = metadata(dist)
+    key = "decoder.layers.self_attention.linear_proj.weight"
+    index = MetadataIndex(key, torch.Size([1, 0, 0]))
+    file = Path(dist, "release", md.storage_data[index].relative_path)
+    start = file.stat().st_size
+    with open(file, "ab") as f:
+        f.write(blob)
+    md.storage_data[index] = type(md.storage_data[index])(file.name, start, len(blob))
+    save_metadata(dist, md)
+    assert mcore_to_hf(dist, str(tmp_path / "hf")) == 0
+    got, want = load_hf_tensors(str(tmp_path / "hf")), load_hf_tensors(hf)
+    assert torch.equal(got["model.layers.1.self_attn.o_proj.weight"], (codes.float() * 0.5).to(torch.bfloat16))
+    assert torch.equal(got["model.layers.0.self_attn.o_proj.weight"], want["model.layers.0.self_attn.o_proj.weight"])

@@ -26,7 +26,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import torch
 
@@ -40,6 +40,8 @@ from ..layout.from_flags import layout_from_flags, validate_tensor_parallel
 from ..layout.pipeline import PipelineLayout
 from ..layout.placement import MTP_INNER_LAYER, ParallelLayout
 from ..layout.tensor_parallel import shard
+from ..quant import fp8_block, te_pickle
+from ..quant.te_pickle import Fp8BlockRecord
 from ..requests import LayoutRequest, ModelRequest, PlanRequest, VocabPadding
 from ..tensor_expr import Expr, Leaf, TensorRef
 from .base import CanonicalSource, CanonicalTarget
@@ -224,7 +226,7 @@ class DistReader:
         if key in self._blobs:
             self._blobs.move_to_end(key)
             return self._blobs[key]
-        value = dcp.read_blob(os.path.join(self._root, file), offset, length)
+        value = dcp.read_blob(os.path.join(self._root, file), offset, length, _load_chunk)
         self._blobs[key] = value
         while len(self._blobs) > 1 and sum(t.nbytes for t in self._blobs.values()) > self._CACHE_BYTES:
             self._blobs.popitem(last=False)
@@ -235,8 +237,12 @@ class DistReader:
         at, local = leaf.ref.part.split("@")
         offset, length = (int(x) for x in at.split("+"))
         t = self._blob(leaf.ref.file, offset, length)
-        if local:  # the leaf's layer/expert inside a chunk of several
-            t = t[tuple(int(i) for i in local.split(","))]
+        index = tuple(int(i) for i in local.split(",")) if local else ()
+        if index and t.dim() == len(index) + len(leaf.source_shape):  # the leaf's layer/expert in the chunk
+            t = t[index]
+        elif index and any(index):  # a chunk without its layer/expert axes must be a chunk of one
+            raise ConversionError(f"{os.path.join(self._root, leaf.ref.file)}: the chunk of {leaf.ref.name} at byte "
+                                  f"{offset} has {t.dim()} dimensions, .metadata says {len(index) + len(leaf.source_shape)}")
         if tuple(t.shape) != leaf.source_shape or t.dtype != leaf.dtype:
             raise ConversionError(
                 f"{os.path.join(self._root, leaf.ref.file)}: the chunk of {leaf.ref.name} at byte {offset} holds "
@@ -250,6 +256,23 @@ class DistReader:
 
     def close(self) -> None:
         self._blobs.clear()
+
+
+def _load_chunk(f: IO[bytes]) -> torch.Tensor:
+    """A chunk blob: a tensor, or (megatron-core <= 0.16 with FP8 parameters, which saves them
+    as they are) a pickled TE block-FP8 tensor, read without TE and dequantized to its nominal
+    dtype, as megatron-core >= 0.17 stores it and as TE's ``dequantize()`` gives it."""
+    value = te_pickle.load(f, mmap=False)
+    if isinstance(value, Fp8BlockRecord):
+        try:
+            value.check("FP8 chunk")
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+        return fp8_block.dequantize_blocks(value.codes, value.scale_inv, value.nominal_dtype)
+    return value
+
+
+_SINGLETON = re.compile(r"\.weight_[wv]$|\.experts\.experts\.\d+\.|^\d+\.")
 
 
 def open_checkpoint(path: str, request: ModelRequest | None = None, hf_config_path: str | None = None) -> DistSource:
@@ -273,6 +296,9 @@ def open_checkpoint(path: str, request: ModelRequest | None = None, hf_config_pa
         if fqn.startswith(_SKIPPED_PREFIXES):
             skipped += 1
         elif fqn in entries:
+            if _SINGLETON.search(fqn):
+                raise ConversionError(f"{root}: tensor {fqn} is in megatron-core's singleton_local_shards form "
+                                      "(0.15.0rc1's default), which is not read; save it with singleton_local_shards=False")
             parsed = parse_key(fqn)
             if parsed is None:
                 raise ConversionError(f"{root}: tensor {fqn} is not a GPTModel weight nor optimizer state")

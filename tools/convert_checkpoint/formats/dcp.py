@@ -20,7 +20,7 @@ import math
 import os
 import pickle
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -284,16 +284,23 @@ def storage_of(metadata: Metadata, fqn: str, offsets: Sequence[int]) -> _Storage
     return metadata.storage_data[MetadataIndex(fqn, torch.Size(offsets))]
 
 
-def read_blob(path: str, offset: int, length: int) -> torch.Tensor:
-    """One chunk (a tensor of the chunk's shape)."""
+def read_blob(path: str, offset: int, length: int,
+              load: Callable[[IO[bytes]], Any] | None = None) -> torch.Tensor:
+    """One chunk (a tensor of the chunk's shape); ``load`` unpickles the archive (default:
+    torch's weights-only loader)."""
     with open(path, "rb") as f:
         f.seek(offset)
         data = f.read(length)
     if len(data) != length:
         raise ConversionError(f"data file {path} is truncated at byte {offset + len(data)}")
     try:
-        value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged archive or a class torch's weights-only loader refuses
+        if load is None:
+            value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        else:
+            value = load(io.BytesIO(data))
+    except ConversionError:
+        raise
+    except Exception as e:  # a damaged archive or a class the weights-only loader refuses
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConversionError(f"cannot read the blob at byte {offset} of {path}: {first}") from None
     if not isinstance(value, torch.Tensor):
