@@ -1,4 +1,8 @@
-"""Load Megatron-Core *legacy* per-rank checkpoints into real megatron-core models on CPU.
+"""Load Megatron-Core checkpoints into real megatron-core models on CPU: *legacy* per-rank
+files (below), or ``torch_dist`` (``CheckJob.ckpt_format``: every rank builds its chunks and
+megatron-core's own ``dist_checkpointing.load`` reads the whole checkpoint with
+``StrictHandling.RAISE_ALL``, then ``load_state_dict(strict=True)``). A job can also save what it
+loaded with megatron-core's ``dist_checkpointing.save`` (``CheckJob.save_torch_dist``).
 
 This is a test library, not a test module. It answers one question about a checkpoint
 written by our converter: "would megatron-core itself accept these files?"

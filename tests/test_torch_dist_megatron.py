@@ -39,6 +39,7 @@ LOADS = [
     ("llama", "local", Layout(2, 2, 1, (2, 2))),
     ("llama", "transformer_engine", Layout(1, 2, 2, (1, 1, 1, 1))),  # dense TE keys = the local spec's
     ("qwen3", "local", Layout(4, 1, 1, (4,))),
+    ("qwen3", "transformer_engine", Layout(2, 2, 1, (3, 1))),  # tied embeddings over two stages
     ("qwen3_moe", "local", Layout(2, 1, 1, (4,), ep=2)),
     ("qwen3_moe_dense", "local", Layout(1, 2, 1, (2, 2), ep=2)),
     ("v3", "local", Layout(1, 2, 1, (2, 2), ep=2)),

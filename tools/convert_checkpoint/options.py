@@ -339,7 +339,7 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
             "--load_platform and --save_platform are both huggingface; supported: huggingface<->mcore and mcore->mcore"
         )
     custom = parse_layer_list(ns.custom_pipeline_layers) if ns.custom_pipeline_layers else None
-    if ns.ckpt_format != "torch" and ns.save_platform != "mcore":
+    if ns.ckpt_format != "torch" and ns.save_platform not in ("mcore", "mcore_dist"):
         raise ConversionError(f"--ckpt_format {ns.ckpt_format} chooses the Megatron-Core output format: it needs "
                               f"--save_platform mcore, not {ns.save_platform}")
     return ConvertOptions(

@@ -455,15 +455,15 @@ class DistTarget(CanonicalTarget):
     def finish(self, plan: Plan, results: list[FileResult]) -> None:
         """``.metadata`` from the blob indexes of the written files (their chunks must tile
         every tensor), then common.pt, metadata.json and, last, the tracker."""
-        from ..textfile import write_text
+        from ..textfile import tmp_path, write_text
 
         files = {f.relpath: dcp.read_index(os.path.join(self.data_dir, f.relpath)) for f in plan.files}
         metadata = dcp.build_metadata(self.tensors, self.objects, files)
         common = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
                   "content_metadata": dict(CONTENT_METADATA)}
         common_path = os.path.join(self.data_dir, COMMON_NAME)
-        torch.save(common, common_path + ".tmp")
-        os.replace(common_path + ".tmp", common_path)
+        torch.save(common, tmp_path(common_path))
+        os.replace(tmp_path(common_path), common_path)
         dcp.write_metadata(os.path.join(self.data_dir, dcp.METADATA_NAME), metadata)
         write_text(os.path.join(self.data_dir, METADATA_JSON), json.dumps(BACKEND))
         write_text(os.path.join(self.target_dir, TRACKER_NAME), "release")

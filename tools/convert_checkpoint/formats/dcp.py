@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from ..errors import ConversionError
+from ..textfile import tmp_path
 
 METADATA_NAME = ".metadata"
 DCP_VERSION = "1.0.0"
@@ -197,7 +198,7 @@ def build_metadata(tensors: Mapping[str, TensorEntry], objects: Iterable[str],
 
 
 def write_metadata(path: str, metadata: Metadata) -> None:
-    tmp = path + ".tmp"
+    tmp = tmp_path(path)  # the executor's temporary-name rule: a resumed run clears it
     with open(tmp, "wb") as f:
         pickle.dump(metadata, f)
         f.flush()
