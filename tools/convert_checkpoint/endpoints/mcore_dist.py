@@ -163,6 +163,9 @@ class DistSource(CanonicalSource):
                     local = ",".join(str(i - o) for i, o in zip(index, offsets))
                     ref = TensorRef(info.relative_path, key, None, f"{info.offset}+{info.length}@{local}")
                     name = parsed.canonical(tuple(index))
+                    if owner.get(name, key) != key:  # e.g. a layer stored both stacked and on its own
+                        raise ConversionError(f"{self.root}: {name} is held by both torch_dist tensors "
+                                              f"{owner[name]} and {key}")
                     pieces.setdefault(name, []).append((offsets[n:], tx.source(ref, entry.dtype, sizes[n:])))
                     shapes[name], owner[name] = entry.shape[n:], key
         return pieces, shapes, owner
@@ -184,14 +187,18 @@ class DistSource(CanonicalSource):
                               mtp_inner_name=detected or flags.mtp_layer_name or MTP_INNER_LAYER)
 
     def _impl(self, flags: LayoutRequest) -> str:
-        """TE or local spec, where the keys tell them apart (MoE and MLA layers); else the flag,
-        the saved args, or TE."""
-        keys = " ".join(self.keys)
-        if re.search(r"linear_(?:q|kv)_up_proj\.layer_norm_|(?:^| )decoder\.layers\.(?:\d+\.)?pre_mlp_layernorm\.", keys) \
-                and "linear_qkv" in keys:
+        """TE or local spec, where the keys tell them apart; else the flag, the saved args, or TE.
+
+        MLA layers: TE fuses the q/kv norms into the up projections, the local spec keeps them.
+        Other layers: the local spec renames the pre-MLP norm on MoE layers too, TE keeps it
+        there. Dense non-MLA layers have the same keys under both."""
+        keys = self.keys
+        if any(".linear_kv_up_proj.layer_norm_" in k or ".linear_q_up_proj.layer_norm_" in k for k in keys):
             return "transformer_engine"
-        if "self_attention.kv_layernorm." in keys:
+        if any(".self_attention.kv_layernorm." in k for k in keys):
             return "local"
+        if any(".pre_mlp_layernorm." in k for k in keys) and any(".linear_qkv." in k for k in keys):
+            return "transformer_engine"
         args = self.args()
         return flags.transformer_impl or getattr(args, "transformer_impl", None) or "transformer_engine"
 
@@ -436,8 +443,8 @@ class DistTarget(CanonicalTarget):
                 "hf_config": None}
 
     def describe(self, plan: Plan) -> list[str]:
-        stacked = sum(1 for e in self.tensors.values() if len(e.chunks) > 1)
-        return [f"torch_dist: {len(self.tensors)} tensors ({stacked} in several chunks), "
+        several = sum(1 for e in self.tensors.values() if len(e.chunks) > 1)
+        return [f"torch_dist: {len(self.tensors)} tensors ({several} in several chunks), "
                 f"{len(self.objects)} _extra_state objects, {len(plan.files)} .distcp files"]
 
     def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> None:
