@@ -4,7 +4,7 @@
   builds the model at a parallel layout the converter was never told (TP2 PP2, VPP, EP2, ...),
   loads through ``dist_checkpointing.load`` with ``StrictHandling.RAISE_ALL`` and a strict
   ``load_state_dict``, and compares logits (and DeepSeek's MTP logits) with transformers.
-* We read what Megatron writes: rank files loaded into megatron-core at TP2 PP2 / EP2 are
+* We read what Megatron writes: rank files loaded into megatron-core at TP2 PP2 / EP2 / VPP are
   saved by megatron-core's own ``dist_checkpointing.save``; the converter turns that into HF,
   which must equal the source HF weights bit for bit.
 
@@ -32,6 +32,7 @@ SPECS = {
     # dense layers 0 and 2: megatron-core keys every layer on its own (moe_layer_freq is a list)
     "qwen3_moe_dense": TinySpec("qwen3_moe", mlp_only_layers=(0, 2)),
     "v3": TinySpec("deepseek_v3", mtp_layers=1),  # MLA, dense first layer, shared experts, MTP
+    "qwen2_moe": TinySpec("qwen2_moe", mlp_only_layers=(1,)),  # shared expert with a sigmoid gate
 }
 
 # (model, --transformer_impl of our output, the layout megatron loads it at)
@@ -44,6 +45,7 @@ LOADS = [
     ("qwen3_moe_dense", "local", Layout(1, 2, 1, (2, 2), ep=2)),
     ("v3", "local", Layout(1, 2, 1, (2, 2), ep=2)),
     ("v3", "local", Layout(2, 1, 1, (4,), ep=2, etp=1)),
+    ("qwen2_moe", "local", Layout(2, 1, 1, (4,), ep=2)),
 ]
 # (model, the layout megatron-core saves at: rank files converted at it, loaded, then saved)
 SAVES = [
@@ -51,6 +53,7 @@ SAVES = [
     ("qwen3_moe", Layout(2, 1, 1, (4,), ep=2)),
     ("qwen3_moe_dense", Layout(1, 2, 1, (2, 2), ep=2)),
     ("v3", Layout(1, 2, 1, (2, 2), ep=2)),
+    ("qwen3", Layout(1, 2, 2, (1, 1, 1, 1))),  # tied embeddings, interleaved pipeline
 ]
 
 
@@ -88,7 +91,8 @@ def spawned(tiny_hf, tmp_path_factory):
         legacy = str(tmp / f"legacy_{i}")
         assert hf_to_mcore(hf[model], legacy, tensor_model_parallel_size=layout.tp,
                            pipeline_model_parallel_size=layout.pp, expert_parallel_size=layout.ep,
-                           transformer_impl="local") == 0
+                           transformer_impl="local",
+                           **{"num-virtual-stages-per-pipeline-rank": layout.vpp if layout.vpp > 1 else None}) == 0
         saves.append(CheckJob(hf[model], legacy, layout, tied=SPECS[model].tied,
                               save_torch_dist=str(tmp / f"megatron_saved_{i}")))
     all_jobs = [*jobs, negative, *saves]
