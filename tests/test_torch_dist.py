@@ -181,6 +181,9 @@ def test_flags(tiny_hf, tmp_path, capsys):
     rc = convert("--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", tiny_hf(LLAMA),
                  "--save_ckpt_path", out, **{"ckpt-format": "torch_dist"})
     assert_fails(capsys, rc, out, "--ckpt_format torch_dist", "--save_platform mcore")
+    rc = convert("--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", tiny_hf(LLAMA),
+                 "--save_ckpt_path", out, ckpt_format="torch_dist", convert_to_fp8=True)
+    assert_fails(capsys, rc, out, "--convert_to_fp8", "dequantized")
     to_dist(tiny_hf(LLAMA), out, **{"dry_run": True})
     assert "torch_dist: 9 tensors" in capsys.readouterr().out
     assert not os.path.exists(out) or not os.listdir(out)

@@ -490,4 +490,7 @@ def _row_blocks(t: CanonicalTensor, expr: Expr) -> list[tuple[int, int]]:
 
 
 def create_target(request: PlanRequest) -> DistTarget:
+    if request.fp8.convert_to_fp8:
+        raise ConversionError("--convert_to_fp8: torch_dist holds FP8 parameters dequantized (as megatron-core >= 0.17 "
+                              "saves them); drop the flag, or write legacy rank files (--ckpt_format torch)")
     return DistTarget(request.target.path, request.layout, request.vocab, min(request.max_shard_size, FILE_BYTES))
