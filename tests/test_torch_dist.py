@@ -178,6 +178,8 @@ def test_optimizer_state_is_skipped_and_said(tiny_hf, tmp_path, capsys):
 
 def test_flags(tiny_hf, tmp_path, capsys):
     out = str(tmp_path / "out")
+    tiny_hf(LLAMA)
+    capsys.readouterr()
     rc = convert("--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", tiny_hf(LLAMA),
                  "--save_ckpt_path", out, **{"ckpt-format": "torch_dist"})
     assert_fails(capsys, rc, out, "--ckpt_format torch_dist", "--save_platform mcore")
