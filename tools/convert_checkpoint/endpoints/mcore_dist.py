@@ -24,7 +24,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
@@ -124,6 +124,11 @@ class DistSource(CanonicalSource):
 
     def reader(self) -> DistReader:
         return DistReader(self.root)
+
+    def bytes_read_for(self, leaves: Iterable[Leaf]) -> int:
+        """A window costs its whole blob (a chunk is one torch.save archive), once per file."""
+        blobs = {(leaf.ref.file, (leaf.ref.part or "").split("@")[0]) for leaf in leaves}
+        return sum(int(at.split("+")[1]) for _, at in blobs)
 
     def canonical(self, tensors: list[CanonicalTensor], model: ModelInfo,
                   flags: LayoutRequest) -> tuple[dict[str, Expr], ParallelLayout]:
