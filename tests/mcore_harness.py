@@ -192,6 +192,9 @@ class CheckJob:
     # After loading: ``dist_checkpointing.save`` of the loaded model to ``<dir>/release``
     # (with the tracker), i.e. a torch_dist checkpoint written by megatron-core itself.
     save_torch_dist: str | None = None
+    # Build the model with this padded vocabulary instead of the checkpoint's (torch_dist: the
+    # embedding and output layer load with allow_shape_mismatch, as at another TP).
+    padded_vocab: int | None = None
 
     def arch(self) -> HFArch:
         """The HF architecture, with this job's MTP layer count."""
@@ -879,7 +882,7 @@ class _Worker:
                 ckpt = self.open_torch_dist(job)
             else:
                 ckpt = self.open_rank_file(job, arch, tp_rank, pp_rank, ep_rank, result["files"])
-            chunks = self.build_chunks(job, arch, padded_vocab_size=_padded_vocab_size(ckpt, arch))
+            chunks = self.build_chunks(job, arch, padded_vocab_size=job.padded_vocab or _padded_vocab_size(ckpt, arch))
             result["layers_per_chunk"] = [len(model.decoder.layers) for model in chunks]
             result["local_experts"] = [_local_expert_indices(model) for model in chunks]
             result["mtp_layers_per_chunk"] = [

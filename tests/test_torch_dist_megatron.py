@@ -35,17 +35,19 @@ SPECS = {
     "qwen2_moe": TinySpec("qwen2_moe", mlp_only_layers=(1,)),  # shared expert with a sigmoid gate
 }
 
-# (model, --transformer_impl of our output, the layout megatron loads it at)
+# (model, --transformer_impl of our output, the layout megatron loads it at, the padded vocab
+# megatron builds with when it differs from the one written: as at a larger TP)
 LOADS = [
-    ("llama", "local", Layout(2, 2, 1, (2, 2))),
-    ("llama", "transformer_engine", Layout(1, 2, 2, (1, 1, 1, 1))),  # dense TE keys = the local spec's
-    ("qwen3", "local", Layout(4, 1, 1, (4,))),
-    ("qwen3", "transformer_engine", Layout(2, 2, 1, (3, 1))),  # tied embeddings over two stages
-    ("qwen3_moe", "local", Layout(2, 1, 1, (4,), ep=2)),
-    ("qwen3_moe_dense", "local", Layout(1, 2, 1, (2, 2), ep=2)),
-    ("v3", "local", Layout(1, 2, 1, (2, 2), ep=2)),
-    ("v3", "local", Layout(2, 1, 1, (4,), ep=2, etp=1)),
-    ("qwen2_moe", "local", Layout(2, 1, 1, (4,), ep=2)),
+    ("llama", "local", Layout(2, 2, 1, (2, 2)), None),
+    ("llama", "transformer_engine", Layout(1, 2, 2, (1, 1, 1, 1)), None),  # dense TE keys = the local spec's
+    ("llama", "local", Layout(2, 1, 1, (4,)), 512),  # 256 rows written, 512 built: allow_shape_mismatch
+    ("qwen3", "local", Layout(4, 1, 1, (4,)), None),
+    ("qwen3", "transformer_engine", Layout(2, 2, 1, (3, 1)), None),  # tied embeddings over two stages
+    ("qwen3_moe", "local", Layout(2, 1, 1, (4,), ep=2), None),
+    ("qwen3_moe_dense", "local", Layout(1, 2, 1, (2, 2), ep=2), None),
+    ("v3", "local", Layout(1, 2, 1, (2, 2), ep=2), None),
+    ("v3", "local", Layout(2, 1, 1, (4,), ep=2, etp=1), None),
+    ("qwen2_moe", "local", Layout(2, 1, 1, (4,), ep=2), None),
 ]
 # (model, the layout megatron-core saves at: rank files converted at it, loaded, then saved)
 SAVES = [
@@ -75,14 +77,14 @@ def spawned(tiny_hf, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("torch_dist_megatron")
     hf = {name: tiny_hf(spec) for name, spec in SPECS.items()}
     jobs, written = [], {}
-    for model, impl, layout in LOADS:
+    for model, impl, layout, padded in LOADS:
         out = written.get((model, impl))
         if out is None:
             out = written[(model, impl)] = str(tmp / f"dist_{model}_{impl}")
             assert hf_to_mcore(hf[model], out, ckpt_format="torch_dist", transformer_impl=impl,
                                max_shard_size="200KB", max_workers=2) == 0
         jobs.append(CheckJob(hf[model], out, layout, check_logits=True, tied=SPECS[model].tied,
-                             ckpt_format="torch_dist"))
+                             ckpt_format="torch_dist", padded_vocab=padded))
     negative = CheckJob(hf["llama"], _swap_layer_chunks(written[("llama", "local")], tmp / "swapped",
                                                         "decoder.layers.mlp.linear_fc2.weight"),
                         LOADS[0][2], check_logits=True, ckpt_format="torch_dist")
