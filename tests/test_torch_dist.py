@@ -279,3 +279,23 @@ def test_a_te_fp8_chunk_is_read_dequantized(tiny_hf, tmp_path):
     got, want = load_hf_tensors(str(tmp_path / "hf")), load_hf_tensors(hf)
     assert torch.equal(got["model.layers.1.self_attn.o_proj.weight"], (codes.float() * 0.5).to(torch.bfloat16))
     assert torch.equal(got["model.layers.0.self_attn.o_proj.weight"], want["model.layers.0.self_attn.o_proj.weight"])
+
+
+def test_a_training_checkpoint_at_an_iteration(tiny_hf, tmp_path):
+    """iter_0000010/ named by the tracker, a common.pt with a training run's other entries: the
+    model is read, from the root or from the iteration directory itself."""
+    hf = tiny_hf(LLAMA)
+    root = tmp_path / "run"
+    to_dist(hf, str(root))
+    (root / "release").rename(root / "iter_0000010")
+    (root / "latest_checkpointed_iteration.txt").write_text("10")
+    common_path = root / "iter_0000010" / "common.pt"
+    common = torch.load(common_path, weights_only=False)
+    common.update(iteration=10, num_floating_point_operations_so_far=1.5e15,
+                  optimizer={"param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+                  opt_param_scheduler={"num_steps": 10, "max_lr": 1e-4})
+    torch.save(common, common_path)
+    for i, path in enumerate((root, root / "iter_0000010")):
+        out = str(tmp_path / f"hf{i}")
+        assert mcore_to_hf(str(path), out) == 0
+        assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(out))
