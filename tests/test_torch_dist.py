@@ -299,3 +299,26 @@ def test_a_training_checkpoint_at_an_iteration(tiny_hf, tmp_path):
         out = str(tmp_path / f"hf{i}")
         assert mcore_to_hf(str(path), out) == 0
         assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(out))
+
+
+def test_what_torchs_own_writer_makes_is_read(tiny_hf, tmp_path):
+    """torch.distributed.checkpoint.save of full tensors (megatron's model-free
+    save_dist_checkpoint_full does this): one chunk of every layer per key, another blob layout."""
+    import shutil
+
+    import torch.distributed.checkpoint as tdcp
+
+    hf = tiny_hf(QWEN3_MOE_BF16)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    to_dist(hf, str(ours))
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+             for k, m in metadata(str(ours)).state_dict_metadata.items() if hasattr(m, "size")}
+    tdcp.load(state, storage_reader=tdcp.FileSystemReader(str(ours / "release")))
+    tdcp.save(state, storage_writer=tdcp.FileSystemWriter(str(theirs / "release")))
+    for name in ("common.pt", "metadata.json"):
+        shutil.copy(ours / "release" / name, theirs / "release" / name)
+    (theirs / "latest_checkpointed_iteration.txt").write_text("release")
+    chunks = metadata(str(theirs)).state_dict_metadata["decoder.layers.mlp.experts.experts.linear_fc1.weight"].chunks
+    assert len(chunks) == 1 and list(chunks[0].sizes) == [4, 4, 64, 64]
+    assert mcore_to_hf(str(theirs), str(tmp_path / "hf")) == 0
+    assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(str(tmp_path / "hf")))

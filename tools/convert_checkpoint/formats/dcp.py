@@ -234,7 +234,10 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 _ALLOWED = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-            ("torch.serialization", "_get_layout"), ("torch", "device")}
+            ("torch.serialization", "_get_layout"), ("torch", "device"),
+            # StorageMeta.checkpoint_id as torch's FileSystemWriter records it (a path object)
+            ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
+            ("pathlib", "PureWindowsPath")}
 
 
 def read_metadata(directory: str) -> Metadata:
@@ -270,6 +273,9 @@ def check_storage(directory: str, metadata: Metadata, fqns: Iterable[str]) -> No
             info = metadata.storage_data.get(MetadataIndex(fqn, torch.Size(offsets)))
             if info is None:
                 raise ConversionError(f"{directory}: tensor {fqn}: the chunk at {list(offsets)} has no storage record")
+            if getattr(info, "transform_descriptors", None):  # torch's storage extensions (e.g. compression)
+                raise ConversionError(f"{directory}: tensor {fqn} is stored through {info.transform_descriptors}, "
+                                      "which is not read (only plain torch.save chunks)")
             if info.relative_path not in sizes:
                 file = os.path.join(directory, info.relative_path)
                 if not os.path.isfile(file):
