@@ -200,7 +200,7 @@ _TRAINING_STATE: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
 
 
 def load(path: str | IO[bytes], mmap: bool = True) -> Any:
-    """A Megatron rank file, weights only: FP8 parameters come back as :class:`Fp8BlockRecord`,
+    """A Megatron rank file (or a torch_dist chunk), weights only: FP8 parameters come back as :class:`Fp8BlockRecord`,
     the foreign values of a training checkpoint as :class:`ForeignValue`.
 
     Only this module's allow-list is active during the load: TE, when imported, registers its
