@@ -195,6 +195,9 @@ class CheckJob:
     # Build the model with this padded vocabulary instead of the checkpoint's (torch_dist: the
     # embedding and output layer load with allow_shape_mismatch, as at another TP).
     padded_vocab: int | None = None
+    # With save_torch_dist: also save the state of an Adam optimizer stepped once (megatron-core's
+    # FP32Optimizer: optimizer.state.exp_avg/exp_avg_sq.<key> tensors), as a training run would.
+    save_optimizer: bool = False
 
     def arch(self) -> HFArch:
         """The HF architecture, with this job's MTP layer count."""
@@ -1052,6 +1055,8 @@ class _Worker:
             Path(job.save_torch_dist, TRACKER_FILE).write_text(RELEASE_DIR)
         dist.barrier()
         state = _sharded_state_dicts(job, chunks)
+        if job.save_optimizer:
+            state["optimizer"] = _stepped_optimizer_state(chunks, state)
         state.update(checkpoint_version=3.0, iteration=0)
         dist_checkpointing.save(state, str(root))
 
@@ -1615,6 +1620,31 @@ def _sharded_state_dicts(job: CheckJob, chunks: Sequence[Any]) -> dict[str, Any]
     names = _model_entry_names(job.layout.vpp)
     return {name: model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
             for name, model in zip(names, chunks)}
+
+
+def _stepped_optimizer_state(chunks: Sequence[Any], model_state: Mapping[str, Any]) -> Any:
+    """megatron-core's FP32Optimizer over the chunks' parameters (torch Adam), stepped once on
+    made-up gradients, as its sharded state dict; the parameters are left as they were."""
+    import torch
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
+
+    params = [p for model in chunks for p in model.parameters()]
+    saved = [p.detach().clone() for p in params]
+    adam = torch.optim.Adam(params, lr=1e-3)
+    # FP32Optimizer.__init__ only adds a loss-scale tensor on CUDA, which sharded_state_dict never uses.
+    optimizer = FP32Optimizer.__new__(FP32Optimizer)
+    MegatronOptimizer.__init__(optimizer, adam, OptimizerConfig(optimizer="adam", lr=1e-3), lambda opt, config: None)
+    for p in params:
+        p.grad = torch.full_like(p, 0.01)
+    adam.step()
+    with torch.no_grad():
+        for p, value in zip(params, saved):
+            p.copy_(value)
+    flat: dict[str, Any] = {}
+    for entry in model_state.values():
+        flat.update(entry)
+    return optimizer.sharded_state_dict(flat)
 
 
 def _model_entry_names(vpp: int) -> list[str]:
