@@ -351,8 +351,9 @@ class DistTarget(CanonicalTarget):
         self.file_bytes = file_bytes
         self.args: argparse.Namespace | None = None
         self._layout: ParallelLayout | None = None
-        self.tensors: dict[str, dcp.TensorEntry] = {}
-        self.objects: list[str] = []
+        self.tensors: dict[str, dcp.TensorEntry] = {}  # planned: key -> dtype, global shape, chunks
+        self.objects: dict[str, None] = {}  # _extra_state object keys, in order
+        self._tensor_chunks: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         self._chunks: dict[str, PlannedChunk] = {}  # job name -> chunk
         self._dequantized = 0  # block-FP8 source tensors written in their nominal dtype
 
@@ -394,9 +395,11 @@ class DistTarget(CanonicalTarget):
             if t.extra_state_module is not None and not t.name.startswith(("output_layer.", "embedding.")):
                 module_key = where.key[: len(where.key) - (len(t.name) - len(t.extra_state_module))]
                 extra = where.extra_state_key(module_key)
-                if extra not in self.objects:
-                    self.objects.append(extra)
+                if extra not in self.objects:  # fc1's gate and up share their module
+                    self.objects[extra] = None
                     items.append(TensorJob(extra, None))
+        self.tensors = {key: dcp.TensorEntry(entry.dtype, entry.shape, tuple(self._tensor_chunks[key]))
+                        for key, entry in self.tensors.items()}
         return self._pack(items)
 
     def _add_tensor(self, t: CanonicalTensor, where: Slot, expr: Expr, items: list[TensorJob]) -> None:
@@ -407,7 +410,7 @@ class DistTarget(CanonicalTarget):
                 f"torch_dist key {where.key}: {t.name} is {tx.dtype_name(expr.dtype)} {list(expr.shape)}, unlike the "
                 f"other layers' {tx.dtype_name(known.dtype)} {list(known.shape[len(where.grid):])}: layers of "
                 "different shapes cannot share a stacked key")
-        chunks = known.chunks if known else ()
+        chunks = self._tensor_chunks.setdefault(where.key, [])
         lead = (1,) * len(where.index)
         for start, rows in _row_blocks(t, expr):
             window = tx.narrow(expr, 0, start, rows) if expr.shape else expr
@@ -415,9 +418,9 @@ class DistTarget(CanonicalTarget):
             sizes = (*lead, *window.shape)
             name = f"{where.key}@{','.join(map(str, offsets))}"
             self._chunks[name] = PlannedChunk(where.key, offsets, sizes)
-            chunks = (*chunks, (offsets, sizes))
+            chunks.append((offsets, sizes))
             items.append(TensorJob(name, window))
-        self.tensors[where.key] = dcp.TensorEntry(expr.dtype, shape, chunks)
+        self.tensors[where.key] = dcp.TensorEntry(expr.dtype, shape, ())  # chunks filled in by plan_files
 
     def _pack(self, items: list[TensorJob]) -> list[OutputFile]:
         files: list[list[TensorJob]] = [[]]
