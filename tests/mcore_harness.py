@@ -1,4 +1,8 @@
-"""Load Megatron-Core *legacy* per-rank checkpoints into real megatron-core models on CPU.
+"""Load Megatron-Core checkpoints into real megatron-core models on CPU: *legacy* per-rank
+files (below), or ``torch_dist`` (``CheckJob.ckpt_format``: every rank builds its chunks and
+megatron-core's own ``dist_checkpointing.load`` reads the whole checkpoint with
+``StrictHandling.RAISE_ALL``, then ``load_state_dict(strict=True)``). A job can also save what it
+loaded with megatron-core's ``dist_checkpointing.save`` (``CheckJob.save_torch_dist``).
 
 This is a test library, not a test module. It answers one question about a checkpoint
 written by our converter: "would megatron-core itself accept these files?"
@@ -182,6 +186,18 @@ class CheckJob:
     grouped_gemm: bool = False  # experts named like TE GroupedLinear (mlp.experts.linear_fc1.weight<j>)
     # DeepSeek MTP layers in the checkpoint; None: the HF config's num_nextn_predict_layers.
     mtp_layers: int | None = None
+    # "torch": legacy rank files, strict-loaded per rank; "torch_dist": megatron-core's
+    # ``dist_checkpointing.load`` of the whole model's sharded state dict, strict RAISE_ALL.
+    ckpt_format: str = "torch"
+    # After loading: ``dist_checkpointing.save`` of the loaded model to ``<dir>/release``
+    # (with the tracker), i.e. a torch_dist checkpoint written by megatron-core itself.
+    save_torch_dist: str | None = None
+    # Build the model with this padded vocabulary instead of the checkpoint's (torch_dist: the
+    # embedding and output layer load with allow_shape_mismatch, as at another TP).
+    padded_vocab: int | None = None
+    # With save_torch_dist: also save the state of an Adam optimizer stepped once (megatron-core's
+    # FP32Optimizer: optimizer.state.exp_avg/exp_avg_sq.<key> tensors), as a training run would.
+    save_optimizer: bool = False
 
     def arch(self) -> HFArch:
         """The HF architecture, with this job's MTP layer count."""
@@ -761,6 +777,8 @@ def _apply_cpu_workarounds() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
     # W7: tied embeddings with PP>1 all-reduce `weight.data.cuda()` at model init.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self  # type: ignore[method-assign]
+    # W8: dist_checkpointing.save synchronizes CUDA streams.
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
 
 
 def _patch_megatron_after_import() -> None:
@@ -851,6 +869,7 @@ class _Worker:
             "renamed": 0,
         }
         chunks: list[Any] = []
+        sharded: dict[str, Any] = {}
         arch: HFArch | None = None
         self.duplicated = []
         try:
@@ -862,16 +881,33 @@ class _Worker:
                 tp_rank=tp_rank, pp_rank=pp_rank, ep_rank=ep_rank, dp_rank=ps.get_data_parallel_rank()
             )
             arch = job.arch()
-            ckpt = self.open_rank_file(job, arch, tp_rank, pp_rank, ep_rank, result["files"])
-            chunks = self.build_chunks(job, arch, padded_vocab_size=_padded_vocab_size(ckpt, arch))
+            if job.ckpt_format == "torch_dist":
+                ckpt = self.open_torch_dist(job)
+            else:
+                ckpt = self.open_rank_file(job, arch, tp_rank, pp_rank, ep_rank, result["files"])
+            chunks = self.build_chunks(job, arch, padded_vocab_size=job.padded_vocab or _padded_vocab_size(ckpt, arch))
             result["layers_per_chunk"] = [len(model.decoder.layers) for model in chunks]
             result["local_experts"] = [_local_expert_indices(model) for model in chunks]
             result["mtp_layers_per_chunk"] = [
                 len(model.mtp.layers) if getattr(model, "mtp_process", False) else 0 for model in chunks
             ]
-            result["renamed"] = self.load_chunks(job, arch, ckpt, chunks)
+            if job.ckpt_format == "torch_dist":
+                sharded = _sharded_state_dicts(job, chunks)
+            else:
+                result["renamed"] = self.load_chunks(job, arch, ckpt, chunks)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a report
             result.update(ok=False, err=_describe(exc))
+        # dist_checkpointing.load runs collectives: every rank enters it, or none.
+        if job.ckpt_format == "torch_dist" and _all_ranks_true(result["ok"]):
+            try:
+                self.load_torch_dist(job, sharded, chunks)
+            except Exception as exc:  # noqa: BLE001
+                result.update(ok=False, err=_describe(exc))
+        if job.save_torch_dist and _all_ranks_true(result["ok"]):
+            try:
+                self.save_torch_dist(job, chunks)
+            except Exception as exc:  # noqa: BLE001
+                result.update(ok=False, err=_describe(exc))
 
         # The collectives below need every rank: run them only if all of them loaded.
         loaded_everywhere = _all_ranks_true(result["ok"])
@@ -971,6 +1007,58 @@ class _Worker:
             if have != want and (have or want):
                 raise CheckFailure(f"{name}: args.{field}={have}, expected {want}")
         return ckpt
+
+    def open_torch_dist(self, job: CheckJob) -> dict[str, Any]:
+        """The tracker, metadata.json and common.pt of a torch_dist checkpoint (its args say
+        the padded vocabulary); the tensors are read by ``load_torch_dist``."""
+        import torch
+
+        tracker = Path(job.mcore_dir, TRACKER_FILE)
+        if not tracker.is_file() or tracker.read_text().strip() != RELEASE_DIR:
+            raise CheckFailure(f"{tracker}: missing or not 'release'")
+        root = Path(job.mcore_dir, RELEASE_DIR)
+        meta = json.loads((root / "metadata.json").read_text())
+        if meta.get("sharded_backend") != "torch_dist":
+            raise CheckFailure(f"{root}/metadata.json: {meta}")
+        torch.serialization.add_safe_globals([argparse.Namespace])
+        common = torch.load(root / "common.pt", map_location="cpu", weights_only=True)
+        if common.get("checkpoint_version") != 3.0 or not isinstance(common.get("args"), argparse.Namespace):
+            raise CheckFailure(f"{root}/common.pt: checkpoint_version {common.get('checkpoint_version')!r}, "
+                               f"args {type(common.get('args')).__name__}")
+        return common
+
+    @staticmethod
+    def load_torch_dist(job: CheckJob, sharded: dict[str, Any], chunks: Sequence[Any]) -> None:
+        """megatron-core's own loader, at this job's layout: every key the model asks for must be
+        in the checkpoint and every checkpoint key asked for by some rank (RAISE_ALL); then a
+        strict ``load_state_dict`` of what it returned."""
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.validation import StrictHandling
+
+        names = _model_entry_names(job.layout.vpp)
+        loaded = dist_checkpointing.load(sharded, str(Path(job.mcore_dir, RELEASE_DIR)),
+                                         strict=StrictHandling.RAISE_ALL)
+        for chunk, (name, model) in enumerate(zip(names, chunks)):
+            _strict_load(model, loaded[name], label=f"{name} (chunk {chunk})")
+
+    @staticmethod
+    def save_torch_dist(job: CheckJob, chunks: Sequence[Any]) -> None:
+        """``dist_checkpointing.save`` of the loaded chunks as a release checkpoint (no args:
+        the converter reads such a checkpoint with --hf_config_path)."""
+        import torch.distributed as dist
+        from megatron.core import dist_checkpointing
+
+        assert job.save_torch_dist is not None
+        root = Path(job.save_torch_dist, RELEASE_DIR)
+        if dist.get_rank() == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            Path(job.save_torch_dist, TRACKER_FILE).write_text(RELEASE_DIR)
+        dist.barrier()
+        state = _sharded_state_dicts(job, chunks)
+        if job.save_optimizer:
+            state["optimizer"] = _stepped_optimizer_state(chunks, state)
+        state.update(checkpoint_version=3.0, iteration=0)
+        dist_checkpointing.save(state, str(root))
 
     # ----- model building -----
 
@@ -1524,12 +1612,47 @@ def _local_expert_indices(model: Any) -> list[int]:
     return []
 
 
+def _sharded_state_dicts(job: CheckJob, chunks: Sequence[Any]) -> dict[str, Any]:
+    """Each chunk's sharded state dict under its model entry (megatron-core 0.16's MTP stage
+    without the embedding needs the metadata that holds the DP/CP group)."""
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
+
+    names = _model_entry_names(job.layout.vpp)
+    return {name: model.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
+            for name, model in zip(names, chunks)}
+
+
+def _stepped_optimizer_state(chunks: Sequence[Any], model_state: Mapping[str, Any]) -> Any:
+    """megatron-core's FP32Optimizer over the chunks' parameters (torch Adam), stepped once on
+    made-up gradients, as its sharded state dict; the parameters are left as they were."""
+    import torch
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import FP32Optimizer, MegatronOptimizer
+
+    params = [p for model in chunks for p in model.parameters()]
+    saved = [p.detach().clone() for p in params]
+    adam = torch.optim.Adam(params, lr=1e-3)
+    # FP32Optimizer.__init__ only adds a loss-scale tensor on CUDA, which sharded_state_dict never uses.
+    optimizer = FP32Optimizer.__new__(FP32Optimizer)
+    MegatronOptimizer.__init__(optimizer, adam, OptimizerConfig(optimizer="adam", lr=1e-3), lambda opt, config: None)
+    for p in params:
+        p.grad = torch.full_like(p, 0.01)
+    adam.step()
+    with torch.no_grad():
+        for p, value in zip(params, saved):
+            p.copy_(value)
+    flat: dict[str, Any] = {}
+    for entry in model_state.values():
+        flat.update(entry)
+    return optimizer.sharded_state_dict(flat)
+
+
 def _model_entry_names(vpp: int) -> list[str]:
     return ["model"] if vpp == 1 else [f"model{i}" for i in range(vpp)]
 
 
 def _padded_vocab_size(ckpt: Mapping[str, Any], arch: HFArch) -> int:
-    padded = getattr(ckpt["args"], "padded_vocab_size", None)
+    padded = getattr(ckpt.get("args"), "padded_vocab_size", None)
     if not isinstance(padded, int) or padded < arch.vocab_size:
         raise CheckFailure(f"args.padded_vocab_size={padded!r} is not an int >= vocab_size {arch.vocab_size}")
     return padded

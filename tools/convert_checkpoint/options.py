@@ -12,7 +12,7 @@ from . import compat
 from .converters.registry import BUILTINS as CONVERTER_BUILTINS
 from .converters.registry import DTYPE_NAMES
 from .devices import math_device
-from .endpoints import ENDPOINTS
+from .endpoints import ENDPOINTS, target_format
 from .errors import ConversionError
 from .layout.pipeline import parse_layer_list
 from .layout.placement import MTP_INNER_NAMES, TRANSFORMER_IMPLS
@@ -28,6 +28,8 @@ from .requests import (
     TargetDir,
     VocabPadding,
 )
+
+CKPT_FORMATS = ("torch", "torch_dist")  # Megatron's --ckpt-format values this tool writes
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class ConvertOptions:
     moe_grouped_gemm: bool = False
     mtp_num_layers: int | None = None  # None: from config.json (num_nextn_predict_layers) / the checkpoint
     mtp_layer_name: str | None = None  # None: transformer_layer (HF->MCore) / detected (MCore->HF)
+    ckpt_format: str = "torch"  # Megatron output: legacy rank files (torch) or torch_dist
     hf_config_path: str | None = None
     converters: tuple[str, ...] = ()  # --converter specs run on the HF source first (converters/registry.py)
     # Block-scaled FP8 (128x128 blocks, e4m3)
@@ -84,7 +87,7 @@ class ConvertOptions:
         """What shapes the output. ``converters`` (objects, Python API) replaces the spec strings."""
         return PlanRequest(
             load_format=self.load_platform,
-            save_format=self.save_platform,
+            save_format=target_format(self.save_platform, self.ckpt_format),
             source_path=self.load_ckpt_path,
             target=TargetDir(self.save_ckpt_path, self.overwrite, self.resume, self.dry_run),
             model=ModelRequest(self.config_file, self.convert_file, self.mtp_num_layers),
@@ -250,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="MTP layers (default: config.json num_nextn_predict_layers, or the checkpoint's); 0: the model has none")
     add("mtp_layer_name", choices=MTP_INNER_NAMES,
         help="name of an MTP layer's decoder layer: transformer_layer (megatron-core <= 0.16, default) or mtp_model_layer (0.19+)")
+    add("ckpt_format", choices=CKPT_FORMATS, default="torch",
+        help="Megatron-Core output format: torch (legacy per-rank files, default) or torch_dist (megatron-core's "
+             "distributed checkpoint); a Megatron source's format is detected")
     add("hf_config_path", help="MCore->HF: reference HF dir whose config/tokenizer files are copied")
     add("converter", action="append", metavar="SPEC", help=converter_help() + " HF->MCore: run on the HF source first.")
     add("quantize", metavar="SCHEME",
@@ -351,6 +357,9 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
             "--load_platform and --save_platform are both huggingface; supported: huggingface<->mcore and mcore->mcore"
         )
     custom = parse_layer_list(ns.custom_pipeline_layers) if ns.custom_pipeline_layers else None
+    if ns.ckpt_format != "torch" and ns.save_platform not in ("mcore", "mcore_dist"):
+        raise ConversionError(f"--ckpt_format {ns.ckpt_format} chooses the Megatron-Core output format: it needs "
+                              f"--save_platform mcore, not {ns.save_platform}")
     return ConvertOptions(
         load_platform=ns.load_platform,
         save_platform=ns.save_platform,
@@ -372,6 +381,7 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         moe_grouped_gemm=ns.moe_grouped_gemm,
         mtp_num_layers=ns.mtp_num_layers,
         mtp_layer_name=ns.mtp_layer_name,
+        ckpt_format=ns.ckpt_format,
         hf_config_path=ns.hf_config_path,
         converters=tuple(ns.converter or ()),
         convert_to_fp8=ns.convert_to_fp8,

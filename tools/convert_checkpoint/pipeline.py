@@ -23,7 +23,7 @@ from .config.resolve import param_dtype
 from .core.canonical import WORD_EMBEDDINGS
 from .core.plan import ModelInfo, OutputFile, Plan
 from .devices import cuda_device_count
-from .endpoints import endpoint
+from .endpoints import endpoint, source_format
 from .endpoints.base import CanonicalSource, CanonicalTarget, HFSource, HFTarget, Source, Target
 from .errors import ConversionError
 from .mapping import build_convertors, canonical_tensors, check_convert_to_fp8, check_copies, fp8_hf_names, gather_hf, to_hf
@@ -48,7 +48,7 @@ def check_target_dir(target: TargetDir, source_path: str) -> None:
 
 
 def open_source(request: PlanRequest) -> Source:
-    module = endpoint(request.load_format, "--load_platform")
+    module = endpoint(source_format(request.load_format, request.source_path), "--load_platform")
     if not hasattr(module, "open_source"):
         raise ConversionError(f"--load_platform {request.load_format}: this format is written, not read")
     return module.open_source(request)
@@ -107,6 +107,7 @@ def _plan_through_model(request: PlanRequest, source: Source, target: Target) ->
         # Layout flags describe a Megatron target; only for another target are they checked against the source.
         flags = LayoutRequest() if isinstance(target, CanonicalTarget) else request.layout
         canonical, source_layout = source.canonical(tensors, model, flags)
+        notes += source.describe()
     else:
         raise ConversionError(f"{source.format}: a source must be an HF or a canonical source")
     check_model(model, request.checks, canonical)

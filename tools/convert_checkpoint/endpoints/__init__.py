@@ -40,14 +40,45 @@ def _kt_cpu() -> ModuleType:
     return kt_cpu
 
 
+@ENDPOINTS.register("mcore_dist", "Megatron-Core torch_dist checkpoint: release/ with metadata.json, .metadata, "
+                                  "__*_*.distcp and common.pt, global tensors under Megatron's sharded keys; "
+                                  "read (as --load_platform mcore, detected) and written (--save_platform mcore "
+                                  "--ckpt_format torch_dist); optimizer state skipped")
+def _mcore_dist() -> ModuleType:
+    from . import mcore_dist
+
+    return mcore_dist
+
+
+# Megatron's two formats are both ``--load_platform mcore``: which one a directory holds is read off it.
+_READ_AS = {"mcore": ("mcore_dist",)}
+# The format ``--save_platform X --ckpt_format Y`` writes.
+_WRITE_AS = {("mcore", "torch_dist"): "mcore_dist"}
+
+
 def detect(path: str) -> str:
     """The format of a checkpoint directory (``verify``): the first whose ``looks_like`` agrees;
-    Megatron layouts are tried before HF, since a Megatron directory may hold a config.json."""
-    for name in ("mcore", *[n for n in ENDPOINTS.names() if n != "mcore"]):
+    Megatron layouts are tried before HF, since a Megatron directory may hold a config.json
+    (torch_dist first: its root has a tracker file too)."""
+    first = ("mcore_dist", "mcore")
+    for name in (*first, *[n for n in ENDPOINTS.names() if n not in first]):
         module = ENDPOINTS.get(name)()
         if getattr(module, "looks_like", None) and module.looks_like(path):
             return name
     return "huggingface"
+
+
+def source_format(name: str, path: str) -> str:
+    """The format read for ``--load_platform name`` at ``path``."""
+    for other in _READ_AS.get(name, ()):
+        if ENDPOINTS.get(other)().looks_like(path):
+            return other
+    return name
+
+
+def target_format(name: str, ckpt_format: str) -> str:
+    """The format written for ``--save_platform name --ckpt_format ckpt_format``."""
+    return _WRITE_AS.get((name, ckpt_format), name)
 
 
 def endpoint(name: str, flag: str) -> ModuleType:

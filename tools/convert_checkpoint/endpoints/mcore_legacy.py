@@ -108,6 +108,17 @@ def load_file(path: str) -> dict:
     return loaded
 
 
+def model_from_args(args: argparse.Namespace | None, request: ModelRequest,
+                    hf_config_path: str | None) -> tuple[ModelInfo, str]:
+    """The model of a Megatron checkpoint (legacy or torch_dist) from its saved args, the
+    model flags and --hf_config_path; and where its architecture came from (for messages)."""
+    found = resolve.for_megatron_checkpoint(vars(args) if args is not None else None, request, hf_config_path)
+    hf_config = getattr(args, "convert_checkpoint_hf_config", None) if args is not None else None
+    hf_config = hf_config or found.hf_config
+    hf_dtypes = getattr(args, "convert_checkpoint_hf_dtypes", None) if args is not None else None
+    return ModelInfo(found.family, found.arch, dict(hf_config) if hf_config else None, dict(hf_dtypes or {})), found.origin
+
+
 @dataclass
 class McoreSource(CanonicalSource):
     format = "mcore"
@@ -125,14 +136,8 @@ class McoreSource(CanonicalSource):
         training): from --hf_config_path, --config_file or --convert_file, cross-checked against the
         sizes its Megatron args state (``config/resolve.for_megatron_checkpoint``) and then against
         the tensor shapes (``infer_layout``, ``gather``)."""
-        args = self.args()
-        found = resolve.for_megatron_checkpoint(vars(args) if args is not None else None, self.request,
-                                                self.hf_config_path)
-        self.arch_origin = found.origin
-        hf_config = getattr(args, "convert_checkpoint_hf_config", None) if args is not None else None
-        hf_config = hf_config or found.hf_config
-        hf_dtypes = getattr(args, "convert_checkpoint_hf_dtypes", None) if args is not None else None
-        return ModelInfo(found.family, found.arch, dict(hf_config) if hf_config else None, dict(hf_dtypes or {}))
+        model, self.arch_origin = model_from_args(self.args(), self.request, self.hf_config_path)
+        return model
 
     @property
     def tensor_count(self) -> int:
@@ -275,7 +280,7 @@ def save_rank_file(path: str, containers: dict[str, dict], args: argparse.Namesp
     payload["checkpoint_version"] = CHECKPOINT_VERSION
     payload["iteration"] = 0 if iteration is None else iteration
     payload["args"] = args
-    with _without_zip_crc32():
+    with without_zip_crc32():
         if any(isinstance(t, te_pickle.BlockwiseParam) for sd in containers.values() for t in sd.values()):
             te_pickle.save(payload, path)  # FP8 parameters pickled as TE tensors, without TE
         else:
@@ -283,7 +288,7 @@ def save_rank_file(path: str, containers: dict[str, dict], args: argparse.Namesp
 
 
 @contextlib.contextmanager
-def _without_zip_crc32():
+def without_zip_crc32():
     """torch.save spends ~30% of its time on zip CRC32s that torch.load never checks."""
     get = getattr(torch.serialization, "get_crc32_options", None)
     set_ = getattr(torch.serialization, "set_crc32_options", None)

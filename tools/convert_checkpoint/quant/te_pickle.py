@@ -22,7 +22,7 @@ import pickle
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
@@ -199,8 +199,8 @@ _TRAINING_STATE: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
 ]
 
 
-def load(path: str, mmap: bool = True) -> dict:
-    """A Megatron rank file, weights only: FP8 parameters come back as :class:`Fp8BlockRecord`,
+def load(path: str | IO[bytes], mmap: bool = True) -> Any:
+    """A Megatron rank file (or a torch_dist chunk), weights only: FP8 parameters come back as :class:`Fp8BlockRecord`,
     the foreign values of a training checkpoint as :class:`ForeignValue`.
 
     Only this module's allow-list is active during the load: TE, when imported, registers its
@@ -209,7 +209,7 @@ def load(path: str, mmap: bool = True) -> dict:
     torch.serialization.clear_safe_globals()
     torch.serialization.add_safe_globals(_ALLOWED + _TRAINING_STATE)
     try:
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        return torch.load(path, map_location="cpu", mmap=mmap and isinstance(path, str), weights_only=True)
     finally:
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(previous)
