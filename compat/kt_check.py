@@ -1,4 +1,4 @@
-"""Byte comparison of ``convert-checkpoint kt`` with kt-kernel 0.7.2's own ``convert_cpu_weights.py``.
+"""Byte comparison of ``convert-checkpoint kt`` with kt-kernel 0.7.2.
 
 Run with the kt venv's python (see compat/kt_setup.sh); our side runs in the project's venv
 (``.venv``, or $KT_OURS_PYTHON) through the command line:
@@ -9,17 +9,31 @@ It writes small DeepSeek-shaped checkpoints (a dense layer, two MoE layers, an M
 experts, shared experts, router, norms, embeddings, lm_head; expert rows that are all zero, tiny,
 huge, and on the exact +-x.5 rounding grid), in bf16, fp16 and block FP8 (attention and experts
 with ``weight_scale_inv``), plus a VL-style fused-expert one (``language_model.`` prefix, 3-D
-``gate_up_proj``/``down_proj``). Each is converted by kt-kernel and by us, for INT4 and INT8 and
-1/2/4 NUMA parts, merged and ``--no-merge-safetensor``, and every output tensor is compared byte
-for byte (names, dtype, shape, bytes), with the index's weight map and the copied files; our
-``verify-kt`` must also accept kt-kernel's own output (merged, raw, FP8 and fused cases).
+``gate_up_proj``/``down_proj``), and converts each with ``convert-checkpoint kt`` for INT4 and
+INT8 and 1/2/4 NUMA parts, merged and ``--no-merge-safetensor``. Two references, two modes:
 
-kt-kernel is run on this CPU-only machine with two shims, nothing else changed: ``pin_memory``
-is dropped (CPU torch refuses it), and for FP8 its Triton dequantization kernel (CUDA only) is
-replaced by the same arithmetic on CPU (``float32(code) * block scale`` over its flattened
-``[C*M, N]`` stack, returned in fp32 as the kernel's output buffer is), with ``.cuda()`` a no-op.
+- ``wheel`` (always): kt-kernel's installed wheel is driven directly, with no script: for every
+  MoE layer of the source, the layer's expert stacks (gate/up ``[E, I, H]``, down ``[E, H, I]``
+  in bf16, made from the source as kt-kernel's converter makes them: fp16 cast to bf16, FP8
+  ``float32(code) * block scale`` rounded to bf16, fused ``gate_up_proj`` transposed and split)
+  go into the compiled ``kt_kernel_ext.moe.AMXInt4_MOE`` / ``AMXInt8_MOE`` with a ``MOEConfig``
+  in save mode on a ``CPUInfer`` of as many subpools as NUMA parts, and its ``load_weights_task``
+  quantizes, packs and writes each expert's per-part weight and scale buffers
+  (``_layer_L/_numa_p/INT{4,8}_{proj}_{E}_*Byte_{quant,scale}_.kt``). Every one is compared byte
+  for byte with our ``blk.L.ffn_{gate,up,down}_exps.E.numa.p.{weight,scale}`` tensor (merged;
+  int8 and float32, 1-D) or our ``.kt`` file at the same path (no-merge), and the sets of names
+  must be equal.
+- ``script`` (when kt-kernel's ``convert_cpu_weights.py``, which the wheel does not ship, is in
+  the venv): the script converts each checkpoint too, and every output tensor is compared byte
+  for byte (names, shard, dtype, shape, bytes), with the index's weight map and the copied
+  files (every ``.kt`` file in no-merge mode); our ``verify-kt`` must also accept kt-kernel's own
+  output (merged, raw, FP8 and fused cases). The script is run on this CPU-only machine with two
+  shims, nothing else changed: ``pin_memory`` is dropped (CPU torch refuses it), and for FP8 its
+  Triton dequantization kernel (CUDA only) is replaced by the same arithmetic on CPU
+  (``float32(code) * block scale`` over its flattened ``[C*M, N]`` stack, returned in fp32 as
+  the kernel's output buffer is), with ``.cuda()`` a no-op.
 
-Prints ``SKIPPED: ...`` and exits 0 when kt-kernel or the script is unavailable.
+Prints which modes ran. Prints ``SKIPPED: ...`` and exits 0 only when kt_kernel does not import.
 """
 from __future__ import annotations
 
@@ -27,6 +41,7 @@ import argparse
 import filecmp
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +88,161 @@ def _run_kt(argv: list[str]) -> None:
     sys.argv = [KT_SCRIPT, *argv]
     rc = scope["main"]()
     sys.exit(rc or 0)
+
+
+# --- kt-kernel's wheel, driven directly ------------------------------------------------------
+
+def _expert_stacks(src: str, input_type: str) -> tuple[dict, dict[int, tuple]]:
+    """The source's routed experts per MoE layer as the bf16 stacks kt-kernel quantizes.
+
+    Returns (config, {layer: (gate [E, I, H], up [E, I, H], down [E, H, I])}). Layers at or past
+    ``num_hidden_layers`` (MTP) are left out; ``language_model.`` is dropped from names.
+    """
+    import torch
+    from safetensors import safe_open
+
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    text = config.get("text_config", config)
+    n_layers = text.get("num_hidden_layers")
+    tensors = {}
+    for name in sorted(os.listdir(src)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(src, name), "pt") as f:
+                for key in f.keys():
+                    tensors[key.replace("language_model.", "")] = f.get_tensor(key)
+
+    def bf16(name: str):
+        w = tensors[name]
+        if input_type == "fp8":
+            scale = tensors[name + "_scale_inv"]
+            rows, cols = w.shape
+            bh, bw = -(-rows // scale.shape[0]), -(-cols // scale.shape[1])
+            grid = scale.repeat_interleave(bh, 0)[:rows].repeat_interleave(bw, 1)[:, :cols]
+            return (w.to(torch.float32) * grid).to(torch.bfloat16)
+        return w.to(torch.bfloat16)
+
+    stacks = {}
+    fused = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj$")
+    split = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight$")
+    for key in tensors:
+        m = fused.match(key)
+        if m:
+            layer = int(m.group(1))
+            gate_up = bf16(key).transpose(1, 2).contiguous()  # [E, H, 2I] -> [E, 2I, H]
+            i = gate_up.shape[1] // 2
+            down = bf16(f"model.layers.{layer}.mlp.experts.down_proj").transpose(1, 2)  # [E, I, H] -> [E, H, I]
+            stacks[layer] = (gate_up[:, :i].contiguous(), gate_up[:, i:].contiguous(), down.contiguous())
+        m = split.match(key)
+        if m and m.group(2) == "0":
+            layer = int(m.group(1))
+            experts = text.get("n_routed_experts", text.get("num_experts"))
+            stacks[layer] = tuple(
+                torch.stack([bf16(f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight") for e in range(experts)]).contiguous()
+                for proj in ("gate_proj", "up_proj", "down_proj"))
+    stacks = {k: v for k, v in sorted(stacks.items()) if n_layers is None or k < n_layers}
+    return text, stacks
+
+
+def _wheel_quantize(src: str, input_type: str, method: str, parts: int, out: str, threads: int = 2) -> None:
+    """kt-kernel's compiled online quantization, in save mode, into ``out/_layer_L/_numa_p/*.kt``."""
+    import kt_kernel
+    import torch
+
+    ext = kt_kernel.kt_kernel_ext
+    moe_class = {"int4": ext.moe.AMXInt4_MOE, "int8": ext.moe.AMXInt8_MOE}[method]
+    text, stacks = _expert_stacks(src, input_type)
+    pool = ext.WorkerPoolConfig()
+    pool.subpool_count = parts
+    pool.subpool_numa_map = list(range(parts))
+    pool.subpool_thread_count = [threads // parts + (1 if i < threads % parts else 0) for i in range(parts)]
+    cpu = ext.CPUInfer(pool)
+    for layer, (gate, up, down) in stacks.items():
+        experts, inter, hidden = gate.shape
+        on_gpu = torch.zeros(experts, dtype=torch.bool)  # every expert on the CPU
+        cfg = ext.moe.MOEConfig(experts, text.get("num_experts_per_tok", 2), hidden, inter, on_gpu.data_ptr())
+        cfg.layer_idx = layer
+        cfg.pool = cpu.backend_
+        cfg.max_len = 512
+        cfg.save, cfg.load = True, False
+        cfg.gate_proj, cfg.up_proj, cfg.down_proj = gate.data_ptr(), up.data_ptr(), down.data_ptr()
+        cfg.path = out
+        moe = moe_class(cfg)
+        order = torch.arange(experts, dtype=torch.int64)
+        cpu.submit(moe.load_weights_task(order.data_ptr()))
+        cpu.sync()
+        del moe
+
+
+def _run_wheel(spec_path: str) -> None:
+    """In this process (its stdout is the C++ side's chatter): every case of the spec file."""
+    with open(spec_path) as f:
+        spec = json.load(f)
+    for src, input_type, method, parts, out in spec:
+        _wheel_quantize(src, input_type, method, parts, out)
+
+
+def run_wheel(jobs: list[tuple[str, str, str, int, str]], tmp: str) -> float:
+    spec = os.path.join(tmp, "wheel_jobs.json")
+    with open(spec, "w") as f:
+        json.dump(jobs, f)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--run-wheel", spec], capture_output=True,
+                          text=True, cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise RuntimeError(f"kt-kernel's wheel failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+KT_FILE = re.compile(r"_layer_(\d+)/_numa_(\d+)/INT[48]_(gate|up|down)_(\d+)_\d+Byte_(quant|scale)_\.kt$")
+OUR_EXPERT = re.compile(r"blk\.\d+\.ffn_(gate|up|down)_exps\.\d+\.numa\.\d+\.(weight|scale)$")
+
+
+def compare_wheel(ref: str, ours: str, merged: bool) -> tuple[list[str], int]:
+    """kt-kernel's wheel output (.kt files) against ours, per expert, part and projection."""
+    import torch
+
+    expected = {}  # our name -> kt-kernel's bytes
+    for dirpath, _, names in os.walk(ref):
+        for name in names:
+            rel = os.path.relpath(os.path.join(dirpath, name), ref)
+            m = KT_FILE.match(rel)
+            if not m:
+                continue
+            layer, part, proj, expert, kind = m.groups()
+            with open(os.path.join(dirpath, name), "rb") as f:
+                data = f.read()
+            key = (f"blk.{layer}.ffn_{proj}_exps.{expert}.numa.{part}.{'weight' if kind == 'quant' else 'scale'}"
+                   if merged else rel)
+            expected[key] = data
+    if not expected:
+        return ["kt-kernel's wheel wrote no .kt files"], 0
+    problems = []
+    if merged:
+        found = {k: t for k, (_, t) in _tensors(ours).items() if OUR_EXPERT.match(k)}
+    else:
+        found = {}
+        for dirpath, _, names in os.walk(ours):
+            for name in names:
+                if name.endswith(".kt"):
+                    with open(os.path.join(dirpath, name), "rb") as f:
+                        found[os.path.relpath(os.path.join(dirpath, name), ours)] = f.read()
+    if set(expected) != set(found):
+        problems.append(f"expert {'tensors' if merged else 'files'} differ: only kt-kernel "
+                        f"{sorted(set(expected) - set(found))[:3]}, only ours {sorted(set(found) - set(expected))[:3]}")
+    for key in sorted(set(expected) & set(found)):
+        got = found[key]
+        if merged:
+            want_dtype = torch.int8 if key.endswith(".weight") else torch.float32
+            if got.dtype != want_dtype or got.dim() != 1:
+                problems.append(f"{key}: {got.dtype} {list(got.shape)}, kt-kernel writes {want_dtype} 1-D")
+                continue
+            got = got.contiguous().view(torch.uint8).numpy().tobytes()
+        if got != expected[key]:
+            n = min(len(got), len(expected[key]))
+            diff = sum(a != b for a, b in zip(got[:n], expected[key][:n])) + abs(len(got) - len(expected[key]))
+            problems.append(f"{key}: {diff} of {len(expected[key])} bytes differ from kt-kernel's wheel")
+    return problems, len(expected)
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -296,18 +466,28 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--run-kt":
         _run_kt(sys.argv[2:])
         return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--run-wheel":
+        _run_wheel(sys.argv[2])
+        return 0
     ap = argparse.ArgumentParser()
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
     ap.add_argument("--cases", type=int, default=len(CASES), help="run only the first N cases")
     args = ap.parse_args()
     try:
-        import kt_kernel  # noqa: F401
-    except ImportError as e:
+        import kt_kernel
+
+        kt_kernel.kt_kernel_ext.moe.AMXInt4_MOE, kt_kernel.kt_kernel_ext.moe.AMXInt8_MOE  # noqa: B018
+    except (ImportError, AttributeError) as e:
         print(f"SKIPPED: kt-kernel is not importable in {sys.executable} ({e}); run compat/kt_setup.sh")
         return 0
-    if not os.path.isfile(KT_SCRIPT):
-        print(f"SKIPPED: {KT_SCRIPT} is missing; run compat/kt_setup.sh")
-        return 0
+    script = os.path.isfile(KT_SCRIPT)
+    if script:
+        print("kt check modes: wheel (kt_kernel_ext.moe.AMXInt4_MOE/AMXInt8_MOE driven directly) "
+              f"+ script (full comparison with {KT_SCRIPT})")
+    else:
+        print("kt check modes: wheel only (kt_kernel_ext.moe.AMXInt4_MOE/AMXInt8_MOE driven directly); "
+              f"script comparison not run: {KT_SCRIPT} is missing (compat/kt_setup.sh could not obtain it)")
+    cases = CASES[: args.cases]
     tmp = tempfile.mkdtemp(prefix="kt_check_")
     failures = 0
     try:
@@ -317,18 +497,29 @@ def main() -> int:
         make_deepseek(sources["fp16"], "fp16")
         make_deepseek(sources["fp8"], "fp8")
         make_fused_vl(sources["fused"])
-        for i, (src, itype, method, parts, merged) in enumerate(CASES[: args.cases]):
+        wheel_refs = {}  # one wheel run per (source, method, parts), shared by merged and no-merge
+        for src, itype, method, parts, _ in cases:
+            wheel_refs.setdefault((src, method, parts), (sources[src], itype, method, parts,
+                                                         os.path.join(tmp, f"wheel_{src}_{method}_{parts}")))
+        t_wheel = run_wheel(list(wheel_refs.values()), tmp)
+        print(f"kt-kernel's wheel: {len(wheel_refs)} source/method/part-count runs in {t_wheel:.1f} s")
+        for i, (src, itype, method, parts, merged) in enumerate(cases):
             label = f"{src} {method} parts={parts} {'merged' if merged else 'no-merge'}"
             ref, ours = os.path.join(tmp, f"kt{i}"), os.path.join(tmp, f"ours{i}")
-            t_kt = run_kt(sources[src], ref, itype, method, parts, merged)
             t_ours = run_ours(sources[src], ours, itype, method, parts, merged)
-            problems = compare_merged(ref, ours) if merged else compare_raw(ref, ours)
-            if i in VERIFIED:
-                problems += verify_theirs(sources[src], ref)
-            count = len(_tensors(ours)) if merged else sum(n.endswith(".kt") for _, _, f in os.walk(ours) for n in f)
+            wheel_problems, n_wheel = compare_wheel(wheel_refs[src, method, parts][4], ours, merged)
+            problems = [f"wheel: {p}" for p in wheel_problems]
+            detail = f"wheel {n_wheel} expert {'tensors' if merged else 'files'}"
+            if script:
+                t_kt = run_kt(sources[src], ref, itype, method, parts, merged)
+                script_problems = compare_merged(ref, ours) if merged else compare_raw(ref, ours)
+                if i in VERIFIED:
+                    script_problems += verify_theirs(sources[src], ref)
+                problems += [f"script: {p}" for p in script_problems]
+                count = len(_tensors(ours)) if merged else sum(n.endswith(".kt") for _, _, f in os.walk(ours) for n in f)
+                detail += f", script {count} {'tensors' if merged else 'files'} (kt-kernel {t_kt:.1f} s)"
             status = "OK" if not problems else "DIFFERENT"
-            print(f"{status}: {label}: {count} {'tensors' if merged else 'files'} "
-                  f"(kt-kernel {t_kt:.1f} s, ours {t_ours:.1f} s)")
+            print(f"{status}: {label}: {detail}; ours {t_ours:.1f} s")
             for p in problems[:8]:
                 print(f"    {p}")
             failures += bool(problems)
@@ -337,7 +528,8 @@ def main() -> int:
             print(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{len(CASES[: args.cases]) - failures} of {len(CASES[: args.cases])} cases byte-identical")
+    modes = "wheel + script" if script else "wheel only"
+    print(f"{len(cases) - failures} of {len(cases)} cases byte-identical ({modes})")
     return 1 if failures else 0
 
 
