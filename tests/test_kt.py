@@ -328,6 +328,14 @@ def test_megatron_source_equals_the_hf_source(tmp_path):
     a, b = load(str(tmp_path / "a")), load(str(tmp_path / "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # experts and copies alike
     assert verify_kt(str(tmp_path / "b"), "--load_platform", "mcore", "--source", mcore) == 0
+    # a torch_dist checkpoint (detected under --load_platform mcore) gives the same experts too
+    dist = str(tmp_path / "dist")
+    assert main(["--load_platform", "huggingface", "--save_platform", "mcore", "--ckpt_format", "torch_dist",
+                 "--load_ckpt_path", src, "--save_ckpt_path", dist, "--no_progress"]) == 0
+    assert kt("--load_platform", "mcore", "--load_ckpt_path", dist, "-o", str(tmp_path / "c"), "--quant-method", "int8") == 0
+    c = load(str(tmp_path / "c"))
+    experts = [k for k in a if "_exps." in k]
+    assert experts and a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a)
 
 
 # --- resume ---------------------------------------------------------------------------------------

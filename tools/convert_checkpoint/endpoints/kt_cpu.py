@@ -179,7 +179,10 @@ class KtCpuTarget(HFTarget):
                                   "is not divisible by it")
         part = shape.intermediate // parts
         if part % s.k_multiple:
-            hint = " (try fewer parts, or --quant-method int8)" if s.bits == 4 and part % 64 == 0 else " (try fewer parts)"
+            if parts > 1:
+                hint = " (try fewer parts, or --quant-method int8)" if s.bits == 4 and part % 64 == 0 else " (try fewer parts)"
+            else:  # nothing to split further: the model itself does not fit the kernel's tiles
+                hint = " (--quant-method int8 needs a multiple of 64)" if s.bits == 4 and part % 64 == 0 else ""
             raise ConversionError(f"--threadpool-count {parts}: each part holds {part} of the expert intermediate size "
                                   f"{shape.intermediate}, not a multiple of {s.k_multiple} as {s.name} needs{hint}")
         if shape.hidden % s.k_multiple:
