@@ -27,6 +27,7 @@ class ModelArch:
     qk_layernorm: bool = False
     tied_embeddings: bool = False
     rotary_base: float | None = None
+    rotary_percent: float = 1.0  # the share of each head's dims that RoPE rotates (GLM-4.5: 0.5)
     max_position_embeddings: int | None = None
     num_experts: int | None = None  # routed experts per MoE layer; None for dense models
     moe_ffn_hidden_size: int | None = None
@@ -133,7 +134,10 @@ class ModelArch:
         return value
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["rotary_percent"] == 1.0:  # newer than the rank-file format: older files stay byte-identical
+            del data["rotary_percent"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], origin: str) -> ModelArch:
