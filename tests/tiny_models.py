@@ -83,6 +83,17 @@ def make_config(spec: TinySpec):
                              num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=spec.first_dense,
                              n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                              num_nextn_predict_layers=spec.mtp_layers)
+    if spec.family == "deepseek_v32":  # DeepSeek-V3 plus the sparse-attention indexer (4 heads of 16)
+        from transformers import DeepseekV32Config
+
+        return DeepseekV32Config(**mla, q_lora_rank=32, n_shared_experts=1, n_group=2, topk_group=1,
+                                 routed_scaling_factor=2.5, norm_topk_prob=True, index_n_heads=4,
+                                 index_head_dim=16, index_topk=4, num_nextn_predict_layers=spec.mtp_layers)
+    if spec.family == "minimax_m2":  # every layer MoE (w1/w3/w2, size 32), full-width q/k norms, router bias
+        from transformers import MiniMaxM2Config
+
+        return MiniMaxM2Config(**dict(kw, intermediate_size=32), head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2, partial_rotary_factor=0.5)
     if spec.family == "deepseek_v2":  # V2-Lite style: no q-LoRA, softmax greedy routing, 2 shared experts
         return DeepseekV2Config(**mla, q_lora_rank=None, n_shared_experts=2, topk_method="greedy")
     raise ValueError(spec.family)

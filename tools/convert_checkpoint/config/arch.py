@@ -46,6 +46,9 @@ class ModelArch:
     qk_pos_emb_head_dim: int | None = None  # the rotary part
     v_head_dim: int | None = None
     mtp_num_layers: int = 0  # DeepSeek multi-token-prediction layers after the decoder
+    # DeepSeek-V3.2's sparse-attention indexer (Megatron's --dsa-indexer-n-heads / -head-dim).
+    dsa_indexer_n_heads: int | None = None
+    dsa_indexer_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.moe_layer_pattern is not None:
@@ -122,6 +125,13 @@ class ModelArch:
         return self.num_attention_heads * self.v_head_dim
 
     @property
+    def dsa_indexer_q_dim(self) -> int:  # the indexer's wq_b rows: heads x head dim
+        if not self.dsa_indexer_n_heads or not self.dsa_indexer_head_dim:
+            raise ConversionError("the sparse-attention indexer needs dsa_indexer_n_heads and dsa_indexer_head_dim "
+                                  "(config.json's index_n_heads / index_head_dim)")
+        return self.dsa_indexer_n_heads * self.dsa_indexer_head_dim
+
+    @property
     def double_hidden_size(self) -> int:  # MTP eh_proj input: [embedding; hidden]
         return 2 * self.hidden_size
 
@@ -135,8 +145,11 @@ class ModelArch:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        if data["rotary_percent"] == 1.0:  # newer than the rank-file format: older files stay byte-identical
-            del data["rotary_percent"]
+        # Fields newer than the rank-file format are left out at their defaults, so the files of
+        # families that do not use them stay byte-identical.
+        for name, default in _LATER_FIELDS.items():
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod
@@ -152,6 +165,9 @@ class ModelArch:
 
     def replace(self, **changes: Any) -> ModelArch:
         return dataclasses.replace(self, **changes)
+
+
+_LATER_FIELDS: dict[str, Any] = {"rotary_percent": 1.0, "dsa_indexer_n_heads": None, "dsa_indexer_head_dim": None}
 
 
 def load_arch_yaml(path: str) -> dict[str, Any]:
