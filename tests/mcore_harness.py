@@ -267,10 +267,13 @@ class HFArch:
     moe_group_score_topn: int | None = None
     moe_scaling_factor: float | None = None  # routed_scaling_factor (None = 1)
     mtp_layers: int = 0  # DeepSeek multi-token prediction layers (num_nextn_predict_layers)
+    # GLM-4.5: RoPE on the first partial_rotary_factor of each head's dims (rotate-half, like
+    # megatron's rotary_percent).
+    rotary_percent: float = 1.0
 
 
 _SUPPORTED_MODEL_TYPES = (
-    "llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3"
+    "llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe"
 )
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
@@ -279,6 +282,14 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     """MoE fields of HFArch for Qwen2-MoE / Qwen3-MoE / Mixtral / DeepSeek; {} for dense families."""
     if model_type in _MLA_MODEL_TYPES:
         return _read_deepseek(cfg, model_type)
+    if model_type == "glm4_moe":
+        # GLM-4.5: DeepSeek-V3's MoE block and MTP (same router: sigmoid, score-correction bias,
+        # groups, norm_topk_prob, routed_scaling_factor) under plain GQA attention.
+        no_mla = {"q_lora_rank": None, "kv_lora_rank": 0, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "v_head_dim": 0}
+        fields = _read_deepseek({**cfg, **no_mla}, "deepseek_v3")
+        fields.update(mla=False, q_lora_rank=None, kv_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=0,
+                      v_head_dim=0, rope_interleave=False)
+        return fields
     if model_type not in ("qwen2_moe", "qwen3_moe", "mixtral"):
         return {}
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, older versions as num_experts.
@@ -411,7 +422,9 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
             or bool(cfg.get("attention_bias"))
         ),
         # MLA: the q_a / kv_a layernorms are megatron's qk_layernorm (q_layernorm / kv_layernorm).
-        qk_norm=model_type in ("qwen3", "qwen3_moe", *_MLA_MODEL_TYPES),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", *_MLA_MODEL_TYPES)
+        or (model_type == "glm4_moe" and bool(cfg.get("use_qk_norm"))),
+        rotary_percent=float(rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         **_read_moe(cfg, model_type),
     )
@@ -1181,6 +1194,7 @@ class _Worker:
                 share_embeddings_and_output_weights=job.tied,
                 position_embedding_type="rope",
                 rotary_base=arch.rope_theta,
+                rotary_percent=arch.rotary_percent,
                 vp_stage=vp_stage,
             )
             model.eval()  # W5; also disables dropout
@@ -1217,7 +1231,7 @@ class _Worker:
             )
 
     @staticmethod
-    def te_keys_maps(model: Any, spec: Any) -> tuple[dict[str, str], dict[int, dict[str, str]]]:
+    def te_keys_maps(model: Any, spec: Any) -> tuple[dict[str, str], dict[int | str, dict[str, str]]]:
         """megatron-core's own local->TE layer key map: the spec's, and per built layer.
 
         An entry is kept for a layer only where the layer has the module TE fuses the norm
@@ -1226,9 +1240,15 @@ class _Worker:
         (there is no ``mlp.linear_fc1``), so that entry does not apply there.
         """
         spec_map = dict(spec.submodules.sharded_state_dict_keys_map)
-        per_layer: dict[int, dict[str, str]] = {}
-        for index, layer in enumerate(model.decoder.layers):
-            per_layer[index] = {
+        per_layer: dict[int | str, dict[str, str]] = {}
+        layers: list[tuple[int | str, Any]] = list(enumerate(model.decoder.layers))
+        if getattr(model, "mtp_process", False):  # MTP transformer layers (GLM-4.5), by key prefix
+            for index, mtp_layer in enumerate(model.mtp.layers):
+                for name in ("transformer_layer", "mtp_model_layer"):
+                    if hasattr(mtp_layer, name):
+                        layers.append((f"mtp.layers.{index}.{name}.", getattr(mtp_layer, name)))
+        for where, layer in layers:
+            per_layer[where] = {
                 local: te
                 for local, te in layer.submodules_config.sharded_state_dict_keys_map.items()
                 if _has_submodule(layer, te.rsplit(".", 1)[0])
