@@ -210,3 +210,30 @@ def test_glm_with_q_norms_but_no_use_qk_norm_is_one_line(tiny_hf, tmp_path, caps
     json.dump(cfg, open(bad / "config.json", "w"))
     out = str(tmp_path / "out")
     assert_fails(capsys, hf_to_mcore(str(bad), out), out, "unmapped tensor model.layers.0.self_attn.", "_norm.weight")
+
+
+def test_deepseek_v32_indexer_matches_megatron_core_dsa_indexer(tiny_hf, tmp_path):
+    """megatron-core 0.16 cannot build its DSA layer on this machine (its spec needs Transformer
+    Engine's linear); the indexer module itself is built (tests/dsa_indexer_probe.py) and every
+    rank file's indexer tensors, in each decoder and MTP layer, must have exactly its keys and shapes."""
+    import subprocess
+    import sys
+
+    probe = os.path.join(os.path.dirname(__file__), "dsa_indexer_probe.py")
+    # tiny_models: hidden 64, q-LoRA 32, indexer 4 heads of 16, rope dims 8
+    proc = subprocess.run([sys.executable, probe, "64", "32", "4", "16", "8"], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    megatron = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(megatron) == 5
+    files = _round_trip(tiny_hf(DSV32), tmp_path, (2, 2, "3,1", 2, None, False, "transformer_engine"))
+    seen = 0
+    for rank, ckpt in files.items():
+        sd = ckpt["model"]
+        prefixes = {k.split("core_attention.indexer.")[0] for k in sd if "core_attention.indexer." in k}
+        for prefix in prefixes:
+            ours = {k[len(prefix) + len("core_attention.indexer."):]: list(v.shape) for k, v in sd.items()
+                    if k.startswith(prefix + "core_attention.indexer.")}
+            assert ours == megatron, (rank, prefix)
+            seen += 1
+    assert seen == 4 * 3 + 4 * 2, seen  # 4 files of stage 0 with 3 layers, 4 of stage 1 with 1 layer + the MTP layer
