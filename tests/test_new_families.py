@@ -32,8 +32,8 @@ LAYOUTS = [
 ]
 
 
-def _layout_id(l) -> str:
-    tp, pp, custom, ep, etp, grouped, impl = l
+def _layout_id(layout) -> str:
+    tp, pp, custom, ep, etp, grouped, impl = layout
     return (f"tp{tp}pp{pp}{'-' + custom.replace(',', '_') if custom else ''}ep{ep}etp{etp or '=tp'}"
             f"{'-gg' if grouped else ''}-{'te' if impl == 'transformer_engine' else 'local'}")
 
