@@ -237,3 +237,27 @@ def test_deepseek_v32_indexer_matches_megatron_core_dsa_indexer(tiny_hf, tmp_pat
             assert ours == megatron, (rank, prefix)
             seen += 1
     assert seen == 4 * 3 + 4 * 2, seen  # 4 files of stage 0 with 3 layers, 4 of stage 1 with 1 layer + the MTP layer
+
+
+def test_minimax_fp8_as_published_round_trip(tiny_hf, tmp_path):
+    """MiniMax-M2's FP8 layout (128x128 blocks of the attention and expert matrices, scales in
+    another shard) -> MCore FP8 parameters at TP2 EP2 ETP1 (TE names) -> HF FP8: codes, scales,
+    every other tensor and quantization_config back bit for bit."""
+    from tiny_models import MINIMAX_FP8, make_fp8_checkpoint
+
+    from convert_checkpoint.quant.te_pickle import Fp8BlockRecord
+
+    bf16 = tiny_hf(TinySpec("minimax_m2", wide=True, dtype=torch.bfloat16))
+    fp8 = make_fp8_checkpoint(bf16, str(tmp_path / "fp8"), fp8=MINIMAX_FP8)
+    src = load_hf_tensors(fp8)
+    assert sum(v.dtype == torch.float8_e4m3fn for v in src.values()) == 4 * (4 + 4 * 3)
+    mcore, back = str(tmp_path / "mcore"), str(tmp_path / "back")
+    assert hf_to_mcore(fp8, mcore, tensor_model_parallel_size=2, expert_parallel_size=2, expert_tensor_parallel_size=1,
+                       transformer_impl="transformer_engine", quant_method="pt", fp8_force_no_requant=True) == 0
+    records = [n for ckpt in rank_files(mcore).values() for n, v in ckpt["model"].items() if isinstance(v, Fp8BlockRecord)]
+    # per file: 4 layers x (qkv + proj + 2 local experts x (fc1 + fc2))
+    assert len(records) == 2 * 4 * (2 + 2 * 2), len(records)
+    assert mcore_to_hf(mcore, back, quant_method="pt") == 0
+    assert_same_tensors(src, load_hf_tensors(back))
+    cfg = json.load(open(os.path.join(back, "config.json")))
+    assert cfg["quantization_config"] == json.load(open(os.path.join(fp8, "config.json")))["quantization_config"]

@@ -92,6 +92,10 @@ def make_config(spec: TinySpec):
     if spec.family == "minimax_m2":  # every layer MoE (w1/w3/w2, size 32), full-width q/k norms, router bias
         from transformers import MiniMaxM2Config
 
+        if spec.wide:  # FP8: 4 heads of 128 in 2 groups, experts of 128 (every block whole at TP <= 2)
+            return MiniMaxM2Config(**dict(kw, hidden_size=256, intermediate_size=128, num_attention_heads=4,
+                                          num_key_value_heads=2), head_dim=128, num_local_experts=4,
+                                   num_experts_per_tok=2, partial_rotary_factor=0.5)
         return MiniMaxM2Config(**dict(kw, intermediate_size=32), head_dim=16, num_local_experts=4,
                                num_experts_per_tok=2, partial_rotary_factor=0.5)
     if spec.family == "deepseek_v2":  # V2-Lite style: no q-LoRA, softmax greedy routing, 2 shared experts
@@ -158,7 +162,12 @@ DEEPSEEK_FP8 = re.compile(
 )
 
 
-def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True) -> str:
+# MiniMax-M2's FP8 tensors: the attention and expert weight matrices (not the router, its bias,
+# the q/k norms, embeddings or the LM head).
+MINIMAX_FP8 = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight")
+
+
+def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True, fp8: re.Pattern = DEEPSEEK_FP8) -> str:
     """DeepSeek-style FP8 copy of a bf16 checkpoint, quantized with our ``pt`` quantizer.
 
     The block scales (``weight_scale_inv``) go to a second shard, away from their weights, as a
@@ -170,7 +179,7 @@ def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True) -> str:
     tensors = load_hf_tensors(bf16_dir)
     weights, scales = {}, {}
     for name, value in tensors.items():
-        if DEEPSEEK_FP8.fullmatch(name):
+        if fp8.fullmatch(name):
             codes, scale = quantize_blocks(value.to(torch.bfloat16), Fp8Recipe(pow2=pow2))
             weights[name], scales[name + "_scale_inv"] = codes, scale
         elif name.endswith("e_score_correction_bias"):
