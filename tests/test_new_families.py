@@ -243,9 +243,8 @@ def test_minimax_fp8_as_published_round_trip(tiny_hf, tmp_path):
     """MiniMax-M2's FP8 layout (128x128 blocks of the attention and expert matrices, scales in
     another shard) -> MCore FP8 parameters at TP2 EP2 ETP1 (TE names) -> HF FP8: codes, scales,
     every other tensor and quantization_config back bit for bit."""
-    from tiny_models import MINIMAX_FP8, make_fp8_checkpoint
-
     from convert_checkpoint.quant.te_pickle import Fp8BlockRecord
+    from tiny_models import MINIMAX_FP8, make_fp8_checkpoint
 
     bf16 = tiny_hf(TinySpec("minimax_m2", wide=True, dtype=torch.bfloat16))
     fp8 = make_fp8_checkpoint(bf16, str(tmp_path / "fp8"), fp8=MINIMAX_FP8)
