@@ -209,6 +209,7 @@ def test_glm_with_q_norms_but_no_use_qk_norm_is_one_line(tiny_hf, tmp_path, caps
     cfg["use_qk_norm"] = False
     json.dump(cfg, open(bad / "config.json", "w"))
     out = str(tmp_path / "out")
+    capsys.readouterr()  # the tiny model's own save messages
     assert_fails(capsys, hf_to_mcore(str(bad), out), out, "unmapped tensor model.layers.0.self_attn.", "_norm.weight")
 
 
@@ -232,9 +233,13 @@ def test_deepseek_v32_indexer_matches_megatron_core_dsa_indexer(tiny_hf, tmp_pat
         sd = ckpt["model"]
         prefixes = {k.split("core_attention.indexer.")[0] for k in sd if "core_attention.indexer." in k}
         for prefix in prefixes:
-            ours = {k[len(prefix) + len("core_attention.indexer."):]: list(v.shape) for k, v in sd.items()
-                    if k.startswith(prefix + "core_attention.indexer.")}
+            inner = {k[len(prefix) + len("core_attention.indexer."):]: v for k, v in sd.items()
+                     if k.startswith(prefix + "core_attention.indexer.")}
+            ours = {k: list(v.shape) for k, v in inner.items() if not k.endswith("._extra_state")}
             assert ours == megatron, (rank, prefix)
+            # TE's Linear (what megatron's DSA spec builds them with) keeps an _extra_state each
+            assert sorted(k for k in inner if k.endswith("._extra_state")) == [
+                f"{m}._extra_state" for m in ("linear_weights_proj", "linear_wk", "linear_wq_b")], (rank, prefix)
             seen += 1
     assert seen == 4 * 3 + 4 * 2, seen  # 4 files of stage 0 with 3 layers, 4 of stage 1 with 1 layer + the MTP layer
 
@@ -260,3 +265,17 @@ def test_minimax_fp8_as_published_round_trip(tiny_hf, tmp_path):
     assert_same_tensors(src, load_hf_tensors(back))
     cfg = json.load(open(os.path.join(back, "config.json")))
     assert cfg["quantization_config"] == json.load(open(os.path.join(fp8, "config.json")))["quantization_config"]
+
+
+def test_deepseek_v32_indexer_sizes_that_disagree_with_config_are_one_line(tiny_hf, tmp_path, capsys):
+    """config.json's index_head_dim must describe the indexer tensors: one line naming one, exit 2."""
+    import shutil
+
+    bad = tmp_path / "hf"
+    shutil.copytree(tiny_hf(DSV32), bad)
+    cfg = json.load(open(bad / "config.json"))
+    cfg["index_head_dim"] = 32
+    json.dump(cfg, open(bad / "config.json", "w"))
+    out = str(tmp_path / "out")
+    capsys.readouterr()  # the tiny model's own save messages
+    assert_fails(capsys, hf_to_mcore(str(bad), out), out, "tensor model.layers.0.self_attn.indexer.wq_b.weight has shape")
