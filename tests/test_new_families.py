@@ -279,3 +279,20 @@ def test_deepseek_v32_indexer_sizes_that_disagree_with_config_are_one_line(tiny_
     out = str(tmp_path / "out")
     capsys.readouterr()  # the tiny model's own save messages
     assert_fails(capsys, hf_to_mcore(str(bad), out), out, "tensor model.layers.0.self_attn.indexer.wq_b.weight has shape")
+
+
+@pytest.mark.parametrize("spec", [GLM, DSV32, MINIMAX], ids=lambda s: s.family)
+def test_verify_and_mcore_to_mcore(tiny_hf, tmp_path, capsys, spec):
+    """`verify` finds HF and MCore (and MCore re-laid out MCore -> MCore) the same model."""
+    from helpers import convert
+
+    hf = tiny_hf(spec)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert hf_to_mcore(hf, a, tensor_model_parallel_size=2, expert_parallel_size=2, transformer_impl="local") == 0
+    assert convert("--load_platform", "mcore", "--save_platform", "mcore", "--load_ckpt_path", a, "--save_ckpt_path", b,
+                   pipeline_model_parallel_size=2, custom_pipeline_layers="3,1", expert_parallel_size=4,
+                   expert_tensor_parallel_size=1) == 0
+    capsys.readouterr()
+    for x, y in ((hf, a), (a, b), (hf, b)):
+        assert convert("verify", x, y) == 0
+        assert capsys.readouterr().out.strip().endswith("identical")
