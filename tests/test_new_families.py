@@ -296,3 +296,9 @@ def test_verify_and_mcore_to_mcore(tiny_hf, tmp_path, capsys, spec):
     for x, y in ((hf, a), (a, b), (hf, b)):
         assert convert("verify", x, y) == 0
         assert capsys.readouterr().out.strip().endswith("identical")
+
+
+def test_extends_splice_without_a_base_list_names_the_file(tmp_path):
+    path = _write(tmp_path / "x_convert.yaml", 'extends: mixtral\nfamily: x\ndescription: ["@base"]\n')
+    with pytest.raises(ConversionError, match=r"x_convert\.yaml: 'description': \"@base\" splices"):
+        load_family(path)

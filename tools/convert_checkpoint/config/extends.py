@@ -57,6 +57,9 @@ def resolve(data: Mapping[str, Any], origin: str, root: str,
         raise ConversionError(f"convert YAML {origin}: 'extends' forms a cycle through {path}")
     base = resolve(load(path), path, root, load, (*chain, os.path.abspath(origin)))
     patch = {k: v for k, v in data.items() if k != "extends"}
-    merged = merge_patch(base, patch)
+    try:
+        merged = merge_patch(base, patch)
+    except ConversionError as e:
+        raise ConversionError(f"convert YAML {origin}: {e}") from None
     assert isinstance(merged, dict)
     return merged

@@ -78,7 +78,7 @@ class FamilySpec:
                                    self.moe_layers)
 
 
-_TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights", "extends"}
+_TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights"}  # after `extends` is applied
 
 
 def _require(data: Mapping, key: str, path: str, kind: type) -> Any:
