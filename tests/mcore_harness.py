@@ -283,10 +283,16 @@ class HFArch:
     moe_group_score_topn: int | None = None
     moe_scaling_factor: float | None = None  # routed_scaling_factor (None = 1)
     mtp_layers: int = 0  # DeepSeek multi-token prediction layers (num_nextn_predict_layers)
+    # GLM-4.5: RoPE on the first partial_rotary_factor of each head's dims (rotate-half, like
+    # megatron's rotary_percent).
+    rotary_percent: float = 1.0
+    # MiniMax-M2: q/k RMSNorms over the whole projection (heads x head_dim), not per head.
+    full_width_qk_norm: bool = False
 
 
 _SUPPORTED_MODEL_TYPES = (
-    "llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3"
+    "llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe",
+    "minimax_m2",
 )
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
@@ -295,6 +301,25 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     """MoE fields of HFArch for Qwen2-MoE / Qwen3-MoE / Mixtral / DeepSeek; {} for dense families."""
     if model_type in _MLA_MODEL_TYPES:
         return _read_deepseek(cfg, model_type)
+    if model_type == "glm4_moe":
+        # GLM-4.5: DeepSeek-V3's MoE block and MTP (same router: sigmoid, score-correction bias,
+        # groups, norm_topk_prob, routed_scaling_factor) under plain GQA attention.
+        no_mla = {"q_lora_rank": None, "kv_lora_rank": 0, "qk_nope_head_dim": 0, "qk_rope_head_dim": 0, "v_head_dim": 0}
+        fields = _read_deepseek({**cfg, **no_mla}, "deepseek_v3")
+        fields.update(mla=False, q_lora_rank=None, kv_lora_rank=0, qk_nope_head_dim=0, qk_rope_head_dim=0,
+                      v_head_dim=0, rope_interleave=False)
+        return fields
+    if model_type == "minimax_m2":
+        # Mixtral's experts on every layer; router: sigmoid scores, top-k on scores + bias,
+        # weights = the unbiased scores renormalized (megatron's sigmoid router with expert bias).
+        return {
+            "num_experts": int(cfg["num_local_experts"]),
+            "moe_ffn_hidden_size": int(cfg["intermediate_size"]),
+            "moe_topk": int(cfg["num_experts_per_tok"]),
+            "moe_renormalize": True,
+            "moe_score_function": "sigmoid",
+            "moe_expert_bias": True,
+        }
     if model_type not in ("qwen2_moe", "qwen3_moe", "mixtral"):
         return {}
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, older versions as num_experts.
@@ -427,7 +452,11 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
             or bool(cfg.get("attention_bias"))
         ),
         # MLA: the q_a / kv_a layernorms are megatron's qk_layernorm (q_layernorm / kv_layernorm).
-        qk_norm=model_type in ("qwen3", "qwen3_moe", *_MLA_MODEL_TYPES),
+        qk_norm=model_type in ("qwen3", "qwen3_moe", *_MLA_MODEL_TYPES)
+        or (model_type == "glm4_moe" and bool(cfg.get("use_qk_norm")))
+        or model_type == "minimax_m2",
+        full_width_qk_norm=model_type == "minimax_m2",
+        rotary_percent=float(rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         **_read_moe(cfg, model_type),
     )
@@ -1209,12 +1238,19 @@ class _Worker:
     def layer_spec(self, arch: HFArch) -> Any:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        return get_gpt_layer_local_spec(
+        spec = get_gpt_layer_local_spec(
             num_experts=arch.num_experts or None,
             moe_grouped_gemm=False,
             qk_layernorm=arch.qk_norm,
             normalization="RMSNorm",
         )
+        if arch.full_width_qk_norm:
+            # W10: megatron-core has only per-head q/k norms; MiniMax-M2's norm each whole
+            # projection. A stand-in module holds the whole weight (as the rank files do) and
+            # normalizes over all heads, summing squares over TP.
+            attention = spec.submodules.self_attention.submodules
+            attention.q_layernorm, attention.k_layernorm = _full_width_norm_classes()
+        return spec
 
     @staticmethod
     def block_spec(config: Any, vp_stage: int | None, pp_rank: int, mla: bool) -> Any:
@@ -1269,6 +1305,7 @@ class _Worker:
                 share_embeddings_and_output_weights=job.tied,
                 position_embedding_type="rope",
                 rotary_base=arch.rope_theta,
+                rotary_percent=arch.rotary_percent,
                 vp_stage=vp_stage,
             )
             model.eval()  # W5; also disables dropout
@@ -1305,7 +1342,7 @@ class _Worker:
             )
 
     @staticmethod
-    def te_keys_maps(model: Any, spec: Any) -> tuple[dict[str, str], dict[int, dict[str, str]]]:
+    def te_keys_maps(model: Any, spec: Any) -> tuple[dict[str, str], dict[int | str, dict[str, str]]]:
         """megatron-core's own local->TE layer key map: the spec's, and per built layer.
 
         An entry is kept for a layer only where the layer has the module TE fuses the norm
@@ -1314,9 +1351,15 @@ class _Worker:
         (there is no ``mlp.linear_fc1``), so that entry does not apply there.
         """
         spec_map = dict(spec.submodules.sharded_state_dict_keys_map)
-        per_layer: dict[int, dict[str, str]] = {}
-        for index, layer in enumerate(model.decoder.layers):
-            per_layer[index] = {
+        per_layer: dict[int | str, dict[str, str]] = {}
+        layers: list[tuple[int | str, Any]] = list(enumerate(model.decoder.layers))
+        if getattr(model, "mtp_process", False):  # MTP transformer layers (GLM-4.5), by key prefix
+            for index, mtp_layer in enumerate(model.mtp.layers):
+                for name in ("transformer_layer", "mtp_model_layer"):
+                    if hasattr(mtp_layer, name):
+                        layers.append((f"mtp.layers.{index}.{name}.", getattr(mtp_layer, name)))
+        for where, layer in layers:
+            per_layer[where] = {
                 local: te
                 for local, te in layer.submodules_config.sharded_state_dict_keys_map.items()
                 if _has_submodule(layer, te.rsplit(".", 1)[0])
@@ -1550,6 +1593,51 @@ class _Worker:
 
 
 _SDPA_CLASS: Any = None
+_FULL_WIDTH_NORMS: Any = None
+
+
+def _full_width_norm_classes() -> tuple[Any, Any]:
+    """W10: RMSNorms over a whole q (heads x head_dim) or k (groups x head_dim) projection, as
+    MiniMax-M2 applies them, for megatron's q_layernorm / k_layernorm slots (which see
+    ``[s, b, local heads, head_dim]``). The weight is the full projection's, replicated over TP;
+    each rank uses its heads' slice and the sum of squares is all-reduced over TP."""
+    global _FULL_WIDTH_NORMS
+    if _FULL_WIDTH_NORMS is not None:
+        return _FULL_WIDTH_NORMS
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    class _FullWidthNorm(torch.nn.Module):
+        heads_attr = ""
+
+        def __init__(self, hidden_size: int, config: Any, eps: float = 1e-6) -> None:
+            super().__init__()
+            self.heads = int(getattr(config, self.heads_attr))
+            self.head_dim = hidden_size
+            self.eps = eps
+            self.weight = torch.nn.Parameter(torch.ones(self.heads * hidden_size))
+
+        def forward(self, x: Any) -> Any:
+            local = x.float()
+            squares = local.pow(2).sum(dim=(-2, -1), keepdim=True)
+            tp = ps.get_tensor_model_parallel_world_size()
+            if tp > 1:
+                dist.all_reduce(squares, group=ps.get_tensor_model_parallel_group())
+            normed = local * torch.rsqrt(squares / (self.heads * self.head_dim) + self.eps)
+            n_local = x.shape[-2]
+            rank = ps.get_tensor_model_parallel_rank()
+            weight = self.weight.view(self.heads, self.head_dim)[rank * n_local:(rank + 1) * n_local]
+            return weight * normed.to(x.dtype)
+
+    class _FullWidthQNorm(_FullWidthNorm):
+        heads_attr = "num_attention_heads"
+
+    class _FullWidthKNorm(_FullWidthNorm):
+        heads_attr = "num_query_groups"
+
+    _FULL_WIDTH_NORMS = (_FullWidthQNorm, _FullWidthKNorm)
+    return _FULL_WIDTH_NORMS
 
 
 def _sdpa_core_attention_class() -> Any:

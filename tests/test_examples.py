@@ -29,6 +29,9 @@ EXAMPLES = {
     "deepseek_v3": (TinySpec("deepseek_v3", mtp_layers=1), DEEPSEEK_SCALED),
     "kimi_k2": (TinySpec("deepseek_v3", mtp_layers=0), DEEPSEEK_SCALED),
     "deepseek_v2_lite": (TinySpec("deepseek_v2"), {"PIPELINE_LAYERS": "1,3", "EP": "2"}),
+    "glm4_moe": (TinySpec("glm4_moe", mtp_layers=1), {"TP": "2", "PP": "2", "PIPELINE_LAYERS": "1,3", "EP": "4"}),
+    "minimax_m2": (TinySpec("minimax_m2"), {"TP": "2", "PP": "2", "PIPELINE_LAYERS": "3,1", "EP": "4"}),
+    "deepseek_v32": (TinySpec("deepseek_v32", mtp_layers=1), DEEPSEEK_SCALED),
 }
 
 

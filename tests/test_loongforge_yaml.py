@@ -373,6 +373,8 @@ def test_family_from_model_yaml(tmp_path):
     ("deepseek3", "deepseek_v3_convert", "mla", "deepseek_v3"),
     ("kimi_k2", "kimi_k2_convert", "mla", "deepseek_v3"),
     ("kimi_k2", "kimi_k2_convert_bf16", "mla", "deepseek_v3"),
+    ("deepseek3", "deepseek_v3_2_convert", "mla", "deepseek_v32"),
+    ("minimax", "minimax_convert", "moe", "minimax_m2"),
 ])
 def test_convert_yaml_family(tmp_path, dir_, name, names, family):
     path = convert_yaml(tmp_path, dir_, name, names)
@@ -381,7 +383,7 @@ def test_convert_yaml_family(tmp_path, dir_, name, names, family):
 
 
 @pytest.mark.parametrize("dir_,name,fragment", [
-    ("deepseek3", "deepseek_v3_2_convert", "DeepSeek-V3.2"),
+    ("deepseek4", "deepseek_v4_convert", "DeepSeek-V4"),
     ("glm5", "glm5_convert", "GLM-5"),
     ("qwen3.5", "qwen3_5_moe_convert", "Qwen3.5-MoE"),
     ("internlm2.5", "my_internlm", "InternLM2.5"),
@@ -520,10 +522,10 @@ def test_convert_yaml_args_disagreeing_with_config_json(tiny_hf, tmp_path, capsy
 
 
 def test_unsupported_family_through_the_cli(tiny_hf, tmp_path, capsys):
-    conv = convert_yaml(tmp_path, "deepseek3", "deepseek_v3_2_convert", "mla")
+    conv = convert_yaml(tmp_path, "deepseek4", "deepseek_v4_convert", "mla")
     out = str(tmp_path / "out")
     _assert_fails(capsys, hf_to_mcore(tiny_hf(TinySpec("llama")), out, convert_file=conv), out,
-                  "deepseek_v3_2_convert is for DeepSeek-V3.2 (sparse attention), which we do not convert")
+                  "deepseek_v4_convert is for DeepSeek-V4, which we do not convert")
 
 
 def test_our_architecture_yaml_still_overrides(tiny_hf, tmp_path):
@@ -550,7 +552,8 @@ REQUIRED = [
     "deepseek3/deepseek_v3.yaml", "deepseek3/ckpt_convert/deepseek_v3_convert.yaml",
     "kimi_k2/kimi_k2.yaml", "kimi_k2/ckpt_convert/kimi_k2_convert.yaml",
 ]
-OURS = {"deepseek_v2", "deepseek_v3", "llama", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe"}
+OURS = {"deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "llama", "minimax_m2", "mixtral", "qwen2", "qwen2_moe", "qwen3",
+        "qwen3_moe"}
 
 
 def _all_yamls() -> list[str]:

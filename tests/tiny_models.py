@@ -15,7 +15,7 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_ke
 
 @dataclass(frozen=True)
 class TinySpec:
-    family: str  # llama, qwen2, qwen3, qwen3_moe, qwen2_moe, mixtral, deepseek_v3, deepseek_v2
+    family: str  # llama, qwen2, qwen3, qwen3_moe, qwen2_moe, mixtral, deepseek_v3, deepseek_v2, glm4_moe
     tied: bool = False
     num_layers: int = 4
     vocab_size: int = 250
@@ -29,13 +29,14 @@ class TinySpec:
     # DeepSeek-V3 with every FP8 dimension a multiple of 128 (hidden 256, 4 heads of 64+64,
     # q-LoRA 256, kv-LoRA 128 + rope 64 = 192 rows, like the real 576: not a multiple of 128).
     wide: bool = False
+    qk_norm: bool = False  # GLM-4.5 (glm4_moe): use_qk_norm (the published models have none)
 
     @property
     def key(self) -> str:
         t = "tied" if self.tied else "untied"
         return (f"{self.family}_{t}_L{self.num_layers}_V{self.vocab_size}_G{self.num_key_value_heads}_"
                 f"M{self.mtp_layers}_D{self.first_dense}_Q{''.join(map(str, self.mlp_only_layers))}_{str(self.dtype)[6:]}"
-                + ("_wide" if self.wide else ""))
+                + ("_wide" if self.wide else "") + ("_qknorm" if self.qk_norm else ""))
 
 
 def make_config(spec: TinySpec):
@@ -74,6 +75,29 @@ def make_config(spec: TinySpec):
         return DeepseekV3Config(**mla, q_lora_rank=32, n_shared_experts=1, n_group=2, topk_group=1,
                                 routed_scaling_factor=2.5, norm_topk_prob=True,
                                 num_nextn_predict_layers=spec.mtp_layers)
+    if spec.family == "glm4_moe":  # GQA (head_dim 16) with qkv biases, partial RoPE, DeepSeek-V3's MoE
+        from transformers import Glm4MoeConfig
+
+        return Glm4MoeConfig(**kw, head_dim=16, attention_bias=True, use_qk_norm=spec.qk_norm,
+                             partial_rotary_factor=0.5, n_routed_experts=4, moe_intermediate_size=32,
+                             num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=spec.first_dense,
+                             n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                             num_nextn_predict_layers=spec.mtp_layers)
+    if spec.family == "deepseek_v32":  # DeepSeek-V3 plus the sparse-attention indexer (4 heads of 16)
+        from transformers import DeepseekV32Config
+
+        return DeepseekV32Config(**mla, q_lora_rank=32, n_shared_experts=1, n_group=2, topk_group=1,
+                                 routed_scaling_factor=2.5, norm_topk_prob=True, index_n_heads=4,
+                                 index_head_dim=16, index_topk=4, num_nextn_predict_layers=spec.mtp_layers)
+    if spec.family == "minimax_m2":  # every layer MoE (w1/w3/w2, size 32), full-width q/k norms, router bias
+        from transformers import MiniMaxM2Config
+
+        if spec.wide:  # FP8: 4 heads of 128 in 2 groups, experts of 128 (every block whole at TP <= 2)
+            return MiniMaxM2Config(**dict(kw, hidden_size=256, intermediate_size=128, num_attention_heads=4,
+                                          num_key_value_heads=2), head_dim=128, num_local_experts=4,
+                                   num_experts_per_tok=2, partial_rotary_factor=0.5)
+        return MiniMaxM2Config(**dict(kw, intermediate_size=32), head_dim=16, num_local_experts=4,
+                               num_experts_per_tok=2, partial_rotary_factor=0.5)
     if spec.family == "deepseek_v2":  # V2-Lite style: no q-LoRA, softmax greedy routing, 2 shared experts
         return DeepseekV2Config(**mla, q_lora_rank=None, n_shared_experts=2, topk_method="greedy")
     raise ValueError(spec.family)
@@ -138,7 +162,12 @@ DEEPSEEK_FP8 = re.compile(
 )
 
 
-def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True) -> str:
+# MiniMax-M2's FP8 tensors: the attention and expert weight matrices (not the router, its bias,
+# the q/k norms, embeddings or the LM head).
+MINIMAX_FP8 = re.compile(r"model\.layers\.\d+\.(self_attn\.[qkvo]_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight")
+
+
+def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True, fp8: re.Pattern = DEEPSEEK_FP8) -> str:
     """DeepSeek-style FP8 copy of a bf16 checkpoint, quantized with our ``pt`` quantizer.
 
     The block scales (``weight_scale_inv``) go to a second shard, away from their weights, as a
@@ -150,7 +179,7 @@ def make_fp8_checkpoint(bf16_dir: str, path: str, pow2: bool = True) -> str:
     tensors = load_hf_tensors(bf16_dir)
     weights, scales = {}, {}
     for name, value in tensors.items():
-        if DEEPSEEK_FP8.fullmatch(name):
+        if fp8.fullmatch(name):
             codes, scale = quantize_blocks(value.to(torch.bfloat16), Fp8Recipe(pow2=pow2))
             weights[name], scales[name + "_scale_inv"] = codes, scale
         elif name.endswith("e_score_correction_bias"):

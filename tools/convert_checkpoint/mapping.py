@@ -9,7 +9,7 @@ import torch
 
 from . import tensor_expr as tx
 from .config.arch import ModelArch
-from .config.family import FamilySpec
+from .config.family import LAYER_KINDS, FamilySpec
 from .core.canonical import CanonicalTensor
 from .core.naming import natural_key
 from .core.plan import ModelInfo
@@ -23,7 +23,8 @@ from .tensor_expr import Expr, LeafReader, dtype_name
 
 def _layer_convertors(family: FamilySpec, arch: ModelArch, layer: int, hf_prefix: str, mcore_prefix: str) -> list[ModuleConvertor]:
     kind = "moe" if arch.is_moe_layer(layer) else "dense"
-    return [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.layer_modules if spec.when in (None, kind)]
+    return [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.layer_modules
+            if spec.when in (None, kind) or (spec.when not in LAYER_KINDS and getattr(arch, spec.when))]
 
 
 def build_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConvertor]:

@@ -27,6 +27,7 @@ class ModelArch:
     qk_layernorm: bool = False
     tied_embeddings: bool = False
     rotary_base: float | None = None
+    rotary_percent: float = 1.0  # the share of each head's dims that RoPE rotates (GLM-4.5: 0.5)
     max_position_embeddings: int | None = None
     num_experts: int | None = None  # routed experts per MoE layer; None for dense models
     moe_ffn_hidden_size: int | None = None
@@ -45,6 +46,9 @@ class ModelArch:
     qk_pos_emb_head_dim: int | None = None  # the rotary part
     v_head_dim: int | None = None
     mtp_num_layers: int = 0  # DeepSeek multi-token-prediction layers after the decoder
+    # DeepSeek-V3.2's sparse-attention indexer (Megatron's --dsa-indexer-n-heads / -head-dim).
+    dsa_indexer_n_heads: int | None = None
+    dsa_indexer_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.moe_layer_pattern is not None:
@@ -121,6 +125,13 @@ class ModelArch:
         return self.num_attention_heads * self.v_head_dim
 
     @property
+    def dsa_indexer_q_dim(self) -> int:  # the indexer's wq_b rows: heads x head dim
+        if not self.dsa_indexer_n_heads or not self.dsa_indexer_head_dim:
+            raise ConversionError("the sparse-attention indexer needs dsa_indexer_n_heads and dsa_indexer_head_dim "
+                                  "(config.json's index_n_heads / index_head_dim)")
+        return self.dsa_indexer_n_heads * self.dsa_indexer_head_dim
+
+    @property
     def double_hidden_size(self) -> int:  # MTP eh_proj input: [embedding; hidden]
         return 2 * self.hidden_size
 
@@ -133,7 +144,13 @@ class ModelArch:
         return value
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        # Fields newer than the rank-file format are left out at their defaults, so the files of
+        # families that do not use them stay byte-identical.
+        for name, default in _LATER_FIELDS.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], origin: str) -> ModelArch:
@@ -148,6 +165,9 @@ class ModelArch:
 
     def replace(self, **changes: Any) -> ModelArch:
         return dataclasses.replace(self, **changes)
+
+
+_LATER_FIELDS: dict[str, Any] = {"rotary_percent": 1.0, "dsa_indexer_n_heads": None, "dsa_indexer_head_dim": None}
 
 
 def load_arch_yaml(path: str) -> dict[str, Any]:

@@ -10,11 +10,12 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from importlib import resources
 from typing import Any
 
 from ..errors import ConversionError
-from . import loongforge
+from . import extends, loongforge
 from .arch import ModelArch, arch_from_hf_config, hf_config_from_arch
 from .yaml_file import load_mapping
 
@@ -25,6 +26,9 @@ CONFIG_ROOT = str(resources.files("convert_checkpoint") / "configs" / "models")
 
 
 LAYER_KINDS = ("moe", "dense")
+# ``when: <field>`` also takes a yes/no architecture field: the module exists only where it is true
+# (e.g. GLM-4.5's q/k norms, present when config.json's use_qk_norm is).
+ARCH_SWITCHES = tuple(f.name for f in dataclass_fields(ModelArch) if f.type in ("bool", bool))
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class ModuleSpec:
     convertor: str
     options: Mapping[str, Any]
     origin: str  # "<file>: layer module 3" for error messages
-    when: str | None = None  # "moe" / "dense": only in layers of that kind
+    when: str | None = None  # "moe" / "dense": only in layers of that kind; or a yes/no ModelArch field
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class FamilySpec:
                                    self.moe_layers)
 
 
-_TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights"}
+_TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights"}  # after `extends` is applied
 
 
 def _require(data: Mapping, key: str, path: str, kind: type) -> Any:
@@ -101,8 +105,10 @@ def _modules(items: Any, path: str, where: str) -> tuple[ModuleSpec, ...]:
             raise ConversionError(f"convert YAML {path}: weights.{where}[{i}] needs a 'convertor' key")
         origin = f"{path}: weights.{where}[{i}]"
         when = item.get("when")
-        if when is not None and when not in LAYER_KINDS:
-            raise ConversionError(f"{origin}: 'when' must be one of {', '.join(LAYER_KINDS)}, got {when!r}")
+        if when is not None and when not in LAYER_KINDS and when not in ARCH_SWITCHES:
+            raise ConversionError(
+                f"{origin}: 'when' must be one of {', '.join(LAYER_KINDS)} or a yes/no architecture field "
+                f"({', '.join(ARCH_SWITCHES)}), got {when!r}")
         options = {k: v for k, v in item.items() if k not in ("convertor", "when")}
         specs.append(ModuleSpec(item["convertor"], options, origin, when))
     return tuple(specs)
@@ -122,6 +128,7 @@ def load_family(path: str) -> FamilySpec:
         return family_by_name(loongforge.family_name(path))
     if loongforge.is_model_yaml(data):
         raise ConversionError(f"--convert_file {path} is a LoongForge model YAML; pass it as --config_file")
+    data = extends.resolve(data, path, CONFIG_ROOT, lambda p: load_mapping(p, "convert YAML"))
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise ConversionError(f"convert YAML {path}: unknown key(s) {', '.join(unknown)}")

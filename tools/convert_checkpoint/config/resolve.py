@@ -137,6 +137,9 @@ def arch_from_megatron_args(args: Mapping[str, Any]) -> dict[str, Any]:
             out["moe_ffn_hidden_size"] = args["moe_ffn_hidden_size"]
         if _int(args.get("moe_shared_expert_intermediate_size")):
             out["shared_expert_ffn_hidden_size"] = args["moe_shared_expert_intermediate_size"]
+            # DeepSeek-style config.json states the count (n_shared_experts), not the size
+            if out.get("moe_ffn_hidden_size") and out["shared_expert_ffn_hidden_size"] % out["moe_ffn_hidden_size"] == 0:
+                out["num_shared_experts"] = out["shared_expert_ffn_hidden_size"] // out["moe_ffn_hidden_size"]
         for ours, theirs in (("shared_expert_gate", "moe_shared_expert_gate"),
                              ("router_expert_bias", "moe_router_enable_expert_bias")):
             if isinstance(args.get(theirs), bool):
@@ -151,6 +154,12 @@ def arch_from_megatron_args(args: Mapping[str, Any]) -> dict[str, Any]:
                 out[name] = args[name]
     if "mtp_num_layers" in args and (args["mtp_num_layers"] is None or _int(args["mtp_num_layers"]) is not None):
         out["mtp_num_layers"] = args["mtp_num_layers"] or 0
+    percent = args.get("rotary_percent")  # partial RoPE (GLM-4.5): no weight depends on it
+    if isinstance(percent, (int, float)) and not isinstance(percent, bool) and 0 < percent <= 1:
+        out["rotary_percent"] = float(percent)
+    for name in ("dsa_indexer_n_heads", "dsa_indexer_head_dim"):  # DeepSeek-V3.2's DSA indexer
+        if _int(args.get(name)):
+            out[name] = args[name]
     return out
 
 
@@ -160,7 +169,7 @@ def arch_from_megatron_args(args: Mapping[str, Any]) -> dict[str, Any]:
 _CHECKED_SIZES = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                   "kv_channels", "vocab_size", "num_experts", "moe_ffn_hidden_size", "shared_expert_ffn_hidden_size",
                   "moe_layer_pattern", "q_lora_rank", "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim",
-                  "v_head_dim", "mtp_num_layers")
+                  "v_head_dim", "mtp_num_layers", "dsa_indexer_n_heads", "dsa_indexer_head_dim")
 
 
 def check_against_megatron_args(arch: ModelArch, stated: Mapping[str, Any], origin: str, request: ModelRequest) -> None:

@@ -574,6 +574,12 @@ def mcore_args(model: ModelInfo, layout: ParallelLayout, vocab: VocabPadding) ->
         convert_checkpoint_pipeline_layers=list(pipe.layers_per_vstage),
         convert_checkpoint_hf_config=model.hf_config or {},
     )
+    if arch.rotary_percent != 1.0:  # Megatron's --rotary-percent (partial RoPE), only where it is not the default
+        args.rotary_percent = arch.rotary_percent
+    if arch.dsa_indexer_n_heads:  # DeepSeek-V3.2: megatron-core's DSA ("dsa" attention variant)
+        args.experimental_attention_variant = "dsa"
+        args.dsa_indexer_n_heads = arch.dsa_indexer_n_heads
+        args.dsa_indexer_head_dim = arch.dsa_indexer_head_dim
     if model.hf_dtypes:  # HF tensors Megatron holds in another dtype: restored on the way back
         args.convert_checkpoint_hf_dtypes = dict(sorted(model.hf_dtypes.items()))
     return args

@@ -15,7 +15,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class _OneToOne(ModuleConvertor):
-    options = ("hf", "mcore", "shape", "te_split", "dtype")
+    options = ("hf", "mcore", "shape", "te_split", "dtype", "linear")
     required = ("hf", "mcore")
     dtypes = ("fp8", *_DTYPES)
     split: Split = Split.REPLICATED
@@ -33,7 +33,9 @@ class _OneToOne(ModuleConvertor):
 
     def canonical(self) -> list[CanonicalTensor]:
         name = self._mcore()
-        module = name.rsplit(".", 1)[0] if self.is_linear else None
+        # ``linear: true``: a replicated weight that belongs to a linear module (DSA's indexer linears,
+        # TE 'duplicated' linears), so it gets the module's ``_extra_state`` like any linear.
+        module = name.rsplit(".", 1)[0] if self.is_linear or self.opt("linear") else None
         return [CanonicalTensor(name, self.shape_option(self.default_shape), self.split, module, te_split=self._te_split())]
 
     def _te_split(self) -> Split | None:

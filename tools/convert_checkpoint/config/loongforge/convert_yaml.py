@@ -42,10 +42,15 @@ _CONVERT_FILES: dict[str, str] = {
     "deepseek_v3_convert": "deepseek_v3",
     "kimi_k2_convert": "deepseek_v3",  # Kimi-K2 has DeepSeek-V3's layout
     "kimi_k2_convert_bf16": "deepseek_v3",
+    "deepseek_v3_2_convert": "deepseek_v32",  # DeepSeek-V3.2: V3 plus the DSA indexer
+    "minimax_convert": "minimax_m2",  # MiniMax-M2 (its minimax_m2_1/_5/_7 model YAMLs)
     # our family names, for incumbent-format files written for them
     "llama_convert": "llama",
     "mixtral_convert": "mixtral",
     "qwen2_moe_convert": "qwen2_moe",
+    "glm4_moe_convert": "glm4_moe",
+    "deepseek_v32_convert": "deepseek_v32",
+    "minimax_m2_convert": "minimax_m2",
 }
 # Its directory names (``defaults: [<dir>@module: ...]``, the folder above ckpt_convert/).
 _CONVERT_DIRS: dict[str, str] = {
@@ -54,16 +59,15 @@ _CONVERT_DIRS: dict[str, str] = {
     "deepseek2": "deepseek_v2", "deepseek3": "deepseek_v3", "kimi_k2": "deepseek_v3",
     "mixtral": "mixtral", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe",
     "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3",
+    "minimax": "minimax_m2", "glm4_moe": "glm4_moe", "deepseek_v32": "deepseek_v32", "minimax_m2": "minimax_m2",
 }
 # Its convert YAMLs (and directories) for models we do not convert.
 _UNSUPPORTED: dict[str, str] = {
     "qwen_convert": "Qwen (v1)",
-    "deepseek_v3_2_convert": "DeepSeek-V3.2 (sparse attention)",
     "deepseek_v4_convert": "DeepSeek-V4",
     "glm5_convert": "GLM-5", "glm5_2_convert": "GLM-5.2",
     "internlm2_5_convert": "InternLM2.5",
     "mimo_convert": "MiMo",
-    "minimax_convert": "MiniMax",
     "minicpm_v_4_6_llm_convert": "MiniCPM-V 4.6",
     "ernie4_5_vl_llm_convert": "ERNIE 4.5 VL",
     "qwen2_5_convert_intern": "Qwen2.5 inside InternVL", "qwen2_5_convert_llm": "Qwen2.5-VL's language model",
@@ -73,13 +77,14 @@ _UNSUPPORTED: dict[str, str] = {
     "qwen3_6_dense_convert": "Qwen3.6", "qwen3_6_moe_convert": "Qwen3.6-MoE",
     "qwen3_next_moe_convert": "Qwen3-Next",
     "deepseek4": "DeepSeek-V4", "glm5": "GLM-5", "glm5.2": "GLM-5.2", "internlm2.5": "InternLM2.5", "mimo": "MiMo",
-    "minimax": "MiniMax", "minicpm_v_4_6": "MiniCPM-V 4.6", "ernie4_5_vl": "ERNIE 4.5 VL",
+    "minicpm_v_4_6": "MiniCPM-V 4.6", "ernie4_5_vl": "ERNIE 4.5 VL",
     "image_encoder": "vision encoders", "image_projector": "vision adapters", "qwen3.5": "Qwen3.5",
     "qwen3.6": "Qwen3.6", "qwen3_next": "Qwen3-Next", "qwen3_vl": "Qwen3-VL", "qwen2.5vl": "Qwen2.5-VL",
 }
 # What our families have: routed experts, multi-latent attention; the MoE/dense sibling.
-_MOE_FAMILIES = frozenset({"qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3"})
-_MLA_FAMILIES = frozenset({"deepseek_v2", "deepseek_v3"})
+_MOE_FAMILIES = frozenset({"qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe",
+                           "minimax_m2"})
+_MLA_FAMILIES = frozenset({"deepseek_v2", "deepseek_v3", "deepseek_v32"})
 _SIBLING = {"qwen3": "qwen3_moe", "qwen3_moe": "qwen3", "qwen2": "qwen2_moe", "qwen2_moe": "qwen2"}
 
 # args.common key -> ModelArch field (other args.common keys and all of args.huggingface/mcore
