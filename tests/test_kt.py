@@ -217,11 +217,11 @@ def _wide_family(family: str, path: str) -> str:
     spec = TinySpec(family, num_layers=2, dtype=torch.bfloat16, mtp_layers=1 if family == "deepseek_v3" else 0)
     config = make_config(spec)
     config.hidden_size = 128
-    if family == "mixtral":
+    if family in ("mixtral", "minimax_m2"):
         config.intermediate_size = 256
     else:
         config.moe_intermediate_size = 256
-    if family.startswith("qwen3"):
+    if family.startswith("qwen3") or family in ("glm4_moe", "minimax_m2"):
         config.head_dim = 16
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
@@ -233,7 +233,8 @@ def _wide_family(family: str, path: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "deepseek_v2", "glm4_moe",
+                                    "minimax_m2", "deepseek_v32"])
 def test_every_moe_family_within_bounds(family, tmp_path, capsys):
     src = _wide_family(family, str(tmp_path / family))
     for method in ("int4", "int8"):
@@ -245,10 +246,11 @@ def test_every_moe_family_within_bounds(family, tmp_path, capsys):
         assert "projections decoded" in text and "--kt-threadpool-count 2" in text
     tensors = load(out)
     moe_layers = {int(k.split(".")[1]) for k in tensors if ".ffn_up_exps." in k}
-    assert moe_layers == ({1} if family.startswith("deepseek") else {0, 1})  # DeepSeek: layer 0 dense
+    dense_first = family.startswith("deepseek") or family == "glm4_moe"
+    assert moe_layers == ({1} if dense_first else {0, 1})  # DeepSeek, GLM: layer 0 dense
     if family == "deepseek_v3":  # the MTP layer (2) keeps its other tensors, loses its experts
         assert "blk.2.eh_proj.weight" in tensors and not any(k.startswith("blk.2.ffn_") for k in tensors)
-    if family == "mixtral":  # block_sparse_moe.experts.N.w1/w2/w3
+    if family in ("mixtral", "minimax_m2"):  # block_sparse_moe.experts.N.w1/w2/w3
         assert "blk.0.block_sparse_moe.gate.weight" in tensors
 
 

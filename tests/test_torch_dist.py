@@ -68,6 +68,17 @@ def test_round_trips_are_bit_exact(tiny_hf, tmp_path, spec):
     assert main(["verify", hf, dist3]) == 0
 
 
+@pytest.mark.parametrize("family", ["glm4_moe", "minimax_m2", "deepseek_v32"])
+def test_newer_families_round_trip(tiny_hf, tmp_path, family):
+    """The families added after torch_dist (GLM's q/k/v biases and MTP, MiniMax's whole q/k
+    norms and router bias, V3.2's indexer) go HF -> torch_dist (TP2, EP2) -> HF unchanged."""
+    hf = tiny_hf(TinySpec(family, dtype=torch.bfloat16))
+    dist = str(tmp_path / "dist")
+    to_dist(hf, dist, tensor_model_parallel_size=2, expert_parallel_size=2)
+    assert mcore_to_hf(dist, str(tmp_path / "back")) == 0
+    assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(str(tmp_path / "back")))
+
+
 def test_the_files_written(tiny_hf, tmp_path):
     """Release directory and tracker, the four metadata.json keys, common.pt, per-layer keys
     when the layer kinds vary, fc1 as gate and up chunks, experts on their own axis, one
