@@ -69,6 +69,12 @@ class Leaf:
     def is_whole(self) -> bool:
         return self.shape == self.source_shape
 
+    def window(self, t: torch.Tensor) -> torch.Tensor:
+        """This leaf's window of ``t`` (the whole source tensor), as a view."""
+        for dim, (start, length) in enumerate(zip(self.offsets, self.shape)):
+            t = t.narrow(dim, start, length)
+        return t
+
 
 @dataclass(frozen=True)
 class Cat:

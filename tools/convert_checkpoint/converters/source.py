@@ -169,10 +169,7 @@ class GroupReader:
         return self._outputs(self._group_index(leaf.ref.name))[leaf.ref.name]
 
     def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
-        value = self._outputs(self._group_index(leaf.ref.name))[leaf.ref.name]
-        for dim, (start, length) in enumerate(zip(leaf.offsets, leaf.shape)):
-            value = value.narrow(dim, start, length)
-        out.copy_(value)
+        out.copy_(leaf.window(self._outputs(self._group_index(leaf.ref.name))[leaf.ref.name]))
 
     def close(self) -> None:
         self._cached = None

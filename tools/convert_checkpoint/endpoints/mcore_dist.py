@@ -259,9 +259,7 @@ class DistReader:
             raise ConversionError(
                 f"{os.path.join(self._root, leaf.ref.file)}: the chunk of {leaf.ref.name} at byte {offset} holds "
                 f"{tx.dtype_name(t.dtype)} {list(t.shape)}, .metadata says {tx.dtype_name(leaf.dtype)} {list(leaf.source_shape)}")
-        for dim, (o, s) in enumerate(zip(leaf.offsets, leaf.shape)):
-            t = t.narrow(dim, o, s)
-        out.copy_(t)
+        out.copy_(leaf.window(t))
 
     def whole(self, leaf: Leaf) -> torch.Tensor | None:
         return None

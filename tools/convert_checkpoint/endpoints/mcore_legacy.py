@@ -216,9 +216,7 @@ class McoreReader:
         t = self._open[file][leaf.ref.container][leaf.ref.name]
         if leaf.ref.part is not None:
             t = t.codes if leaf.ref.part == "codes" else t.scale_inv
-        for dim, (o, s) in enumerate(zip(leaf.offsets, leaf.shape)):
-            t = t.narrow(dim, o, s)
-        out.copy_(t)
+        out.copy_(leaf.window(t))
 
     def whole(self, leaf: Leaf) -> torch.Tensor | None:
         return None
