@@ -9,9 +9,11 @@ checkpoints out"), from the repository root:
     PYTHONPATH=/tmp/site python3 benchmarks/quantize_cuda_check.py [--multi-only]
 
 First every scheme with four forked workers over every visible GPU (files spread over them),
-then both rounding modes in this process on cuda:0. Seen on one H200 and on two (torch
-2.11.0+cu130, compressed-tensors 0.20.1): every line cpu==cuda; triton==ours(fp32) True,
-triton==ours(weight_dtype) False.
+then both rounding modes in this process on cuda:0. Seen (torch 2.11.0+cu130,
+compressed-tensors 0.20.1): on one H200, the in-process part (one shard, before the shards and
+the forked part were added): every line cpu==cuda, triton==ours(fp32) True,
+triton==ours(weight_dtype) False; on two H200s, ``--multi-only``: every scheme cpu==cuda
+(benchmarks/results/quantize_cuda_check_h200x2.log).
 """
 import hashlib
 import json
