@@ -335,34 +335,29 @@ def test_transformers_loads_moe(tiny_hf, dsv3, tmp_path, family):
 
 # --- pre-stages ------------------------------------------------------------------------------
 
+def _one_pass_equals_two_steps(src: str, scheme: str, work) -> None:
+    """``--converter dequantize`` + quantize in one pass writes what dequantizing to a bf16
+    checkpoint and then quantizing it writes."""
+    one, deq, two = str(work / f"one_{scheme}"), str(work / f"deq_{scheme}"), str(work / f"two_{scheme}")
+    assert quantize(src, one, "--scheme", scheme, "--converter", "dequantize") == 0
+    assert main(["hf", src, deq, "--converter", "dequantize", "--no_progress"]) == 0
+    assert quantize(deq, two, "--scheme", scheme) == 0
+    assert read_tree(one, KEEP_OUT) == read_tree(two, KEEP_OUT)
+
+
 def test_prestage_chains_equal_two_steps(llama, dsv3, tmp_path):
-    # compressed-tensors W4A16 -> NVFP4 in one pass == dequantize then quantize
     w4 = str(tmp_path / "w4")
     assert quantize(llama, w4, "--scheme", "W4A16") == 0
-    one, deq, two = str(tmp_path / "one"), str(tmp_path / "deq"), str(tmp_path / "two")
-    assert quantize(w4, one, "--scheme", "NVFP4A16", "--converter", "dequantize") == 0
-    assert main(["hf", w4, deq, "--converter", "dequantize", "--no_progress"]) == 0
-    assert quantize(deq, two, "--scheme", "NVFP4A16") == 0
-    assert read_tree(one, KEEP_OUT) == read_tree(two, KEEP_OUT)
-    # compressed-tensors W4A16 -> MXFP4 (the Kimi-K2 route)
-    one, two = str(tmp_path / "one_mx"), str(tmp_path / "two_mx")
-    assert quantize(w4, one, "--scheme", "MXFP4A16", "--converter", "dequantize") == 0
-    assert quantize(deq, two, "--scheme", "MXFP4A16") == 0
-    assert read_tree(one, KEEP_OUT) == read_tree(two, KEEP_OUT)
-    # ModelOpt NVFP4 -> FP8_BLOCK
-    nv = make_modelopt_checkpoint(llama, str(tmp_path / "nv"))
-    one, deq, two = str(tmp_path / "one_nv"), str(tmp_path / "deq_nv"), str(tmp_path / "two_nv")
-    assert quantize(nv, one, "--scheme", "FP8_BLOCK", "--converter", "dequantize") == 0
-    assert main(["hf", nv, deq, "--converter", "dequantize", "--no_progress"]) == 0
-    assert quantize(deq, two, "--scheme", "FP8_BLOCK") == 0
-    assert read_tree(one, KEEP_OUT) == read_tree(two, KEEP_OUT)
-    # DeepSeek block FP8 -> NVFP4
-    fp8 = make_fp8_checkpoint(dsv3, str(tmp_path / "fp8"))
-    one, deq, two = str(tmp_path / "one8"), str(tmp_path / "deq8"), str(tmp_path / "two8")
-    assert quantize(fp8, one, "--scheme", "NVFP4A16", "--converter", "dequantize") == 0
-    assert main(["hf", fp8, deq, "--converter", "dequantize", "--no_progress"]) == 0
-    assert quantize(deq, two, "--scheme", "NVFP4A16") == 0
-    assert read_tree(one, KEEP_OUT) == read_tree(two, KEEP_OUT)
+    w4_dir = tmp_path / "from_w4"
+    w4_dir.mkdir()
+    _one_pass_equals_two_steps(w4, "NVFP4A16", w4_dir)  # compressed-tensors W4A16 -> NVFP4
+    _one_pass_equals_two_steps(w4, "MXFP4A16", w4_dir)  # ... -> MXFP4 (the Kimi-K2 route)
+    nv_dir = tmp_path / "from_modelopt"
+    nv_dir.mkdir()
+    _one_pass_equals_two_steps(make_modelopt_checkpoint(llama, str(tmp_path / "nv")), "FP8_BLOCK", nv_dir)
+    fp8_dir = tmp_path / "from_fp8"
+    fp8_dir.mkdir()
+    _one_pass_equals_two_steps(make_fp8_checkpoint(dsv3, str(tmp_path / "fp8")), "NVFP4A16", fp8_dir)  # DeepSeek FP8
 
 
 # --- resume, dry run --------------------------------------------------------------------------
