@@ -11,10 +11,11 @@ from tiny_models import TinySpec
 
 
 def _record_reads(monkeypatch, reader_cls):
-    """(output file, source tensor, offsets, shape) for every window read."""
+    """(output file, source tensor, offsets, shape) for every window read: read into a tensor, or
+    located in its file for a byte-range copy."""
     reads: list[tuple[str, str, tuple, tuple]] = []
     current = {"file": None}
-    original_build, original_read = execute._build_file, reader_cls.read_into
+    original_build, original_read, original_locate = execute._build_file, reader_cls.read_into, reader_cls.locate
 
     def build(out, *a, **k):
         current["file"] = out.relpath
@@ -24,8 +25,13 @@ def _record_reads(monkeypatch, reader_cls):
         reads.append((current["file"], leaf.ref.describe(), leaf.offsets, leaf.shape))
         return original_read(self, leaf, out)
 
+    def locate(self, leaf):
+        reads.append((current["file"], leaf.ref.describe(), leaf.offsets, leaf.shape))
+        return original_locate(self, leaf)
+
     monkeypatch.setattr(execute, "_build_file", build)
     monkeypatch.setattr(reader_cls, "read_into", read_into)
+    monkeypatch.setattr(reader_cls, "locate", locate)
     return reads
 
 

@@ -76,19 +76,20 @@ def _build_file(out: OutputFile, settings: BuildSettings, index: int = 0, gpu: i
             with open(tmp, "wb") as partial:
                 partial.write(b"partial")
             raise OSError(errno.ENOSPC, "No space left on device (simulated by CONVERT_CHECKPOINT_FAULT)", tmp)
-        _PLAN.target.write_file(out, tmp, ctx)
+        sha256 = _PLAN.target.write_file(out, tmp, ctx)
+        if sha256 is None:  # hashed while still in the page cache
+            sha256 = file_sha256(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     finally:
-        ctx.reader.close()
+        ctx.close()
         if not settings.keep_arena:  # under a binding memory budget an idle worker must not hold a file's worth
             ARENA.release()
     return FileResult(out.relpath, out.nbytes, time.perf_counter() - start, tuple(ctx.fp8_events),
-                      os.path.getsize(path), file_sha256(path),  # hashed while still in the page cache
-                      nonfinite=tuple(ctx.nonfinite))
+                      os.path.getsize(path), sha256, nonfinite=tuple(ctx.nonfinite))
 
 
 def _prepare_target(target: str, overwrite: bool) -> None:

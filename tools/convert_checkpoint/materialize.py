@@ -13,7 +13,9 @@ from typing import TypeGuard
 import torch
 
 from . import tensor_expr as tx
+from .byteplan import plan_runs
 from .errors import ConversionError
+from .formats.direct_io import COPY_MIN, RangeMover, pwrite_all
 from .quant.fp8_materialize import Fp8Event, Fp8Materializer, Fp8Policy
 from .tensor_expr import Expr, LeafReader
 
@@ -84,6 +86,40 @@ class FileContext:
     def __post_init__(self) -> None:
         self._fp8 = Fp8Materializer(self.reader, self.fp8_policy or Fp8Policy())
         self.nonfinite: list[tuple[str, int]] = []
+        self._mover = RangeMover()
+        self.moved: set[str] = set()  # tensors whose bytes never passed through a tensor: checked on read-back
+        self.moved_bytes = 0
+        self._locate = getattr(self.reader, "locate", None)
+
+    def close(self) -> None:
+        self.reader.close()
+        self._mover.close()
+
+    def write(self, name: str, expr: Expr, fd: int, offset: int) -> None:
+        """Put tensor ``name`` into the file ``fd`` at byte ``offset``. A tensor that only moves
+        bytes of source files goes file to file (long runs) or through one batched read (short
+        runs); anything that computes is materialized and written from the buffer."""
+        runs = plan_runs(expr, self._locate) if self._locate is not None else None
+        if runs is not None:
+            if all(r.length >= COPY_MIN for r in runs):
+                self._mover.copy(runs, fd, offset)
+            else:
+                (buf,) = ARENA.carve([(torch.uint8, (tx.nbytes(expr),))])
+                view = buf.numpy().data
+                self._mover.read_into(runs, view)
+                pwrite_all(fd, view, offset)
+            self.moved.add(name)
+            self.moved_bytes += tx.nbytes(expr)
+            return
+        value = self.value(name, expr)
+        if value.numel():
+            pwrite_all(fd, value.contiguous().reshape(-1).view(torch.uint8).numpy().data, offset)
+
+    def check_bytes(self, name: str, dtype: torch.dtype, chunk: memoryview) -> None:
+        """The NaN/Inf check of a moved tensor, on its bytes as written (a chunk at a time)."""
+        if name in self.moved and len(chunk) >= dtype.itemsize:
+            whole = len(chunk) - len(chunk) % dtype.itemsize
+            self.check(name, [torch.frombuffer(chunk[:whole], dtype=dtype)])
 
     @property
     def fp8_events(self) -> list[Fp8Event]:
@@ -126,4 +162,7 @@ class FileContext:
         if self.strict_values:
             raise ConversionError(f"tensor {name} for {self.relpath} holds {bad} NaN/Inf values (from the source); "
                                   "--strict_values makes that an error")
-        self.nonfinite.append((name, bad))
+        if self.nonfinite and self.nonfinite[-1][0] == name:  # a tensor checked a chunk at a time
+            self.nonfinite[-1] = (name, self.nonfinite[-1][1] + bad)
+        else:
+            self.nonfinite.append((name, bad))

@@ -168,8 +168,10 @@ class Target(ABC):
         return out.nbytes
 
     @abstractmethod
-    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> None:
-        """Write one planned file at ``path`` (a temporary name the executor renames)."""
+    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> str | None:
+        """Write one planned file at ``path`` (a temporary name the executor renames). Returns
+        the file's sha256 where the target hashed it while finishing it, else None (the
+        executor then reads it back to hash it)."""
 
     @abstractmethod
     def finish(self, plan: Plan, results: list[FileResult]) -> None:

@@ -24,10 +24,11 @@ from ..config.family import FamilySpec
 from ..core.naming import natural_key
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
 from ..errors import ConversionError
-from ..formats.safetensors_io import PlannedTensor, SafetensorsReader, TensorEntry, read_header, write_streaming
+from ..formats.safetensors_io import PlannedTensor, SafetensorsReader, TensorEntry, plan_layout, read_header
 from ..requests import ModelRequest, PlanRequest
 from ..tensor_expr import Expr, Leaf, LeafReader, TensorRef, source
 from .base import HFSource, HFTarget
+from .file_writers import write_safetensors
 
 if TYPE_CHECKING:
     from ..converters.source import ConvertedIndex
@@ -365,12 +366,12 @@ class HuggingFaceTarget(HFTarget):
     def fingerprint_fields(self) -> dict:
         return {"args": None, "hf_config": self.config}
 
-    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> None:
+    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> str:
         (_, jobs), = out.containers
         by_name = {j.name: j.expr for j in jobs if j.expr is not None}
         planned = [PlannedTensor(j.name, j.expr.dtype, tuple(j.expr.shape)) for j in jobs if j.expr is not None]
-        # Tensors are produced one at a time, so each reuses the start of the worker's buffer.
-        write_streaming(path, planned, lambda t: ctx.value(t.name, by_name[t.name]), {"format": "pt"})
+        # Tensors are written one at a time, so each reuses the start of the worker's buffer.
+        return write_safetensors(path, plan_layout(planned, {"format": "pt"}), by_name, ctx)
 
     def finish(self, plan: Plan, results: list[FileResult]) -> None:
         from ..manifest import MANIFEST_NAME

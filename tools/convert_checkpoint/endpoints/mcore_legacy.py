@@ -14,6 +14,8 @@ import argparse
 import contextlib
 import os
 import re
+import struct
+import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,6 +28,7 @@ from ..config.arch import ModelArch
 from ..core.canonical import WORD_EMBEDDINGS, CanonicalTensor, Split
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
 from ..errors import ConversionError
+from ..formats import torch_zip
 from ..layout.from_flags import layout_from_flags, validate_tensor_parallel
 from ..layout.pipeline import PipelineLayout
 from ..layout.placement import MTP_INNER_LAYER, MTP_INNER_NAMES, ParallelLayout, RankKey, place, placement_sort_key
@@ -38,6 +41,7 @@ from ..quant.te_pickle import Fp8BlockRecord
 from ..requests import LayoutRequest, ModelRequest, PlanRequest, VocabPadding
 from ..tensor_expr import Expr, Leaf, TensorRef, source
 from .base import CanonicalSource, CanonicalTarget
+from .file_writers import write_rank_zip
 
 if TYPE_CHECKING:
     from ..materialize import FileContext
@@ -208,21 +212,70 @@ class McoreReader:
     def __init__(self, src: McoreSource):
         self._src = src
         self._open: dict[str, dict] = {}
+        self._bases: dict[str, int | None] = {}
 
-    def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
+    def _tensor(self, leaf: Leaf) -> torch.Tensor:
         file = leaf.ref.file
         if file not in self._open:
             self._open[file] = load_file(os.path.join(self._src.root, file))
         t = self._open[file][leaf.ref.container][leaf.ref.name]
         if leaf.ref.part is not None:
             t = t.codes if leaf.ref.part == "codes" else t.scale_inv
-        out.copy_(leaf.window(t))
+        return t
+
+    def read_into(self, leaf: Leaf, out: torch.Tensor) -> None:
+        out.copy_(leaf.window(self._tensor(leaf)))
 
     def whole(self, leaf: Leaf) -> torch.Tensor | None:
         return None
 
+    def locate(self, leaf: Leaf) -> tuple[str, int] | None:
+        """Where the leaf's tensor lies in its ``.pt`` file: its storage record's offset in the
+        zip plus its own offset in the storage (contiguous tensors of a map of the file only)."""
+        if leaf.ref.part is not None:
+            return None
+        t = self._tensor(leaf)
+        if not t.is_contiguous() or t.dtype != leaf.dtype:
+            return None
+        base = self._base(leaf.ref.file)
+        if base is None:
+            return None
+        return os.path.join(self._src.root, leaf.ref.file), t.untyped_storage().data_ptr() - base + int(t.storage_offset()) * t.element_size()
+
+    def _base(self, file: str) -> int | None:
+        """The address the file is mapped at. torch maps a whole ``.pt`` file and each storage is
+        a slice at its record's data offset; the base is found from one storage and accepted only
+        if it puts every storage of the file exactly on a record."""
+        if file not in self._bases:
+            self._bases[file] = storage_map_base(os.path.join(self._src.root, file), self._open[file])
+        return self._bases[file]
+
     def close(self) -> None:
         self._open.clear()
+        self._bases.clear()
+
+
+def storage_map_base(path: str, loaded: dict) -> int | None:
+    try:
+        with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+            records = set()
+            for info in z.infolist():
+                if "/data/" in info.filename and info.compress_type == zipfile.ZIP_STORED:
+                    f.seek(info.header_offset + 26)  # the local header's name and extra lengths
+                    name_len, extra_len = struct.unpack("<HH", f.read(4))
+                    records.add(info.header_offset + 30 + name_len + extra_len)
+    except (OSError, zipfile.BadZipFile, struct.error):
+        return None
+    ptrs = {t.untyped_storage().data_ptr() for sd in loaded.values() if isinstance(sd, dict)
+            for t in sd.values() if isinstance(t, torch.Tensor) and t.numel()}
+    if not ptrs or not records:
+        return None
+    lowest = min(ptrs)
+    for record in sorted(records):
+        base = lowest - record
+        if all(p - base in records for p in ptrs):
+            return base
+    return None
 
 
 def resolve_checkpoint_dir(path: str) -> tuple[str, int | None]:
@@ -273,11 +326,25 @@ def parse_rank_dir(name: str) -> tuple[int, int | None, int | None]:
     return int(m.group(1)), (int(m.group(2)) if m.group(2) else None), (int(m.group(3)) if m.group(3) else None)
 
 
-def save_rank_file(path: str, containers: dict[str, dict], args: argparse.Namespace, iteration: int | None) -> None:
+def rank_payload(containers: dict[str, dict], args: argparse.Namespace, iteration: int | None) -> dict:
+    """What a rank file holds: the model containers, then Megatron's bookkeeping entries."""
     payload: dict = dict(containers)
     payload["checkpoint_version"] = CHECKPOINT_VERSION
     payload["iteration"] = 0 if iteration is None else iteration
     payload["args"] = args
+    return payload
+
+
+def archive_name(path: str) -> str:
+    """The zip's top directory, as torch.save names it: the file name without its extension
+    (the executor's temporary name hides the final one, so that is recovered first)."""
+    name = os.path.basename(path)
+    m = re.fullmatch(r"\.(.+)\.tmp-\d+", name)
+    return os.path.splitext(m.group(1) if m else name)[0]
+
+
+def save_rank_file(path: str, containers: dict[str, dict], args: argparse.Namespace, iteration: int | None) -> None:
+    payload = rank_payload(containers, args, iteration)
     with without_zip_crc32():
         if any(isinstance(t, te_pickle.BlockwiseParam) for sd in containers.values() for t in sd.values()):
             te_pickle.save(payload, path)  # FP8 parameters pickled as TE tensors, without TE
@@ -654,8 +721,17 @@ class McoreTarget(CanonicalTarget):
     def describe(self, plan: Plan) -> list[str]:
         return placement_table(self.layout, plan.arch) if plan.arch is not None else []
 
-    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> None:
+    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> str | None:
         entries = [j for _, j in out.jobs() if j.expr is not None]
+        assert self.args is not None
+        if not any(is_fp8_tensor(j.expr) or not torch_zip.supports(j.expr.dtype) for j in entries if j.expr is not None):
+            # Planned in place: each tensor is moved or written at its offset, one at a time.
+            slots = {id(j): torch_zip.TensorSlot(f"{key}/{j.name}", j.expr.dtype, tuple(j.expr.shape), j.name)
+                     for key, jobs in out.containers for j in jobs if j.expr is not None}
+            placeholders = {key: {j.name: slots.get(id(j)) for j in jobs} for key, jobs in out.containers}
+            layout, _ = torch_zip.plan(rank_payload(placeholders, self.args, self.iteration), archive_name(path))
+            exprs = {f"{key}/{j.name}": j.expr for key, jobs in out.containers for j in jobs if j.expr is not None}
+            return write_rank_zip(path, layout, exprs, ctx)
         plain = [j for j in entries if not is_fp8_tensor(j.expr)]
         buffers = ctx.carve([(j.expr.dtype, tuple(j.expr.shape)) for j in plain if j.expr is not None])
         values: dict[int, object] = {}
@@ -670,8 +746,8 @@ class McoreTarget(CanonicalTarget):
                 values[id(job)] = te_pickle.blockwise_param(  # the quantizer says what the scales are
                     codes, scale, policy.nominal_dtype, scales_are_pow2(scale), policy.recipe.amax_epsilon)
         containers = {key: {j.name: values.get(id(j)) for j in jobs} for key, jobs in out.containers}
-        assert self.args is not None
         save_rank_file(path, containers, self.args, self.iteration)
+        return None
 
     def finish(self, plan: Plan, results: list[FileResult]) -> None:
         from ..textfile import write_text

@@ -124,6 +124,10 @@ class SafetensorsReader:
     def whole(self, leaf: Leaf) -> torch.Tensor | None:
         return None  # read from disk like any window
 
+    def locate(self, leaf: Leaf) -> tuple[str, int]:
+        """Where the leaf's whole tensor lies (safetensors data is row-major and uncompressed)."""
+        return os.path.join(self._root, leaf.ref.file), self._entries[leaf.ref.file][leaf.ref.name].begin
+
     def _pread_into(self, file: str, offset: int, out: torch.Tensor) -> None:
         view = out.view(torch.uint8).reshape(-1).numpy().data  # ndarray.data: memoryview(array)
         fd = self._fd(file)
@@ -155,14 +159,26 @@ class PlannedTensor:
         return n
 
 
-def write_streaming(
-    path: str,
-    tensors: Iterable[PlannedTensor],
-    produce: Callable[[PlannedTensor], torch.Tensor],
-    metadata: Mapping[str, str] | None = None,
-) -> None:
-    """Write a safetensors file whose header is known up front, producing tensors one by one."""
-    tensors = list(tensors)
+@dataclass(frozen=True)
+class SafetensorsLayout:
+    """A safetensors file planned from its tensors' dtypes and shapes: the header bytes and
+    where each tensor's data starts."""
+
+    header: bytes  # the 8-byte length and the JSON header, padded
+    tensors: tuple[PlannedTensor, ...]
+    offsets: tuple[int, ...]  # absolute byte offset of each tensor's data
+
+    @property
+    def size(self) -> int:
+        return len(self.header) + sum(t.nbytes for t in self.tensors)
+
+    def regions(self) -> list[tuple[int, int, PlannedTensor | None]]:
+        """(offset, length, tensor) over the whole file, in order (for :func:`direct_io.hash_regions`)."""
+        return [(0, len(self.header), None)] + [(o, t.nbytes, t) for o, t in zip(self.offsets, self.tensors)]
+
+
+def plan_layout(tensors: Iterable[PlannedTensor], metadata: Mapping[str, str] | None = None) -> SafetensorsLayout:
+    tensors = tuple(tensors)
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -172,10 +188,25 @@ def write_streaming(
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data must start 8-byte aligned
+    head = struct.pack("<Q", len(blob)) + blob
+    offsets, pos = [], len(head)
+    for t in tensors:
+        offsets.append(pos)
+        pos += t.nbytes
+    return SafetensorsLayout(head, tensors, tuple(offsets))
+
+
+def write_streaming(
+    path: str,
+    tensors: Iterable[PlannedTensor],
+    produce: Callable[[PlannedTensor], torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Write a safetensors file whose header is known up front, producing tensors one by one."""
+    layout = plan_layout(tensors, metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for t in tensors:
+        f.write(layout.header)
+        for t in layout.tensors:
             value = produce(t)
             if value.dtype != t.dtype or tuple(value.shape) != t.shape:
                 raise RuntimeError(f"planned {t.name} as {t.dtype}{list(t.shape)}, got {value.dtype}{list(value.shape)}")

@@ -1,0 +1,145 @@
+"""Moving planned byte runs between files: in the kernel where it can, through a buffer else.
+
+``os.copy_file_range`` copies page cache to page cache without the bytes entering this
+process (one copy, as ``cp`` does); file systems or kernels that refuse it (``EXDEV``,
+``ENOSYS``, ``EINVAL``, ``EOPNOTSUPP``) fall back to large ``pread``/``pwrite``. Short runs
+(a column window is one run per row) are read with ``preadv`` into a buffer instead, many
+runs per call, then written with the buffer.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+from ..byteplan import Run
+
+COPY_MIN = 1 << 20  # runs at least this long are copied file to file; shorter ones are read into a buffer
+_CHUNK = 64 << 20
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024, 1024)
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def read_back(fd: int, start: int, length: int, buf: memoryview) -> Iterator[memoryview]:
+    """The bytes [start, start + length) of ``fd`` in chunks of ``buf``'s size."""
+    pos = start
+    while pos < start + length:
+        n = os.preadv(fd, [buf[:min(len(buf), start + length - pos)]], pos)
+        if n <= 0:
+            raise OSError(errno.EIO, f"short read at byte {pos} of the file being written")
+        yield buf[:n]
+        pos += n
+
+
+READ_CHUNK = 8 << 20
+
+
+def hash_regions(fd: int, regions: Sequence[tuple[int, int, object]],
+                 on_chunk: Callable[[object, memoryview], None] | None = None) -> str:
+    """sha256 of a file written region by region: ``regions`` are (offset, length, key) in file
+    order, covering it; ``on_chunk(key, bytes)`` sees each region's bytes as written (the NaN/Inf
+    check of tensors that were copied without a buffer)."""
+    sha = hashlib.sha256()
+    buf = memoryview(bytearray(READ_CHUNK))
+    pos = 0
+    for offset, length, key in regions:
+        if offset != pos:
+            raise AssertionError(f"regions leave a hole at byte {pos}")
+        for chunk in read_back(fd, offset, length, buf):
+            sha.update(chunk)
+            if on_chunk is not None and key is not None:
+                on_chunk(key, chunk)
+        pos = offset + length
+    return sha.hexdigest()
+
+
+class RangeMover:
+    """Moves runs out of source files; keeps one read-only descriptor per source file."""
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._copy_range = hasattr(os, "copy_file_range")
+        self._bounce: bytearray | None = None
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def copy(self, runs: Sequence[Run], out_fd: int, base: int) -> None:
+        """Copy each run to ``out_fd`` at ``base + run.dst_offset``."""
+        for run in sorted(runs, key=lambda r: (r.src, r.src_offset)):  # sources read in order
+            src, dst, left = run.src_offset, base + run.dst_offset, run.length
+            fd = self._fd(run.src)
+            while left:
+                n = self._copy_some(fd, src, out_fd, dst, min(left, 1 << 30))
+                if n <= 0:
+                    raise OSError(errno.EIO, f"{run.src} ends before byte {src + left}")
+                src, dst, left = src + n, dst + n, left - n
+
+    def _copy_some(self, fd: int, src: int, out_fd: int, dst: int, n: int) -> int:
+        if self._copy_range:
+            try:
+                return os.copy_file_range(fd, out_fd, n, src, dst)
+            except OSError as e:
+                if e.errno not in _NO_COPY_RANGE:
+                    raise
+                self._copy_range = False
+        if self._bounce is None:
+            self._bounce = bytearray(_CHUNK)
+        view = memoryview(self._bounce)[:min(n, _CHUNK)]
+        got = os.preadv(fd, [view], src)
+        if got > 0:
+            pwrite_all(out_fd, view[:got], dst)
+        return got
+
+    def read_into(self, runs: Sequence[Run], out: memoryview) -> None:
+        """Fill ``out`` (the tensor's bytes) from the runs: runs that follow each other in a source
+        file are read by one ``preadv`` into their places in ``out``."""
+        ordered = sorted(runs, key=lambda r: (r.src, r.src_offset))
+        i = 0
+        while i < len(ordered):
+            first = ordered[i]
+            iov = [out[first.dst_offset:first.dst_offset + first.length]]
+            end = first.src_offset + first.length
+            j = i + 1
+            while j < len(ordered) and len(iov) < _IOV_MAX and ordered[j].src == first.src and ordered[j].src_offset == end:
+                r = ordered[j]
+                iov.append(out[r.dst_offset:r.dst_offset + r.length])
+                end += r.length
+                j += 1
+            fd = self._fd(first.src)
+            want, pos = end - first.src_offset, first.src_offset
+            got = os.preadv(fd, iov, pos)
+            if got != want:  # rare: finish the remainder run by run
+                self._finish_short(fd, iov, pos, got)
+            i = j
+
+    def _finish_short(self, fd: int, iov: list[memoryview], pos: int, got: int) -> None:
+        for view in iov:
+            if got >= len(view):
+                got -= len(view)
+                pos += len(view)
+                continue
+            done = got
+            got = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], pos + done)
+                if n <= 0:
+                    raise OSError(errno.EIO, "short read from a source file")
+                done += n
+            pos += len(view)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
