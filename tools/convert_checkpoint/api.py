@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TextIO
 
+from . import workers
 from .core.plan import Plan
 from .describe import describe_plan
 from .distributed import SINGLE, World, join, leave, world_from
@@ -15,6 +16,8 @@ from .execute import check_memory_budget, default_memory_budget, execute
 from .options import ConvertOptions
 from .pipeline import build_plan
 from .report import FileResult, fp8_summary, value_warnings
+from .requests import RunOptions
+from .workers import WorkerChoice
 
 
 @dataclass
@@ -39,15 +42,17 @@ def run(opts: ConvertOptions, converters: tuple[Any, ...] | None = None, world: 
     plan = build_plan(opts.plan_request(converters), opts)
     budget = run_options.max_memory if run_options.max_memory is not None else default_memory_budget()
     check_memory_budget(plan, budget)
+    run_options, workers_used = resolve_workers(run_options, plan, budget, world)
+    plan.notes.append(f"workers: {workers_used.summary}")
     if run_options.dry_run:
-        print(describe_plan(plan, run_options.max_workers, verbose=run_options.verbose), file=out)
+        print(describe_plan(plan, workers_used.count, verbose=run_options.verbose), file=out)
         if budget is not None:
             print(f"memory budget: {budget / 2**30:.2f} GiB of output files in flight "
                   f"({'--max_memory' if run_options.max_memory is not None else 'half of the available memory'})",
                   file=out)
         return RunOutcome(plan)
     if echo and world.leader:
-        print(describe_plan(plan, run_options.max_workers), file=log)
+        print(describe_plan(plan, workers_used.count), file=log)
     join(world)
     try:
         results = execute(plan, run_options, budget, world)
@@ -58,6 +63,15 @@ def run(opts: ConvertOptions, converters: tuple[Any, ...] | None = None, world: 
         for line in _summary(outcome, verbose=run_options.verbose):
             print(line, file=log)
     return outcome
+
+
+def resolve_workers(run: RunOptions, plan: Plan, budget: int | None, world: World) -> tuple[RunOptions, WorkerChoice]:
+    """``max_workers`` as a count: ``auto`` is decided from this process's share of the plan."""
+    if run.max_workers == "auto":
+        choice = workers.choose(plan, len(world.share(plan.files)), budget)
+    else:
+        choice = WorkerChoice(int(run.max_workers), "--max_workers")
+    return replace(run, max_workers=choice.count), choice
 
 
 def _summary(outcome: RunOutcome, verbose: bool) -> list[str]:

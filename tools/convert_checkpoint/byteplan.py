@@ -92,16 +92,17 @@ def _runs(expr: Expr, locate: Locate) -> list[tuple[int, str, int, int]] | None:
     return out
 
 
-def _only_moves(expr: Expr) -> bool:
+def only_moves(expr: Expr) -> bool:
+    """Whether ``expr`` is windows and concatenations of source tensors only (no computation)."""
     if isinstance(expr, Leaf):
         return True
-    return isinstance(expr, Cat) and all(p.dtype == expr.dtype and _only_moves(p) for p in expr.parts)
+    return isinstance(expr, Cat) and all(p.dtype == expr.dtype and only_moves(p) for p in expr.parts)
 
 
 def plan_runs(expr: Expr, locate: Locate) -> list[Run] | None:
     """The byte runs that produce ``expr`` (sorted by destination, adjacent ones merged), or None
     where it computes or a source tensor is not plainly in a file."""
-    if not _only_moves(expr):
+    if not only_moves(expr):
         return None
     try:
         runs = _runs(expr, locate)

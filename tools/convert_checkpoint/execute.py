@@ -208,6 +208,8 @@ def execute(plan: Plan, run: RunOptions, max_memory: int | None = None, world: W
     try:
         settings = BuildSettings(root, plan.fp8, strict_values=run.strict_values)
         gpus = run.gpus[world.rank % len(run.gpus):] + run.gpus[:world.rank % len(run.gpus)] if run.gpus else ()
+        if not isinstance(run.max_workers, int):
+            raise TypeError("max_workers must be resolved to a count before execute (api.resolve_workers)")
         results, peak_in_flight = _build_share(plan, mine, manifest, settings, run.max_workers, max_memory,
                                                run.progress and world.leader, gpus)
         # Make every file durable before the markers that declare the checkpoint complete. Done
@@ -231,6 +233,7 @@ def execute(plan: Plan, run: RunOptions, max_memory: int | None = None, world: W
         report = conversion_report(plan, results, time.perf_counter() - start)
         report["memory"] = {"budget_bytes": max_memory, "max_in_flight_planned_bytes": max(p for _, _, p in gathered)}
         report["processes"] = world.size
+        report["workers"] = run.max_workers  # per process, as chosen (--max_workers auto) or given
         write_text(os.path.join(target, REPORT_NAME), json.dumps(report, indent=2) + "\n")
         plan.target.finish(plan, results)
     world.barrier()  # the other ranks return once the checkpoint is complete

@@ -66,7 +66,7 @@ class ConvertOptions:
     fp8_force_no_requant: bool = False
     device: str = "cpu"  # where quantization math runs
     max_shard_size: int = 5 * 1000**3
-    max_workers: int = 1
+    max_workers: int | str = "auto"  # a count, or "auto" (workers.choose)
     max_memory: int | None = None  # None: half of the available memory (execute.default_memory_budget)
     world_size: int | None = None  # None: torchrun's WORLD_SIZE, else 1
     rank: int | None = None
@@ -170,6 +170,15 @@ def _int_at_least(minimum: int, what: str):
 
 
 _positive = _int_at_least(1, "positive")
+
+
+def _workers(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return _positive(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or auto, got {text!r}") from None
 _non_negative = _int_at_least(0, "non-negative")
 
 
@@ -190,7 +199,9 @@ Adder = Callable[..., None]
 
 def _add_runtime_flags(add: Adder) -> None:
     """Flags that change how a run goes, not what it writes (main command and ``hf``)."""
-    add("max_workers", type=_positive, default=1, help="worker processes, each building one output file")
+    add("max_workers", type=_workers, default="auto",
+        help="worker processes, each building one output file; auto (default): from the cores, the files, the memory "
+             "budget and whether the conversion moves bytes or computes")
     add("world_size", type=_positive, help="processes sharing the conversion (default: torchrun's WORLD_SIZE, else 1)")
     add("rank", type=_non_negative, help="this process's rank, with --world_size (default: torchrun's RANK)")
     add("max_memory", type=_size,

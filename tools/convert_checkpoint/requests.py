@@ -104,7 +104,7 @@ class PlanRequest:
 class RunOptions:
     """How a planned conversion runs; none of these change the output bytes."""
 
-    max_workers: int = 1
+    max_workers: int | str = 1  # a count, or "auto" (resolved by workers.choose once the plan is known)
     max_memory: int | None = None  # None: half of the available memory
     world_size: int | None = None
     rank: int | None = None

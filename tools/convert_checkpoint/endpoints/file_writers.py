@@ -8,14 +8,29 @@ fills in the CRC-32s. The pass reads what was just written, from the page cache.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+
+import torch
 
 from ..formats import torch_zip
 from ..formats.direct_io import hash_regions, pwrite_all
 from ..formats.safetensors_io import PlannedTensor, SafetensorsLayout
 from ..materialize import FileContext
 from ..tensor_expr import Expr
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread: the read-back checks run over 8 MB chunks, where waking a thread
+    pool costs ~50x the reduction itself."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _open(path: str) -> int:
@@ -35,7 +50,8 @@ def write_safetensors(path: str, layout: SafetensorsLayout, exprs: Mapping[str, 
             ctx.check_bytes(key.name, key.dtype, chunk)
 
         os.ftruncate(fd, layout.size)  # a file ending in empty tensors still has its full length
-        return hash_regions(fd, layout.regions(), check)
+        with one_thread():
+            return hash_regions(fd, layout.regions(), check)
     finally:
         os.close(fd)
 
@@ -53,6 +69,7 @@ def write_rank_zip(path: str, layout: torch_zip.ZipLayout, exprs: Mapping[str, E
         def check(slot: torch_zip.TensorSlot, chunk: memoryview) -> None:
             ctx.check_bytes(slot.title, slot.dtype, chunk)
 
-        return torch_zip.Finisher(fd, layout, check).run()
+        with one_thread():
+            return torch_zip.Finisher(fd, layout, check).run()
     finally:
         os.close(fd)

@@ -1,0 +1,264 @@
+"""The byte-range data path: runs planned from expressions, moved file to file or through one
+batched read, and the ``.pt`` zip written in place. Every tensor kind must give the bytes the
+tensor path gives; the zip must be what torch.save writes, for torch, Megatron and zipfile."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from convert_checkpoint import materialize
+from convert_checkpoint import tensor_expr as tx
+from convert_checkpoint.byteplan import plan_runs
+from convert_checkpoint.endpoints.mcore_legacy import McoreReader, McoreSource, load_file
+from convert_checkpoint.formats import torch_zip
+from convert_checkpoint.formats.direct_io import RangeMover
+from convert_checkpoint.formats.safetensors_io import SafetensorsReader, read_header
+from convert_checkpoint.materialize import FileContext
+from convert_checkpoint.tensor_expr import TensorRef
+
+from fixtures import read_tree
+from tiny_models import TinySpec
+
+SOURCE = {  # a mix of dtypes and ranks, sizes that are not multiples of anything
+    "w": torch.randn(48, 40).to(torch.bfloat16),
+    "big": torch.randn(3000, 600).to(torch.bfloat16),  # 3.6 MB: runs long enough to copy file to file
+    "e": torch.randn(4, 10, 6),
+    "i": torch.arange(37, dtype=torch.int64),
+    "s": torch.tensor(2.5),
+    "z": torch.empty(0, 5, dtype=torch.bfloat16),
+}
+
+
+def _leaf(name: str, offsets=None, shape=None, file="a.safetensors") -> tx.Leaf:
+    t = SOURCE[name]
+    leaf = tx.source(TensorRef(file, name), t.dtype, tuple(t.shape))
+    if offsets is not None:
+        for dim, (o, n) in enumerate(zip(offsets, shape)):
+            leaf = tx.narrow(leaf, dim, o, n)
+    return leaf
+
+
+def _exprs() -> dict[str, tx.Expr]:
+    w = _leaf("w")
+    return {
+        "whole": w,
+        "rows": tx.narrow(w, 0, 8, 16),  # a TP row split
+        "cols": tx.narrow(w, 1, 20, 20),  # a column split: a run per row
+        "qkv": tx.cat([tx.narrow(w, 0, 0, 4), tx.narrow(w, 0, 16, 2), tx.narrow(w, 0, 32, 2),
+                       tx.narrow(w, 0, 4, 4), tx.narrow(w, 0, 18, 2), tx.narrow(w, 0, 34, 2)]),  # query groups
+        "gather": tx.cat([tx.narrow(w, 1, 0, 10), tx.narrow(w, 1, 30, 10)], dim=1),  # TP concatenation on the way back
+        "expert": tx.narrow(_leaf("e"), 0, 2, 1),
+        "expert_cols": tx.narrow(tx.narrow(_leaf("e"), 0, 1, 2), 2, 3, 3),
+        "nested": tx.cat([tx.cat([tx.narrow(w, 1, 0, 5), tx.narrow(w, 1, 35, 5)], dim=1),
+                          tx.cat([tx.narrow(w, 1, 10, 5), tx.narrow(w, 1, 5, 5)], dim=1)], dim=0),
+        "big_rows": tx.narrow(_leaf("big"), 0, 1000, 2000),
+        "big_cat": tx.cat([tx.narrow(_leaf("big"), 0, 2000, 1000), tx.narrow(_leaf("big"), 0, 0, 1000)]),
+        "ints": tx.narrow(_leaf("i"), 0, 5, 30),
+        "scalar": _leaf("s"),
+        "empty": _leaf("z"),
+    }
+
+
+@pytest.fixture()
+def safetensors_source(tmp_path):
+    save_file(SOURCE, str(tmp_path / "a.safetensors"))
+    entries = {"a.safetensors": read_header(str(tmp_path / "a.safetensors"))}
+    return SafetensorsReader(str(tmp_path), entries)
+
+
+def _through_ranges(expr: tx.Expr, reader, tmp_path, copy_min: int, monkeypatch, copy_range: bool = True) -> bytes:
+    """The tensor's bytes as FileContext.write puts them at offset 13 of a file."""
+    monkeypatch.setattr(materialize, "COPY_MIN", copy_min)
+    ctx = FileContext("out", reader, None)
+    ctx._mover = RangeMover(copy_range)
+    path = tmp_path / f"out-{copy_min}-{copy_range}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        ctx.write("t", expr, fd, 13)
+    finally:
+        os.close(fd)
+        ctx.close()
+    assert ctx.moved == {"t"}, "this expression should have gone through the range path"
+    return path.read_bytes()[13:]
+
+
+def _tensor_bytes(expr: tx.Expr, reader) -> bytes:
+    return tx.materialize(expr, reader).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("name", list(_exprs()))
+def test_every_move_gives_the_tensor_path_bytes(name, safetensors_source, tmp_path, monkeypatch):
+    expr = _exprs()[name]
+    want = _tensor_bytes(expr, safetensors_source)
+    assert plan_runs(expr, safetensors_source.locate) is not None
+    for copy_min, copy_range in ((0, True), (0, False), (1 << 40, True)):  # file to file; its fallback; batched reads
+        got = _through_ranges(expr, safetensors_source, tmp_path, copy_min, monkeypatch, copy_range)
+        assert got == want, (name, copy_min, copy_range)
+
+
+def test_runs_are_merged_and_computing_expressions_have_none(safetensors_source):
+    w = _leaf("w")
+    (run,) = plan_runs(tx.narrow(w, 0, 8, 16), safetensors_source.locate)  # rows: one run
+    assert (run.dst_offset, run.length) == (0, 16 * 40 * 2)
+    assert len(plan_runs(tx.narrow(w, 1, 20, 20), safetensors_source.locate)) == 48  # a run per row
+    assert len(plan_runs(tx.cat([tx.narrow(w, 0, 0, 4), tx.narrow(w, 0, 4, 4)]), safetensors_source.locate)) == 1
+    assert plan_runs(tx.cast(w, torch.float32), safetensors_source.locate) is None
+    assert plan_runs(tx.repeat(tx.narrow(w, 0, 0, 1), 0, 3), safetensors_source.locate) is None
+    assert plan_runs(w, lambda leaf: None) is None  # a source that is not plainly in a file
+
+
+def test_rank_file_sources_are_located_exactly(tmp_path, monkeypatch):
+    """Windows of tensors in a torch.save'd rank file (found through the file's memory map)."""
+    path = tmp_path / "mp_rank_00" / "model_optim_rng.pt"
+    path.parent.mkdir()
+    torch.save({"model": {k: v for k, v in SOURCE.items()}, "args": argparse.Namespace()}, path)
+    src = McoreSource(str(tmp_path), None)
+    src.files["mp_rank_00/model_optim_rng.pt"] = load_file(str(path))
+    reader = McoreReader(src)
+    for name, expr in _exprs().items():
+        expr = _rebase(expr)
+        want = _tensor_bytes(expr, reader)
+        assert _through_ranges(expr, reader, tmp_path, 0, monkeypatch) == want, name
+        assert _through_ranges(expr, reader, tmp_path, 1 << 40, monkeypatch) == want, name
+
+
+def _rebase(expr: tx.Expr) -> tx.Expr:
+    """The same expression over the rank file's tensors."""
+    if isinstance(expr, tx.Leaf):
+        return tx.Leaf(TensorRef("mp_rank_00/model_optim_rng.pt", expr.ref.name, "model"), expr.dtype,
+                       expr.source_shape, expr.offsets, expr.shape)
+    assert isinstance(expr, tx.Cat)
+    return tx.Cat(expr.dim, tuple(_rebase(p) for p in expr.parts), expr.shape, expr.dtype)
+
+
+def _write_zip(path, payload, tensors, archive="model_optim_rng") -> str:
+    layout, slots = torch_zip.plan(payload, archive)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        torch_zip.write_fixed(fd, layout)
+        for r in layout.tensor_records:
+            data = tensors[r.slot.name].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            torch_zip.pwrite_all(fd, data, r.data_offset)
+        return torch_zip.Finisher(fd, layout).run()
+    finally:
+        os.close(fd)
+
+
+def _payload(tensors):
+    slots = {k: torch_zip.TensorSlot(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    return {"model": {**slots, "absent": None}, "checkpoint_version": 3.0, "iteration": 0,
+            "args": argparse.Namespace(tensor_model_parallel_size=2, params_dtype=torch.bfloat16)}
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_pt_writer_is_read_by_torch_and_zipfile(tmp_path, monkeypatch, zip64):
+    if zip64:  # every size and offset takes the zip64 fields, as a >4 GiB rank file's do
+        monkeypatch.setattr(torch_zip, "ZIP64_AT", 1)
+    path = tmp_path / "model_optim_rng.pt"
+    sha = _write_zip(path, _payload(SOURCE), SOURCE)
+    import hashlib
+    assert sha == hashlib.sha256(path.read_bytes()).hexdigest()
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() is None  # every CRC-32 is right
+        names = [i.filename for i in z.infolist()]
+        assert all(i.header_offset >= 0 for i in z.infolist())
+    assert names[0] == "model_optim_rng/data.pkl" and names[-1] == "model_optim_rng/.data/serialization_id"
+    for weights_only in (True, False):
+        for mmap in (False, True):
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                loaded = torch.load(path, weights_only=weights_only, mmap=mmap)
+            for k, v in SOURCE.items():
+                assert loaded["model"][k].dtype == v.dtype and torch.equal(loaded["model"][k], v), (k, weights_only, mmap)
+                assert loaded["model"][k].is_contiguous()
+            assert loaded["model"]["absent"] is None and loaded["args"].tensor_model_parallel_size == 2
+            assert loaded["args"].params_dtype == torch.bfloat16 and loaded["iteration"] == 0
+
+
+def test_pt_writer_pickle_is_torch_saves(tmp_path):
+    """data.pkl byte for byte as torch.save writes it for the same payload."""
+    path = tmp_path / "model_optim_rng.pt"
+    _write_zip(path, _payload(SOURCE), SOURCE)
+    ref = tmp_path / "ref.pt"
+    torch.save({"model": {**SOURCE, "absent": None}, "checkpoint_version": 3.0, "iteration": 0,
+                "args": argparse.Namespace(tensor_model_parallel_size=2, params_dtype=torch.bfloat16)}, ref)
+    with zipfile.ZipFile(path) as ours, zipfile.ZipFile(ref) as theirs:
+        assert ours.read("model_optim_rng/data.pkl") == theirs.read("ref/data.pkl")
+        for name in ("byteorder", "version", ".format_version", ".storage_alignment"):
+            assert ours.read(f"model_optim_rng/{name}") == theirs.read(f"ref/{name}")
+        # the data records are aligned as torch aligns them (mmap loads rely on it)
+        for info in ours.infolist():
+            if "/data/" in info.filename:
+                raw = path.read_bytes()[info.header_offset + 26:info.header_offset + 30]
+                start = info.header_offset + 30 + int.from_bytes(raw[:2], "little") + int.from_bytes(raw[2:], "little")
+                assert start % 64 == 0
+
+
+def test_pt_writer_crc_catches_a_changed_byte(tmp_path):
+    path = tmp_path / "model_optim_rng.pt"
+    _write_zip(path, _payload(SOURCE), SOURCE)
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("model_optim_rng/data/1")
+    raw = bytearray(path.read_bytes())
+    raw[info.header_offset + 200] ^= 1  # inside data/1 (the 3.6 MB tensor)
+    path.write_bytes(bytes(raw))
+    with zipfile.ZipFile(path) as z:
+        assert z.testzip() == "model_optim_rng/data/1"
+
+
+def _cli(src: str, out: str, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("CONVERT_CHECKPOINT_FAULT", None)
+    if fault:
+        env["CONVERT_CHECKPOINT_FAULT"] = fault
+    cmd = [sys.executable, "-m", "convert_checkpoint", "--load_platform", "huggingface", "--save_platform", "mcore",
+           "--load_ckpt_path", src, "--save_ckpt_path", out, "--tensor_model_parallel_size", "2", "--no_progress",
+           "--max_workers", "1", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_a_kill_in_the_middle_of_a_range_copy(tiny_hf, tmp_path):
+    hf = tiny_hf(TinySpec("llama"))
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    assert _cli(hf, whole).returncode == 0
+    proc = _cli(hf, killed, fault="kill_in_copy=3")
+    assert proc.returncode == -9, proc.stderr
+    partial = [n for _, _, names in os.walk(killed) for n in names if ".tmp-" in n]
+    assert partial, "the kill should leave a half-written file behind"
+    proc = _cli(hf, killed, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    keep_out = {"conversion_manifest.json", "conversion_report.json"}
+    assert read_tree(killed, keep_out) == read_tree(whole, keep_out)
+    for rank in ("mp_rank_00", "mp_rank_01"):
+        with zipfile.ZipFile(os.path.join(killed, "release", rank, "model_optim_rng.pt")) as z:
+            assert z.testzip() is None
+
+
+def test_rank_files_from_the_range_path_equal_torch_save(tiny_hf, tmp_path, monkeypatch):
+    """A rank file written in place holds what torch.save wrote before, entry for entry."""
+    from helpers import hf_to_mcore
+    hf = tiny_hf(TinySpec("qwen2"))  # q/k/v biases, tied embeddings
+    ours, old = str(tmp_path / "ours"), str(tmp_path / "old")
+    layout = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    assert hf_to_mcore(hf, ours, **layout) == 0
+    monkeypatch.setattr(torch_zip, "supports", lambda dtype: False)  # every file through torch.save
+    assert hf_to_mcore(hf, old, **layout) == 0
+    for rank in sorted(os.listdir(os.path.join(old, "release"))):
+        a_path, b_path = (os.path.join(d, "release", rank, "model_optim_rng.pt") for d in (ours, old))
+        with zipfile.ZipFile(a_path) as z:
+            assert z.testzip() is None
+        a, b = torch.load(a_path, weights_only=False), torch.load(b_path, weights_only=False)
+        assert list(a) == list(b) and list(a["model"]) == list(b["model"])
+        for k, v in b["model"].items():
+            if v is None:
+                assert a["model"][k] is None
+            else:
+                assert a["model"][k].dtype == v.dtype and torch.equal(a["model"][k], v), (rank, k)
+        assert vars(a["args"]) == vars(b["args"]) and a["iteration"] == b["iteration"]
+        assert a["checkpoint_version"] == b["checkpoint_version"]
