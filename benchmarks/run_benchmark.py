@@ -133,6 +133,10 @@ class Step:
     best_ratio: float | None = None  # best / best of the baseline: less exposed to noisy neighbours
     time_ok: bool | None = None
     rss_ok: bool | None = None
+    check_round_trip: bool = False  # compare the output with the HF source before it is deleted
+    round_trip_problems: list[str] = field(default_factory=list)
+    workers: int | None = None  # from the converter's report: as chosen (auto) or given
+    startup_seconds: float | None = None  # from the report: process start to the first byte moved (imports, planning)
 
     @property
     def seconds(self) -> float:
@@ -211,7 +215,8 @@ def prefault(nbytes: int) -> None:
         del buf
 
 
-def run_step(step: Step, log_dir: str, cold: bool, pss: bool, prefault_bytes: int, settle: float) -> None:
+def run_step(step: Step, log_dir: str, cold: bool, pss: bool, prefault_bytes: int, settle: float,
+             source_dir: str) -> None:
     shutil.rmtree(step.output_dir, ignore_errors=True)
     os.sync()  # leave no earlier step's dirty pages for this step's sync to pay for
     time.sleep(settle)
@@ -240,6 +245,15 @@ def run_step(step: Step, log_dir: str, cold: bool, pss: bool, prefault_bytes: in
     user, sys_ = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
     step.runs.append(Run(seconds, process_seconds, seconds - process_seconds, user, sys_, peak))
     step.largest_file, step.total_bytes = dir_sizes(step.output_dir)
+    report_path = os.path.join(step.output_dir, "conversion_report.json")
+    if step.baseline and os.path.isfile(report_path):
+        with open(report_path) as f:
+            report = json.load(f)
+        step.workers, step.startup_seconds = report.get("workers"), report.get("startup_seconds")
+        step.total_bytes -= os.path.getsize(report_path)
+    if step.check_round_trip and not step.runs[1:]:  # once, on the first run
+        print("verifying the round trip ...", file=sys.stderr)
+        step.round_trip_problems = verify_round_trip(source_dir, step.output_dir)
     if step.delete_after:
         shutil.rmtree(step.output_dir)
 
@@ -286,7 +300,7 @@ def fmt_ok(ok: bool | None) -> str:
 
 
 def print_table(steps: list[Step], pss: bool) -> None:
-    head = ["step", "median s", "(sync)", "GB/s", "vs cp", "best s", "vs cp", "CPU s"]
+    head = ["step", "workers", "start s", "median s", "(sync)", "GB/s", "vs cp", "best s", "vs cp", "CPU s"]
     head += ["peak RSS tree", "peak RSS single", "peak anon tree"]
     head += ["peak PSS tree"] if pss else []
     head += ["largest file", f"time<={TIME_TARGET:g}x cp", "RSS<=2xfile+1GB"]
@@ -294,7 +308,9 @@ def print_table(steps: list[Step], pss: bool) -> None:
     for s in steps:
         peak = s.peak
         gbps = f"{s.total_bytes / GB / s.seconds:.2f}" if s.total_bytes and s.seconds > 0 else "-"
-        row = [s.name, f"{s.seconds:.1f}", f"{s.sync_seconds:.1f}", gbps, fmt_ratio(s.ratio)]
+        row = [s.name, "-" if s.workers is None else str(s.workers),
+               "-" if s.startup_seconds is None else f"{s.startup_seconds:.1f}",
+               f"{s.seconds:.1f}", f"{s.sync_seconds:.1f}", gbps, fmt_ratio(s.ratio)]
         row += [f"{s.best_seconds:.1f}", fmt_ratio(s.best_ratio), f"{s.cpu_seconds:.1f}"]
         row += [fmt_gb(peak.rss_tree), fmt_gb(peak.rss_single), fmt_gb(peak.anon_tree)]
         row += [fmt_gb(peak.pss_tree)] if pss else []
@@ -306,25 +322,37 @@ def print_table(steps: list[Step], pss: bool) -> None:
 
 
 def build_steps(hf_dir: str, paths: dict[str, str], args: argparse.Namespace) -> list[Step]:
-    convert = [sys.executable, "-m", "convert_checkpoint", "--no_progress", "--max_workers", str(args.max_workers)]
-    to_mcore = ["--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", hf_dir]
-    to_mcore += ["--save_ckpt_path", paths["mcore"], "--tensor_model_parallel_size", str(args.tp)]
-    to_mcore += ["--pipeline_model_parallel_size", str(args.pp)]
-    to_hf = ["--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", paths["mcore"]]
-    to_hf += ["--save_ckpt_path", paths["hf_back"], "--max_shard_size", f"{args.shard_gb:g}GB"]
-    return [
-        Step("cp-hf", ["cp", "-r", hf_dir, paths["hf_copy"]], paths["hf_copy"], delete_after=True),
-        Step("hf->mcore", convert + to_mcore, paths["mcore"], baseline="cp-hf"),
-        Step("cp-mcore", ["cp", "-r", paths["mcore"], paths["mcore_copy"]], paths["mcore_copy"], delete_after=True),
-        Step("mcore->hf", convert + to_hf, paths["hf_back"], baseline="cp-mcore"),
-    ]
+    """cp of the HF source, HF -> MCore for every worker setting, cp of the MCore output, MCore -> HF
+    for every worker setting. The first setting's outputs are kept (the round trip is checked
+    on them); the others are deleted once measured."""
+    convert = [sys.executable, "-m", "convert_checkpoint", "--no_progress"]
+    settings = args.max_workers.split(",")
+    steps = [Step("cp-hf", ["cp", "-r", hf_dir, paths["hf_copy"]], paths["hf_copy"], delete_after=True)]
+    for i, w in enumerate(settings):
+        out = paths["mcore"] if i == 0 else f"{paths['mcore']}-{w}"
+        to_mcore = ["--max_workers", w, "--load_platform", "huggingface", "--save_platform", "mcore",
+                    "--load_ckpt_path", hf_dir, "--save_ckpt_path", out, "--tensor_model_parallel_size", str(args.tp),
+                    "--pipeline_model_parallel_size", str(args.pp)]
+        steps.append(Step(f"hf->mcore w={w}", convert + to_mcore, out, baseline="cp-hf", delete_after=i > 0))
+    steps.append(Step("cp-mcore", ["cp", "-r", paths["mcore"], paths["mcore_copy"]], paths["mcore_copy"], delete_after=True))
+    for i, w in enumerate(settings):
+        out = paths["hf_back"] if i == 0 else f"{paths['hf_back']}-{w}"
+        to_hf = ["--max_workers", w, "--load_platform", "mcore", "--save_platform", "huggingface",
+                 "--load_ckpt_path", paths["mcore"], "--save_ckpt_path", out, "--max_shard_size", f"{args.shard_gb:g}GB"]
+        # Deleted too (after the first is checked): four 16 GB trees would not fit a 64 GB disk.
+        steps.append(Step(f"mcore->hf w={w}", convert + to_hf, out, baseline="cp-mcore", delete_after=True,
+                          check_round_trip=i == 0))
+    return steps
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/convert-checkpoint-bench", help="holds the generated source and all outputs")
     ap.add_argument("--keep", action="store_true", help="keep the converted outputs (the generated source is always kept)")
-    ap.add_argument("--max-workers", type=int, default=2)
+    ap.add_argument("--max-workers", default="auto",
+                    help="the converter's --max_workers; several, comma-separated, give one step each (e.g. auto,1,4,8)")
+    ap.add_argument("--shape", choices=sorted(make_llama_checkpoint.SHAPES), default="small",
+                    help="generated layer widths (llama3-8b: the 16.06 GB Meta-Llama-3-8B shape; ignores --size-gb)")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--size-gb", type=float, default=3.0, help="size of the generated checkpoint (only when generating)")
@@ -354,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         shutil.rmtree(hf_dir, ignore_errors=True)  # a half-written earlier attempt
         print(f"generating {args.size_gb:g} GB Llama checkpoint in {hf_dir}", file=sys.stderr)
-        make_llama_checkpoint.write_checkpoint(hf_dir, args.size_gb, args.shard_gb)
+        make_llama_checkpoint.write_checkpoint(hf_dir, args.size_gb, args.shard_gb, shape=make_llama_checkpoint.SHAPES[args.shape])
     source_bytes = dir_sizes(hf_dir)[1]
     free = shutil.disk_usage(work).free
     if free < 3 * source_bytes:  # mcore + one copy + hf_back
@@ -366,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeat):
         for step in steps:
             print(f"[{rep + 1}/{args.repeat}] {step.name} ...", file=sys.stderr)
-            run_step(step, paths["logs"], args.cold, args.pss, prefault_bytes, args.settle)
+            run_step(step, paths["logs"], args.cold, args.pss, prefault_bytes, args.settle, hf_dir)
     for step in steps:
         if step.baseline:
             step.ratio = step.seconds / by_name[step.baseline].seconds
@@ -374,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             step.time_ok = step.ratio <= TIME_TARGET
             step.rss_ok = step.peak.rss_tree <= 2 * step.largest_file + RSS_SLACK
 
-    print("verifying the round trip ...", file=sys.stderr)
-    problems = verify_round_trip(hf_dir, paths["hf_back"])
+    problems = [p for step in steps for p in step.round_trip_problems]
 
     print(
         f"\nsource {fmt_gb(source_bytes)}, TP={args.tp} PP={args.pp}, max_workers={args.max_workers}, "

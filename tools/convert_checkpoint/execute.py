@@ -130,6 +130,19 @@ def _reused(f: OutputFile, manifest: Manifest) -> FileResult:
     return FileResult(f.relpath, f.nbytes, 0.0, events, record.bytes, record.sha256, reused=True)
 
 
+def seconds_since_process_start() -> float | None:
+    """How long this process has run (Linux ``/proc``): at the start of ``execute``, the time
+    imports and planning took before the first byte moved."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def default_memory_budget() -> int | None:
     """Half of the memory available now (Linux ``MemAvailable``); None where it is unknown."""
     try:
@@ -187,6 +200,7 @@ def execute(plan: Plan, run: RunOptions, max_memory: int | None = None, world: W
     the report, the merged manifest and the target's metadata (rank 0, once every rank is done).
     ``max_memory`` is the budget in bytes already resolved (None: unbounded)."""
     start = time.perf_counter()
+    startup = seconds_since_process_start()
     target = plan.target_dir
     root = plan.target.data_dir
     fingerprint = plan_fingerprint(plan)
@@ -234,6 +248,7 @@ def execute(plan: Plan, run: RunOptions, max_memory: int | None = None, world: W
         report["memory"] = {"budget_bytes": max_memory, "max_in_flight_planned_bytes": max(p for _, _, p in gathered)}
         report["processes"] = world.size
         report["workers"] = run.max_workers  # per process, as chosen (--max_workers auto) or given
+        report["startup_seconds"] = startup  # process start to the first byte moved: imports and planning
         write_text(os.path.join(target, REPORT_NAME), json.dumps(report, indent=2) + "\n")
         plan.target.finish(plan, results)
     world.barrier()  # the other ranks return once the checkpoint is complete

@@ -22,19 +22,13 @@ import pickle
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
-from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
+
+if TYPE_CHECKING:  # torch.distributed.checkpoint costs ~0.5 s to import: only where DCP is read or written
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata
 
 from ..errors import ConversionError
 from ..textfile import tmp_path
@@ -173,6 +167,17 @@ def build_metadata(tensors: Mapping[str, TensorEntry], objects: Iterable[str],
     for relpath, records in files.items():
         for r in records:
             stored[(r.fqn, r.offsets)] = (relpath, r)
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        StorageMeta,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
     state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
     storage: dict[MetadataIndex, _StorageInfo] = {}
     for fqn, entry in tensors.items():
@@ -241,6 +246,8 @@ _ALLOWED = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set
 
 
 def read_metadata(directory: str) -> Metadata:
+    from torch.distributed.checkpoint.metadata import Metadata
+
     path = os.path.join(directory, METADATA_NAME)
     try:
         with open(path, "rb") as f:
@@ -255,6 +262,8 @@ def read_metadata(directory: str) -> Metadata:
 
 
 def tensor_entries(metadata: Metadata) -> dict[str, TensorEntry]:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
     return {fqn: TensorEntry(m.properties.dtype, tuple(m.size), tuple((tuple(c.offsets), tuple(c.sizes)) for c in m.chunks))
             for fqn, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
 
@@ -262,6 +271,8 @@ def tensor_entries(metadata: Metadata) -> dict[str, TensorEntry]:
 def check_storage(directory: str, metadata: Metadata, fqns: Iterable[str]) -> None:
     """Every chunk of ``fqns`` has a storage record inside an existing file (truncation), and the
     chunks tile each tensor (gaps, overlaps): one line naming the tensor or the file."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
     sizes: dict[str, int] = {}
     entries = tensor_entries(metadata)
     for fqn in fqns:
@@ -288,6 +299,8 @@ def check_storage(directory: str, metadata: Metadata, fqns: Iterable[str]) -> No
 
 
 def storage_of(metadata: Metadata, fqn: str, offsets: Sequence[int]) -> _StorageInfo:
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
     return metadata.storage_data[MetadataIndex(fqn, torch.Size(offsets))]
 
 
