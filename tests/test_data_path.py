@@ -22,7 +22,6 @@ from convert_checkpoint.formats.direct_io import RangeMover
 from convert_checkpoint.formats.safetensors_io import SafetensorsReader, read_header
 from convert_checkpoint.materialize import FileContext
 from convert_checkpoint.tensor_expr import TensorRef
-
 from fixtures import read_tree
 from tiny_models import TinySpec
 
@@ -172,8 +171,10 @@ def test_pt_writer_is_read_by_torch_and_zipfile(tmp_path, monkeypatch, zip64):
     assert names[0] == "model_optim_rng/data.pkl" and names[-1] == "model_optim_rng/.data/serialization_id"
     for weights_only in (True, False):
         for mmap in (False, True):
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                loaded = torch.load(path, weights_only=weights_only, mmap=mmap)
+            # Megatron's args are a Namespace (allowed globally, as te_pickle does: a context manager
+            # would take it off the list again on exit)
+            torch.serialization.add_safe_globals([argparse.Namespace])
+            loaded = torch.load(path, weights_only=weights_only, mmap=mmap)
             for k, v in SOURCE.items():
                 assert loaded["model"][k].dtype == v.dtype and torch.equal(loaded["model"][k], v), (k, weights_only, mmap)
                 assert loaded["model"][k].is_contiguous()
@@ -262,3 +263,26 @@ def test_rank_files_from_the_range_path_equal_torch_save(tiny_hf, tmp_path, monk
                 assert a["model"][k].dtype == v.dtype and torch.equal(a["model"][k], v), (rank, k)
         assert vars(a["args"]) == vars(b["args"]) and a["iteration"] == b["iteration"]
         assert a["checkpoint_version"] == b["checkpoint_version"]
+
+
+def test_prefetch_reads_the_source_ahead_within_its_budget(tmp_path, monkeypatch):
+    from convert_checkpoint import prefetch
+
+    for rel in ("release/mp_rank_01_000/model_optim_rng.pt", "release/mp_rank_00_000/model_optim_rng.pt",
+                "model-00010-of-00010.safetensors", "model-00002-of-00010.safetensors", "config.json"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x" * 1000)
+    files = [os.path.relpath(f, tmp_path) for f in prefetch.source_files(str(tmp_path))]
+    assert files == ["model-00002-of-00010.safetensors", "model-00010-of-00010.safetensors",
+                     "release/mp_rank_00_000/model_optim_rng.pt", "release/mp_rank_01_000/model_optim_rng.pt"]
+    calls = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)))
+    monkeypatch.setattr(prefetch, "available_memory", lambda: 2 * 2500)  # budget: half, 2500 bytes
+    thread = prefetch.start_from_argv(["--load_platform", "mcore", "--load_ckpt_path", str(tmp_path)])
+    thread.join()
+    assert sum(n for _, n, _ in calls) == 3000 and {a for _, _, a in calls} == {os.POSIX_FADV_WILLNEED}
+    for argv in (["--load_ckpt_path", str(tmp_path), "--dry_run"], ["--load-ckpt-path", str(tmp_path), "--no-prefetch"],
+                 ["--help"], ["--load_ckpt_path", str(tmp_path / "missing")]):
+        assert prefetch.start_from_argv(argv) is None
+    monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun: one process per machine reads ahead
+    assert prefetch.start_from_argv(["--load_ckpt_path", str(tmp_path)]) is None

@@ -9,6 +9,10 @@ from .errors import ConversionError
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] not in (["verify"], ["verify-kt"]):
+        from .prefetch import start_from_argv
+
+        start_from_argv(argv)  # before torch is imported: the disk reads while Python starts
     if argv[:1] == ["verify"]:
         from .verify import main as verify_main
 

@@ -211,6 +211,9 @@ def _add_runtime_flags(add: Adder) -> None:
     add("resume", action="store_true",
         help="continue an interrupted conversion into the same directory: verified finished files are kept")
     add("dry_run", action="store_true", help="validate and print the plan; write nothing")
+    add("no_prefetch", action="store_true",
+        help="do not read the source files into the page cache during start-up (by default up to half the "
+             "available memory is read ahead while Python starts and plans)")
     add("verbose", action="store_true", help="with --dry_run: print every tensor's recipe")
     add("no_progress", action="store_true", help="hide progress bars")
 
