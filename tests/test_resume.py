@@ -23,7 +23,7 @@ def _cli(src: str, out: str, *extra: str, fault: str | None = None) -> subproces
         env["CONVERT_CHECKPOINT_FAULT"] = fault
     cmd = [sys.executable, "-m", "convert_checkpoint", "--load_platform", "huggingface", "--save_platform", "mcore",
            "--load_ckpt_path", src, "--save_ckpt_path", out, "--tensor_model_parallel_size", "2",
-           "--pipeline_model_parallel_size", "2", "--no_progress", *extra]
+           "--pipeline_model_parallel_size", "2", "--no_progress", "--max_workers", "1", *extra]  # files in order
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -92,6 +92,18 @@ def _build_file(out: OutputFile, settings: BuildSettings, index: int = 0, gpu: i
                       os.path.getsize(path), sha256, nonfinite=tuple(ctx.nonfinite))
 
 
+def _worker_init() -> None:
+    """A worker runs torch on one thread (N workers share the cores) and dies with its parent
+    (Linux): a killed conversion leaves no orphans holding its files and pipes."""
+    torch.set_num_threads(1)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _prepare_target(target: str, overwrite: bool) -> None:
     if os.path.isdir(target) and os.listdir(target) and overwrite:
         for name in os.listdir(target):
@@ -228,12 +240,14 @@ def execute(plan: Plan, run: RunOptions, max_memory: int | None = None, world: W
                                                run.progress and world.leader, gpus)
         # Make every file durable before the markers that declare the checkpoint complete. Done
         # here rather than per file so a worker never blocks on the disk between files.
+        built = time.perf_counter()
         for f in mine:
             fsync_file(os.path.join(root, f.relpath))
+        fsync_seconds = time.perf_counter() - built
     except (OSError, ConversionError) as e:
         if world.size == 1:
             raise
-        error, results, peak_in_flight = e, [], 0
+        error, results, peak_in_flight, fsync_seconds = e, [], 0, 0.0
     gathered = world.all_gather((None if error is None else f"rank {world.rank}: {error}", results, peak_in_flight))
     if error is not None:
         raise error
@@ -249,6 +263,7 @@ def execute(plan: Plan, run: RunOptions, max_memory: int | None = None, world: W
         report["processes"] = world.size
         report["workers"] = run.max_workers  # per process, as chosen (--max_workers auto) or given
         report["startup_seconds"] = startup  # process start to the first byte moved: imports and planning
+        report["fsync_seconds"] = fsync_seconds  # waiting for the disk after the last file was built (this rank)
         write_text(os.path.join(target, REPORT_NAME), json.dumps(report, indent=2) + "\n")
         plan.target.finish(plan, results)
     world.barrier()  # the other ranks return once the checkpoint is complete
@@ -305,7 +320,7 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
                                       "conversion in a fresh process, or with max_workers=1")
             # torch's intra-op threads would oversubscribe the cores next to N workers.
             ctx = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=_worker_init) as pool:
                 peak_in_flight = _run_pool(
                     todo, max_workers, max_memory,
                     lambda f, gpu: pool.submit(_build_file, f, settings, position[f.relpath], gpu),

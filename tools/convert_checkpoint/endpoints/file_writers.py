@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping
 import torch
 
 from ..formats import torch_zip
-from ..formats.direct_io import hash_regions, pwrite_all
+from ..formats.direct_io import Writeback, hash_regions, pwrite_all
 from ..formats.safetensors_io import PlannedTensor, SafetensorsLayout
 from ..materialize import FileContext
 from ..tensor_expr import Expr
@@ -42,8 +42,10 @@ def write_safetensors(path: str, layout: SafetensorsLayout, exprs: Mapping[str, 
     fd = _open(path)
     try:
         pwrite_all(fd, layout.header, 0)
+        writeback = Writeback(fd)
         for t, offset in zip(layout.tensors, layout.offsets):
             ctx.write(t.name, exprs[t.name], fd, offset)
+            writeback.wrote(t.nbytes)
 
         def check(key: object, chunk: memoryview) -> None:
             assert isinstance(key, PlannedTensor)
@@ -61,10 +63,12 @@ def write_rank_zip(path: str, layout: torch_zip.ZipLayout, exprs: Mapping[str, E
     fd = _open(path)
     try:
         torch_zip.write_fixed(fd, layout)
+        writeback = Writeback(fd)
         for record in layout.tensor_records:
             slot = record.slot
             assert slot is not None
             ctx.write(slot.title, exprs[slot.name], fd, record.data_offset)
+            writeback.wrote(record.size)
 
         def check(slot: torch_zip.TensorSlot, chunk: memoryview) -> None:
             ctx.check_bytes(slot.title, slot.dtype, chunk)
