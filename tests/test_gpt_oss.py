@@ -4,10 +4,19 @@ columns, biases everywhere, attention sinks; the tensor_expr nodes that express 
 MXFP4 pre-stage and bad input."""
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from convert_checkpoint import tensor_expr as te
+from convert_checkpoint.converters.mxfp4_dequantizer import dequantize
+from fixtures import assert_fails, load_hf_tensors
+from helpers import assert_same_tensors, hf_to_mcore, mcore_to_hf, rank_files
+from tiny_models import TinySpec
 
 
 class DictReader:
@@ -84,3 +93,187 @@ def test_layout_node_errors():
         te.interleave([leaf, _leaf("y", torch.zeros(4, 5))], 1)
     with pytest.raises(ValueError):
         te.stack([leaf, _leaf("y", torch.zeros(4, 5))], 0)
+
+
+# --- the family: round trips, where tensors land, MXFP4, bad input -------------------------------
+
+GPT_OSS = TinySpec("gpt_oss", dtype=torch.bfloat16)  # 4 layers, 4 experts of 32, 8 heads in 4 groups
+
+# (tp, pp, custom layers, ep, etp or None, grouped, transformer_impl)
+LAYOUTS = [
+    (1, 1, None, 1, None, False, "local"),
+    (2, 1, None, 2, None, True, "transformer_engine"),
+    (2, 2, "3,1", 2, 1, False, "local"),
+    (1, 2, "1,3", 2, None, False, "transformer_engine"),
+    (2, 2, "1,3", 1, None, True, "local"),
+]
+
+
+def _layout_id(layout) -> str:
+    tp, pp, custom, ep, etp, grouped, impl = layout
+    return (f"tp{tp}pp{pp}{'-' + custom.replace(',', '_') if custom else ''}ep{ep}etp{etp or '=tp'}"
+            f"{'-gg' if grouped else ''}-{'te' if impl == 'transformer_engine' else 'local'}")
+
+
+def _to_mcore(hf_dir: str, mcore: str, layout, **flags) -> None:
+    tp, pp, custom, ep, etp, grouped, impl = layout
+    assert hf_to_mcore(hf_dir, mcore, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                       custom_pipeline_layers=custom, expert_parallel_size=ep, expert_tensor_parallel_size=etp,
+                       transformer_impl=impl, **{"moe-grouped-gemm": grouped}, **flags) == 0
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
+def test_round_trip_bit_exact(tiny_hf, tmp_path, layout):
+    hf_dir = tiny_hf(GPT_OSS)
+    mcore, back = str(tmp_path / "mcore"), str(tmp_path / "back")
+    _to_mcore(hf_dir, mcore, layout)
+    assert mcore_to_hf(mcore, back) == 0
+    hf = load_hf_tensors(hf_dir)
+    assert hf["model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
+    assert_same_tensors(hf, load_hf_tensors(back))  # the interleaved 3-D layout rebuilt bit for bit
+    assert json.load(open(os.path.join(back, "config.json"))) == json.load(open(os.path.join(hf_dir, "config.json")))
+    assert next(iter(rank_files(mcore).values()))["args"].convert_checkpoint_family == "gpt_oss"
+
+
+def _megatron_fc1(gate_up: torch.Tensor) -> torch.Tensor:
+    """Megatron's [gate; up] rows (out x in) from one HF expert [in, 2I], column by column."""
+    gate = [gate_up[:, c] for c in range(0, gate_up.shape[1], 2)]
+    up = [gate_up[:, c] for c in range(1, gate_up.shape[1], 2)]
+    return torch.stack(gate + up)
+
+
+def test_tensors_land_where_megatron_holds_them(tiny_hf, tmp_path):
+    """Experts de-interleaved and transposed, [gate_t; up_t] per TP rank, EP blocks of experts;
+    sinks split by heads; biases beside their weights; grouped-GEMM names under TE."""
+    hf_dir = tiny_hf(GPT_OSS)
+    hf = load_hf_tensors(hf_dir)
+    _to_mcore(hf_dir, str(tmp_path / "m"), (2, 1, None, 2, None, False, "local"))
+    files = rank_files(str(tmp_path / "m"))
+    layer = "model.layers.2."
+    gate_up, gate_up_bias = hf[layer + "mlp.experts.gate_up_proj"], hf[layer + "mlp.experts.gate_up_proj_bias"]
+    down, down_bias = hf[layer + "mlp.experts.down_proj"], hf[layer + "mlp.experts.down_proj_bias"]
+    for tp in range(2):
+        for ep in range(2):
+            sd = files[f"mp_rank_{tp:02d}_{ep:03d}"]["model"]
+            for local in range(2):
+                e = ep * 2 + local
+                p = f"decoder.layers.2.mlp.experts.local_experts.{local}."
+                fc1 = _megatron_fc1(gate_up[e])
+                fc1_bias = _megatron_fc1(gate_up_bias[e][None])[:, 0]
+                rows = [*range(tp * 16, tp * 16 + 16), *range(32 + tp * 16, 32 + tp * 16 + 16)]  # [gate_t; up_t]
+                assert torch.equal(sd[p + "linear_fc1.weight"], fc1[rows])
+                assert torch.equal(sd[p + "linear_fc1.bias"], fc1_bias[rows])
+                assert torch.equal(sd[p + "linear_fc2.weight"], down[e].T[:, tp * 16:(tp + 1) * 16])
+                assert torch.equal(sd[p + "linear_fc2.bias"], down_bias[e])  # added after the reduction: whole
+            a = "decoder.layers.2.self_attention."
+            assert torch.equal(sd[a + "core_attention.softmax_offset"], hf[layer + "self_attn.sinks"][tp * 4:(tp + 1) * 4])
+            assert torch.equal(sd[a + "linear_proj.bias"], hf[layer + "self_attn.o_proj.bias"])
+            assert torch.equal(sd["decoder.layers.2.mlp.router.bias"], hf[layer + "mlp.router.bias"])
+            assert "decoder.layers.2.self_attention.core_attention._extra_state" not in sd
+    _to_mcore(hf_dir, str(tmp_path / "te"), (1, 1, None, 2, None, True, "transformer_engine"))
+    sd = rank_files(str(tmp_path / "te"))["mp_rank_00_001"]["model"]
+    assert torch.equal(sd["decoder.layers.2.mlp.experts.linear_fc1.weight1"], _megatron_fc1(gate_up[3]))
+    assert torch.equal(sd["decoder.layers.2.mlp.experts.linear_fc2.bias0"], down_bias[2])
+    assert "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight" in sd
+
+
+# MXFP4 as published (formats.md §7), restated independently of the converter: the OCP scale
+# 2^(floor(log2 amax) - 2) per 32 values along ``in``, each value rounded to the nearest E2M1 code.
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def _quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF [E, in, out] -> blocks uint8 [E, out, in/32, 16] (low nibble first), scales uint8 [E, out, in/32]."""
+    v = w.float().transpose(1, 2).unflatten(-1, (-1, 32))
+    amax = v.abs().amax(-1)
+    exp = torch.where(amax > 0, torch.floor(torch.log2(amax)) - 2, torch.zeros_like(amax))
+    scaled = v / torch.exp2(exp).unsqueeze(-1)
+    codes = ((scaled.abs().unsqueeze(-1) - _E2M1).abs().argmin(-1) | ((scaled < 0).long() << 3)).to(torch.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), (exp + 127).to(torch.uint8).contiguous()
+
+
+def _mxfp4_checkpoint(hf_dir: str, path) -> dict[str, torch.Tensor]:
+    """An MXFP4 copy of ``hf_dir`` as OpenAI publishes it; returns its tensors."""
+    tensors = {}
+    for name, value in load_hf_tensors(hf_dir).items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name + "_blocks"], tensors[name + "_scales"] = _quantize_mxfp4(value)
+        else:
+            tensors[name] = value
+    os.makedirs(path)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    return tensors
+
+
+def test_mxfp4_experts_dequantize_like_transformers(tiny_hf, tmp_path):
+    """--converter dequantize (mxfp4_dequantizer) gives transformers' own dequantized values: the
+    Megatron files hold them and the way back writes the bf16 checkpoint transformers would load."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    hf_dir = tiny_hf(GPT_OSS)
+    mx = _mxfp4_checkpoint(hf_dir, tmp_path / "mx")
+    want = {}
+    for name, value in mx.items():
+        if name.endswith("_scales"):
+            continue
+        if name.endswith("_blocks"):
+            base = name[: -len("_blocks")]
+            want[base] = convert_moe_packed_tensors(value, mx[base + "_scales"], dtype=torch.bfloat16)
+            assert torch.equal(want[base], dequantize(value, mx[base + "_scales"], torch.bfloat16))
+        else:
+            want[name] = value
+    assert not torch.equal(want["model.layers.1.mlp.experts.down_proj"], load_hf_tensors(hf_dir)["model.layers.1.mlp.experts.down_proj"])
+    _to_mcore(str(tmp_path / "mx"), str(tmp_path / "m"), (2, 1, None, 2, None, False, "local"), converter="dequantize")
+    sd = rank_files(str(tmp_path / "m"))["mp_rank_01_001"]["model"]
+    assert torch.equal(sd["decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight"],
+                       want["model.layers.1.mlp.experts.down_proj"][3].T[:, 16:])
+    assert mcore_to_hf(str(tmp_path / "m"), str(tmp_path / "back")) == 0
+    assert_same_tensors(want, load_hf_tensors(str(tmp_path / "back")))
+    assert "quantization_config" not in json.load(open(tmp_path / "back" / "config.json"))
+
+
+def test_mxfp4_without_a_converter_is_one_line(tiny_hf, tmp_path, capsys):
+    _mxfp4_checkpoint(tiny_hf(GPT_OSS), tmp_path / "mx")
+    out = str(tmp_path / "out")
+    capsys.readouterr()
+    assert_fails(capsys, hf_to_mcore(str(tmp_path / "mx"), out), out, "quant_method 'mxfp4'", "--converter dequantize")
+
+
+def _rewrite(hf_dir: str, path, change) -> str:
+    shutil.copytree(hf_dir, path)
+    tensors = load_hf_tensors(str(path))
+    change(tensors)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    return str(path)
+
+
+def test_bad_input_is_one_line(tiny_hf, tmp_path, capsys):
+    hf_dir = tiny_hf(GPT_OSS)
+    key = "model.layers.1.mlp.experts.gate_up_proj"
+
+    def odd(t):  # an odd gate/up column count: gate and up cannot pair up
+        t[key] = torch.cat([t[key], t[key][..., :1]], -1)
+
+    out = str(tmp_path / "out")
+    capsys.readouterr()
+    bad = _rewrite(hf_dir, tmp_path / "odd", odd)
+    assert_fails(capsys, hf_to_mcore(bad, out), out, f"tensor {key} has shape [4, 64, 65]", "[4, 64, 64]")
+
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    fewer = tmp_path / "smaller"
+    shutil.copytree(hf_dir, fewer)
+    json.dump({**config, "intermediate_size": 16}, open(fewer / "config.json", "w"))  # the config disagrees
+    assert_fails(capsys, hf_to_mcore(str(fewer), out), out,
+                 "model.layers.0.mlp.experts.gate_up_proj has shape [4, 64, 64], but the config implies [4, 64, 32]")
+
+    mx = tmp_path / "mx"
+    _mxfp4_checkpoint(hf_dir, mx)
+    scales = "model.layers.0.mlp.experts.gate_up_proj_scales"
+    t = load_hf_tensors(str(mx))
+    t[scales] = t[scales][..., :1].contiguous()
+    save_file(t, os.path.join(mx, "model.safetensors"), metadata={"format": "pt"})
+    assert_fails(capsys, hf_to_mcore(str(mx), out, converter="dequantize"), out, scales, "needs uint8 [4, 64, 2]")
