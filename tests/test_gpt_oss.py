@@ -100,12 +100,13 @@ def test_layout_node_errors():
 GPT_OSS = TinySpec("gpt_oss", dtype=torch.bfloat16)  # 4 layers, 4 experts of 32, 8 heads in 4 groups
 
 # (tp, pp, custom layers, ep, etp or None, grouped, transformer_impl)
+# Expert biases: megatron-core builds them only at ETP 1, so TP 2 comes with --expert_tensor_parallel_size 1.
 LAYOUTS = [
     (1, 1, None, 1, None, False, "local"),
-    (2, 1, None, 2, None, True, "transformer_engine"),
+    (2, 1, None, 2, 1, True, "transformer_engine"),
     (2, 2, "3,1", 2, 1, False, "local"),
     (1, 2, "1,3", 2, None, False, "transformer_engine"),
-    (2, 2, "1,3", 1, None, True, "local"),
+    (2, 2, "1,3", 1, 1, True, "local"),
 ]
 
 
@@ -143,33 +144,30 @@ def _megatron_fc1(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def test_tensors_land_where_megatron_holds_them(tiny_hf, tmp_path):
-    """Experts de-interleaved and transposed, [gate_t; up_t] per TP rank, EP blocks of experts;
+    """Experts de-interleaved into [gate; up] rows and transposed, EP blocks of whole experts (ETP 1);
     sinks split by heads; biases beside their weights; grouped-GEMM names under TE."""
     hf_dir = tiny_hf(GPT_OSS)
     hf = load_hf_tensors(hf_dir)
-    _to_mcore(hf_dir, str(tmp_path / "m"), (2, 1, None, 2, None, False, "local"))
+    _to_mcore(hf_dir, str(tmp_path / "m"), (2, 1, None, 2, 1, False, "local"))
     files = rank_files(str(tmp_path / "m"))
     layer = "model.layers.2."
     gate_up, gate_up_bias = hf[layer + "mlp.experts.gate_up_proj"], hf[layer + "mlp.experts.gate_up_proj_bias"]
     down, down_bias = hf[layer + "mlp.experts.down_proj"], hf[layer + "mlp.experts.down_proj_bias"]
-    for tp in range(2):
-        for ep in range(2):
-            sd = files[f"mp_rank_{tp:02d}_{ep:03d}"]["model"]
-            for local in range(2):
-                e = ep * 2 + local
-                p = f"decoder.layers.2.mlp.experts.local_experts.{local}."
-                fc1 = _megatron_fc1(gate_up[e])
-                fc1_bias = _megatron_fc1(gate_up_bias[e][None])[:, 0]
-                rows = [*range(tp * 16, tp * 16 + 16), *range(32 + tp * 16, 32 + tp * 16 + 16)]  # [gate_t; up_t]
-                assert torch.equal(sd[p + "linear_fc1.weight"], fc1[rows])
-                assert torch.equal(sd[p + "linear_fc1.bias"], fc1_bias[rows])
-                assert torch.equal(sd[p + "linear_fc2.weight"], down[e].T[:, tp * 16:(tp + 1) * 16])
-                assert torch.equal(sd[p + "linear_fc2.bias"], down_bias[e])  # added after the reduction: whole
-            a = "decoder.layers.2.self_attention."
-            assert torch.equal(sd[a + "core_attention.softmax_offset"], hf[layer + "self_attn.sinks"][tp * 4:(tp + 1) * 4])
-            assert torch.equal(sd[a + "linear_proj.bias"], hf[layer + "self_attn.o_proj.bias"])
-            assert torch.equal(sd["decoder.layers.2.mlp.router.bias"], hf[layer + "mlp.router.bias"])
-            assert "decoder.layers.2.self_attention.core_attention._extra_state" not in sd
+    assert sorted(files) == ["mp_rank_00_000", "mp_rank_01_001"]  # EP 2 x ETP 1 over the TP 2 ranks
+    for tp, ep in ((0, 0), (1, 1)):
+        sd = files[f"mp_rank_{tp:02d}_{ep:03d}"]["model"]
+        for local in range(2):
+            e = ep * 2 + local
+            p = f"decoder.layers.2.mlp.experts.local_experts.{local}."
+            assert torch.equal(sd[p + "linear_fc1.weight"], _megatron_fc1(gate_up[e]))  # ETP 1: whole experts
+            assert torch.equal(sd[p + "linear_fc1.bias"], _megatron_fc1(gate_up_bias[e][None])[:, 0])
+            assert torch.equal(sd[p + "linear_fc2.weight"], down[e].T)
+            assert torch.equal(sd[p + "linear_fc2.bias"], down_bias[e])
+        a = "decoder.layers.2.self_attention."
+        assert torch.equal(sd[a + "core_attention.softmax_offset"], hf[layer + "self_attn.sinks"][tp * 4:(tp + 1) * 4])
+        assert torch.equal(sd[a + "linear_proj.bias"], hf[layer + "self_attn.o_proj.bias"])
+        assert torch.equal(sd["decoder.layers.2.mlp.router.bias"], hf[layer + "mlp.router.bias"])
+        assert "decoder.layers.2.self_attention.core_attention._extra_state" not in sd
     _to_mcore(hf_dir, str(tmp_path / "te"), (1, 1, None, 2, None, True, "transformer_engine"))
     sd = rank_files(str(tmp_path / "te"))["mp_rank_00_001"]["model"]
     assert torch.equal(sd["decoder.layers.2.mlp.experts.linear_fc1.weight1"], _megatron_fc1(gate_up[3]))
@@ -227,10 +225,10 @@ def test_mxfp4_experts_dequantize_like_transformers(tiny_hf, tmp_path):
         else:
             want[name] = value
     assert not torch.equal(want["model.layers.1.mlp.experts.down_proj"], load_hf_tensors(hf_dir)["model.layers.1.mlp.experts.down_proj"])
-    _to_mcore(str(tmp_path / "mx"), str(tmp_path / "m"), (2, 1, None, 2, None, False, "local"), converter="dequantize")
+    _to_mcore(str(tmp_path / "mx"), str(tmp_path / "m"), (2, 1, None, 2, 1, False, "local"), converter="dequantize")
     sd = rank_files(str(tmp_path / "m"))["mp_rank_01_001"]["model"]
     assert torch.equal(sd["decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight"],
-                       want["model.layers.1.mlp.experts.down_proj"][3].T[:, 16:])
+                       want["model.layers.1.mlp.experts.down_proj"][3].T)
     assert mcore_to_hf(str(tmp_path / "m"), str(tmp_path / "back")) == 0
     assert_same_tensors(want, load_hf_tensors(str(tmp_path / "back")))
     assert "quantization_config" not in json.load(open(tmp_path / "back" / "config.json"))
@@ -277,3 +275,7 @@ def test_bad_input_is_one_line(tiny_hf, tmp_path, capsys):
     t[scales] = t[scales][..., :1].contiguous()
     save_file(t, os.path.join(mx, "model.safetensors"), metadata={"format": "pt"})
     assert_fails(capsys, hf_to_mcore(str(mx), out, converter="dequantize"), out, scales, "needs uint8 [4, 64, 2]")
+
+    # TP 2 leaves ETP at 2, where megatron-core has no expert biases
+    assert_fails(capsys, hf_to_mcore(hf_dir, out, tensor_model_parallel_size=2), out,
+                 "need expert tensor parallel size 1", "--expert_tensor_parallel_size 1")
