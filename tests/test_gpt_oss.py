@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -230,6 +232,27 @@ def test_mxfp4_experts_dequantize_like_transformers(tiny_hf, tmp_path):
     assert torch.equal(sd["decoder.layers.1.mlp.experts.local_experts.1.linear_fc2.weight"],
                        want["model.layers.1.mlp.experts.down_proj"][3].T)
     assert mcore_to_hf(str(tmp_path / "m"), str(tmp_path / "back")) == 0
+    assert_same_tensors(want, load_hf_tensors(str(tmp_path / "back")))
+    assert "quantization_config" not in json.load(open(tmp_path / "back" / "config.json"))
+
+
+def test_example_scripts_read_the_published_mxfp4_layout(tiny_hf, tmp_path):
+    """examples/gpt_oss on an MXFP4 checkpoint (the bf16 one is run by test_examples.py): the way
+    back, with the MXFP4 directory as reference, writes transformers' dequantized bf16 values."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    mx = _mxfp4_checkpoint(tiny_hf(GPT_OSS), tmp_path / "mx")
+    want = {n[: -len("_blocks")] if n.endswith("_blocks") else n:
+            convert_moe_packed_tensors(v, mx[n[: -len("_blocks")] + "_scales"]) if n.endswith("_blocks") else v
+            for n, v in mx.items() if not n.endswith("_scales")}
+    env = dict(os.environ, PYTHON=sys.executable, HF_CKPT_PATH=str(tmp_path / "mx"), MCORE_CKPT_PATH=str(tmp_path / "m"),
+               MAX_WORKERS="1", TP="2", PP="2", PIPELINE_LAYERS="1,3", EP="2")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "gpt_oss")
+    for name, extra in (("hf_to_mcore.sh", {}), ("mcore_to_hf.sh", {"HF_CKPT_PATH": str(tmp_path / "back"),
+                                                                     "HF_REFERENCE_PATH": str(tmp_path / "mx")})):
+        proc = subprocess.run(["bash", os.path.join(script, name), "--no_progress"], env=dict(env, **extra),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
     assert_same_tensors(want, load_hf_tensors(str(tmp_path / "back")))
     assert "quantization_config" not in json.load(open(tmp_path / "back" / "config.json"))
 
