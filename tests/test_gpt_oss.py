@@ -302,3 +302,20 @@ def test_bad_input_is_one_line(tiny_hf, tmp_path, capsys):
     # TP 2 leaves ETP at 2, where megatron-core has no expert biases
     assert_fails(capsys, hf_to_mcore(hf_dir, out, tensor_model_parallel_size=2), out,
                  "need expert tensor parallel size 1", "--expert_tensor_parallel_size 1")
+
+
+def test_verify_and_mcore_to_mcore(tiny_hf, tmp_path, capsys):
+    """`verify` finds HF and MCore (and MCore re-laid out MCore -> MCore) the same model."""
+    from helpers import convert
+
+    hf = tiny_hf(GPT_OSS)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert hf_to_mcore(hf, a, tensor_model_parallel_size=2, expert_parallel_size=2, expert_tensor_parallel_size=1,
+                       transformer_impl="local") == 0
+    assert convert("--load_platform", "mcore", "--save_platform", "mcore", "--load_ckpt_path", a, "--save_ckpt_path", b,
+                   pipeline_model_parallel_size=2, custom_pipeline_layers="3,1", expert_parallel_size=4,
+                   expert_tensor_parallel_size=1, transformer_impl="transformer_engine", **{"moe-grouped-gemm": True}) == 0
+    capsys.readouterr()
+    for x, y in ((hf, a), (a, b), (hf, b)):
+        assert convert("verify", x, y) == 0
+        assert capsys.readouterr().out.strip().endswith("identical")
