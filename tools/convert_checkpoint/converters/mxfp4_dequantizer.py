@@ -80,8 +80,19 @@ class MXFP4Dequantizer:
 
 
 def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``[..., out, in/32, 16]`` codes and ``[..., out, in/32]`` scales -> ``[..., in, out]`` values."""
+    """``[..., out, in/32, 16]`` codes and ``[..., out, in/32]`` scales -> ``[..., in, out]`` values.
+
+    One ``[out, in]`` matrix (an expert) at a time: the fp32 values of a whole gpt-oss-120b
+    tensor would be 8.5 GB, its code indices more."""
     lut = torch.tensor(E2M1_VALUES, dtype=torch.float32)
-    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2).long()  # low nibble first
-    values = torch.ldexp(lut[codes], (scales.to(torch.int32) - 127).unsqueeze(-1).float())
-    return values.flatten(-2).transpose(-1, -2).to(dtype).contiguous()
+    *lead, out_dim, groups, _ = blocks.shape
+    out = torch.empty(*lead, groups * 32, out_dim, dtype=dtype)
+    flat_out = out.view(-1, groups * 32, out_dim)
+    flat_blocks = blocks.reshape(-1, out_dim, groups, 16)
+    flat_scales = scales.reshape(-1, out_dim, groups)
+    for i in range(flat_blocks.shape[0]):
+        b = flat_blocks[i]
+        codes = torch.stack([b & 0x0F, b >> 4], dim=-1).flatten(-2).int()  # low nibble first
+        values = torch.ldexp(lut[codes], (flat_scales[i].to(torch.int32) - 127).unsqueeze(-1).float())
+        flat_out[i].copy_(values.flatten(-2).T)
+    return out
