@@ -18,7 +18,9 @@ b. builds the real ``GPTModel`` chunk(s) of its rank with the *local* layer spec
    and ETP, with dense layers where the HF config has them (moe_layer_freq); Qwen2-MoE
    gets its sigmoid-gated shared expert (moe_shared_expert_gate); DeepSeek-V2/V3 get
    multi-latent attention, ungated shared experts, their router (sigmoid + expert bias +
-   expert groups + scaling for V3) and, on the last stage, MTP layers;
+   expert groups + scaling for V3) and, on the last stage, MTP layers; GPT-OSS gets linear
+   and expert biases, attention sinks (learnable softmax offset), its sliding-window layers
+   and the clamped SwiGLU (quick_gelu GLU with offset and clamp);
 c. strict-loads every chunk, reporting missing / unexpected / mis-shaped keys by name
    (TE names and grouped-GEMM expert names are first mapped back to local-spec names; the
    TE spec's replicated MLA down projections are cut to the local spec's TP shard, and
