@@ -18,7 +18,9 @@ b. builds the real ``GPTModel`` chunk(s) of its rank with the *local* layer spec
    and ETP, with dense layers where the HF config has them (moe_layer_freq); Qwen2-MoE
    gets its sigmoid-gated shared expert (moe_shared_expert_gate); DeepSeek-V2/V3 get
    multi-latent attention, ungated shared experts, their router (sigmoid + expert bias +
-   expert groups + scaling for V3) and, on the last stage, MTP layers;
+   expert groups + scaling for V3) and, on the last stage, MTP layers; GPT-OSS gets linear
+   and expert biases, attention sinks (learnable softmax offset), its sliding-window layers
+   and the clamped SwiGLU (quick_gelu GLU with offset and clamp);
 c. strict-loads every chunk, reporting missing / unexpected / mis-shaped keys by name
    (TE names and grouped-GEMM expert names are first mapped back to local-spec names; the
    TE spec's replicated MLA down projections are cut to the local spec's TP shard, and
@@ -288,11 +290,20 @@ class HFArch:
     rotary_percent: float = 1.0
     # MiniMax-M2: q/k RMSNorms over the whole projection (heads x head_dim), not per head.
     full_width_qk_norm: bool = False
+    # GPT-OSS: biases on every linear (o_proj, router, experts: megatron's add_bias_linear),
+    # attention sinks (megatron's softmax_type "learnable"), a sliding window on the layers
+    # ``window_layers`` marks 1 (megatron's window_size + window_attn_skip_freq list) and the
+    # clamped SwiGLU (megatron's quick_gelu GLU with glu_linear_offset 1 and a clamp).
+    linear_bias: bool = False
+    attention_sinks: bool = False
+    sliding_window: int = 0
+    window_layers: tuple[int, ...] = ()
+    swiglu_limit: float | None = None
 
 
 _SUPPORTED_MODEL_TYPES = (
     "llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe",
-    "minimax_m2",
+    "minimax_m2", "gpt_oss",
 )
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
@@ -319,6 +330,15 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
             "moe_renormalize": True,
             "moe_score_function": "sigmoid",
             "moe_expert_bias": True,
+        }
+    if model_type == "gpt_oss":
+        # Every layer MoE; router logits = x W^T + b, top-k, softmax over the k kept logits
+        # (= the renormalized top-k of the full softmax, megatron's pre_softmax=False).
+        return {
+            "num_experts": int(cfg["num_local_experts"]),
+            "moe_ffn_hidden_size": int(cfg["intermediate_size"]),
+            "moe_topk": int(cfg["num_experts_per_tok"]),
+            "moe_renormalize": True,
         }
     if model_type not in ("qwen2_moe", "qwen3_moe", "mixtral"):
         return {}
@@ -413,7 +433,7 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
     model_type = cfg.get("model_type")
     if model_type not in _SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model_type {model_type!r}; expected one of {_SUPPORTED_MODEL_TYPES}")
-    if cfg.get("hidden_act", "silu") != "silu":
+    if cfg.get("hidden_act", "silu") != "silu" and model_type != "gpt_oss":
         raise ValueError(f"only SwiGLU (hidden_act='silu') is supported, got {cfg.get('hidden_act')!r}")
     if cfg.get("mlp_bias"):
         raise ValueError("mlp_bias=True is not supported (the harness builds add_bias_linear=False)")
@@ -459,7 +479,22 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
         rotary_percent=float(rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         **_read_moe(cfg, model_type),
+        **(_read_gpt_oss(cfg) if model_type == "gpt_oss" else {}),
     )
+
+
+def _read_gpt_oss(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """GPT-OSS's biases, sinks, sliding-window layers and clamped SwiGLU."""
+    if float(cfg.get("swiglu_alpha", 1.702)) != 1.702:  # megatron's quick_gelu is x * sigmoid(1.702 x)
+        raise ValueError(f"swiglu_alpha {cfg['swiglu_alpha']} is not quick_gelu's 1.702")
+    layer_types = cfg.get("layer_types") or []
+    return {
+        "linear_bias": bool(cfg.get("attention_bias", True)),
+        "attention_sinks": True,
+        "sliding_window": int(cfg.get("sliding_window") or 0),
+        "window_layers": tuple(int(t == "sliding_attention") for t in layer_types),
+        "swiglu_limit": float(cfg.get("swiglu_limit", 7.0)),
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -832,6 +867,22 @@ def _patch_megatron_after_import() -> None:
     if not getattr(te_ext, "HAVE_TE", True):
         mla.HAVE_TE = False  # type: ignore[attr-defined]
 
+    # W11: the sliding-window mask (GPT-OSS) is built on "cuda"; the same mask on the CPU.
+    import torch
+    from megatron.core.fusions import fused_softmax
+
+    def sliding_window_causal_mask(sq: int, skv: int, window_size: Any) -> Any:
+        keep = torch.ones(sq, skv, dtype=torch.bool).triu(skv - sq - window_size[0]).tril(skv - sq + window_size[1])
+        return ~keep  # True means masked
+
+    fused_softmax.get_sliding_window_causal_mask = sliding_window_causal_mask  # type: ignore[attr-defined]
+
+
+def _quick_gelu() -> Any:
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+    return quick_gelu
+
 
 class _Worker:
     def __init__(self, rank: int, world_size: int, collective_timeout_s: float) -> None:
@@ -1114,6 +1165,7 @@ class _Worker:
         return config_class(
             **self.moe_config(job, arch),
             **mla,
+            **self.gpt_oss_config(arch),
             num_layers=arch.num_layers,
             hidden_size=arch.hidden_size,
             ffn_hidden_size=arch.ffn_hidden_size,
@@ -1123,8 +1175,8 @@ class _Worker:
             layernorm_epsilon=arch.norm_eps,
             normalization="RMSNorm",
             gated_linear_unit=True,
-            activation_func=F.silu,
-            add_bias_linear=False,
+            activation_func=F.silu if arch.swiglu_limit is None else _quick_gelu(),
+            add_bias_linear=arch.linear_bias,
             add_qkv_bias=arch.qkv_bias,
             qk_layernorm=arch.qk_norm,
             hidden_dropout=0.0,
@@ -1139,6 +1191,22 @@ class _Worker:
             use_cpu_initialization=True,
             perform_initialization=False,
         )
+
+    @staticmethod
+    def gpt_oss_config(arch: HFArch) -> dict[str, Any]:
+        """GPT-OSS: HF's ``(clamp(up, ±limit) + 1) * g * sigmoid(1.702 g)`` with g = min(gate, limit)
+        is megatron's GLU with quick_gelu, glu_linear_offset 1 and activation_func_clamp_value; the
+        sinks are the learnable softmax offset; HF's window keeps keys q - k < sliding_window,
+        megatron's (left, 0) keeps q - k <= left, so left = sliding_window - 1."""
+        out: dict[str, Any] = {}
+        if arch.swiglu_limit is not None:
+            out.update(glu_linear_offset=1.0, activation_func_clamp_value=arch.swiglu_limit,
+                       bias_activation_fusion=False)
+        if arch.attention_sinks:
+            out["softmax_type"] = "learnable"
+        if arch.sliding_window and any(arch.window_layers):
+            out.update(window_size=(arch.sliding_window - 1, 0), window_attn_skip_freq=list(arch.window_layers))
+        return out
 
     @staticmethod
     def mla_config(arch: HFArch) -> dict[str, Any]:

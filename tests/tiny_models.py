@@ -15,7 +15,7 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_ke
 
 @dataclass(frozen=True)
 class TinySpec:
-    family: str  # llama, qwen2, qwen3, qwen3_moe, qwen2_moe, mixtral, deepseek_v3, deepseek_v2, glm4_moe
+    family: str  # llama, qwen2, qwen3, qwen3_moe, qwen2_moe, mixtral, deepseek_v3, deepseek_v2, glm4_moe, gpt_oss
     tied: bool = False
     num_layers: int = 4
     vocab_size: int = 250
@@ -98,6 +98,12 @@ def make_config(spec: TinySpec):
                                    num_experts_per_tok=2, partial_rotary_factor=0.5)
         return MiniMaxM2Config(**dict(kw, intermediate_size=32), head_dim=16, num_local_experts=4,
                                num_experts_per_tok=2, partial_rotary_factor=0.5)
+    if spec.family == "gpt_oss":  # 4 experts of 32 (fused, gate/up interleaved), sinks, a 4-token sliding window
+        from transformers import GptOssConfig
+
+        # plain RoPE (the published models use YaRN, which no weight depends on)
+        return GptOssConfig(**dict(kw, intermediate_size=32), head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                            sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 150000.0})
     if spec.family == "deepseek_v2":  # V2-Lite style: no q-LoRA, softmax greedy routing, 2 shared experts
         return DeepseekV2Config(**mla, q_lora_rank=None, n_shared_experts=2, topk_method="greedy")
     raise ValueError(spec.family)
@@ -140,7 +146,7 @@ def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
     with torch.no_grad():
         for name, p in model.named_parameters():
             # Norm weights start at 1 and biases at 0; randomise so every mapping error shows.
-            if p.dim() == 1:
+            if p.dim() == 1 or name.endswith("_bias"):  # GPT-OSS's expert biases are [experts, out]
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # a buffer, zero at init: make routing see it

@@ -23,6 +23,16 @@ Block-scaled FP8 weights (128x128 blocks, ``quant/fp8_block``) add four kinds:
 ``Encode`` is a part turned into a target's own encoding when its file is written (KTransformers'
 AMX INT4/INT8 bytes and scales); only the target that planned it applies it.
 
+Fused 3-D expert tensors stored input-major with interleaved gate/up columns (GPT-OSS's
+``gate_up_proj`` ``[experts, hidden, 2*inter]``) add five kinds, each the exact inverse of another:
+
+* ``Select``     one index along a dimension, that dimension dropped (``x[e]``); inverse ``Stack``;
+* ``Stack``      parts of one shape stacked along a new dimension;
+* ``Transpose``  two dimensions swapped (its own inverse);
+* ``Strided``    every ``step``-th element along a dimension (``x[start::step]``, its part already
+  cut to the span it reads); inverse ``Interleave``;
+* ``Interleave`` parts woven along a dimension: element ``i * k + j`` is ``parts[j][i]``.
+
 ``narrow(expr, dim, start, length)`` pushes a slice down to the leaves, so composing the model
 mapping (HF <-> canonical) with the layout mapping (canonical <-> shards) stays a tree of
 windows on the source files.
@@ -141,7 +151,49 @@ class Encode:
     dtype: torch.dtype
 
 
-Expr = Leaf | Cat | Repeat | Cast | Fp8Blocks | Dequantize | Quantize | Fp8Part | Encode
+@dataclass(frozen=True)
+class Select:
+    part: Expr  # size 1 along ``dim``
+    dim: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Stack:
+    parts: tuple[Expr, ...]
+    dim: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Transpose:
+    part: Expr
+    dims: tuple[int, int]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Strided:
+    part: Expr  # cut to the span read: element 0 is the first taken, the last element the last
+    dim: int
+    step: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Interleave:
+    parts: tuple[Expr, ...]
+    dim: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+Expr = (Leaf | Cat | Repeat | Cast | Fp8Blocks | Dequantize | Quantize | Fp8Part | Encode
+        | Select | Stack | Transpose | Strided | Interleave)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -227,6 +279,8 @@ def narrow(expr: Expr, dim: int, start: int, length: int) -> Expr:
         return _crop(expr.part, tuple(offsets), tuple(shape), expr.reason)
     if isinstance(expr, (Quantize, Fp8Part, Encode)):
         raise TypeError("a quantized output tensor cannot be cut further")
+    if isinstance(expr, (Select, Stack, Transpose, Strided, Interleave)):
+        return _narrow_layout(expr, dim, start, length)
     if dim != expr.dim:
         return cat([narrow(p, dim, start, length) for p in expr.parts], expr.dim)
     pieces = []
@@ -251,8 +305,10 @@ def split_even(expr: Expr, dim: int, parts: int, index: int) -> Expr:
 
 
 def children(expr: Expr) -> tuple[Expr, ...]:
-    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize, Encode)):
+    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize, Encode, Select, Transpose, Strided)):
         return (expr.part,)
+    if isinstance(expr, (Stack, Interleave)):
+        return expr.parts
     if isinstance(expr, Fp8Part):
         return (expr.of,)
     if isinstance(expr, Fp8Blocks):
@@ -435,6 +491,15 @@ def describe(expr: Expr) -> str:
         return f"{expr.which} of {describe(expr.of)}"
     if isinstance(expr, Encode):
         return f"{expr.codec}({describe(expr.part)})"
+    if isinstance(expr, Select):
+        return f"{describe(expr.part)}.squeeze({expr.dim})"
+    if isinstance(expr, Transpose):
+        return f"{describe(expr.part)}.T{expr.dims}"
+    if isinstance(expr, Strided):
+        return f"{describe(expr.part)}[dim {expr.dim} ::{expr.step}]"
+    if isinstance(expr, (Stack, Interleave)):
+        kind = "stack" if isinstance(expr, Stack) else "interleave"
+        return f"{kind}{expr.dim}(" + ", ".join(describe(p) for p in expr.parts) + ")"
     return f"cat{expr.dim}(" + ", ".join(describe(p) for p in expr.parts) + ")"
 
 
@@ -482,6 +547,9 @@ def materialize_into(expr: Expr, reader: LeafReader, out: torch.Tensor) -> None:
         raise TypeError("block-FP8 expressions are materialized by quant.fp8_materialize")
     if isinstance(expr, Encode):
         raise TypeError(f"{expr.codec} is applied by the target that planned it")
+    if isinstance(expr, (Select, Stack, Transpose, Strided, Interleave)):
+        _materialize_layout(expr, reader, out)
+        return
     pos = 0
     for part in expr.parts:
         n = part.shape[expr.dim]
@@ -491,3 +559,136 @@ def materialize_into(expr: Expr, reader: LeafReader, out: torch.Tensor) -> None:
         else:  # column windows: read contiguously, then scatter
             target.copy_(materialize(part, reader))
         pos += n
+
+
+# --- fused expert layouts: select / stack, transpose, strided / interleave ------------------
+
+def select(expr: Expr, dim: int, index: int) -> Expr:
+    """``expr[index]`` along ``dim``, that dimension dropped (reads only that slice)."""
+    part = narrow(expr, dim, index, 1)
+    if isinstance(part, Stack) and part.dim == dim:
+        return part.parts[0]
+    shape = part.shape[:dim] + part.shape[dim + 1:]
+    return Select(part, dim, shape, part.dtype)
+
+
+def stack(parts: Sequence[Expr], dim: int = 0) -> Expr:
+    """Parts of one shape and dtype stacked along a new dimension ``dim``."""
+    items = tuple(parts)
+    if not items:
+        raise ValueError("stack of no parts")
+    first = items[0]
+    for p in items[1:]:
+        if p.shape != first.shape or p.dtype != first.dtype:
+            raise ValueError(f"stack of {str(first.dtype)} {list(first.shape)} and {str(p.dtype)} {list(p.shape)}")
+    if all(isinstance(p, Select) and p.dim == dim for p in items):  # slices put back: their concatenation
+        return cat([p.part for p in items], dim)  # type: ignore[union-attr]
+    shape = first.shape[:dim] + (len(items),) + first.shape[dim:]
+    return Stack(items, dim, shape, first.dtype)
+
+
+def transpose(expr: Expr, dim0: int = 0, dim1: int = 1) -> Expr:
+    """``expr`` with dimensions ``dim0`` and ``dim1`` swapped."""
+    if isinstance(expr, (Fp8Blocks, Dequantize, Quantize, Fp8Part, Encode)):
+        raise TypeError("block-FP8 and encoded tensors cannot be transposed")
+    dims = (min(dim0, dim1), max(dim0, dim1))
+    if dims[0] == dims[1]:
+        return expr
+    if isinstance(expr, Transpose) and expr.dims == dims:
+        return expr.part
+    shape = list(expr.shape)
+    shape[dims[0]], shape[dims[1]] = shape[dims[1]], shape[dims[0]]
+    return Transpose(expr, dims, tuple(shape), expr.dtype)
+
+
+def strided(expr: Expr, dim: int, start: int, step: int, length: int | None = None) -> Expr:
+    """``length`` elements ``expr[start::step]`` along ``dim`` (default: as many as there are)."""
+    size = expr.shape[dim]
+    if step < 1 or start < 0 or start >= size:
+        raise ValueError(f"strided start {start} step {step} out of range {size} on dim {dim}")
+    if length is None:
+        length = -(-(size - start) // step)
+    if length < 1 or start + (length - 1) * step >= size:
+        raise ValueError(f"strided {length} elements from {start} by {step} out of range {size} on dim {dim}")
+    if step == 1 or length == 1:
+        return narrow(expr, dim, start, length)
+    if isinstance(expr, Interleave) and expr.dim == dim and len(expr.parts) == step:
+        # element start + i*k of a weave of k parts is element start//k + i of part start % k
+        return narrow(expr.parts[start % step], dim, start // step, length)
+    part = narrow(expr, dim, start, (length - 1) * step + 1)
+    return Strided(part, dim, step, _with(part.shape, dim, length), part.dtype)
+
+
+def interleave(parts: Sequence[Expr], dim: int) -> Expr:
+    """Parts of one shape woven along ``dim``: out[i*k + j] = parts[j][i] (k = len(parts))."""
+    items = tuple(parts)
+    if len(items) < 2:
+        raise ValueError("interleave needs two parts or more")
+    first = items[0]
+    for p in items[1:]:
+        if p.shape != first.shape or p.dtype != first.dtype:
+            raise ValueError(f"interleave of {str(first.dtype)} {list(first.shape)} and {str(p.dtype)} {list(p.shape)}")
+    return Interleave(items, dim, _with(first.shape, dim, first.shape[dim] * len(items)), first.dtype)
+
+
+def _narrow_layout(expr: Expr, dim: int, start: int, length: int) -> Expr:
+    if isinstance(expr, Select):
+        inner = dim + (dim >= expr.dim)
+        return select(narrow(expr.part, inner, start, length), expr.dim, 0)
+    if isinstance(expr, Stack):
+        if dim == expr.dim:
+            return stack(expr.parts[start:start + length], dim)
+        inner = dim - (dim > expr.dim)
+        return stack([narrow(p, inner, start, length) for p in expr.parts], expr.dim)
+    if isinstance(expr, Transpose):
+        a, b = expr.dims
+        inner = b if dim == a else a if dim == b else dim
+        return transpose(narrow(expr.part, inner, start, length), a, b)
+    if isinstance(expr, Strided):
+        if dim == expr.dim:
+            return strided(expr.part, dim, start * expr.step, expr.step, length)
+        return strided(narrow(expr.part, dim, start, length), expr.dim, 0, expr.step)
+    assert isinstance(expr, Interleave)
+    if dim != expr.dim:
+        return interleave([narrow(p, dim, start, length) for p in expr.parts], expr.dim)
+    k = len(expr.parts)
+    end = start + length
+    lo, hi = -(-start // k) * k, end // k * k  # the whole rounds of k inside the window
+    if lo >= hi:  # less than one whole round: single elements
+        return cat([narrow(expr.parts[i % k], dim, i // k, 1) for i in range(start, end)], dim)
+    head = [narrow(expr.parts[i % k], dim, i // k, 1) for i in range(start, lo)]
+    body = interleave([narrow(p, dim, lo // k, (hi - lo) // k) for p in expr.parts], dim)
+    tail = [narrow(expr.parts[i % k], dim, i // k, 1) for i in range(hi, end)]
+    return cat([*head, body, *tail], dim)
+
+
+def _materialize_layout(expr: Expr, reader: LeafReader, out: torch.Tensor) -> None:
+    if isinstance(expr, Select):
+        target = out.unsqueeze(expr.dim)
+        if target.is_contiguous():
+            materialize_into(expr.part, reader, target)
+        else:
+            target.copy_(materialize(expr.part, reader))
+        return
+    if isinstance(expr, Transpose):
+        out.copy_(materialize(expr.part, reader).transpose(*expr.dims))
+        return
+    if isinstance(expr, Strided):
+        values = materialize(expr.part, reader)
+        index = [slice(None)] * len(expr.shape)
+        index[expr.dim] = slice(None, None, expr.step)
+        out.copy_(values[tuple(index)])
+        return
+    if isinstance(expr, Stack):
+        for i, part in enumerate(expr.parts):
+            target = out.select(expr.dim, i)
+            if target.is_contiguous():
+                materialize_into(part, reader, target)
+            else:
+                target.copy_(materialize(part, reader))
+        return
+    assert isinstance(expr, Interleave)
+    k = len(expr.parts)
+    rounds = out.unflatten(expr.dim, (expr.shape[expr.dim] // k, k))
+    for j, part in enumerate(expr.parts):
+        rounds.select(expr.dim + 1, j).copy_(materialize(part, reader))

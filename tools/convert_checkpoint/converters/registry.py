@@ -150,6 +150,16 @@ def _fp8_block(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> li
     return [FP8BlockDequantizer.for_checkpoint(info.tensor_names, qc, **kw)]
 
 
+@BUILTINS.register("mxfp4_dequantizer", "GPT-OSS MXFP4 experts (*_blocks + *_scales) -> dtype, input-major like HF's bf16. Options: dtype")
+def _mxfp4(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
+    from .mxfp4_dequantizer import BLOCKS, MXFP4Dequantizer
+
+    o = _take(spec.options, ("dtype",), spec)
+    if not any(n.endswith(BLOCKS) for n in info.tensor_names):
+        raise ConversionError("mxfp4_dequantizer: the checkpoint has no *_blocks tensors (it is not MXFP4)")
+    return [MXFP4Dequantizer(dtype=_dtype(o.get("dtype", "bfloat16"), spec.text))]
+
+
 @BUILTINS.register("ct_dequantizer", "any compressed-tensors format the library decompresses -> dtype. Options: dtype, ignore")
 def _ct_dequant(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> list:
     from .library import CTDequantizer
@@ -197,10 +207,12 @@ def _dequantize(info: CheckpointInfo, qc: dict | None, spec: ConverterSpec) -> l
         return _fp8_block(info, qc, dequant)
     if method == "compressed-tensors":
         return _ct_dequant(info, qc, dequant)
+    if method == "mxfp4":
+        return _mxfp4(info, qc, dequant)
     first = {"modelopt": _modelopt, "awq": _awq}.get(method) if method is not None else None
     if first is None:
         raise ConversionError(f"dequantize: the checkpoint's quantization_config quant_method is {method!r}; "
-                              "known: fp8, compressed-tensors, modelopt, awq")
+                              "known: fp8, compressed-tensors, mxfp4, modelopt, awq")
     chain = first(info, qc, ConverterSpec(spec.text, "", {k: v for k, v in o.items() if k == "ignore"}))
     ct_config = ConverterChain.of(chain).quantization_config(qc)
     return chain + _ct_dequant(info, ct_config, ConverterSpec(spec.text, "", {k: v for k, v in o.items() if k == "dtype"}))

@@ -74,3 +74,7 @@ def validate_tensor_parallel(arch: ModelArch, tensors: list[CanonicalTensor], la
             raise ConversionError(
                 f"{flag} {parts} does not divide tensor {t.name} of shape {list(t.shape)} ({t.split.value} split)"
             )
+        if t.expert is not None and etp > 1 and t.name.endswith(".bias"):
+            # megatron-core's TransformerConfig asserts "Bias in Moe is only supported when ETP==1"
+            raise ConversionError(f"routed experts with biases ({t.name}) need expert tensor parallel size 1 in "
+                                  f"megatron-core, got {etp}: pass --expert_tensor_parallel_size 1")

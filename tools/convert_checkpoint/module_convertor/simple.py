@@ -98,3 +98,13 @@ class Replicated(_OneToOne):
 
     kind = "replicated"
     help = "one tensor, same layout (MoE router weight, router expert bias; `dtype: float32` fixes its dtype); TP: replicated"
+
+
+@register
+class HeadParallel(_OneToOne):
+    """A per-attention-head vector (GPT-OSS's attention sinks): split over TP by heads, not a linear."""
+
+    kind = "head_parallel"
+    help = "one per-head vector (attention sinks ↔ `core_attention.softmax_offset`); TP: by heads (dim 0), no `_extra_state`"
+    split = Split.COLUMN
+    default_shape = ["num_attention_heads"]
