@@ -30,13 +30,16 @@ class TinySpec:
     # q-LoRA 256, kv-LoRA 128 + rope 64 = 192 rows, like the real 576: not a multiple of 128).
     wide: bool = False
     qk_norm: bool = False  # GLM-4.5 (glm4_moe): use_qk_norm (the published models have none)
+    full_attention: tuple[int, ...] = (3,)  # Qwen3-Next / Qwen3.5: full-attention layers (the rest gated delta-net)
 
     @property
     def key(self) -> str:
         t = "tied" if self.tied else "untied"
         return (f"{self.family}_{t}_L{self.num_layers}_V{self.vocab_size}_G{self.num_key_value_heads}_"
                 f"M{self.mtp_layers}_D{self.first_dense}_Q{''.join(map(str, self.mlp_only_layers))}_{str(self.dtype)[6:]}"
-                + ("_wide" if self.wide else "") + ("_qknorm" if self.qk_norm else ""))
+                + ("_wide" if self.wide else "") + ("_qknorm" if self.qk_norm else "")
+                + (f"_F{''.join(map(str, self.full_attention))}" if self.family.startswith("qwen3_") and
+                   self.family not in ("qwen3_moe",) else ""))
 
 
 def make_config(spec: TinySpec):
@@ -98,9 +101,28 @@ def make_config(spec: TinySpec):
                                    num_experts_per_tok=2, partial_rotary_factor=0.5)
         return MiniMaxM2Config(**dict(kw, intermediate_size=32), head_dim=16, num_local_experts=4,
                                num_experts_per_tok=2, partial_rotary_factor=0.5)
+    if spec.family in ("qwen3_next", "qwen3_5", "qwen3_5_moe"):
+        return _qwen3_next_config(spec, kw)
     if spec.family == "deepseek_v2":  # V2-Lite style: no q-LoRA, softmax greedy routing, 2 shared experts
         return DeepseekV2Config(**mla, q_lora_rank=None, n_shared_experts=2, topk_method="greedy")
     raise ValueError(spec.family)
+
+
+def _qwen3_next_config(spec: TinySpec, kw: dict):
+    """Qwen3-Next / Qwen3.5: gated delta-net layers (4 key heads of 8, 8 value heads of 16: two value
+    heads per key head, dk != dv) except the ``full_attention`` layers (gated attention, head_dim 16);
+    MoE families: 4 experts of 32 and a gated shared expert of 64, dense layers from mlp_only_layers."""
+    from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
+
+    layer_types = ["full_attention" if i in spec.full_attention else "linear_attention" for i in range(spec.num_layers)]
+    linear = dict(head_dim=16, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=8,
+                  linear_value_head_dim=16, linear_conv_kernel_dim=4, layer_types=layer_types)
+    moe = dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts_per_tok=2)
+    if spec.family == "qwen3_next":
+        return Qwen3NextConfig(**kw, **linear, **moe, mlp_only_layers=list(spec.mlp_only_layers))
+    if spec.family == "qwen3_5":
+        return Qwen3_5TextConfig(**kw, **linear)
+    return Qwen3_5MoeTextConfig(**{k: v for k, v in kw.items() if k != "intermediate_size"}, **linear, **moe)
 
 
 def add_mtp_layers(path: str, num_layers: int, mtp_layers: int, seed: int = 1) -> None:

@@ -22,9 +22,10 @@ from .tensor_expr import Expr, LeafReader, dtype_name
 
 
 def _layer_convertors(family: FamilySpec, arch: ModelArch, layer: int, hf_prefix: str, mcore_prefix: str) -> list[ModuleConvertor]:
-    kind = "moe" if arch.is_moe_layer(layer) else "dense"
+    kinds = ("moe" if arch.is_moe_layer(layer) else "dense",
+             "linear_attention" if arch.is_linear_attention_layer(layer) else "full_attention")
     return [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.layer_modules
-            if spec.when in (None, kind) or (spec.when not in LAYER_KINDS and getattr(arch, spec.when))]
+            if spec.when is None or spec.when in kinds or (spec.when not in LAYER_KINDS and getattr(arch, spec.when))]
 
 
 def build_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConvertor]:

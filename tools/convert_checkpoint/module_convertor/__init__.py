@@ -1,5 +1,15 @@
 """Module convertors; importing this package registers every convertor kind."""
-from . import attention, embedding, mla, mlp, moe, shared_copy, simple  # noqa: F401  (registration side effects)
+from . import (  # noqa: F401  (registration side effects)
+    attention,
+    embedding,
+    gated_attention,
+    gated_delta_net,
+    mla,
+    mlp,
+    moe,
+    shared_copy,
+    simple,
+)
 from .base import CanonicalTensor, ModuleConvertor, convertor_kinds, create
 
 __all__ = ["CanonicalTensor", "ModuleConvertor", "convertor_kinds", "create"]
