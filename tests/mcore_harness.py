@@ -288,13 +288,24 @@ class HFArch:
     rotary_percent: float = 1.0
     # MiniMax-M2: q/k RMSNorms over the whole projection (heads x head_dim), not per head.
     full_width_qk_norm: bool = False
+    # Qwen3-Next / Qwen3.5: per layer 1 = gated delta-net (linear attention), 0 = full attention
+    # (megatron's linear_attention_freq list); () = no linear attention.
+    linear_attention: tuple[int, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    attention_output_gate: bool = False  # q_proj carries a sigmoid gate per head
+    zero_centered_norm: bool = False  # RMSNorms compute x * (1 + weight)
 
 
 _SUPPORTED_MODEL_TYPES = (
     "llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe",
-    "minimax_m2",
+    "minimax_m2", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text",
 )
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+_HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")  # gated delta-net + gated attention
 
 
 def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
@@ -320,13 +331,13 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
             "moe_score_function": "sigmoid",
             "moe_expert_bias": True,
         }
-    if model_type not in ("qwen2_moe", "qwen3_moe", "mixtral"):
+    if model_type not in ("qwen2_moe", "qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text"):
         return {}
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, older versions as num_experts.
     num_experts = cfg.get("num_local_experts") or cfg["num_experts"]
     moe_layers: tuple[int, ...] = ()
     shared: dict[str, Any] = {}
-    if model_type in ("qwen2_moe", "qwen3_moe"):
+    if model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text"):
         # transformers: MoE unless listed in mlp_only_layers, on every decoder_sparse_step-th layer.
         step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or ())
         pattern = tuple(
@@ -334,12 +345,15 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         )
         moe_layers = pattern if 0 in pattern else ()
         shared_ffn = int(cfg.get("shared_expert_intermediate_size") or 0)
-        if model_type == "qwen2_moe":
-            # Qwen2MoeSparseMoeBlock: routed experts + sigmoid(shared_expert_gate(x)) * shared_expert(x).
+        if model_type in ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text"):
+            # Qwen2MoeSparseMoeBlock: routed experts + sigmoid(shared_expert_gate(x)) * shared_expert(x)
+            # (Qwen3-Next's and Qwen3.5's blocks are the same).
             shared = {"shared_expert_ffn_hidden_size": shared_ffn, "moe_shared_expert_gate": shared_ffn > 0}
         elif shared_ffn:
             raise ValueError("Qwen3-MoE with shared experts is not supported")
         expert_ffn, renormalize = cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob", False))
+        if model_type == "qwen3_5_moe_text":
+            renormalize = True  # Qwen3_5MoeTopKRouter always renormalizes the top-k
     else:
         expert_ffn, renormalize = cfg["intermediate_size"], True  # Mixtral's intermediate_size is per expert
     return {
@@ -434,7 +448,7 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
     return HFArch(
         model_type=model_type,
         hidden_size=hidden,
-        ffn_hidden_size=int(cfg["intermediate_size"]),
+        ffn_hidden_size=int(cfg.get("intermediate_size") or cfg["moe_intermediate_size"]),
         num_layers=int(cfg["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -452,14 +466,35 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
             or bool(cfg.get("attention_bias"))
         ),
         # MLA: the q_a / kv_a layernorms are megatron's qk_layernorm (q_layernorm / kv_layernorm).
-        qk_norm=model_type in ("qwen3", "qwen3_moe", *_MLA_MODEL_TYPES)
+        qk_norm=model_type in ("qwen3", "qwen3_moe", *_MLA_MODEL_TYPES, *_HYBRID_MODEL_TYPES)
         or (model_type == "glm4_moe" and bool(cfg.get("use_qk_norm")))
         or model_type == "minimax_m2",
         full_width_qk_norm=model_type == "minimax_m2",
         rotary_percent=float(rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         **_read_moe(cfg, model_type),
+        **_read_linear_attention(cfg, model_type),
     )
+
+
+def _read_linear_attention(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """Qwen3-Next / Qwen3.5: the linear/full attention pattern and the gated delta-net sizes."""
+    if model_type not in _HYBRID_MODEL_TYPES:
+        return {}
+    layers = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types is None:
+        interval = int(cfg.get("full_attention_interval") or 4)
+        types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
+    if len(types) != layers or set(types) - {"linear_attention", "full_attention"}:
+        raise ValueError(f"layer_types {types} does not fit {layers} layers")
+    return {
+        "linear_attention": tuple(int(t == "linear_attention") for t in types),
+        **{k: int(cfg[k]) for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                    "linear_value_head_dim", "linear_conv_kernel_dim")},
+        "attention_output_gate": True,
+        "zero_centered_norm": True,
+    }
 
 
 # --------------------------------------------------------------------------------------
@@ -1114,6 +1149,7 @@ class _Worker:
         return config_class(
             **self.moe_config(job, arch),
             **mla,
+            **_linear_attention_config(arch),
             num_layers=arch.num_layers,
             hidden_size=arch.hidden_size,
             ffn_hidden_size=arch.ffn_hidden_size,
@@ -1281,7 +1317,9 @@ class _Worker:
         for chunk in range(layout.vpp):
             vp_stage = chunk if layout.vpp > 1 else None
             mtp_spec = None
-            if arch.mla or arch.moe_layers:
+            if arch.linear_attention:
+                spec = _hybrid_block_spec(config, arch, vp_stage, pp_rank)
+            elif arch.mla or arch.moe_layers:
                 spec = self.block_spec(config, vp_stage, pp_rank, mla=arch.mla)
                 if arch.mtp_layers:
                     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -1594,6 +1632,112 @@ class _Worker:
 
 _SDPA_CLASS: Any = None
 _FULL_WIDTH_NORMS: Any = None
+
+
+def _linear_attention_config(arch: HFArch) -> dict[str, Any]:
+    """TransformerConfig fields of a Qwen3-Next / Qwen3.5 hybrid (megatron's gated delta-net)."""
+    if not arch.linear_attention:
+        return {}
+    return {
+        "experimental_attention_variant": "gated_delta_net",
+        "linear_attention_freq": list(arch.linear_attention),
+        "linear_num_key_heads": arch.linear_num_key_heads,
+        "linear_num_value_heads": arch.linear_num_value_heads,
+        "linear_key_head_dim": arch.linear_key_head_dim,
+        "linear_value_head_dim": arch.linear_value_head_dim,
+        "linear_conv_kernel_dim": arch.linear_conv_kernel_dim,
+        "attention_output_gate": arch.attention_output_gate,
+        "layernorm_zero_centered_gamma": arch.zero_centered_norm,
+        # W12: GatedDeltaNet's torch path (torch_chunk_gated_delta_rule, nn.Conv1d) instead of FLA's
+        # Triton kernels, which cannot run on CPU.
+        "deterministic_mode": True,
+    }
+
+
+def _hybrid_block_spec(config: Any, arch: HFArch, vp_stage: int | None, pp_rank: int) -> Any:
+    """Decoder block of one (virtual) stage of a Qwen3-Next / Qwen3.5 hybrid, built the way
+    megatron's get_transformer_block_with_experimental_attention_variant_spec does (a layer spec
+    per layer: GatedDeltaNet where linear_attention_freq says 1, else gated self-attention; MoE
+    where moe_layer_freq says 1) but from local modules: megatron-core 0.16 builds that block
+    only with TE. The GDN's in_proj is a ColumnParallelLinear with the input norm before it (TE
+    fuses it as in_proj.layer_norm_weight: the layer's key map says so), out_proj a
+    RowParallelLinear. W11: the norms are a zero-centered RMSNorm stand-in (torch's wrapped
+    norm refuses layernorm_zero_centered_gamma; TE's computes the same x * (1 + weight)).
+    W12: FLA's l2norm is replaced by its formula, the compiled gated norm by its plain function."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.ssm import gated_delta_net as gdn
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    _patch_gated_delta_net(gdn)
+    norm = _zero_centered_norm_class() if arch.zero_centered_norm else None
+    layer_specs = []
+    for layer in range(arch.num_layers):
+        moe = bool(arch.num_experts) and (not arch.moe_layers or bool(arch.moe_layers[layer]))
+        spec = get_gpt_layer_local_spec(num_experts=arch.num_experts if moe else None, moe_grouped_gemm=False,
+                                        qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+        sub = spec.submodules
+        if norm is not None:
+            sub.input_layernorm = sub.pre_mlp_layernorm = norm
+            sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = norm
+        if arch.linear_attention[layer]:
+            sub.self_attention = ModuleSpec(
+                module=gdn.GatedDeltaNet,
+                submodules=gdn.GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=norm or sub.input_layernorm,
+                                                       out_proj=RowParallelLinear),
+            )
+            sub.sharded_state_dict_keys_map = {**sub.sharded_state_dict_keys_map,
+                                               "input_layernorm.": "self_attention.in_proj.layer_norm_"}
+        layer_specs.append(spec)
+    if config.pipeline_model_parallel_layout is not None:
+        local = config.pipeline_model_parallel_layout.get_layer_id_list(
+            layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)
+    else:
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        local = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
+    final_norm = norm or layer_specs[0].submodules.pre_mlp_layernorm
+    return TransformerBlockSubmodules(layer_specs=[layer_specs[i] for i in local], layer_norm=final_norm)
+
+
+def _patch_gated_delta_net(gdn: Any) -> None:
+    """W12 (see _hybrid_block_spec)."""
+    import torch
+
+    def l2norm(x: Any, dim: int = -1, eps: float = 1e-6) -> Any:  # FLA's l2norm: x / sqrt(sum(x^2) + eps)
+        return x * torch.rsqrt((x * x).sum(dim=dim, keepdim=True) + eps)
+
+    gdn.HAVE_FLA = True
+    gdn.l2norm = l2norm
+    fused = gdn.GatedDeltaNet._apply_gated_norm
+    gdn.GatedDeltaNet._apply_gated_norm = getattr(fused, "_torchdynamo_orig_callable", fused)
+
+
+_ZERO_CENTERED_NORM: Any = None
+
+
+def _zero_centered_norm_class() -> Any:
+    """W11: RMSNorm with megatron's layernorm_zero_centered_gamma (x * (1 + weight), weight
+    initialised to 0), computed in fp32 like Qwen3-Next's HF norm."""
+    global _ZERO_CENTERED_NORM
+    if _ZERO_CENTERED_NORM is not None:
+        return _ZERO_CENTERED_NORM
+    import torch
+
+    class _ZeroCenteredRMSNorm(torch.nn.Module):
+        def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **_: Any) -> None:
+            super().__init__()
+            self.eps = eps
+            self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+
+        def forward(self, x: Any) -> Any:
+            out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return (out * (1.0 + self.weight.float())).to(x.dtype)
+
+    _ZERO_CENTERED_NORM = _ZeroCenteredRMSNorm
+    return _ZERO_CENTERED_NORM
 
 
 def _full_width_norm_classes() -> tuple[Any, Any]:

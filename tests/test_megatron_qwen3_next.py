@@ -1,0 +1,96 @@
+"""Converted Qwen3-Next (qwen3_next) and Qwen3.5 (qwen3_5, qwen3_5_moe) checkpoints against a real
+megatron-core GPTModel on CPU.
+
+Megatron-core 0.16 builds these hybrids with get_transformer_block_with_experimental_attention_variant_spec
+(GatedDeltaNet layers where linear_attention_freq says 1, self-attention with attention_output_gate
+elsewhere), which it offers only with Transformer Engine; the harness builds the same per-layer
+specs from local modules (mcore_harness._hybrid_block_spec): megatron's own GatedDeltaNet,
+SelfAttention, MoE layer and GPTModel, a ColumnParallelLinear in_proj with the input norm before
+it (TE-named files are renamed by the layer's key map, in_proj.layer_norm_weight ->
+input_layernorm.weight), a zero-centered RMSNorm stand-in for the norms (W11: torch's wrapped norm
+refuses layernorm_zero_centered_gamma) and the gated delta rule on megatron's own torch path
+(deterministic_mode; W12: FLA's l2norm replaced by its formula) instead of FLA's Triton kernels.
+
+Every rank file loads with strict=True into the model megatron-core builds for its rank (so its
+key set and shapes are that model's), and the logits of the whole pipeline match transformers'
+within 1e-4. One spawn of 4 workers runs every layout.
+"""
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from fixtures import MegatronCase, convert_case, expected_local_experts
+from mcore_harness import CheckJob, Layout, assert_all_ok, job_problems, run_checks
+from tiny_models import TinySpec
+
+WORLD_SIZE = 4
+NUM_EXPERTS = 4
+SPECS = {
+    # full attention on layers 1 and 3, layer 0 dense (mlp_only_layers), the rest MoE
+    "next": TinySpec("qwen3_next", full_attention=(1, 3), mlp_only_layers=(0,)),
+    "q35": TinySpec("qwen3_5"),  # dense, full attention on layer 3
+    "q35_moe": TinySpec("qwen3_5_moe", full_attention=(0, 2)),
+}
+DENSE = {"next": range(1), "q35": range(4), "q35_moe": range(0)}
+
+CASES = [
+    # TP 2 (delta-net heads and in_proj blocks split), uneven PP, experts over EP 2 with ETP 1, local names.
+    MegatronCase("next", Layout(2, 2, 1, (1, 3), ep=2, etp=1), custom="1,3"),
+    # TE names (in_proj.layer_norm_weight, linear_qkv.layer_norm_weight), EP 2 x ETP 2.
+    MegatronCase("next", Layout(2, 1, 1, (4,), ep=2), impl="transformer_engine"),
+    # Qwen3.5 dense: TP 2, PP 3+1, TE names (fused dense pre-MLP norm too).
+    MegatronCase("q35", Layout(2, 2, 1, (3, 1)), impl="transformer_engine", custom="3,1"),
+    # Qwen3.5 MoE: PP 2, EP 2, local names; then TP 2 with whole experts and grouped-GEMM TE names.
+    MegatronCase("q35_moe", Layout(1, 2, 1, (2, 2), ep=2)),
+    MegatronCase("q35_moe", Layout(2, 1, 1, (4,), ep=2, etp=1), impl="transformer_engine", grouped=True),
+]
+
+
+def _swap_in_proj_blocks(mcore_dir: Path, layer_key: str, v_rows: tuple[int, int], z_rows: tuple[int, int]) -> None:
+    """Exchange the v and z blocks of one in_proj in every rank file that holds it (same shapes)."""
+    for rank_file in sorted(mcore_dir.glob("release/*/model_optim_rng.pt")):
+        ckpt = torch.load(rank_file, map_location="cpu", weights_only=False)
+        weight = ckpt["model"].get(layer_key)
+        if weight is None:
+            continue
+        v, z = weight[v_rows[0]:v_rows[1]].clone(), weight[z_rows[0]:z_rows[1]].clone()
+        weight[v_rows[0]:v_rows[1]], weight[z_rows[0]:z_rows[1]] = z, v
+        torch.save(ckpt, rank_file)
+
+
+def test_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str], tmp_path: Path) -> None:
+    hf_dirs = {name: tiny_hf(spec) for name, spec in SPECS.items()}
+    jobs = [convert_case(case, hf_dirs[case.model], tmp_path / f"case{i}") for i, case in enumerate(CASES)]
+    # Negative: in layer 0 (a delta-net layer) the v and z blocks of each TP rank's in_proj
+    # exchanged (4 key heads of 8, 8 value heads of 16 -> per rank q 16, k 16, v 64, z 64 rows):
+    # keys and shapes agree, only the logits can tell.
+    swapped = Path(shutil.copytree(jobs[0].mcore_dir, tmp_path / "neg_in_proj_swap"))
+    _swap_in_proj_blocks(swapped, "decoder.layers.0.self_attention.in_proj.weight", (32, 96), (96, 160))
+    negatives = [CheckJob(jobs[0].hf_dir, str(swapped), jobs[0].layout, check_logits=True)]
+
+    all_jobs = jobs + negatives
+    results = run_checks(WORLD_SIZE, all_jobs)
+
+    assert_all_ok([r for r in results if r["job"] < len(jobs)], jobs, WORLD_SIZE)
+    for index, case in enumerate(CASES):
+        job_results = [r for r in results if r["job"] == index]
+        assert len(job_results) == WORLD_SIZE and all(len(r["files"]) == 1 and r["ok"] for r in job_results), index
+        layout = case.layout
+        for res in job_results:
+            assert res["layers_per_chunk"] == [layout.layers_per_vstage[res["pp_rank"]]], (index, res)
+            if SPECS[case.model].family != "qwen3_5":
+                assert res["local_experts"] == expected_local_experts(
+                    layout, res["pp_rank"], res["ep_rank"], NUM_EXPERTS, DENSE[case.model]), (index, res)
+        diffs = [r["max_abs_diff"] for r in job_results if r["max_abs_diff"] is not None]
+        assert len(diffs) == 1 and diffs[0] <= 1e-4, (index, diffs)
+        if case.impl == "transformer_engine" or case.grouped:
+            assert all(r["renamed"] > 0 for r in job_results), index
+
+    problems = job_problems(results, all_jobs, WORLD_SIZE)
+    assert sorted(problems) == [len(jobs)], problems
+    assert "logits max|diff|" in "\n".join(problems[len(jobs)]), problems[len(jobs)]
+    assert all(r["ok"] for r in results if r["job"] == len(jobs))  # strict loads passed
