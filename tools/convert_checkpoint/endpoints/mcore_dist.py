@@ -32,7 +32,7 @@ import torch
 
 from .. import tensor_expr as tx
 from ..config.resolve import param_dtype
-from ..core.canonical import CanonicalTensor, Split
+from ..core.canonical import CanonicalTensor, Sections, Split
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
 from ..errors import ConversionError
 from ..formats import dcp
@@ -132,6 +132,7 @@ class DistSource(CanonicalSource):
 
     def canonical(self, tensors: list[CanonicalTensor], model: ModelInfo,
                   flags: LayoutRequest) -> tuple[dict[str, Expr], ParallelLayout]:
+        _refuse_gated_delta_net(tensors, model)
         pieces, shapes, owner = self._pieces()
         out: dict[str, Expr] = {}
         for t in tensors:
@@ -371,6 +372,7 @@ class DistTarget(CanonicalTarget):
         The layout flags do not change the tensors (torch_dist is global); they go into the
         saved args, with the padded vocabulary, as the layout to train with."""
         arch = model.arch
+        _refuse_gated_delta_net(tensors, model)
         layout = self._layout = layout_from_flags(self.flags, self.vocab, arch)
         validate_tensor_parallel(arch, tensors, layout)
         self.args = mcore_args(model, layout, self.vocab)
@@ -480,6 +482,15 @@ class DistTarget(CanonicalTarget):
         dcp.write_metadata(os.path.join(self.data_dir, dcp.METADATA_NAME), metadata)
         write_text(os.path.join(self.data_dir, METADATA_JSON), json.dumps(BACKEND))
         write_text(os.path.join(self.target_dir, TRACKER_NAME), "release")
+
+
+def _refuse_gated_delta_net(tensors: list[CanonicalTensor], model: ModelInfo) -> None:
+    """Megatron saves a GatedDeltaNet's in_proj and conv1d as one sharded key per block
+    (``in_proj.weight.query`` ...) in per-layer (heterogeneous) checkpoints; not mapped yet."""
+    blocks = next((t.name for t in tensors if isinstance(t.split, Sections)), None)
+    if blocks is not None:
+        raise ConversionError(f"torch_dist checkpoints of {model.arch.family} models are not supported yet (gated "
+                              f"delta-net tensor {blocks}); use legacy rank files (--ckpt_format torch)")
 
 
 def _row_blocks(t: CanonicalTensor, expr: Expr) -> list[tuple[int, int]]:
