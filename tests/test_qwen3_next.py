@@ -233,8 +233,8 @@ def test_layer_pattern_that_disagrees_with_the_tensors(tiny_hf, tmp_path, capsys
 
 
 def test_torch_dist_is_refused(tiny_hf, tmp_path, capsys):
-    out = str(tmp_path / "out")
+    hf_dir, out = tiny_hf(Q35), str(tmp_path / "out")
     capsys.readouterr()
-    assert_fails(capsys, hf_to_mcore(tiny_hf(Q35), out, ckpt_format="torch_dist"), out,
+    assert_fails(capsys, hf_to_mcore(hf_dir, out, ckpt_format="torch_dist"), out,
                  "torch_dist checkpoints of qwen3_5 models are not supported yet",
                  "decoder.layers.0.self_attention.in_proj.weight")
