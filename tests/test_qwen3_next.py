@@ -238,3 +238,18 @@ def test_torch_dist_is_refused(tiny_hf, tmp_path, capsys):
     assert_fails(capsys, hf_to_mcore(hf_dir, out, ckpt_format="torch_dist"), out,
                  "torch_dist checkpoints of qwen3_5 models are not supported yet",
                  "decoder.layers.0.self_attention.in_proj.weight")
+
+
+def test_mtp_head_is_not_dropped_silently(tiny_hf, tmp_path, capsys):
+    """Published Qwen3-Next checkpoints carry an MTP head (mtp.*) that no convertor maps yet: the
+    run stops naming it instead of dropping it."""
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "hf"
+    shutil.copytree(tiny_hf(NEXT), bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["mtp.fc.weight"] = torch.zeros(HIDDEN, 2 * HIDDEN)
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    out = str(tmp_path / "out")
+    capsys.readouterr()
+    assert_fails(capsys, hf_to_mcore(str(bad), out), out, "unmapped tensor mtp.fc.weight")
