@@ -18,6 +18,7 @@ from helpers import assert_same_tensors, hf_to_mcore, mcore_to_hf, rank_files
 from tiny_models import TinySpec
 
 NEXT = TinySpec("qwen3_next", full_attention=(1, 3), mlp_only_layers=(0,))  # layer 0 dense, 1 and 3 full attention
+NEXT_MTP = TinySpec("qwen3_next", full_attention=(1, 3), mtp_layers=1)  # plus the MTP head (mtp.*)
 Q35 = TinySpec("qwen3_5")  # dense; full attention on layer 3 (transformers' default interval 4)
 Q35_MOE = TinySpec("qwen3_5_moe", full_attention=(0, 2))
 # tiny_models: 4 key heads of 8, 8 value heads of 16, conv kernel 4; 8 attention heads of 16 in 4 groups
@@ -52,7 +53,7 @@ def _round_trip(hf_dir: str, tmp_path, layout) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
-@pytest.mark.parametrize("spec", [NEXT, Q35, Q35_MOE], ids=lambda s: s.family)
+@pytest.mark.parametrize("spec", [NEXT, NEXT_MTP, Q35, Q35_MOE], ids=lambda s: s.family + ("-mtp" if s.mtp_layers else ""))
 def test_round_trip_bit_exact(tiny_hf, tmp_path, spec, layout):
     if spec.family == "qwen3_5":  # dense: no expert flags
         layout = (*layout[:3], 1, None, False, layout[6])
@@ -240,9 +241,9 @@ def test_torch_dist_is_refused(tiny_hf, tmp_path, capsys):
                  "decoder.layers.0.self_attention.in_proj.weight")
 
 
-def test_mtp_head_is_not_dropped_silently(tiny_hf, tmp_path, capsys):
-    """Published Qwen3-Next checkpoints carry an MTP head (mtp.*) that no convertor maps yet: the
-    run stops naming it instead of dropping it."""
+def test_mtp_tensors_without_mtp_layers_in_the_config(tiny_hf, tmp_path, capsys):
+    """MTP tensors (mtp.*) in a checkpoint whose config.json has no mtp_num_hidden_layers: the run
+    stops naming the first one instead of dropping it."""
     from safetensors.torch import load_file, save_file
 
     bad = tmp_path / "hf"
@@ -253,3 +254,22 @@ def test_mtp_head_is_not_dropped_silently(tiny_hf, tmp_path, capsys):
     out = str(tmp_path / "out")
     capsys.readouterr()
     assert_fails(capsys, hf_to_mcore(str(bad), out), out, "unmapped tensor mtp.fc.weight")
+
+
+def test_mtp_head_lands_on_the_last_stage(tiny_hf, tmp_path):
+    """mtp.fc / pre_fc_norm_embedding / pre_fc_norm_hidden / norm -> eh_proj / enorm / hnorm /
+    final_layernorm; mtp.layers.0 -> the MTP transformer layer (full attention, MoE), on the last
+    pipeline stage; eh_proj split by rows over TP."""
+    hf_dir = tiny_hf(NEXT_MTP)
+    hf = load_hf_tensors(hf_dir)
+    files = _round_trip(hf_dir, tmp_path, (2, 2, "1,3", 1, None, False, "transformer_engine"))
+    assert not any(k.startswith("mtp.") for k in files["mp_rank_00_000"]["model"])
+    for t in range(2):
+        sd = files[f"mp_rank_0{t}_001"]["model"]
+        assert torch.equal(sd["mtp.layers.0.eh_proj.weight"], hf["mtp.fc.weight"].chunk(2)[t])
+        for hf_name, mc in (("pre_fc_norm_embedding", "enorm"), ("pre_fc_norm_hidden", "hnorm"), ("norm", "final_layernorm")):
+            assert torch.equal(sd[f"mtp.layers.0.{mc}.weight"], hf[f"mtp.{hf_name}.weight"])
+        inner = "mtp.layers.0.transformer_layer."
+        assert torch.equal(sd[inner + "self_attention.linear_qkv.layer_norm_weight"], hf["mtp.layers.0.input_layernorm.weight"])
+        assert torch.equal(sd[inner + "mlp.shared_experts.gate_weight"], hf["mtp.layers.0.mlp.shared_expert_gate.weight"])
+        assert not any(k.startswith(inner + "self_attention.in_proj") for k in sd)

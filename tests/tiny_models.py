@@ -170,9 +170,42 @@ def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
     model.to(spec.dtype)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
-    if spec.mtp_layers:
+    if spec.mtp_layers and spec.family == "qwen3_next":
+        add_qwen3_next_mtp(path, spec.num_layers)
+    elif spec.mtp_layers:
         add_mtp_layers(path, spec.num_layers, spec.mtp_layers)
     return path
+
+
+def add_qwen3_next_mtp(path: str, num_layers: int, seed: int = 1) -> None:
+    """Qwen3-Next's MTP head on disk (transformers builds none): ``mtp.layers.0.*`` a decoder
+    layer with the last (full-attention) layer's shapes, ``mtp.fc`` over [embedding; hidden],
+    ``mtp.pre_fc_norm_embedding`` / ``pre_fc_norm_hidden`` / ``norm``; config.json's
+    mtp_num_hidden_layers = 1."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    gen = torch.Generator().manual_seed(seed)
+    last = f"model.layers.{num_layers - 1}."
+    hidden = tensors["model.norm.weight"].shape[0]
+    dtype = tensors["model.norm.weight"].dtype
+    for name, value in list(tensors.items()):
+        if name.startswith(last):
+            noise = torch.randn(value.shape, generator=gen).to(dtype) * 0.1
+            tensors["mtp.layers.0." + name[len(last):]] = (value + noise).contiguous()
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        tensors[f"mtp.{norm}.weight"] = (0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    tensors["mtp.fc.weight"] = (0.05 * torch.randn(hidden, 2 * hidden, generator=gen)).to(dtype)
+    save_file(tensors, file, metadata={"format": "pt"})
+    config_file = os.path.join(path, "config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    config["mtp_num_hidden_layers"] = 1
+    with open(config_file, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 # DeepSeek-V3's FP8 tensors (formats.md §1): attention and MLP weight matrices, in every layer

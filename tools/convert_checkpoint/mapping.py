@@ -39,9 +39,14 @@ def build_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConverto
         assert family.mtp is not None
         # HF stores MTP layer k as decoder layer num_layers + k; it is as MoE as the last layer.
         layer = arch.num_layers + k
-        hf_prefix = family.mtp.layer_prefix.format(layer=layer)
+        hf_prefix = family.mtp.layer_prefix.format(layer=layer, mtp=k)
+        module_prefix = (family.mtp.module_prefix or family.mtp.layer_prefix).format(layer=layer, mtp=k)
+        first = (family.mtp.module_prefix or family.mtp.layer_prefix).format(layer=arch.num_layers, mtp=0)
+        if k and module_prefix == first:
+            raise ConversionError(f"model family {family.name} stores one set of MTP tensors ({module_prefix}*), "
+                                  f"so it cannot hold {arch.mtp_num_layers} MTP layers")
         mcore_prefix = f"mtp.layers.{k}."
-        convertors += [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.mtp.modules]
+        convertors += [create(spec, arch, module_prefix, mcore_prefix) for spec in family.mtp.modules]
         convertors += _layer_convertors(family, arch, layer, hf_prefix, f"{mcore_prefix}{MTP_INNER_LAYER}.")
     return convertors
 

@@ -43,8 +43,10 @@ class ModuleSpec:
 class MtpSpec:
     """DeepSeek multi-token prediction: layer k is stored in HF as decoder layer num_layers + k."""
 
-    layer_prefix: str  # HF, with {layer} = num_layers + k
+    layer_prefix: str  # HF, with {layer} = num_layers + k (or {mtp} = k)
     modules: tuple[ModuleSpec, ...]  # the MTP-specific tensors (norms, eh_proj, copies)
+    # HF prefix of those tensors when it is not the layer's (Qwen3-Next: mtp.fc.weight beside mtp.layers.0.*)
+    module_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,10 @@ def _mtp(data: Any, path: str) -> MtpSpec | None:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("layer_prefix"), str):
         raise ConversionError(f"convert YAML {path}: weights.mtp needs a 'layer_prefix' string and 'modules'")
-    return MtpSpec(data["layer_prefix"], _modules(data.get("modules", []), path, "mtp.modules"))
+    module_prefix = data.get("module_prefix")
+    if module_prefix is not None and not isinstance(module_prefix, str):
+        raise ConversionError(f"convert YAML {path}: weights.mtp.module_prefix must be a string")
+    return MtpSpec(data["layer_prefix"], _modules(data.get("modules", []), path, "mtp.modules"), module_prefix)
 
 
 def load_family(path: str) -> FamilySpec:
