@@ -494,6 +494,7 @@ def _read_linear_attention(cfg: Mapping[str, Any], model_type: str) -> dict[str,
                                     "linear_value_head_dim", "linear_conv_kernel_dim")},
         "attention_output_gate": True,
         "zero_centered_norm": True,
+        "mtp_layers": int(cfg.get("mtp_num_hidden_layers") or 0),  # Qwen3-Next's mtp.* head
     }
 
 
@@ -1319,6 +1320,8 @@ class _Worker:
             mtp_spec = None
             if arch.linear_attention:
                 spec = _hybrid_block_spec(config, arch, vp_stage, pp_rank)
+                if arch.mtp_layers:
+                    mtp_spec = _hybrid_mtp_block_spec(config, spec, arch, vp_stage, pp_rank)
             elif arch.mla or arch.moe_layers:
                 spec = self.block_spec(config, vp_stage, pp_rank, mla=arch.mla)
                 if arch.mtp_layers:
@@ -1700,6 +1703,19 @@ def _hybrid_block_spec(config: Any, arch: HFArch, vp_stage: int | None, pp_rank:
         local = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
     final_norm = norm or layer_specs[0].submodules.pre_mlp_layernorm
     return TransformerBlockSubmodules(layer_specs=[layer_specs[i] for i in local], layer_norm=final_norm)
+
+
+def _hybrid_mtp_block_spec(config: Any, block: Any, arch: HFArch, vp_stage: int | None, pp_rank: int) -> Any:
+    """megatron's local MTP block spec over the stage's last layer spec (None off the last
+    stage), its enorm / hnorm / final norm the zero-centered stand-in (W11)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    mtp = get_gpt_mtp_block_spec(config, block, use_transformer_engine=False, vp_stage=vp_stage, pp_rank=pp_rank)
+    if mtp is not None and arch.zero_centered_norm:
+        norm = _zero_centered_norm_class()
+        for layer_spec in mtp.layer_specs:
+            layer_spec.submodules.enorm = layer_spec.submodules.hnorm = layer_spec.submodules.layer_norm = norm
+    return mtp
 
 
 def _patch_gated_delta_net(gdn: Any) -> None:
