@@ -273,3 +273,24 @@ def test_mtp_head_lands_on_the_last_stage(tiny_hf, tmp_path):
         assert torch.equal(sd[inner + "self_attention.linear_qkv.layer_norm_weight"], hf["mtp.layers.0.input_layernorm.weight"])
         assert torch.equal(sd[inner + "mlp.shared_experts.gate_weight"], hf["mtp.layers.0.mlp.shared_expert_gate.weight"])
         assert not any(k.startswith(inner + "self_attention.in_proj") for k in sd)
+
+
+def test_pattern_from_full_attention_interval(tiny_hf, tmp_path):
+    """A config.json without layer_types (as Qwen3-Next-80B's): full_attention_interval 2 makes
+    layers 1 and 3 full attention, as transformers reads it; the round trip keeps that config."""
+    src = _copy_with_config(tiny_hf(NEXT), tmp_path / "hf", full_attention_interval=2)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    del cfg["layer_types"]
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    files = _round_trip(src, tmp_path, (2, 1, None, 1, None, False, "local"))
+    assert list(files["mp_rank_00"]["args"].convert_checkpoint_arch["linear_attention_pattern"]) == [1, 0, 1, 0]
+
+
+def test_pattern_default_is_transformers(tiny_hf, tmp_path):
+    """Neither layer_types nor full_attention_interval: transformers' interval 4 (layer 3 full)."""
+    src = _copy_with_config(tiny_hf(Q35), tmp_path / "hf")
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    del cfg["layer_types"]
+    json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+    files = _round_trip(src, tmp_path, (1, 1, None, 1, None, False, "local"))
+    assert list(files["mp_rank_00"]["args"].convert_checkpoint_arch["linear_attention_pattern"]) == [1, 1, 1, 0]

@@ -272,8 +272,9 @@ def linear_attention_pattern(config: Mapping[str, Any], rule: Mapping[str, Any],
     """Which layers are gated delta-net layers, from the family's ``hf_config.attention_layers`` rule:
     ``types`` names config.json's per-layer list (Qwen3-Next's layer_types, "linear_attention" or
     "full_attention"), ``interval`` its fallback (full_attention_interval: layer l has full
-    attention when (l + 1) % interval == 0)."""
-    unknown = sorted(set(rule) - {"types", "interval"})
+    attention when (l + 1) % interval == 0), ``default_interval`` transformers' value when
+    config.json has neither."""
+    unknown = sorted(set(rule) - {"types", "interval", "default_interval"})
     if unknown:
         raise ConversionError(f"convert YAML hf_config.attention_layers: unknown key(s) {', '.join(unknown)}")
     types = _lookup(config, rule["types"]) if "types" in rule else None
@@ -287,6 +288,8 @@ def linear_attention_pattern(config: Mapping[str, Any], rule: Mapping[str, Any],
                                   f"{LINEAR_ATTENTION!r} or {FULL_ATTENTION!r}")
         return tuple(int(t == LINEAR_ATTENTION) for t in types)
     interval = _lookup(config, rule["interval"]) if "interval" in rule else None
+    if interval is None:
+        interval = rule.get("default_interval")
     if not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0:
         raise ConversionError(f"config.json: needs {rule.get('types', 'layer_types')} or a positive "
                               f"{rule.get('interval', 'full_attention_interval')}, got {interval!r}")
