@@ -1594,8 +1594,13 @@ class _Worker:
         # Padded vocab rows are not part of the model: compare real columns only.
         diff = (full[..., : arch.vocab_size] - reference).abs().max().item()
         mtp_diff = None
-        if arch.mtp_layers:
+        if arch.mtp_layers and arch.linear_attention:
+            with tempfile.TemporaryDirectory(prefix="qwen3_next_mtp_") as ref_dir:
+                _qwen3_next_mtp_as_decoder_layer(job.hf_dir, ref_dir, arch)
+                mtp_reference = _hf_mtp_logits(ref_dir, input_ids, arch.num_layers, arch.mtp_layers)
+        elif arch.mtp_layers:
             mtp_reference = _hf_mtp_logits(job.hf_dir, input_ids, arch.num_layers, arch.mtp_layers)
+        if arch.mtp_layers:
             mtp_diff = max(
                 float((ours[..., : arch.vocab_size] - ref).abs().max().item())
                 for ours, ref in zip(full_mtp, mtp_reference)
@@ -2008,7 +2013,8 @@ def _hf_mtp_logits(hf_dir: str, input_ids: Any, num_layers: int, mtp_layers: int
         for part in ("enorm", "hnorm", "eh_proj", "shared_head.norm")
     ]
     weights = _hf_tensors(hf_dir, names)
-    norm_class, eps = type(inner.norm), inner.norm.variance_epsilon
+    # (Qwen3-Next's RMSNorm names its epsilon ``eps``)
+    norm_class, eps = type(inner.norm), getattr(inner.norm, "variance_epsilon", getattr(inner.norm, "eps", None))
 
     def norm(weight: Any) -> Any:
         module = norm_class(weight.shape[0], eps=eps)
@@ -2059,6 +2065,36 @@ def _hf_mtp_logits(hf_dir: str, input_ids: Any, num_layers: int, mtp_layers: int
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _qwen3_next_mtp_as_decoder_layer(hf_dir: str, out_dir: str, arch: HFArch) -> None:
+    """Qwen3-Next's MTP head rewritten as ``_hf_mtp_logits`` reads DeepSeek's: ``mtp.layers.0.*``
+    as decoder layer ``model.layers.{n}`` (a full-attention layer appended to ``layer_types``),
+    ``mtp.fc`` / ``pre_fc_norm_embedding`` / ``pre_fc_norm_hidden`` / ``norm`` as that layer's
+    ``eh_proj`` / ``enorm`` / ``hnorm`` / ``shared_head.norm``. The norms are transformers' own
+    Qwen3-Next RMSNorm (x * (1 + w)), as for the model's other norms."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if arch.mtp_layers != 1:
+        raise CheckFailure(f"Qwen3-Next MTP reference for 1 layer, got {arch.mtp_layers}")
+    n = arch.num_layers
+    renames = {"mtp.fc.weight": f"model.layers.{n}.eh_proj.weight",
+               "mtp.pre_fc_norm_embedding.weight": f"model.layers.{n}.enorm.weight",
+               "mtp.pre_fc_norm_hidden.weight": f"model.layers.{n}.hnorm.weight",
+               "mtp.norm.weight": f"model.layers.{n}.shared_head.norm.weight"}
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(hf_dir).glob("*.safetensors")):
+        for name, value in load_file(str(file)).items():
+            if name.startswith("mtp.layers.0."):
+                name = f"model.layers.{n}." + name[len("mtp.layers.0."):]
+            tensors[renames.get(name, name)] = value
+    save_file(tensors, str(Path(out_dir, "model.safetensors")), metadata={"format": "pt"})
+    cfg = json.loads(Path(hf_dir, "config.json").read_text())
+    cfg["layer_types"] = [*["linear_attention" if x else "full_attention" for x in arch.linear_attention],
+                          "full_attention"]
+    cfg["num_hidden_layers"] = n + 1
+    Path(out_dir, "config.json").write_text(json.dumps(cfg))
 
 
 def _all_ranks_true(flag: bool) -> bool:

@@ -14,7 +14,9 @@ refuses layernorm_zero_centered_gamma) and the gated delta rule on megatron's ow
 Every rank file loads with strict=True into the model megatron-core builds for its rank (so its
 key set and shapes are that model's), and the logits of the whole pipeline match transformers'
 within 1e-4. Qwen3-Next's MTP head (megatron's MTP layer over the last layer's spec: full
-attention, MoE) is checked by the strict load only: transformers has no module to compare with.
+attention, MoE): transformers has no MTP module, so its reference is transformers' own decoder
+layer, norms and LM head with the HF MTP weights (mcore_harness._qwen3_next_mtp_as_decoder_layer
+rewrites them the way _hf_mtp_logits reads DeepSeek's), within 1e-4 too.
 One spawn of 4 workers runs every layout.
 """
 from __future__ import annotations
@@ -41,8 +43,6 @@ SPECS = {
     "next_mtp": TinySpec("qwen3_next", full_attention=(1, 3), mtp_layers=1),
 }
 DENSE = {"next": range(1), "q35": range(4), "q35_moe": range(0), "next_mtp": range(0)}
-# transformers has no Qwen3-Next MTP module to compare with: its rank files are strict-loaded only.
-LOGITS = {"next": True, "q35": True, "q35_moe": True, "next_mtp": False}
 
 CASES = [
     # TP 2 (delta-net heads and in_proj blocks split), uneven PP, experts over EP 2 with ETP 1, local names.
@@ -54,7 +54,7 @@ CASES = [
     # Qwen3.5 MoE: PP 2, EP 2, local names; then TP 2 with whole experts and grouped-GEMM TE names.
     MegatronCase("q35_moe", Layout(1, 2, 1, (2, 2), ep=2)),
     MegatronCase("q35_moe", Layout(2, 1, 1, (4,), ep=2, etp=1), impl="transformer_engine", grouped=True),
-    # The MTP layer on the last stage with TE names: strict load only (see LOGITS).
+    # Qwen3-Next's MTP layer on the last stage, TE names; its logits too.
     MegatronCase("next_mtp", Layout(2, 2, 1, (1, 3), ep=2, etp=1), impl="transformer_engine", custom="1,3"),
 ]
 
@@ -74,13 +74,23 @@ def _swap_in_proj_blocks(mcore_dir: Path, layer_key: str, v_rows: tuple[int, int
 def test_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str], tmp_path: Path) -> None:
     hf_dirs = {name: tiny_hf(spec) for name, spec in SPECS.items()}
     jobs = [convert_case(case, hf_dirs[case.model], tmp_path / f"case{i}") for i, case in enumerate(CASES)]
-    jobs = [job if LOGITS[case.model] else dataclasses.replace(job, check_logits=False) for job, case in zip(jobs, CASES)]
     # Negative: in layer 0 (a delta-net layer) the v and z blocks of each TP rank's in_proj
     # exchanged (4 key heads of 8, 8 value heads of 16 -> per rank q 16, k 16, v 64, z 64 rows):
     # keys and shapes agree, only the logits can tell.
     swapped = Path(shutil.copytree(jobs[0].mcore_dir, tmp_path / "neg_in_proj_swap"))
     _swap_in_proj_blocks(swapped, "decoder.layers.0.self_attention.in_proj.weight", (32, 96), (96, 160))
-    negatives = [CheckJob(jobs[0].hf_dir, str(swapped), jobs[0].layout, check_logits=True)]
+    # Negative: the MTP layer's enorm and hnorm exchanged (same shapes): only its logits can tell.
+    mtp_case = next(i for i, case in enumerate(CASES) if SPECS[case.model].mtp_layers)
+    mtp_swap = Path(shutil.copytree(jobs[mtp_case].mcore_dir, tmp_path / "neg_mtp_norm_swap"))
+    for rank_file in sorted(mtp_swap.glob("release/*/model_optim_rng.pt")):
+        ckpt = torch.load(rank_file, map_location="cpu", weights_only=False)
+        model = ckpt["model"]
+        if "mtp.layers.0.enorm.weight" in model:
+            model["mtp.layers.0.enorm.weight"], model["mtp.layers.0.hnorm.weight"] = (
+                model["mtp.layers.0.hnorm.weight"], model["mtp.layers.0.enorm.weight"])
+            torch.save(ckpt, rank_file)
+    negatives = [CheckJob(jobs[0].hf_dir, str(swapped), jobs[0].layout, check_logits=True),
+                 dataclasses.replace(jobs[mtp_case], mcore_dir=str(mtp_swap))]
 
     all_jobs = jobs + negatives
     results = run_checks(WORLD_SIZE, all_jobs)
@@ -98,14 +108,15 @@ def test_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str], t
                 assert res["local_experts"] == expected_local_experts(
                     layout, res["pp_rank"], res["ep_rank"], NUM_EXPERTS, DENSE[case.model]), (index, res)
         diffs = [r["max_abs_diff"] for r in job_results if r["max_abs_diff"] is not None]
-        if LOGITS[case.model]:
-            assert len(diffs) == 1 and diffs[0] <= 1e-4, (index, diffs)
-        else:
-            assert diffs == [], (index, diffs)
+        assert len(diffs) == 1 and diffs[0] <= 1e-4, (index, diffs)
+        mtp_diffs = [r["mtp_max_abs_diff"] for r in job_results if r["mtp_max_abs_diff"] is not None]
+        assert len(mtp_diffs) == (1 if mtp else 0) and all(d <= 1e-4 for d in mtp_diffs), (index, mtp_diffs)
         if case.impl == "transformer_engine" or case.grouped:
             assert all(r["renamed"] > 0 for r in job_results), index
 
     problems = job_problems(results, all_jobs, WORLD_SIZE)
-    assert sorted(problems) == [len(jobs)], problems
+    assert sorted(problems) == [len(jobs), len(jobs) + 1], problems
     assert "logits max|diff|" in "\n".join(problems[len(jobs)]), problems[len(jobs)]
-    assert all(r["ok"] for r in results if r["job"] == len(jobs))  # strict loads passed
+    assert problems[len(jobs) + 1] == [p for p in problems[len(jobs) + 1] if p.startswith("MTP logits max|diff|")], (
+        problems[len(jobs) + 1])  # the main logits still match
+    assert all(r["ok"] for r in results if r["job"] >= len(jobs))  # strict loads passed
