@@ -31,6 +31,7 @@ LAYOUTS = [
     (2, 2, "1,3", 2, 1, False, "local"),
     (1, 2, "3,1", 2, None, True, "transformer_engine"),
     (2, 2, "3,1", 1, None, False, "transformer_engine"),
+    (4, 1, None, 1, None, False, "local"),  # one key head (two value heads) per rank
 ]
 
 
@@ -294,3 +295,11 @@ def test_pattern_default_is_transformers(tiny_hf, tmp_path):
     json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
     files = _round_trip(src, tmp_path, (1, 1, None, 1, None, False, "local"))
     assert list(files["mp_rank_00"]["args"].convert_checkpoint_arch["linear_attention_pattern"]) == [1, 1, 1, 0]
+
+
+def test_more_mtp_layers_than_the_head_holds(tiny_hf, tmp_path, capsys):
+    """Qwen3-Next stores one mtp.fc / mtp.*norm set: two MTP layers cannot be mapped."""
+    bad = _copy_with_config(tiny_hf(NEXT_MTP), tmp_path / "hf", mtp_num_hidden_layers=2)
+    out = str(tmp_path / "out")
+    capsys.readouterr()
+    assert_fails(capsys, hf_to_mcore(bad, out), out, "stores one set of MTP tensors (mtp.*)", "2 MTP layers")
