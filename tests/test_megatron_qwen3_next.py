@@ -13,8 +13,8 @@ refuses layernorm_zero_centered_gamma) and the gated delta rule on megatron's ow
 
 Every rank file loads with strict=True into the model megatron-core builds for its rank (so its
 key set and shapes are that model's), and the logits of the whole pipeline match transformers'
-within 1e-4. Qwen3-Next's MTP head (megatron's MTP layer over the last layer's spec: full
-attention, MoE): transformers has no MTP module, so its reference is transformers' own decoder
+within 1e-4. The MTP head of Qwen3-Next and Qwen3.5 (megatron's MTP layer over the last layer's
+spec: full attention, MoE or dense): transformers has no MTP module, so its reference is transformers' own decoder
 layer, norms and LM head with the HF MTP weights (mcore_harness._qwen3_next_mtp_as_decoder_layer
 rewrites them the way _hf_mtp_logits reads DeepSeek's), within 1e-4 too.
 One spawn of 4 workers runs every layout.
@@ -37,7 +37,7 @@ NUM_EXPERTS = 4
 SPECS = {
     # full attention on layers 1 and 3, layer 0 dense (mlp_only_layers), the rest MoE
     "next": TinySpec("qwen3_next", full_attention=(1, 3), mlp_only_layers=(0,)),
-    "q35": TinySpec("qwen3_5"),  # dense, full attention on layer 3
+    "q35": TinySpec("qwen3_5", mtp_layers=1),  # dense, full attention on layer 3; the MTP head
     "q35_moe": TinySpec("qwen3_5_moe", full_attention=(0, 2)),
     # the MTP head (mtp.fc, norms, mtp.layers.0: full attention + MoE), as published
     "next_mtp": TinySpec("qwen3_next", full_attention=(1, 3), mtp_layers=1),
@@ -49,7 +49,7 @@ CASES = [
     MegatronCase("next", Layout(2, 2, 1, (1, 3), ep=2, etp=1), custom="1,3"),
     # TE names (in_proj.layer_norm_weight, linear_qkv.layer_norm_weight), EP 2 x ETP 2.
     MegatronCase("next", Layout(2, 1, 1, (4,), ep=2), impl="transformer_engine"),
-    # Qwen3.5 dense: TP 2, PP 3+1, TE names (fused dense pre-MLP norm too).
+    # Qwen3.5 dense: TP 2, PP 3+1, TE names (fused dense pre-MLP norm too), its MTP layer on stage 1.
     MegatronCase("q35", Layout(2, 2, 1, (3, 1)), impl="transformer_engine", custom="3,1"),
     # Qwen3.5 MoE: PP 2, EP 2, local names; then TP 2 with whole experts and grouped-GEMM TE names.
     MegatronCase("q35_moe", Layout(1, 2, 1, (2, 2), ep=2)),

@@ -21,6 +21,7 @@ NEXT = TinySpec("qwen3_next", full_attention=(1, 3), mlp_only_layers=(0,))  # la
 NEXT_MTP = TinySpec("qwen3_next", full_attention=(1, 3), mtp_layers=1)  # plus the MTP head (mtp.*)
 Q35 = TinySpec("qwen3_5")  # dense; full attention on layer 3 (transformers' default interval 4)
 Q35_MOE = TinySpec("qwen3_5_moe", full_attention=(0, 2))
+Q35_MTP = TinySpec("qwen3_5", mtp_layers=1)  # Qwen3.5's MTP head has the same names (its layer: dense MLP)
 # tiny_models: 4 key heads of 8, 8 value heads of 16, conv kernel 4; 8 attention heads of 16 in 4 groups
 NK, NV, DK, DV, KERNEL, HEADS, GROUPS, HEAD_DIM, HIDDEN = 4, 8, 8, 16, 4, 8, 4, 16, 64
 
@@ -54,7 +55,7 @@ def _round_trip(hf_dir: str, tmp_path, layout) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
-@pytest.mark.parametrize("spec", [NEXT, NEXT_MTP, Q35, Q35_MOE], ids=lambda s: s.family + ("-mtp" if s.mtp_layers else ""))
+@pytest.mark.parametrize("spec", [NEXT, NEXT_MTP, Q35, Q35_MTP, Q35_MOE], ids=lambda s: s.family + ("-mtp" if s.mtp_layers else ""))
 def test_round_trip_bit_exact(tiny_hf, tmp_path, spec, layout):
     if spec.family == "qwen3_5":  # dense: no expert flags
         layout = (*layout[:3], 1, None, False, layout[6])

@@ -170,7 +170,7 @@ def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
     model.to(spec.dtype)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
-    if spec.mtp_layers and spec.family == "qwen3_next":
+    if spec.mtp_layers and spec.family in ("qwen3_next", "qwen3_5", "qwen3_5_moe"):
         add_qwen3_next_mtp(path, spec.num_layers)
     elif spec.mtp_layers:
         add_mtp_layers(path, spec.num_layers, spec.mtp_layers)
@@ -178,7 +178,7 @@ def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
 
 
 def add_qwen3_next_mtp(path: str, num_layers: int, seed: int = 1) -> None:
-    """Qwen3-Next's MTP head on disk (transformers builds none): ``mtp.layers.0.*`` a decoder
+    """Qwen3-Next's / Qwen3.5's MTP head on disk (transformers builds none): ``mtp.layers.0.*`` a decoder
     layer with the last (full-attention) layer's shapes, ``mtp.fc`` over [embedding; hidden],
     ``mtp.pre_fc_norm_embedding`` / ``pre_fc_norm_hidden`` / ``norm``; config.json's
     mtp_num_hidden_layers = 1."""
