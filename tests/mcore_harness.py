@@ -1697,8 +1697,11 @@ def _hybrid_block_spec(config: Any, arch: HFArch, vp_stage: int | None, pp_rank:
                 submodules=gdn.GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=norm or sub.input_layernorm,
                                                        out_proj=RowParallelLinear),
             )
-            sub.sharded_state_dict_keys_map = {**sub.sharded_state_dict_keys_map,
-                                               "input_layernorm.": "self_attention.in_proj.layer_norm_"}
+        # The keys of megatron's TE block: each input norm fused into the linear after it
+        # (in_proj or linear_qkv), the pre-MLP norm into a dense fc1; MoE layers keep theirs.
+        fused = "self_attention.in_proj.layer_norm_" if arch.linear_attention[layer] else "self_attention.linear_qkv.layer_norm_"
+        sub.sharded_state_dict_keys_map = {"input_layernorm.": fused,
+                                           **({} if moe else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})}
         layer_specs.append(spec)
     if config.pipeline_model_parallel_layout is not None:
         local = config.pipeline_model_parallel_layout.get_layer_id_list(

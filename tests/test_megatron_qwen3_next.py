@@ -13,7 +13,10 @@ refuses layernorm_zero_centered_gamma) and the gated delta rule on megatron's ow
 
 Every rank file loads with strict=True into the model megatron-core builds for its rank (so its
 key set and shapes are that model's), and the logits of the whole pipeline match transformers'
-within 1e-4. The MTP head of Qwen3-Next and Qwen3.5 (megatron's MTP layer over the last layer's
+within 1e-4. torch_dist both ways: megatron's dist_checkpointing loads what the converter writes
+(per-layer keys, GatedDeltaNet's in_proj / conv1d one key per block) at TP2 PP2 EP2 and PP2 EP2
+with logits, and the converter reads what megatron-core saves back to the HF weights bit for bit.
+The MTP head of Qwen3-Next and Qwen3.5 (megatron's MTP layer over the last layer's
 spec: full attention, MoE or dense): transformers has no MTP module, so its reference is transformers' own decoder
 layer, norms and LM head with the HF MTP weights (mcore_harness._qwen3_next_mtp_as_decoder_layer
 rewrites them the way _hf_mtp_logits reads DeepSeek's), within 1e-4 too.
@@ -28,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from fixtures import MegatronCase, convert_case, expected_local_experts
+from fixtures import MegatronCase, convert_case, expected_local_experts, load_hf_tensors
+from helpers import assert_same_tensors, hf_to_mcore, mcore_to_hf
 from mcore_harness import CheckJob, Layout, assert_all_ok, job_problems, run_checks
 from tiny_models import TinySpec
 
@@ -57,6 +61,14 @@ CASES = [
     # Qwen3-Next's MTP layer on the last stage, TE names; its logits too.
     MegatronCase("next_mtp", Layout(2, 2, 1, (1, 3), ep=2, etp=1), impl="transformer_engine", custom="1,3"),
 ]
+
+
+# torch_dist (TE names, as megatron's TE-only hybrid block saves them; layout-free, per-layer
+# keys, in_proj / conv1d one key per block) loaded by megatron's dist_checkpointing at a layout.
+DIST_LOADS = [("next_mtp", Layout(2, 2, 1, (1, 3), ep=2, etp=1)), ("q35_moe", Layout(1, 2, 1, (2, 2), ep=2))]
+# TE rank files loaded at this layout, then saved by megatron-core's own dist_checkpointing.save;
+# the converter reads that back to HF.
+DIST_SAVE = ("next", Layout(2, 1, 1, (4,), ep=2))
 
 
 def _swap_in_proj_blocks(mcore_dir: Path, layer_key: str, v_rows: tuple[int, int], z_rows: tuple[int, int]) -> None:
@@ -91,11 +103,31 @@ def test_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str], t
             torch.save(ckpt, rank_file)
     negatives = [CheckJob(jobs[0].hf_dir, str(swapped), jobs[0].layout, check_logits=True),
                  dataclasses.replace(jobs[mtp_case], mcore_dir=str(mtp_swap))]
+    dist_jobs = []
+    for i, (model, layout) in enumerate(DIST_LOADS):
+        out = str(tmp_path / f"dist{i}")
+        assert hf_to_mcore(hf_dirs[model], out, ckpt_format="torch_dist", transformer_impl="transformer_engine") == 0
+        dist_jobs.append(CheckJob(hf_dirs[model], out, layout, check_logits=True, ckpt_format="torch_dist"))
+    saved = tmp_path / "megatron_saved"
+    save_job = dataclasses.replace(
+        convert_case(MegatronCase(DIST_SAVE[0], DIST_SAVE[1], impl="transformer_engine"), hf_dirs[DIST_SAVE[0]],
+                     tmp_path / "legacy_for_save"), check_logits=False, save_torch_dist=str(saved))
+    positives = jobs + dist_jobs + [save_job]
 
-    all_jobs = jobs + negatives
+    all_jobs = positives + negatives
     results = run_checks(WORLD_SIZE, all_jobs)
 
-    assert_all_ok([r for r in results if r["job"] < len(jobs)], jobs, WORLD_SIZE)
+    assert_all_ok([r for r in results if r["job"] < len(positives)], positives, WORLD_SIZE)
+    for index, (model, _) in enumerate(DIST_LOADS, start=len(jobs)):
+        diffs = [r["max_abs_diff"] for r in results if r["job"] == index and r["max_abs_diff"] is not None]
+        assert len(diffs) == 1 and diffs[0] <= 1e-4, (index, diffs)
+        mtp_diffs = [r["mtp_max_abs_diff"] for r in results if r["job"] == index and r["mtp_max_abs_diff"] is not None]
+        assert len(mtp_diffs) == SPECS[model].mtp_layers and all(d <= 1e-4 for d in mtp_diffs), (index, mtp_diffs)
+    # megatron's own save holds no args: the architecture comes from the HF config
+    back = str(tmp_path / "back_from_megatron")
+    assert (saved / "release" / ".metadata").is_file()
+    assert mcore_to_hf(str(saved), back, hf_config_path=hf_dirs[DIST_SAVE[0]]) == 0
+    assert_same_tensors(load_hf_tensors(hf_dirs[DIST_SAVE[0]]), load_hf_tensors(back))
     for index, case in enumerate(CASES):
         job_results = [r for r in results if r["job"] == index]
         assert len(job_results) == WORLD_SIZE and all(len(r["files"]) == 1 and r["ok"] for r in job_results), index
@@ -115,8 +147,9 @@ def test_strict_load_rank_files_and_logits(tiny_hf: Callable[[TinySpec], str], t
             assert all(r["renamed"] > 0 for r in job_results), index
 
     problems = job_problems(results, all_jobs, WORLD_SIZE)
-    assert sorted(problems) == [len(jobs), len(jobs) + 1], problems
-    assert "logits max|diff|" in "\n".join(problems[len(jobs)]), problems[len(jobs)]
-    assert problems[len(jobs) + 1] == [p for p in problems[len(jobs) + 1] if p.startswith("MTP logits max|diff|")], (
-        problems[len(jobs) + 1])  # the main logits still match
-    assert all(r["ok"] for r in results if r["job"] >= len(jobs))  # strict loads passed
+    first = len(positives)
+    assert sorted(problems) == [first, first + 1], problems
+    assert "logits max|diff|" in "\n".join(problems[first]), problems[first]
+    assert problems[first + 1] == [p for p in problems[first + 1] if p.startswith("MTP logits max|diff|")], (
+        problems[first + 1])  # the main logits still match
+    assert all(r["ok"] for r in results if r["job"] >= first)  # strict loads passed

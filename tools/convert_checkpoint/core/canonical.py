@@ -27,6 +27,8 @@ class Sections:
     (the gated delta-net's in_proj [q; k; v; z; b; a] and conv1d [q; k; v])."""
 
     sizes: tuple[int, ...]
+    # Megatron's torch_dist saves each block under its own key: <name>.<block name>
+    names: tuple[str, ...] = ()
     value: ClassVar[str] = "sections"  # like Split.value, for messages
 
 

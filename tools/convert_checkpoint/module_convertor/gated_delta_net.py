@@ -31,6 +31,9 @@ from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
 LAYOUTS = ("fused", "split")
+# The blocks' names in megatron's torch_dist keys (GatedDeltaNet.sharded_state_dict)
+IN_PROJ_BLOCKS = ("query", "key", "value", "z", "beta", "alpha")
+CONV_BLOCKS = ("query", "key", "value")
 
 
 @dataclass(frozen=True)
@@ -113,8 +116,8 @@ class GatedDeltaNet(ModuleConvertor):
         s, h = self._s, self.arch.hidden_size
         in_proj, conv, out_proj = self._mc("in_proj.weight"), self._mc("conv1d.weight"), self._mc("out_proj.weight")
         return [
-            CanonicalTensor(in_proj, (sum(s.in_proj), h), Sections(s.in_proj), in_proj.rsplit(".", 1)[0]),
-            CanonicalTensor(conv, (2 * s.qk + s.v, 1, s.kernel), Sections((s.qk, s.qk, s.v))),
+            CanonicalTensor(in_proj, (sum(s.in_proj), h), Sections(s.in_proj, IN_PROJ_BLOCKS), in_proj.rsplit(".", 1)[0]),
+            CanonicalTensor(conv, (2 * s.qk + s.v, 1, s.kernel), Sections((s.qk, s.qk, s.v), CONV_BLOCKS)),
             CanonicalTensor(self._mc("A_log"), (s.nv,), Split.COLUMN),
             CanonicalTensor(self._mc("dt_bias"), (s.nv,), Split.COLUMN),
             CanonicalTensor(self._mc("out_norm.weight"), (s.dv,), Split.REPLICATED),
