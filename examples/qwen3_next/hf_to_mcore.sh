@@ -5,7 +5,7 @@
 # TP<=2), the others gated delta-net (16 key / 32 value heads); 512 routed experts + a gated
 # shared expert on every layer. Defaults: TP=2, PP=4 (12 layers each), EP=16 with whole experts
 # (ETP=1), TE grouped-GEMM names. The layer pattern and the delta-net sizes are read from
-# config.json (layer_types). Legacy rank files only (torch_dist is refused for these families).
+# config.json (layer_types or full_attention_interval), the MTP head from mtp_num_hidden_layers.
 #   HF_CKPT_PATH=/models/Qwen3-Next-80B-A3B-Instruct MCORE_CKPT_PATH=/ckpt/qwen3-next-mcore bash examples/qwen3_next/hf_to_mcore.sh
 source "$(dirname "$0")/../common.sh"
 hf_to_mcore \
