@@ -18,7 +18,9 @@ b. builds the real ``GPTModel`` chunk(s) of its rank with the *local* layer spec
    and ETP, with dense layers where the HF config has them (moe_layer_freq); Qwen2-MoE
    gets its sigmoid-gated shared expert (moe_shared_expert_gate); DeepSeek-V2/V3 get
    multi-latent attention, ungated shared experts, their router (sigmoid + expert bias +
-   expert groups + scaling for V3) and, on the last stage, MTP layers;
+   expert groups + scaling for V3) and, on the last stage, MTP layers; Qwen3-Next / Qwen3.5
+   hybrids get megatron's GatedDeltaNet and gated self-attention per layer
+   (``_hybrid_block_spec``; workarounds WQ1 zero-centered norm, WQ2 FLA-free gated delta rule);
 c. strict-loads every chunk, reporting missing / unexpected / mis-shaped keys by name
    (TE names and grouped-GEMM expert names are first mapped back to local-spec names; the
    TE spec's replicated MLA down projections are cut to the local spec's TP shard, and
@@ -1656,7 +1658,7 @@ def _linear_attention_config(arch: HFArch) -> dict[str, Any]:
         "linear_conv_kernel_dim": arch.linear_conv_kernel_dim,
         "attention_output_gate": arch.attention_output_gate,
         "layernorm_zero_centered_gamma": arch.zero_centered_norm,
-        # W12: GatedDeltaNet's torch path (torch_chunk_gated_delta_rule, nn.Conv1d) instead of FLA's
+        # WQ2: GatedDeltaNet's torch path (torch_chunk_gated_delta_rule, nn.Conv1d) instead of FLA's
         # Triton kernels, which cannot run on CPU.
         "deterministic_mode": True,
     }
@@ -1669,9 +1671,9 @@ def _hybrid_block_spec(config: Any, arch: HFArch, vp_stage: int | None, pp_rank:
     where moe_layer_freq says 1) but from local modules: megatron-core 0.16 builds that block
     only with TE. The GDN's in_proj is a ColumnParallelLinear with the input norm before it (TE
     fuses it as in_proj.layer_norm_weight: the layer's key map says so), out_proj a
-    RowParallelLinear. W11: the norms are a zero-centered RMSNorm stand-in (torch's wrapped
+    RowParallelLinear. WQ1: the norms are a zero-centered RMSNorm stand-in (torch's wrapped
     norm refuses layernorm_zero_centered_gamma; TE's computes the same x * (1 + weight)).
-    W12: FLA's l2norm is replaced by its formula, the compiled gated norm by its plain function."""
+    WQ2: FLA's l2norm is replaced by its formula, the compiled gated norm by its plain function."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.ssm import gated_delta_net as gdn
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -1715,7 +1717,7 @@ def _hybrid_block_spec(config: Any, arch: HFArch, vp_stage: int | None, pp_rank:
 
 def _hybrid_mtp_block_spec(config: Any, block: Any, arch: HFArch, vp_stage: int | None, pp_rank: int) -> Any:
     """megatron's local MTP block spec over the stage's last layer spec (None off the last
-    stage), its enorm / hnorm / final norm the zero-centered stand-in (W11)."""
+    stage), its enorm / hnorm / final norm the zero-centered stand-in (WQ1)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
     mtp = get_gpt_mtp_block_spec(config, block, use_transformer_engine=False, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -1727,7 +1729,7 @@ def _hybrid_mtp_block_spec(config: Any, block: Any, arch: HFArch, vp_stage: int 
 
 
 def _patch_gated_delta_net(gdn: Any) -> None:
-    """W12 (see _hybrid_block_spec)."""
+    """WQ2 (see _hybrid_block_spec)."""
     import torch
 
     def l2norm(x: Any, dim: int = -1, eps: float = 1e-6) -> Any:  # FLA's l2norm: x / sqrt(sum(x^2) + eps)
@@ -1743,7 +1745,7 @@ _ZERO_CENTERED_NORM: Any = None
 
 
 def _zero_centered_norm_class() -> Any:
-    """W11: RMSNorm with megatron's layernorm_zero_centered_gamma (x * (1 + weight), weight
+    """WQ1: RMSNorm with megatron's layernorm_zero_centered_gamma (x * (1 + weight), weight
     initialised to 0), computed in fp32 like Qwen3-Next's HF norm."""
     global _ZERO_CENTERED_NORM
     if _ZERO_CENTERED_NORM is not None:

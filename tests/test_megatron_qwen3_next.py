@@ -7,9 +7,9 @@ elsewhere), which it offers only with Transformer Engine; the harness builds the
 specs from local modules (mcore_harness._hybrid_block_spec): megatron's own GatedDeltaNet,
 SelfAttention, MoE layer and GPTModel, a ColumnParallelLinear in_proj with the input norm before
 it (TE-named files are renamed by the layer's key map, in_proj.layer_norm_weight ->
-input_layernorm.weight), a zero-centered RMSNorm stand-in for the norms (W11: torch's wrapped norm
+input_layernorm.weight), a zero-centered RMSNorm stand-in for the norms (WQ1: torch's wrapped norm
 refuses layernorm_zero_centered_gamma) and the gated delta rule on megatron's own torch path
-(deterministic_mode; W12: FLA's l2norm replaced by its formula) instead of FLA's Triton kernels.
+(deterministic_mode; WQ2: FLA's l2norm replaced by its formula) instead of FLA's Triton kernels.
 
 Every rank file loads with strict=True into the model megatron-core builds for its rank (so its
 key set and shapes are that model's), and the logits of the whole pipeline match transformers'

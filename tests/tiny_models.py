@@ -13,6 +13,9 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_ke
             num_hidden_layers=4, vocab_size=250, max_position_embeddings=64, rms_norm_eps=1e-6)
 
 
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")  # gated delta-net + full attention layers
+
+
 @dataclass(frozen=True)
 class TinySpec:
     family: str  # llama, qwen2, qwen3, qwen3_moe, qwen2_moe, mixtral, deepseek_v3, deepseek_v2, glm4_moe
@@ -38,8 +41,7 @@ class TinySpec:
         return (f"{self.family}_{t}_L{self.num_layers}_V{self.vocab_size}_G{self.num_key_value_heads}_"
                 f"M{self.mtp_layers}_D{self.first_dense}_Q{''.join(map(str, self.mlp_only_layers))}_{str(self.dtype)[6:]}"
                 + ("_wide" if self.wide else "") + ("_qknorm" if self.qk_norm else "")
-                + (f"_F{''.join(map(str, self.full_attention))}" if self.family.startswith("qwen3_") and
-                   self.family not in ("qwen3_moe",) else ""))
+                + (f"_F{''.join(map(str, self.full_attention))}" if self.family in HYBRID_FAMILIES else ""))
 
 
 def make_config(spec: TinySpec):
@@ -101,7 +103,7 @@ def make_config(spec: TinySpec):
                                    num_experts_per_tok=2, partial_rotary_factor=0.5)
         return MiniMaxM2Config(**dict(kw, intermediate_size=32), head_dim=16, num_local_experts=4,
                                num_experts_per_tok=2, partial_rotary_factor=0.5)
-    if spec.family in ("qwen3_next", "qwen3_5", "qwen3_5_moe"):
+    if spec.family in HYBRID_FAMILIES:
         return _qwen3_next_config(spec, kw)
     if spec.family == "deepseek_v2":  # V2-Lite style: no q-LoRA, softmax greedy routing, 2 shared experts
         return DeepseekV2Config(**mla, q_lora_rank=None, n_shared_experts=2, topk_method="greedy")
@@ -170,7 +172,7 @@ def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
     model.to(spec.dtype)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
-    if spec.mtp_layers and spec.family in ("qwen3_next", "qwen3_5", "qwen3_5_moe"):
+    if spec.mtp_layers and spec.family in HYBRID_FAMILIES:
         add_qwen3_next_mtp(path, spec.num_layers)
     elif spec.mtp_layers:
         add_mtp_layers(path, spec.num_layers, spec.mtp_layers)
