@@ -21,6 +21,9 @@ b. builds the real ``GPTModel`` chunk(s) of its rank with the *local* layer spec
    expert groups + scaling for V3) and, on the last stage, MTP layers; GPT-OSS gets linear
    and expert biases, attention sinks (learnable softmax offset), its sliding-window layers
    and the clamped SwiGLU (quick_gelu GLU with offset and clamp);
+   Qwen3-Next / Qwen3.5
+   hybrids get megatron's GatedDeltaNet and gated self-attention per layer
+   (``_hybrid_block_spec``; workarounds WQ1 zero-centered norm, WQ2 FLA-free gated delta rule);
 c. strict-loads every chunk, reporting missing / unexpected / mis-shaped keys by name
    (TE names and grouped-GEMM expert names are first mapped back to local-spec names; the
    TE spec's replicated MLA down projections are cut to the local spec's TP shard, and
@@ -299,13 +302,24 @@ class HFArch:
     sliding_window: int = 0
     window_layers: tuple[int, ...] = ()
     swiglu_limit: float | None = None
+    # Qwen3-Next / Qwen3.5: per layer 1 = gated delta-net (linear attention), 0 = full attention
+    # (megatron's linear_attention_freq list); () = no linear attention.
+    linear_attention: tuple[int, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel_dim: int = 0
+    attention_output_gate: bool = False  # q_proj carries a sigmoid gate per head
+    zero_centered_norm: bool = False  # RMSNorms compute x * (1 + weight)
 
 
 _SUPPORTED_MODEL_TYPES = (
     "llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "glm4_moe",
-    "minimax_m2", "gpt_oss",
+    "minimax_m2", "gpt_oss", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text",
 )
 _MLA_MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+_HYBRID_MODEL_TYPES = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")  # gated delta-net + gated attention
 
 
 def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
@@ -340,13 +354,13 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
             "moe_topk": int(cfg["num_experts_per_tok"]),
             "moe_renormalize": True,
         }
-    if model_type not in ("qwen2_moe", "qwen3_moe", "mixtral"):
+    if model_type not in ("qwen2_moe", "qwen3_moe", "mixtral", "qwen3_next", "qwen3_5_moe_text"):
         return {}
     # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, older versions as num_experts.
     num_experts = cfg.get("num_local_experts") or cfg["num_experts"]
     moe_layers: tuple[int, ...] = ()
     shared: dict[str, Any] = {}
-    if model_type in ("qwen2_moe", "qwen3_moe"):
+    if model_type in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text"):
         # transformers: MoE unless listed in mlp_only_layers, on every decoder_sparse_step-th layer.
         step, dense = int(cfg.get("decoder_sparse_step") or 1), set(cfg.get("mlp_only_layers") or ())
         pattern = tuple(
@@ -354,12 +368,15 @@ def _read_moe(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         )
         moe_layers = pattern if 0 in pattern else ()
         shared_ffn = int(cfg.get("shared_expert_intermediate_size") or 0)
-        if model_type == "qwen2_moe":
-            # Qwen2MoeSparseMoeBlock: routed experts + sigmoid(shared_expert_gate(x)) * shared_expert(x).
+        if model_type in ("qwen2_moe", "qwen3_next", "qwen3_5_moe_text"):
+            # Qwen2MoeSparseMoeBlock: routed experts + sigmoid(shared_expert_gate(x)) * shared_expert(x)
+            # (Qwen3-Next's and Qwen3.5's blocks are the same).
             shared = {"shared_expert_ffn_hidden_size": shared_ffn, "moe_shared_expert_gate": shared_ffn > 0}
         elif shared_ffn:
             raise ValueError("Qwen3-MoE with shared experts is not supported")
         expert_ffn, renormalize = cfg["moe_intermediate_size"], bool(cfg.get("norm_topk_prob", False))
+        if model_type == "qwen3_5_moe_text":
+            renormalize = True  # Qwen3_5MoeTopKRouter always renormalizes the top-k
     else:
         expert_ffn, renormalize = cfg["intermediate_size"], True  # Mixtral's intermediate_size is per expert
     return {
@@ -454,7 +471,7 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
     return HFArch(
         model_type=model_type,
         hidden_size=hidden,
-        ffn_hidden_size=int(cfg["intermediate_size"]),
+        ffn_hidden_size=int(cfg.get("intermediate_size") or cfg["moe_intermediate_size"]),
         num_layers=int(cfg["num_hidden_layers"]),
         num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
@@ -472,7 +489,7 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
             or bool(cfg.get("attention_bias"))
         ),
         # MLA: the q_a / kv_a layernorms are megatron's qk_layernorm (q_layernorm / kv_layernorm).
-        qk_norm=model_type in ("qwen3", "qwen3_moe", *_MLA_MODEL_TYPES)
+        qk_norm=model_type in ("qwen3", "qwen3_moe", *_MLA_MODEL_TYPES, *_HYBRID_MODEL_TYPES)
         or (model_type == "glm4_moe" and bool(cfg.get("use_qk_norm")))
         or model_type == "minimax_m2",
         full_width_qk_norm=model_type == "minimax_m2",
@@ -480,6 +497,7 @@ def read_hf_arch(hf_dir: str | os.PathLike[str]) -> HFArch:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         **_read_moe(cfg, model_type),
         **(_read_gpt_oss(cfg) if model_type == "gpt_oss" else {}),
+        **_read_linear_attention(cfg, model_type),
     )
 
 
@@ -494,6 +512,27 @@ def _read_gpt_oss(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "sliding_window": int(cfg.get("sliding_window") or 0),
         "window_layers": tuple(int(t == "sliding_attention") for t in layer_types),
         "swiglu_limit": float(cfg.get("swiglu_limit", 7.0)),
+    }
+
+
+def _read_linear_attention(cfg: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """Qwen3-Next / Qwen3.5: the linear/full attention pattern and the gated delta-net sizes."""
+    if model_type not in _HYBRID_MODEL_TYPES:
+        return {}
+    layers = int(cfg["num_hidden_layers"])
+    types = cfg.get("layer_types")
+    if types is None:
+        interval = int(cfg.get("full_attention_interval") or 4)
+        types = ["full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers)]
+    if len(types) != layers or set(types) - {"linear_attention", "full_attention"}:
+        raise ValueError(f"layer_types {types} does not fit {layers} layers")
+    return {
+        "linear_attention": tuple(int(t == "linear_attention") for t in types),
+        **{k: int(cfg[k]) for k in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                                    "linear_value_head_dim", "linear_conv_kernel_dim")},
+        "attention_output_gate": True,
+        "zero_centered_norm": True,
+        "mtp_layers": int(cfg.get("mtp_num_hidden_layers") or 0),  # Qwen3-Next's mtp.* head
     }
 
 
@@ -1166,6 +1205,7 @@ class _Worker:
             **self.moe_config(job, arch),
             **mla,
             **self.gpt_oss_config(arch),
+            **_linear_attention_config(arch),
             num_layers=arch.num_layers,
             hidden_size=arch.hidden_size,
             ffn_hidden_size=arch.ffn_hidden_size,
@@ -1349,7 +1389,11 @@ class _Worker:
         for chunk in range(layout.vpp):
             vp_stage = chunk if layout.vpp > 1 else None
             mtp_spec = None
-            if arch.mla or arch.moe_layers:
+            if arch.linear_attention:
+                spec = _hybrid_block_spec(config, arch, vp_stage, pp_rank)
+                if arch.mtp_layers:
+                    mtp_spec = _hybrid_mtp_block_spec(config, spec, arch, vp_stage, pp_rank)
+            elif arch.mla or arch.moe_layers:
                 spec = self.block_spec(config, vp_stage, pp_rank, mla=arch.mla)
                 if arch.mtp_layers:
                     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
@@ -1621,8 +1665,13 @@ class _Worker:
         # Padded vocab rows are not part of the model: compare real columns only.
         diff = (full[..., : arch.vocab_size] - reference).abs().max().item()
         mtp_diff = None
-        if arch.mtp_layers:
+        if arch.mtp_layers and arch.linear_attention:
+            with tempfile.TemporaryDirectory(prefix="qwen3_next_mtp_") as ref_dir:
+                _qwen3_next_mtp_as_decoder_layer(job.hf_dir, ref_dir, arch)
+                mtp_reference = _hf_mtp_logits(ref_dir, input_ids, arch.num_layers, arch.mtp_layers)
+        elif arch.mtp_layers:
             mtp_reference = _hf_mtp_logits(job.hf_dir, input_ids, arch.num_layers, arch.mtp_layers)
+        if arch.mtp_layers:
             mtp_diff = max(
                 float((ours[..., : arch.vocab_size] - ref).abs().max().item())
                 for ours, ref in zip(full_mtp, mtp_reference)
@@ -1662,6 +1711,128 @@ class _Worker:
 
 _SDPA_CLASS: Any = None
 _FULL_WIDTH_NORMS: Any = None
+
+
+def _linear_attention_config(arch: HFArch) -> dict[str, Any]:
+    """TransformerConfig fields of a Qwen3-Next / Qwen3.5 hybrid (megatron's gated delta-net)."""
+    if not arch.linear_attention:
+        return {}
+    return {
+        "experimental_attention_variant": "gated_delta_net",
+        "linear_attention_freq": list(arch.linear_attention),
+        "linear_num_key_heads": arch.linear_num_key_heads,
+        "linear_num_value_heads": arch.linear_num_value_heads,
+        "linear_key_head_dim": arch.linear_key_head_dim,
+        "linear_value_head_dim": arch.linear_value_head_dim,
+        "linear_conv_kernel_dim": arch.linear_conv_kernel_dim,
+        "attention_output_gate": arch.attention_output_gate,
+        "layernorm_zero_centered_gamma": arch.zero_centered_norm,
+        # WQ2: GatedDeltaNet's torch path (torch_chunk_gated_delta_rule, nn.Conv1d) instead of FLA's
+        # Triton kernels, which cannot run on CPU.
+        "deterministic_mode": True,
+    }
+
+
+def _hybrid_block_spec(config: Any, arch: HFArch, vp_stage: int | None, pp_rank: int) -> Any:
+    """Decoder block of one (virtual) stage of a Qwen3-Next / Qwen3.5 hybrid, built the way
+    megatron's get_transformer_block_with_experimental_attention_variant_spec does (a layer spec
+    per layer: GatedDeltaNet where linear_attention_freq says 1, else gated self-attention; MoE
+    where moe_layer_freq says 1) but from local modules: megatron-core 0.16 builds that block
+    only with TE. The GDN's in_proj is a ColumnParallelLinear with the input norm before it (TE
+    fuses it as in_proj.layer_norm_weight: the layer's key map says so), out_proj a
+    RowParallelLinear. WQ1: the norms are a zero-centered RMSNorm stand-in (torch's wrapped
+    norm refuses layernorm_zero_centered_gamma; TE's computes the same x * (1 + weight)).
+    WQ2: FLA's l2norm is replaced by its formula, the compiled gated norm by its plain function."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.ssm import gated_delta_net as gdn
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    _patch_gated_delta_net(gdn)
+    norm = _zero_centered_norm_class() if arch.zero_centered_norm else None
+    layer_specs = []
+    for layer in range(arch.num_layers):
+        moe = bool(arch.num_experts) and (not arch.moe_layers or bool(arch.moe_layers[layer]))
+        spec = get_gpt_layer_local_spec(num_experts=arch.num_experts if moe else None, moe_grouped_gemm=False,
+                                        qk_layernorm=arch.qk_norm, normalization="RMSNorm")
+        sub = spec.submodules
+        if norm is not None:
+            sub.input_layernorm = sub.pre_mlp_layernorm = norm
+            sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = norm
+        if arch.linear_attention[layer]:
+            sub.self_attention = ModuleSpec(
+                module=gdn.GatedDeltaNet,
+                submodules=gdn.GatedDeltaNetSubmodules(in_proj=ColumnParallelLinear, out_norm=norm or sub.input_layernorm,
+                                                       out_proj=RowParallelLinear),
+            )
+        # The keys of megatron's TE block: each input norm fused into the linear after it
+        # (in_proj or linear_qkv), the pre-MLP norm into a dense fc1; MoE layers keep theirs.
+        fused = "self_attention.in_proj.layer_norm_" if arch.linear_attention[layer] else "self_attention.linear_qkv.layer_norm_"
+        sub.sharded_state_dict_keys_map = {"input_layernorm.": fused,
+                                           **({} if moe else {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"})}
+        layer_specs.append(spec)
+    if config.pipeline_model_parallel_layout is not None:
+        local = config.pipeline_model_parallel_layout.get_layer_id_list(
+            layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)
+    else:
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        local = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
+    final_norm = norm or layer_specs[0].submodules.pre_mlp_layernorm
+    return TransformerBlockSubmodules(layer_specs=[layer_specs[i] for i in local], layer_norm=final_norm)
+
+
+def _hybrid_mtp_block_spec(config: Any, block: Any, arch: HFArch, vp_stage: int | None, pp_rank: int) -> Any:
+    """megatron's local MTP block spec over the stage's last layer spec (None off the last
+    stage), its enorm / hnorm / final norm the zero-centered stand-in (WQ1)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    mtp = get_gpt_mtp_block_spec(config, block, use_transformer_engine=False, vp_stage=vp_stage, pp_rank=pp_rank)
+    if mtp is not None and arch.zero_centered_norm:
+        norm = _zero_centered_norm_class()
+        for layer_spec in mtp.layer_specs:
+            layer_spec.submodules.enorm = layer_spec.submodules.hnorm = layer_spec.submodules.layer_norm = norm
+    return mtp
+
+
+def _patch_gated_delta_net(gdn: Any) -> None:
+    """WQ2 (see _hybrid_block_spec)."""
+    import torch
+
+    def l2norm(x: Any, dim: int = -1, eps: float = 1e-6) -> Any:  # FLA's l2norm: x / sqrt(sum(x^2) + eps)
+        return x * torch.rsqrt((x * x).sum(dim=dim, keepdim=True) + eps)
+
+    gdn.HAVE_FLA = True
+    gdn.l2norm = l2norm
+    fused = gdn.GatedDeltaNet._apply_gated_norm
+    gdn.GatedDeltaNet._apply_gated_norm = getattr(fused, "_torchdynamo_orig_callable", fused)
+
+
+_ZERO_CENTERED_NORM: Any = None
+
+
+def _zero_centered_norm_class() -> Any:
+    """WQ1: RMSNorm with megatron's layernorm_zero_centered_gamma (x * (1 + weight), weight
+    initialised to 0), computed in fp32 like Qwen3-Next's HF norm."""
+    global _ZERO_CENTERED_NORM
+    if _ZERO_CENTERED_NORM is not None:
+        return _ZERO_CENTERED_NORM
+    import torch
+
+    class _ZeroCenteredRMSNorm(torch.nn.Module):
+        def __init__(self, config: Any, hidden_size: int, eps: float = 1e-6, **_: Any) -> None:
+            super().__init__()
+            self.eps = eps
+            self.weight = torch.nn.Parameter(torch.zeros(hidden_size))
+
+        def forward(self, x: Any) -> Any:
+            out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return (out * (1.0 + self.weight.float())).to(x.dtype)
+
+    _ZERO_CENTERED_NORM = _ZeroCenteredRMSNorm
+    return _ZERO_CENTERED_NORM
 
 
 def _full_width_norm_classes() -> tuple[Any, Any]:
@@ -1916,7 +2087,8 @@ def _hf_mtp_logits(hf_dir: str, input_ids: Any, num_layers: int, mtp_layers: int
         for part in ("enorm", "hnorm", "eh_proj", "shared_head.norm")
     ]
     weights = _hf_tensors(hf_dir, names)
-    norm_class, eps = type(inner.norm), inner.norm.variance_epsilon
+    # (Qwen3-Next's RMSNorm names its epsilon ``eps``)
+    norm_class, eps = type(inner.norm), getattr(inner.norm, "variance_epsilon", getattr(inner.norm, "eps", None))
 
     def norm(weight: Any) -> Any:
         module = norm_class(weight.shape[0], eps=eps)
@@ -1967,6 +2139,36 @@ def _hf_mtp_logits(hf_dir: str, input_ids: Any, num_layers: int, mtp_layers: int
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def _qwen3_next_mtp_as_decoder_layer(hf_dir: str, out_dir: str, arch: HFArch) -> None:
+    """Qwen3-Next's MTP head rewritten as ``_hf_mtp_logits`` reads DeepSeek's: ``mtp.layers.0.*``
+    as decoder layer ``model.layers.{n}`` (a full-attention layer appended to ``layer_types``),
+    ``mtp.fc`` / ``pre_fc_norm_embedding`` / ``pre_fc_norm_hidden`` / ``norm`` as that layer's
+    ``eh_proj`` / ``enorm`` / ``hnorm`` / ``shared_head.norm``. The norms are transformers' own
+    Qwen3-Next RMSNorm (x * (1 + w)), as for the model's other norms."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if arch.mtp_layers != 1:
+        raise CheckFailure(f"Qwen3-Next MTP reference for 1 layer, got {arch.mtp_layers}")
+    n = arch.num_layers
+    renames = {"mtp.fc.weight": f"model.layers.{n}.eh_proj.weight",
+               "mtp.pre_fc_norm_embedding.weight": f"model.layers.{n}.enorm.weight",
+               "mtp.pre_fc_norm_hidden.weight": f"model.layers.{n}.hnorm.weight",
+               "mtp.norm.weight": f"model.layers.{n}.shared_head.norm.weight"}
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(hf_dir).glob("*.safetensors")):
+        for name, value in load_file(str(file)).items():
+            if name.startswith("mtp.layers.0."):
+                name = f"model.layers.{n}." + name[len("mtp.layers.0."):]
+            tensors[renames.get(name, name)] = value
+    save_file(tensors, str(Path(out_dir, "model.safetensors")), metadata={"format": "pt"})
+    cfg = json.loads(Path(hf_dir, "config.json").read_text())
+    cfg["layer_types"] = [*["linear_attention" if x else "full_attention" for x in arch.linear_attention],
+                          "full_attention"]
+    cfg["num_hidden_layers"] = n + 1
+    Path(out_dir, "config.json").write_text(json.dumps(cfg))
 
 
 def _all_ranks_true(flag: bool) -> bool:

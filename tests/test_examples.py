@@ -33,6 +33,7 @@ EXAMPLES = {
     "minimax_m2": (TinySpec("minimax_m2"), {"TP": "2", "PP": "2", "PIPELINE_LAYERS": "3,1", "EP": "4"}),
     "deepseek_v32": (TinySpec("deepseek_v32", mtp_layers=1), DEEPSEEK_SCALED),
     "gpt_oss": (TinySpec("gpt_oss", dtype=torch.bfloat16), {"TP": "2", "PP": "2", "PIPELINE_LAYERS": "3,1", "EP": "4"}),
+    "qwen3_next": (TinySpec("qwen3_next", full_attention=(1, 3)), {"PIPELINE_LAYERS": "1,3", "PP": "2", "EP": "4"}),
 }
 
 

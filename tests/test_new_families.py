@@ -194,7 +194,7 @@ def test_extends_cycle(tmp_path, monkeypatch):
 def test_when_names_an_unknown_switch(tmp_path):
     text = open(builtin_families()["glm4_moe"].path).read().replace("when: qk_layernorm", "when: qk_norm_please", 1)
     path = _write(tmp_path / "glm_convert.yaml", text)
-    with pytest.raises(ConversionError, match="'when' must be one of moe, dense or a yes/no architecture field"):
+    with pytest.raises(ConversionError, match="'when' must be one of moe, dense, linear_attention, full_attention or a yes/no architecture field"):
         load_family(path)
 
 

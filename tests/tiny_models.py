@@ -13,6 +13,9 @@ BASE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_ke
             num_hidden_layers=4, vocab_size=250, max_position_embeddings=64, rms_norm_eps=1e-6)
 
 
+HYBRID_FAMILIES = ("qwen3_next", "qwen3_5", "qwen3_5_moe")  # gated delta-net + full attention layers
+
+
 @dataclass(frozen=True)
 class TinySpec:
     family: str  # llama, qwen2, qwen3, qwen3_moe, qwen2_moe, mixtral, deepseek_v3, deepseek_v2, glm4_moe, gpt_oss
@@ -30,13 +33,15 @@ class TinySpec:
     # q-LoRA 256, kv-LoRA 128 + rope 64 = 192 rows, like the real 576: not a multiple of 128).
     wide: bool = False
     qk_norm: bool = False  # GLM-4.5 (glm4_moe): use_qk_norm (the published models have none)
+    full_attention: tuple[int, ...] = (3,)  # Qwen3-Next / Qwen3.5: full-attention layers (the rest gated delta-net)
 
     @property
     def key(self) -> str:
         t = "tied" if self.tied else "untied"
         return (f"{self.family}_{t}_L{self.num_layers}_V{self.vocab_size}_G{self.num_key_value_heads}_"
                 f"M{self.mtp_layers}_D{self.first_dense}_Q{''.join(map(str, self.mlp_only_layers))}_{str(self.dtype)[6:]}"
-                + ("_wide" if self.wide else "") + ("_qknorm" if self.qk_norm else ""))
+                + ("_wide" if self.wide else "") + ("_qknorm" if self.qk_norm else "")
+                + (f"_F{''.join(map(str, self.full_attention))}" if self.family in HYBRID_FAMILIES else ""))
 
 
 def make_config(spec: TinySpec):
@@ -104,9 +109,28 @@ def make_config(spec: TinySpec):
         # plain RoPE (the published models use YaRN, which no weight depends on)
         return GptOssConfig(**dict(kw, intermediate_size=32), head_dim=16, num_local_experts=4, num_experts_per_tok=2,
                             sliding_window=4, rope_parameters={"rope_type": "default", "rope_theta": 150000.0})
+    if spec.family in HYBRID_FAMILIES:
+        return _qwen3_next_config(spec, kw)
     if spec.family == "deepseek_v2":  # V2-Lite style: no q-LoRA, softmax greedy routing, 2 shared experts
         return DeepseekV2Config(**mla, q_lora_rank=None, n_shared_experts=2, topk_method="greedy")
     raise ValueError(spec.family)
+
+
+def _qwen3_next_config(spec: TinySpec, kw: dict):
+    """Qwen3-Next / Qwen3.5: gated delta-net layers (4 key heads of 8, 8 value heads of 16: two value
+    heads per key head, dk != dv) except the ``full_attention`` layers (gated attention, head_dim 16);
+    MoE families: 4 experts of 32 and a gated shared expert of 64, dense layers from mlp_only_layers."""
+    from transformers import Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
+
+    layer_types = ["full_attention" if i in spec.full_attention else "linear_attention" for i in range(spec.num_layers)]
+    linear = dict(head_dim=16, linear_num_key_heads=4, linear_num_value_heads=8, linear_key_head_dim=8,
+                  linear_value_head_dim=16, linear_conv_kernel_dim=4, layer_types=layer_types)
+    moe = dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=64, num_experts_per_tok=2)
+    if spec.family == "qwen3_next":
+        return Qwen3NextConfig(**kw, **linear, **moe, mlp_only_layers=list(spec.mlp_only_layers))
+    if spec.family == "qwen3_5":
+        return Qwen3_5TextConfig(**kw, **linear)
+    return Qwen3_5MoeTextConfig(**{k: v for k, v in kw.items() if k != "intermediate_size"}, **linear, **moe)
 
 
 def add_mtp_layers(path: str, num_layers: int, mtp_layers: int, seed: int = 1) -> None:
@@ -154,9 +178,42 @@ def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
     model.to(spec.dtype)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
-    if spec.mtp_layers:
+    if spec.mtp_layers and spec.family in HYBRID_FAMILIES:
+        add_qwen3_next_mtp(path, spec.num_layers)
+    elif spec.mtp_layers:
         add_mtp_layers(path, spec.num_layers, spec.mtp_layers)
     return path
+
+
+def add_qwen3_next_mtp(path: str, num_layers: int, seed: int = 1) -> None:
+    """Qwen3-Next's / Qwen3.5's MTP head on disk (transformers builds none): ``mtp.layers.0.*`` a decoder
+    layer with the last (full-attention) layer's shapes, ``mtp.fc`` over [embedding; hidden],
+    ``mtp.pre_fc_norm_embedding`` / ``pre_fc_norm_hidden`` / ``norm``; config.json's
+    mtp_num_hidden_layers = 1."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    gen = torch.Generator().manual_seed(seed)
+    last = f"model.layers.{num_layers - 1}."
+    hidden = tensors["model.norm.weight"].shape[0]
+    dtype = tensors["model.norm.weight"].dtype
+    for name, value in list(tensors.items()):
+        if name.startswith(last):
+            noise = torch.randn(value.shape, generator=gen).to(dtype) * 0.1
+            tensors["mtp.layers.0." + name[len(last):]] = (value + noise).contiguous()
+    for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        tensors[f"mtp.{norm}.weight"] = (0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    tensors["mtp.fc.weight"] = (0.05 * torch.randn(hidden, 2 * hidden, generator=gen)).to(dtype)
+    save_file(tensors, file, metadata={"format": "pt"})
+    config_file = os.path.join(path, "config.json")
+    with open(config_file) as f:
+        config = json.load(f)
+    config["mtp_num_hidden_layers"] = 1
+    with open(config_file, "w") as f:
+        json.dump(config, f, indent=2)
 
 
 # DeepSeek-V3's FP8 tensors (formats.md §1): attention and MLP weight matrices, in every layer

@@ -22,9 +22,10 @@ from .tensor_expr import Expr, LeafReader, dtype_name
 
 
 def _layer_convertors(family: FamilySpec, arch: ModelArch, layer: int, hf_prefix: str, mcore_prefix: str) -> list[ModuleConvertor]:
-    kind = "moe" if arch.is_moe_layer(layer) else "dense"
+    kinds = ("moe" if arch.is_moe_layer(layer) else "dense",
+             "linear_attention" if arch.is_linear_attention_layer(layer) else "full_attention")
     return [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.layer_modules
-            if spec.when in (None, kind) or (spec.when not in LAYER_KINDS and getattr(arch, spec.when))]
+            if spec.when is None or spec.when in kinds or (spec.when not in LAYER_KINDS and getattr(arch, spec.when))]
 
 
 def build_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConvertor]:
@@ -38,9 +39,14 @@ def build_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConverto
         assert family.mtp is not None
         # HF stores MTP layer k as decoder layer num_layers + k; it is as MoE as the last layer.
         layer = arch.num_layers + k
-        hf_prefix = family.mtp.layer_prefix.format(layer=layer)
+        hf_prefix = family.mtp.layer_prefix.format(layer=layer, mtp=k)
+        module_prefix = (family.mtp.module_prefix or family.mtp.layer_prefix).format(layer=layer, mtp=k)
+        first = (family.mtp.module_prefix or family.mtp.layer_prefix).format(layer=arch.num_layers, mtp=0)
+        if k and module_prefix == first:
+            raise ConversionError(f"model family {family.name} stores one set of MTP tensors ({module_prefix}*), "
+                                  f"so it cannot hold {arch.mtp_num_layers} MTP layers")
         mcore_prefix = f"mtp.layers.{k}."
-        convertors += [create(spec, arch, hf_prefix, mcore_prefix) for spec in family.mtp.modules]
+        convertors += [create(spec, arch, module_prefix, mcore_prefix) for spec in family.mtp.modules]
         convertors += _layer_convertors(family, arch, layer, hf_prefix, f"{mcore_prefix}{MTP_INNER_LAYER}.")
     return convertors
 

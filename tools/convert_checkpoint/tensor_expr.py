@@ -20,6 +20,10 @@ Block-scaled FP8 weights (128x128 blocks, ``quant/fp8_block``) add four kinds:
 * ``Fp8Part``    the codes or the scale grid of an FP8 expression (HF files store them as two
   tensors, ``weight`` and ``weight_scale_inv``).
 
+``Offset`` is a part plus a constant, computed in float32 and rounded back to the part's dtype
+(Megatron's zero-centered norm weight of a norm HF stores as plain ``weight``: w - 1). For
+values in [0.5, 2] the sum is exact both ways (Sterbenz), so a round trip gives back w bit for bit.
+
 ``Encode`` is a part turned into a target's own encoding when its file is written (KTransformers'
 AMX INT4/INT8 bytes and scales); only the target that planned it applies it.
 
@@ -176,6 +180,14 @@ class Transpose:
 
 
 @dataclass(frozen=True)
+class Offset:
+    part: Expr
+    value: float
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
 class Strided:
     part: Expr  # cut to the span read: element 0 is the first taken, the last element the last
     dim: int
@@ -193,7 +205,7 @@ class Interleave:
 
 
 Expr = (Leaf | Cat | Repeat | Cast | Fp8Blocks | Dequantize | Quantize | Fp8Part | Encode
-        | Select | Stack | Transpose | Strided | Interleave)
+        | Select | Stack | Transpose | Strided | Interleave | Offset)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -250,6 +262,17 @@ def cast(part: Expr, dtype: torch.dtype) -> Expr:
     return Cast(part, part.shape, dtype)
 
 
+def offset(part: Expr, value: float) -> Expr:
+    """``part + value`` (see ``Offset``); two offsets fold into one, a zero sum drops out."""
+    if isinstance(part, (Fp8Blocks, Quantize, Fp8Part, Encode)):
+        raise TypeError("an offset of a quantized or encoded tensor is not supported")
+    if isinstance(part, Offset):
+        value, part = part.value + value, part.part
+    if value == 0:
+        return part
+    return Offset(part, value, part.shape, part.dtype)
+
+
 def narrow(expr: Expr, dim: int, start: int, length: int) -> Expr:
     """The window ``[start, start + length)`` of ``expr`` along ``dim``."""
     size = expr.shape[dim]
@@ -269,6 +292,8 @@ def narrow(expr: Expr, dim: int, start: int, length: int) -> Expr:
         return repeat(narrow(expr.part, dim, start, length), expr.dim, expr.count)
     if isinstance(expr, Cast):
         return cast(narrow(expr.part, dim, start, length), expr.dtype)
+    if isinstance(expr, Offset):
+        return offset(narrow(expr.part, dim, start, length), expr.value)
     if isinstance(expr, Fp8Blocks):
         return _narrow_fp8(expr, dim, start, length)
     if isinstance(expr, Dequantize):
@@ -305,7 +330,7 @@ def split_even(expr: Expr, dim: int, parts: int, index: int) -> Expr:
 
 
 def children(expr: Expr) -> tuple[Expr, ...]:
-    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize, Encode, Select, Transpose, Strided)):
+    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize, Encode, Select, Transpose, Strided, Offset)):
         return (expr.part,)
     if isinstance(expr, (Stack, Interleave)):
         return expr.parts
@@ -500,6 +525,8 @@ def describe(expr: Expr) -> str:
     if isinstance(expr, (Stack, Interleave)):
         kind = "stack" if isinstance(expr, Stack) else "interleave"
         return f"{kind}{expr.dim}(" + ", ".join(describe(p) for p in expr.parts) + ")"
+    if isinstance(expr, Offset):
+        return f"({describe(expr.part)} {'+' if expr.value >= 0 else '-'} {abs(expr.value):g})"
     return f"cat{expr.dim}(" + ", ".join(describe(p) for p in expr.parts) + ")"
 
 
@@ -534,6 +561,10 @@ def materialize_into(expr: Expr, reader: LeafReader, out: torch.Tensor) -> None:
         return
     if isinstance(expr, Cast):
         out.copy_(materialize(expr.part, reader))  # copy_ converts the dtype
+        return
+    if isinstance(expr, Offset):
+        values = materialize(expr.part, reader)
+        out.copy_(values.to(torch.promote_types(values.dtype, torch.float32)) + expr.value)
         return
     if isinstance(expr, Dequantize):
         codes = materialize(expr.part.data, reader)

@@ -49,8 +49,19 @@ class ModelArch:
     # DeepSeek-V3.2's sparse-attention indexer (Megatron's --dsa-indexer-n-heads / -head-dim).
     dsa_indexer_n_heads: int | None = None
     dsa_indexer_head_dim: int | None = None
+    # Hybrid linear attention (Qwen3-Next, Qwen3.5): per layer 1 = gated delta-net, 0 = full attention
+    # (Megatron's list form of --linear-attention-freq); None: every layer has full attention.
+    linear_attention_pattern: tuple[int, ...] | None = None
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
+    linear_conv_kernel_dim: int | None = None
+    attention_output_gate: bool = False  # q_proj carries a sigmoid gate per head (Megatron's attention_output_gate)
+    layernorm_zero_centered_gamma: bool = False  # norms compute x * (1 + weight)
 
     def __post_init__(self) -> None:
+        self._check_linear_attention()
         if self.moe_layer_pattern is not None:
             object.__setattr__(self, "moe_layer_pattern", tuple(int(x) for x in self.moe_layer_pattern))
             if len(self.moe_layer_pattern) != self.num_layers or set(self.moe_layer_pattern) - {0, 1}:
@@ -77,6 +88,30 @@ class ModelArch:
         if self.normalization not in ("RMSNorm", "LayerNorm"):
             raise ConversionError(f"normalization must be RMSNorm or LayerNorm, got {self.normalization!r}")
 
+    def _check_linear_attention(self) -> None:
+        pattern = self.linear_attention_pattern
+        if pattern is None:
+            return
+        object.__setattr__(self, "linear_attention_pattern", tuple(int(x) for x in pattern))
+        if len(pattern) != self.num_layers or set(pattern) - {0, 1}:
+            raise ConversionError(f"the linear/full attention pattern must list 0 or 1 for each of the {self.num_layers} "
+                                  f"layers, got {list(pattern)}")
+        for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                     "linear_conv_kernel_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConversionError(f"gated delta-net layers need a positive integer {name}, got {value!r}")
+        assert self.linear_num_value_heads is not None and self.linear_num_key_heads is not None
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ConversionError(f"linear_num_value_heads {self.linear_num_value_heads} is not a multiple of "
+                                  f"linear_num_key_heads {self.linear_num_key_heads}")
+
+    def is_linear_attention_layer(self, layer: int) -> bool:
+        """Decoder layer ``layer`` is a gated delta-net layer (linear attention)."""
+        if self.linear_attention_pattern is None:
+            return False
+        return bool(self.linear_attention_pattern[min(layer, self.num_layers - 1)])
+
     # Symbolic sizes that YAML shapes may name (e.g. ``shape: [hidden_size, q_dim]``).
     @property
     def q_dim(self) -> int:
@@ -85,6 +120,10 @@ class ModelArch:
     @property
     def kv_dim(self) -> int:
         return self.num_query_groups * self.kv_channels
+
+    @property
+    def gated_q_dim(self) -> int:  # q_proj rows with the output gate: [q_h; gate_h] per head
+        return 2 * self.q_dim
 
     def is_moe_layer(self, layer: int) -> bool:
         """Decoder layer ``layer`` (MTP layers: the last decoder layer's kind) has routed experts."""
@@ -167,7 +206,11 @@ class ModelArch:
         return dataclasses.replace(self, **changes)
 
 
-_LATER_FIELDS: dict[str, Any] = {"rotary_percent": 1.0, "dsa_indexer_n_heads": None, "dsa_indexer_head_dim": None}
+_LATER_FIELDS: dict[str, Any] = {"rotary_percent": 1.0, "dsa_indexer_n_heads": None, "dsa_indexer_head_dim": None,
+                                 "linear_attention_pattern": None, "linear_num_key_heads": None,
+                                 "linear_num_value_heads": None, "linear_key_head_dim": None,
+                                 "linear_value_head_dim": None, "linear_conv_kernel_dim": None,
+                                 "attention_output_gate": False, "layernorm_zero_centered_gamma": False}
 
 
 def load_arch_yaml(path: str) -> dict[str, Any]:
@@ -198,6 +241,7 @@ def arch_from_hf_config(
     defaults: Mapping[str, Any],
     fixed: Mapping[str, Any],
     moe_layers: Mapping[str, Any] | None = None,
+    attention_layers: Mapping[str, Any] | None = None,
 ) -> ModelArch:
     values: dict[str, Any] = {"family": family}
     for arch_field, hf_keys in field_map.items():
@@ -216,7 +260,40 @@ def arch_from_hf_config(
         values["kv_channels"] = values["hidden_size"] // values["num_attention_heads"]
     if values.get("num_experts") and "num_layers" in values:
         values["moe_layer_pattern"] = moe_layer_pattern(config, moe_layers or {}, values["num_layers"])
+    if attention_layers and "num_layers" in values:
+        values["linear_attention_pattern"] = linear_attention_pattern(config, attention_layers, values["num_layers"])
     return ModelArch.from_dict(values, "config.json")
+
+
+LINEAR_ATTENTION, FULL_ATTENTION = "linear_attention", "full_attention"
+
+
+def linear_attention_pattern(config: Mapping[str, Any], rule: Mapping[str, Any], num_layers: int) -> tuple[int, ...]:
+    """Which layers are gated delta-net layers, from the family's ``hf_config.attention_layers`` rule:
+    ``types`` names config.json's per-layer list (Qwen3-Next's layer_types, "linear_attention" or
+    "full_attention"), ``interval`` its fallback (full_attention_interval: layer l has full
+    attention when (l + 1) % interval == 0), ``default_interval`` transformers' value when
+    config.json has neither."""
+    unknown = sorted(set(rule) - {"types", "interval", "default_interval"})
+    if unknown:
+        raise ConversionError(f"convert YAML hf_config.attention_layers: unknown key(s) {', '.join(unknown)}")
+    types = _lookup(config, rule["types"]) if "types" in rule else None
+    if types is not None:
+        if not isinstance(types, list) or len(types) != num_layers:
+            count = len(types) if isinstance(types, list) else type(types).__name__
+            raise ConversionError(f"config.json: {rule['types']} has {count} entries, but num_layers is {num_layers}")
+        bad = sorted({t for t in types if t not in (LINEAR_ATTENTION, FULL_ATTENTION)}, key=str)
+        if bad:
+            raise ConversionError(f"config.json: {rule['types']} holds {bad}; each entry must be "
+                                  f"{LINEAR_ATTENTION!r} or {FULL_ATTENTION!r}")
+        return tuple(int(t == LINEAR_ATTENTION) for t in types)
+    interval = _lookup(config, rule["interval"]) if "interval" in rule else None
+    if interval is None:
+        interval = rule.get("default_interval")
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval <= 0:
+        raise ConversionError(f"config.json: needs {rule.get('types', 'layer_types')} or a positive "
+                              f"{rule.get('interval', 'full_attention_interval')}, got {interval!r}")
+    return tuple(0 if (layer + 1) % interval == 0 else 1 for layer in range(num_layers))
 
 
 def moe_layer_pattern(config: Mapping[str, Any], rule: Mapping[str, Any], num_layers: int) -> tuple[int, ...] | None:
@@ -263,6 +340,7 @@ def hf_config_from_arch(
     architectures: list[str],
     field_map: Mapping[str, tuple[str, ...]],
     moe_layers: Mapping[str, Any] | None = None,
+    attention_layers: Mapping[str, Any] | None = None,
 ) -> dict:
     """A config.json for a checkpoint whose original HF config is unknown."""
     config: dict[str, Any] = {"architectures": list(architectures), "model_type": model_type}
@@ -274,4 +352,6 @@ def hf_config_from_arch(
         config[key] = value
     if arch.num_experts and moe_layers:
         config.update(moe_layer_config(arch.moe_layer_pattern, moe_layers, arch.num_layers))
+    if arch.linear_attention_pattern is not None and attention_layers and "types" in attention_layers:
+        config[attention_layers["types"]] = [LINEAR_ATTENTION if x else FULL_ATTENTION for x in arch.linear_attention_pattern]
     return config

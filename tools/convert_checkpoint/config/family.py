@@ -25,7 +25,7 @@ from .yaml_file import load_mapping
 CONFIG_ROOT = str(resources.files("convert_checkpoint") / "configs" / "models")
 
 
-LAYER_KINDS = ("moe", "dense")
+LAYER_KINDS = ("moe", "dense", "linear_attention", "full_attention")
 # ``when: <field>`` also takes a yes/no architecture field: the module exists only where it is true
 # (e.g. GLM-4.5's q/k norms, present when config.json's use_qk_norm is).
 ARCH_SWITCHES = tuple(f.name for f in dataclass_fields(ModelArch) if f.type in ("bool", bool))
@@ -43,8 +43,10 @@ class ModuleSpec:
 class MtpSpec:
     """DeepSeek multi-token prediction: layer k is stored in HF as decoder layer num_layers + k."""
 
-    layer_prefix: str  # HF, with {layer} = num_layers + k
+    layer_prefix: str  # HF, with {layer} = num_layers + k (or {mtp} = k)
     modules: tuple[ModuleSpec, ...]  # the MTP-specific tensors (norms, eh_proj, copies)
+    # HF prefix of those tensors when it is not the layer's (Qwen3-Next: mtp.fc.weight beside mtp.layers.0.*)
+    module_prefix: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,18 +66,20 @@ class FamilySpec:
     ignore: tuple[re.Pattern, ...]
     moe_layers: Mapping[str, Any] | None = None  # rule for which layers are MoE (config.arch.moe_layer_pattern)
     mtp: MtpSpec | None = None
+    # rule for which layers are gated delta-net layers (config.arch.linear_attention_pattern)
+    attention_layers: Mapping[str, Any] | None = None
 
     def is_ignored(self, hf_name: str) -> bool:
         return any(p.fullmatch(hf_name) for p in self.ignore)
 
     def arch_from_config(self, config: Mapping[str, Any]) -> ModelArch:
         return arch_from_hf_config(config, self.name, self.config_fields, self.config_defaults, self.fixed_arch,
-                                   self.moe_layers)
+                                   self.moe_layers, self.attention_layers)
 
     def config_from_arch(self, arch: ModelArch) -> dict[str, Any]:
         """A config.json for an architecture whose original config is unknown (inverse of the above)."""
         return hf_config_from_arch(arch, self.hf_model_type, list(self.hf_architectures), self.config_fields,
-                                   self.moe_layers)
+                                   self.moe_layers, self.attention_layers)
 
 
 _TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights"}  # after `extends` is applied
@@ -119,7 +123,10 @@ def _mtp(data: Any, path: str) -> MtpSpec | None:
         return None
     if not isinstance(data, dict) or not isinstance(data.get("layer_prefix"), str):
         raise ConversionError(f"convert YAML {path}: weights.mtp needs a 'layer_prefix' string and 'modules'")
-    return MtpSpec(data["layer_prefix"], _modules(data.get("modules", []), path, "mtp.modules"))
+    module_prefix = data.get("module_prefix")
+    if module_prefix is not None and not isinstance(module_prefix, str):
+        raise ConversionError(f"convert YAML {path}: weights.mtp.module_prefix must be a string")
+    return MtpSpec(data["layer_prefix"], _modules(data.get("modules", []), path, "mtp.modules"), module_prefix)
 
 
 def load_family(path: str) -> FamilySpec:
@@ -157,6 +164,7 @@ def load_family(path: str) -> FamilySpec:
         ignore=ignore,
         moe_layers=dict(hf.get("moe_layers") or {}),
         mtp=_mtp(weights.get("mtp"), path),
+        attention_layers=dict(hf.get("attention_layers") or {}),
     )
 
 

@@ -32,7 +32,7 @@ import torch
 
 from .. import tensor_expr as tx
 from ..config.resolve import param_dtype
-from ..core.canonical import CanonicalTensor, Split
+from ..core.canonical import CanonicalTensor, Sections, Split
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
 from ..errors import ConversionError
 from ..formats import dcp
@@ -45,7 +45,7 @@ from ..quant.te_pickle import Fp8BlockRecord
 from ..requests import LayoutRequest, ModelRequest, PlanRequest, VocabPadding
 from ..tensor_expr import Expr, Leaf, TensorRef
 from .base import CanonicalSource, CanonicalTarget
-from .mcore_dist_keys import KeyRules, ParsedKey, Slot, mtp_inner_name, parse_key, slot
+from .mcore_dist_keys import KeyRules, ParsedKey, Slot, mtp_inner_name, parse_key, section_of, slot
 from .mcore_legacy import (
     CHECKPOINT_VERSION,
     TRACKER_NAME,
@@ -168,12 +168,25 @@ class DistSource(CanonicalSource):
                     local = ",".join(str(i - o) for i, o in zip(index, offsets))
                     ref = TensorRef(info.relative_path, key, None, f"{info.offset}+{info.length}@{local}")
                     name = parsed.canonical(tuple(index))
-                    if owner.get(name, key) != key:  # e.g. a layer stored both stacked and on its own
+                    at, shape, holder = tuple(offsets[n:]), tuple(entry.shape[n:]), key
+                    section = section_of(name)
+                    if section is not None:  # a GatedDeltaNet block: its rows of the canonical tensor
+                        name, blocks, i = section
+                        head = key[: -len(blocks[i])]
+                        rows = [self._block_rows(head + block, n) for block in blocks]
+                        at, shape, holder = (at[0] + sum(rows[:i]), *at[1:]), (sum(rows), *shape[1:]), head[:-1]
+                    if owner.get(name, holder) != holder:  # e.g. a layer stored both stacked and on its own
                         raise ConversionError(f"{self.root}: {name} is held by both torch_dist tensors "
-                                              f"{owner[name]} and {key}")
-                    pieces.setdefault(name, []).append((offsets[n:], tx.source(ref, entry.dtype, sizes[n:])))
-                    shapes[name], owner[name] = entry.shape[n:], key
+                                              f"{owner[name]} and {holder}")
+                    pieces.setdefault(name, []).append((at, tx.source(ref, entry.dtype, sizes[n:])))
+                    shapes[name], owner[name] = shape, holder
         return pieces, shapes, owner
+
+    def _block_rows(self, key: str, axes: int) -> int:
+        entry = self.entries.get(key)
+        if entry is None:
+            raise ConversionError(f"{self.root}: torch_dist tensor {key} (a gated delta-net block) is missing")
+        return int(entry.shape[axes])
 
     def _layout(self, tensors: list[CanonicalTensor], model: ModelInfo, flags: LayoutRequest) -> ParallelLayout:
         """What the checkpoint says about its layout: none but its naming (tensors are global)."""
@@ -375,7 +388,9 @@ class DistTarget(CanonicalTarget):
         validate_tensor_parallel(arch, tensors, layout)
         self.args = mcore_args(model, layout, self.vocab)
         self.args.ckpt_format = "torch_dist"
-        rules = KeyRules(layout.transformer_impl, stacked=not isinstance(arch.moe_layer_freq, list),
+        # per-layer keys when the layer kinds vary (MoE / dense, delta-net / full attention)
+        stacked = not isinstance(arch.moe_layer_freq, list) and arch.linear_attention_pattern is None
+        rules = KeyRules(layout.transformer_impl, stacked=stacked,
                          num_layers=arch.num_layers, num_experts=arch.num_experts or 0,
                          mtp_inner_name=layout.mtp_inner_name)
         names = {t.name for t in tensors}
@@ -389,7 +404,14 @@ class DistTarget(CanonicalTarget):
             if t.split is Split.VOCAB:
                 expr = shard(expr, Split.VOCAB, 1, 0, layout.padded_vocab_size)
             where = slot(t.name, rules, names)
-            self._add_tensor(t, where, expr, items)
+            if isinstance(t.split, Sections) and t.split.names:  # a GatedDeltaNet block per key
+                start = 0
+                for block, rows in zip(t.split.names, t.split.sizes):
+                    part = Slot(f"{where.key}.{block}", where.index, where.grid)
+                    self._add_tensor(t, part, tx.narrow(expr, 0, start, rows), items)
+                    start += rows
+            else:
+                self._add_tensor(t, where, expr, items)
             if t.extra_state_module is not None and not t.name.startswith(("output_layer.", "embedding.")):
                 module_key = where.key[: len(where.key) - (len(t.name) - len(t.extra_state_module))]
                 extra = where.extra_state_key(module_key)

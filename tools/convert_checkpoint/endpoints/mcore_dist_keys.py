@@ -8,7 +8,10 @@ index it (checked against megatron-core 0.16):
   its own keys ``decoder.layers.<i>.<rest>``;
 * routed experts ``...mlp.experts.experts.linear_fc<n>.weight``: an ``[num_experts]`` axis
   after the layer axis, whatever the expert module (sequential, grouped GEMM);
-* MTP layers always have their own keys ``mtp.layers.<k>.…``.
+* MTP layers always have their own keys ``mtp.layers.<k>.…``;
+* hybrid models (linear_attention_freq) have per-layer keys, and a GatedDeltaNet saves its
+  ``in_proj.weight`` and ``conv1d.weight`` one block per key, ``<name>.<block>`` (the
+  canonical tensor's ``Sections``; read back with :func:`section_of`).
 
 Norm names follow the layer spec: Transformer Engine fuses a norm into the linear after it
 where that linear exists (``placement.TE_FUSED_NORMS``); the local spec of a non-MLA layer maps
@@ -28,6 +31,9 @@ _MTP = re.compile(rf"^(mtp\.layers\.\d+\.)(?:({'|'.join(MTP_INNER_NAMES)})\.)?(.
 _DIST_EXPERT = re.compile(r"^mlp\.experts\.experts\.(linear_fc[12])\.(weight|bias)$")
 _LOCAL_SPEC_MAP = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
                    ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+# GatedDeltaNet's blocks, in row order (megatron-core 0.16 GatedDeltaNet.sharded_state_dict)
+SECTION_KEYS = {"self_attention.in_proj.weight": ("query", "key", "value", "z", "beta", "alpha"),
+                "self_attention.conv1d.weight": ("query", "key", "value")}
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,18 @@ def _fused(prefix: str, rest: str, rules: KeyRules, names: Collection[str]) -> s
         for norm, fused in _LOCAL_SPEC_MAP:
             if rest.startswith(norm):
                 return fused + rest[len(norm):]
+    if prefix + "self_attention.in_proj.weight" in names and rest.startswith("input_layernorm."):
+        return "self_attention.in_proj.layer_norm_" + rest[len("input_layernorm."):]  # a delta-net layer
     return rest
+
+
+def section_of(name: str) -> tuple[str, tuple[str, ...], int] | None:
+    """(canonical name, its block names, this block's index) of a GatedDeltaNet block key's name."""
+    for tail, blocks in SECTION_KEYS.items():
+        for i, block in enumerate(blocks):
+            if name.endswith(f".{tail}.{block}"):
+                return name[: -len(block) - 1], blocks, i
+    return None
 
 
 def _expert(rest: str) -> tuple[str, int | None]:

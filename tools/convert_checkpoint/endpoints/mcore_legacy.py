@@ -25,7 +25,7 @@ import torch
 from .. import tensor_expr as te
 from ..config import resolve
 from ..config.arch import ModelArch
-from ..core.canonical import WORD_EMBEDDINGS, CanonicalTensor, Split
+from ..core.canonical import WORD_EMBEDDINGS, CanonicalTensor, TPSplit
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
 from ..errors import ConversionError
 from ..formats import torch_zip
@@ -551,7 +551,7 @@ def gather(src: McoreSource, tensors: list[CanonicalTensor], layout: ParallelLay
         )
     placements, _ = place(tensors, layout)
     shards: dict[str, dict[int, Expr]] = {}
-    splits: dict[str, Split] = {}
+    splits: dict[str, TPSplit] = {}
     consumed: set[tuple[str, str, str]] = set()
     for p in placements:
         file = rank_file(p.rank, layout)

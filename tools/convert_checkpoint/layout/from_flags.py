@@ -53,8 +53,11 @@ def validate_tensor_parallel(arch: ModelArch, tensors: list[CanonicalTensor], la
         ("num_query_groups", arch.num_query_groups),
         ("ffn_hidden_size", arch.ffn_hidden_size),
         ("padded vocab size", layout.padded_vocab_size),
+        # gated delta-net heads go whole to a TP rank (in_proj, conv1d, A_log, dt_bias per head)
+        ("linear_num_key_heads", arch.linear_num_key_heads if arch.linear_attention_pattern else 0),
+        ("linear_num_value_heads", arch.linear_num_value_heads if arch.linear_attention_pattern else 0),
     ):
-        if value % tp:
+        if value and value % tp:
             raise ConversionError(f"--tensor_model_parallel_size {tp} does not divide {what} {value}")
     if arch.num_experts:
         if arch.num_experts % layout.ep:

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..core.canonical import OUTPUT_LAYER, WORD_EMBEDDINGS, CanonicalTensor, Split
+from ..core.canonical import OUTPUT_LAYER, WORD_EMBEDDINGS, CanonicalTensor, Split, TPSplit
 from .expert_parallel import expert_rank_files
 from .pipeline import PipelineLayout
 
@@ -27,6 +27,7 @@ TRANSFORMER_IMPLS = ("transformer_engine", "local")
 # For multi-latent attention with q/k norms the TE spec fuses q/kv norms into the up-projections.
 TE_FUSED_NORMS = (
     ("input_layernorm.", "self_attention.linear_qkv.layer_norm_", "self_attention.linear_qkv.weight"),
+    ("input_layernorm.", "self_attention.in_proj.layer_norm_", "self_attention.in_proj.weight"),  # gated delta-net
     ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_", "mlp.linear_fc1.weight"),
     ("self_attention.q_layernorm.", "self_attention.linear_q_up_proj.layer_norm_", "self_attention.linear_q_up_proj.weight"),
     ("self_attention.kv_layernorm.", "self_attention.linear_kv_up_proj.layer_norm_", "self_attention.linear_kv_up_proj.weight"),
@@ -74,7 +75,7 @@ class Placement:
     shard_rank: int  # TP rank (ETP rank for experts)
     shard_count: int  # TP size (ETP size for experts)
     canonical: CanonicalTensor
-    split: Split  # how this transformer implementation splits it (canonical.split or te_split)
+    split: TPSplit  # how this transformer implementation splits it (canonical.split or te_split)
     # A copy of the word embedding (tied output layer, MTP stage): written from it, skipped on read.
     embedding_copy: bool = False
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from .. import tensor_expr as te
-from ..core.canonical import Split
+from ..core.canonical import Sections, Split, TPSplit
 from ..tensor_expr import Expr
 
-__all__ = ["Split", "divides", "padded_vocab_size", "shard", "shard_shape", "unshard"]
+__all__ = ["Sections", "Split", "TPSplit", "divides", "padded_vocab_size", "shard", "shard_shape", "unshard"]
 
 
 def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
@@ -14,9 +14,9 @@ def padded_vocab_size(vocab: int, divisible_by: int, tp: int) -> int:
     return -(-vocab // multiple) * multiple
 
 
-def shard_shape(shape: tuple[int, ...], split: Split, tp: int, padded_rows: int | None = None) -> tuple[int, ...]:
+def shard_shape(shape: tuple[int, ...], split: TPSplit, tp: int, padded_rows: int | None = None) -> tuple[int, ...]:
     out = list(shape)
-    if split in (Split.COLUMN, Split.GATED_COLUMN):
+    if split in (Split.COLUMN, Split.GATED_COLUMN) or isinstance(split, Sections):
         out[0] //= tp
     elif split is Split.ROW:
         out[1] //= tp
@@ -25,7 +25,9 @@ def shard_shape(shape: tuple[int, ...], split: Split, tp: int, padded_rows: int 
     return tuple(out)
 
 
-def divides(shape: tuple[int, ...], split: Split, tp: int, padded_rows: int | None = None) -> bool:
+def divides(shape: tuple[int, ...], split: TPSplit, tp: int, padded_rows: int | None = None) -> bool:
+    if isinstance(split, Sections):
+        return all(size % tp == 0 for size in split.sizes)
     if split is Split.COLUMN:
         return shape[0] % tp == 0
     if split is Split.GATED_COLUMN:
@@ -37,7 +39,10 @@ def divides(shape: tuple[int, ...], split: Split, tp: int, padded_rows: int | No
     return True
 
 
-def shard(expr: Expr, split: Split, tp: int, rank: int, padded_rows: int | None = None) -> Expr:
+def shard(expr: Expr, split: TPSplit, tp: int, rank: int, padded_rows: int | None = None) -> Expr:
+    if isinstance(split, Sections):
+        starts = [sum(split.sizes[:i]) for i in range(len(split.sizes))]
+        return te.cat([te.split_even(te.narrow(expr, 0, s, n), 0, tp, rank) for s, n in zip(starts, split.sizes)], 0)
     if split is Split.REPLICATED:
         return expr
     if split is Split.COLUMN:
@@ -61,8 +66,15 @@ def shard(expr: Expr, split: Split, tp: int, rank: int, padded_rows: int | None 
     raise AssertionError(split)
 
 
-def unshard(shards: list[Expr], split: Split, rows: int | None = None) -> Expr:
+def unshard(shards: list[Expr], split: TPSplit, rows: int | None = None) -> Expr:
     """Inverse of :func:`shard`; ``rows`` is the real (unpadded) row count for VOCAB."""
+    if isinstance(split, Sections):
+        tp = len(shards)
+        parts, start = [], 0
+        for size in split.sizes:
+            parts += [te.narrow(s, 0, start, size // tp) for s in shards]
+            start += size // tp
+        return te.cat(parts, 0)
     if split is Split.REPLICATED:
         return shards[0]
     if split in (Split.COLUMN,):
