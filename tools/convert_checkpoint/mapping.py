@@ -15,7 +15,8 @@ from .core.naming import natural_key
 from .core.plan import ModelInfo
 from .endpoints.base import HFSource
 from .errors import ConversionError
-from .layout.placement import MTP_INNER_LAYER
+from .config.vision import vision_arch
+from .layout.placement import MTP_INNER_LAYER, VISION_LAYER_PREFIX
 from .module_convertor import ModuleConvertor, create
 from .module_convertor.moe import RoutedExperts
 from .tensor_expr import Expr, LeafReader, dtype_name
@@ -27,8 +28,23 @@ def _layer_convertors(family: FamilySpec, arch: ModelArch, layer: int, hf_prefix
             if spec.when in (None, kind) or (spec.when not in LAYER_KINDS and getattr(arch, spec.when))]
 
 
+def _vision_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConvertor]:
+    """The vision tower: canonical ``vision_model.*`` (blocks, patch embedding) and ``adapter.*``
+    (the merger) names, sized by the tower's own architecture."""
+    spec = family.vision
+    if spec is None:
+        return []
+    vision = vision_arch(arch)
+    convertors = [create(m, vision, "", "") for m in spec.global_modules]
+    for layer in range(vision.num_layers):
+        hf_prefix = spec.layer_prefix.format(layer=layer)
+        convertors += [create(m, vision, hf_prefix, f"{VISION_LAYER_PREFIX}{layer}.") for m in spec.layer_modules
+                       if m.when is None or (m.when not in LAYER_KINDS and getattr(vision, m.when))]
+    return convertors
+
+
 def build_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConvertor]:
-    convertors = [create(spec, arch, "", "") for spec in family.global_modules]
+    convertors = [create(spec, arch, "", "") for spec in family.global_modules] + _vision_convertors(family, arch)
     for layer in range(arch.num_layers):
         hf_prefix = family.layer_prefix.format(layer=layer)
         convertors += _layer_convertors(family, arch, layer, hf_prefix, f"decoder.layers.{layer}.")

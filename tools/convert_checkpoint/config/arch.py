@@ -49,8 +49,14 @@ class ModelArch:
     # DeepSeek-V3.2's sparse-attention indexer (Megatron's --dsa-indexer-n-heads / -head-dim).
     dsa_indexer_n_heads: int | None = None
     dsa_indexer_head_dim: int | None = None
+    # Vision-language models: the vision tower's sizes (config/vision.py's VisionArch fields) as
+    # sorted (name, value) pairs, so the architecture stays hashable and survives the rank files.
+    vision: tuple[tuple[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.vision is not None:
+            pairs = self.vision.items() if isinstance(self.vision, Mapping) else self.vision
+            object.__setattr__(self, "vision", tuple(sorted((str(k), _frozen(v)) for k, v in pairs)))
         if self.moe_layer_pattern is not None:
             object.__setattr__(self, "moe_layer_pattern", tuple(int(x) for x in self.moe_layer_pattern))
             if len(self.moe_layer_pattern) != self.num_layers or set(self.moe_layer_pattern) - {0, 1}:
@@ -167,7 +173,13 @@ class ModelArch:
         return dataclasses.replace(self, **changes)
 
 
-_LATER_FIELDS: dict[str, Any] = {"rotary_percent": 1.0, "dsa_indexer_n_heads": None, "dsa_indexer_head_dim": None}
+_LATER_FIELDS: dict[str, Any] = {"rotary_percent": 1.0, "dsa_indexer_n_heads": None, "dsa_indexer_head_dim": None,
+                                 "vision": None}
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (e.g. Qwen3-VL's deepstack layer indexes) as tuples, so the pairs stay hashable."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def load_arch_yaml(path: str) -> dict[str, Any]:

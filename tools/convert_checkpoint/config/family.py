@@ -48,6 +48,29 @@ class MtpSpec:
 
 
 @dataclass(frozen=True)
+class VisionSpec:
+    """A vision-language model's vision tower (config/vision.py): its sizes from config.json's
+    ``vision_config`` and its modules, mapped to canonical ``vision_model.*`` / ``adapter.*`` names."""
+
+    fields: Mapping[str, tuple[str, ...]]  # VisionArch field: config.json keys (first found wins)
+    defaults: Mapping[str, Any]
+    fixed: Mapping[str, Any]  # facts of the tower (normalization, qkv bias)
+    global_modules: tuple[ModuleSpec, ...]  # patch embedding, merger, deepstack mergers
+    layer_prefix: str  # HF, with {layer}
+    layer_modules: tuple[ModuleSpec, ...]
+
+    def values(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        from .arch import _lookup
+
+        values: dict[str, Any] = {}
+        for name, keys in self.fields.items():
+            found = next((v for v in (_lookup(config, k) for k in keys) if v is not None), None)
+            if found is not None:
+                values[name] = found
+        return {**self.defaults, **values, **self.fixed}
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str
     path: str
@@ -64,13 +87,15 @@ class FamilySpec:
     ignore: tuple[re.Pattern, ...]
     moe_layers: Mapping[str, Any] | None = None  # rule for which layers are MoE (config.arch.moe_layer_pattern)
     mtp: MtpSpec | None = None
+    vision: VisionSpec | None = None
 
     def is_ignored(self, hf_name: str) -> bool:
         return any(p.fullmatch(hf_name) for p in self.ignore)
 
     def arch_from_config(self, config: Mapping[str, Any]) -> ModelArch:
-        return arch_from_hf_config(config, self.name, self.config_fields, self.config_defaults, self.fixed_arch,
+        arch = arch_from_hf_config(config, self.name, self.config_fields, self.config_defaults, self.fixed_arch,
                                    self.moe_layers)
+        return arch.replace(vision=self.vision.values(config)) if self.vision is not None else arch
 
     def config_from_arch(self, arch: ModelArch) -> dict[str, Any]:
         """A config.json for an architecture whose original config is unknown (inverse of the above)."""
@@ -78,7 +103,7 @@ class FamilySpec:
                                    self.moe_layers)
 
 
-_TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights"}  # after `extends` is applied
+_TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights", "vision"}  # after `extends` is applied
 
 
 def _require(data: Mapping, key: str, path: str, kind: type) -> Any:
@@ -122,6 +147,21 @@ def _mtp(data: Any, path: str) -> MtpSpec | None:
     return MtpSpec(data["layer_prefix"], _modules(data.get("modules", []), path, "mtp.modules"))
 
 
+def _vision(data: Any, path: str) -> VisionSpec | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("layer_prefix"), str):
+        raise ConversionError(f"convert YAML {path}: vision needs a 'layer_prefix' string, 'fields' and 'layer' modules")
+    return VisionSpec(
+        fields={k: _as_tuple(v) for k, v in (data.get("fields") or {}).items()},
+        defaults=dict(data.get("defaults") or {}),
+        fixed=dict(data.get("architecture") or {}),
+        global_modules=_modules(data.get("global", []), path, "vision.global"),
+        layer_prefix=data["layer_prefix"],
+        layer_modules=_modules(data.get("layer", []), path, "vision.layer"),
+    )
+
+
 def load_family(path: str) -> FamilySpec:
     data = load_mapping(path, "convert YAML")
     if loongforge.is_convert_yaml(data):  # LoongForge's format names one of our families
@@ -157,6 +197,7 @@ def load_family(path: str) -> FamilySpec:
         ignore=ignore,
         moe_layers=dict(hf.get("moe_layers") or {}),
         mtp=_mtp(weights.get("mtp"), path),
+        vision=_vision(data.get("vision"), path),
     )
 
 
