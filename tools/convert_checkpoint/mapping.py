@@ -16,7 +16,7 @@ from .core.plan import ModelInfo
 from .endpoints.base import HFSource
 from .errors import ConversionError
 from .config.vision import vision_arch
-from .layout.placement import MTP_INNER_LAYER, VISION_LAYER_PREFIX
+from .layout.placement import MTP_INNER_LAYER, VISION_DEEPSTACK_PREFIX, VISION_LAYER_PREFIX
 from .module_convertor import ModuleConvertor, create
 from .module_convertor.moe import RoutedExperts
 from .tensor_expr import Expr, LeafReader, dtype_name
@@ -40,6 +40,9 @@ def _vision_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConver
         hf_prefix = spec.layer_prefix.format(layer=layer)
         convertors += [create(m, vision, hf_prefix, f"{VISION_LAYER_PREFIX}{layer}.") for m in spec.layer_modules
                        if m.when is None or (m.when not in LAYER_KINDS and getattr(vision, m.when))]
+    for k in range(len(vision.deepstack_visual_indexes) if spec.deepstack_prefix else 0):
+        hf_prefix = spec.deepstack_prefix.format(index=k)
+        convertors += [create(m, vision, hf_prefix, f"{VISION_DEEPSTACK_PREFIX}{k}.") for m in spec.deepstack_modules]
     return convertors
 
 

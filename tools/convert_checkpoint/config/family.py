@@ -58,6 +58,9 @@ class VisionSpec:
     global_modules: tuple[ModuleSpec, ...]  # patch embedding, merger, deepstack mergers
     layer_prefix: str  # HF, with {layer}
     layer_modules: tuple[ModuleSpec, ...]
+    # Qwen3-VL's deepstack mergers, one per deepstack_visual_indexes entry: HF prefix with {index}
+    deepstack_prefix: str | None = None
+    deepstack_modules: tuple[ModuleSpec, ...] = ()
 
     def values(self, config: Mapping[str, Any]) -> dict[str, Any]:
         from .arch import _lookup
@@ -159,6 +162,8 @@ def _vision(data: Any, path: str) -> VisionSpec | None:
         global_modules=_modules(data.get("global", []), path, "vision.global"),
         layer_prefix=data["layer_prefix"],
         layer_modules=_modules(data.get("layer", []), path, "vision.layer"),
+        deepstack_prefix=(data.get("deepstack") or {}).get("hf_prefix"),
+        deepstack_modules=_modules((data.get("deepstack") or {}).get("modules", []), path, "vision.deepstack.modules"),
     )
 
 

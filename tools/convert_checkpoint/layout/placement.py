@@ -28,6 +28,7 @@ TRANSFORMER_IMPLS = ("transformer_engine", "local")
 # ``adapter.*``) under ``encoder_model.image_projector.``, and a copy of the word embedding for
 # the encoder stage. The tower lives in the first pipeline stage, split by the encoder's TP size.
 VISION_LAYER_PREFIX = "vision_model.decoder.layers."
+VISION_DEEPSTACK_PREFIX = "vision_model.deepstack_merger_list."  # Qwen3-VL, as LoongForge's qwen3_vit YAML names them
 VISION_PREFIXES = (("vision_model.", "encoder_model.image_encoder."), ("adapter.", "encoder_model.image_projector."))
 LANGUAGE_PREFIX = "foundation_model."
 TEXT_ENCODER_EMBEDDING = "encoder_model.text_encoder.word_embeddings.weight"
