@@ -1,0 +1,222 @@
+"""Vision-language families (issue 19 item 7): Qwen2.5-VL (qwen2_5_vl) and Qwen3-VL (qwen3_vl).
+
+Bit-exact HF -> MCore -> HF round trips over TP, PP (uneven), encoder TP and TE/local names; the
+Megatron side laid out as LoongForge's single-pass VLM conversion writes it: the language model
+under ``foundation_model.``, the vision tower under ``encoder_model.image_encoder.`` (first stage,
+split by the encoder TP size), the merger under ``encoder_model.image_projector.`` and an
+embedding copy ``encoder_model.text_encoder.word_embeddings``; LoongForge's VLM flags; bad input."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from fixtures import assert_fails, load_hf_tensors
+from helpers import assert_same_tensors, hf_to_mcore, mcore_to_hf, rank_files
+from tiny_models import TinySpec
+
+QWEN25_VL = TinySpec("qwen2_5_vl", dtype=torch.bfloat16)
+QWEN3_VL = TinySpec("qwen3_vl", dtype=torch.bfloat16)
+QWEN25_VL_TIED = TinySpec("qwen2_5_vl", tied=True, dtype=torch.bfloat16)
+
+ENC = "encoder_model.image_encoder."
+PROJ = "encoder_model.image_projector."
+LM = "foundation_model."
+
+# (tp, pp, custom layers, encoder tp or None (= tp), transformer_impl)
+LAYOUTS = [
+    (1, 1, None, None, "transformer_engine"),
+    (2, 1, None, None, "local"),
+    (2, 2, "1,3", 1, "transformer_engine"),
+    (1, 2, "3,1", None, "local"),
+    (2, 2, "3,1", 2, "local"),
+]
+
+
+def _layout_id(layout) -> str:
+    tp, pp, custom, enc, impl = layout
+    return (f"tp{tp}pp{pp}{'-' + custom.replace(',', '_') if custom else ''}enc{enc or '=tp'}-"
+            f"{'te' if impl == 'transformer_engine' else 'local'}")
+
+
+def _round_trip(hf_dir: str, tmp_path, layout) -> dict[str, dict]:
+    tp, pp, custom, enc, impl = layout
+    mcore, back = str(tmp_path / "mcore"), str(tmp_path / "back")
+    assert hf_to_mcore(hf_dir, mcore, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                       custom_pipeline_layers=custom, encoder_tensor_model_parallel_size=enc,
+                       transformer_impl=impl) == 0
+    assert mcore_to_hf(mcore, back) == 0
+    assert_same_tensors(load_hf_tensors(hf_dir), load_hf_tensors(back))
+    assert json.load(open(os.path.join(back, "config.json"))) == json.load(open(os.path.join(hf_dir, "config.json")))
+    return rank_files(mcore)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
+@pytest.mark.parametrize("spec", [QWEN25_VL, QWEN3_VL], ids=lambda s: s.family)
+def test_round_trip_bit_exact(tiny_hf, tmp_path, spec, layout):
+    files = _round_trip(tiny_hf(spec), tmp_path, layout)
+    assert next(iter(files.values()))["args"].convert_checkpoint_family == spec.family
+
+
+def test_tied_embeddings_round_trip(tiny_hf, tmp_path):
+    files = _round_trip(tiny_hf(QWEN25_VL_TIED), tmp_path, (2, 2, "1,3", 1, "transformer_engine"))
+    last = files["mp_rank_00_001"]["model"]
+    assert torch.equal(last[LM + "output_layer.weight"], files["mp_rank_00_000"]["model"][LM + "embedding.word_embeddings.weight"])
+
+
+def _vision_block(hf: dict, layer: int) -> dict[str, torch.Tensor]:
+    return {k[len(f"visual.blocks.{layer}."):]: v for k, v in hf.items() if k.startswith(f"visual.blocks.{layer}.")}
+
+
+def test_qwen25_vl_tensors_land_where_loongforge_puts_them(tiny_hf, tmp_path):
+    """TP 2, encoder TP 1, PP 2: the tower whole in both TP files of stage 0 only, qkv regrouped per
+    head, SwiGLU fc1 = [gate; up] (bias too), the merger replicated, TE-fused norms."""
+    hf_dir = tiny_hf(QWEN25_VL)
+    hf = load_hf_tensors(hf_dir)
+    files = _round_trip(hf_dir, tmp_path, (2, 2, "1,3", 1, "transformer_engine"))
+    assert sorted(files) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    block = _vision_block(hf, 1)
+    heads, d = 4, 8
+    for t in (0, 1):
+        sd = files[f"mp_rank_0{t}_000"]["model"]
+        layer = ENC + "decoder.layers.1."
+        qkv = block["attn.qkv.weight"]
+        q, k, v = qkv[:32].view(heads, d, -1), qkv[32:64].view(heads, d, -1), qkv[64:].view(heads, d, -1)
+        assert torch.equal(sd[layer + "self_attention.linear_qkv.weight"], torch.cat([q, k, v], 1).reshape(96, 32))
+        fc1_bias = torch.cat([block["mlp.gate_proj.bias"], block["mlp.up_proj.bias"]])
+        assert torch.equal(sd[layer + "mlp.linear_fc1.bias"], fc1_bias)
+        assert torch.equal(sd[layer + "self_attention.linear_qkv.layer_norm_weight"], block["norm1.weight"])
+        assert torch.equal(sd[layer + "mlp.linear_fc1.layer_norm_weight"], block["norm2.weight"])
+        assert torch.equal(sd[ENC + "patch_embed.proj.weight"], hf["visual.patch_embed.proj.weight"])
+        assert torch.equal(sd[PROJ + "layernorm.weight"], hf["visual.merger.ln_q.weight"])
+        assert torch.equal(sd[PROJ + "linear_fc2.weight"], hf["visual.merger.mlp.2.weight"])
+        assert sd[PROJ + "linear_fc1._extra_state"] is None
+        embed = sd[LM + "embedding.word_embeddings.weight"]
+        assert torch.equal(sd["encoder_model.text_encoder.word_embeddings.weight"], embed)
+        assert torch.equal(embed[: 125 - 125 * t], hf["model.embed_tokens.weight"][125 * t: 125])  # 250 rows, padded 256
+    for t in (0, 1):  # the second stage holds no vision tensor
+        assert not [k for k in files[f"mp_rank_0{t}_001"]["model"] if k.startswith("encoder_model.")]
+    later = files["mp_rank_00_001"]["model"]
+    assert LM + "decoder.layers.2.self_attention.linear_qkv.weight" in later  # 3 layers, renumbered 0..2
+    assert LM + "output_layer.weight" in later and LM + "decoder.final_layernorm.weight" in later
+
+
+def test_encoder_tp_splits_the_tower(tiny_hf, tmp_path):
+    """Encoder TP 2 under TP 2: heads 0-1 in file 0, heads 2-3 in file 1; MLP fc1 [gate_t; up_t]."""
+    hf_dir = tiny_hf(QWEN25_VL)
+    block = _vision_block(load_hf_tensors(hf_dir), 0)
+    files = _round_trip(hf_dir, tmp_path, (2, 1, None, 2, "local"))
+    for t in (0, 1):
+        sd = files[f"mp_rank_0{t}"]["model"]
+        layer = ENC + "decoder.layers.0."
+        qkv = sd[layer + "self_attention.linear_qkv.weight"]
+        assert qkv.shape == (48, 32)
+        assert torch.equal(qkv[:8], block["attn.qkv.weight"][16 * t: 16 * t + 8])  # q of head 2t
+        fc1 = sd[layer + "mlp.linear_fc1.weight"]
+        assert torch.equal(fc1[:24], block["mlp.gate_proj.weight"][24 * t: 24 * t + 24])
+        assert torch.equal(fc1[24:], block["mlp.up_proj.weight"][24 * t: 24 * t + 24])
+        assert torch.equal(sd[layer + "mlp.linear_fc2.weight"], block["mlp.down_proj.weight"][:, 24 * t: 24 * t + 24])
+        assert torch.equal(sd[layer + "mlp.linear_fc2.bias"], block["mlp.down_proj.bias"])
+        assert torch.equal(sd[layer + "input_layernorm.weight"], block["norm1.weight"])  # local names
+
+
+def test_qwen3_vl_deepstack_and_layernorm_biases(tiny_hf, tmp_path):
+    hf_dir = tiny_hf(QWEN3_VL)
+    hf = load_hf_tensors(hf_dir)
+    files = _round_trip(hf_dir, tmp_path, (2, 1, None, 1, "transformer_engine"))
+    sd = files["mp_rank_01"]["model"]
+    for k in (0, 1):
+        for ours, theirs in (("layernorm.bias", "norm.bias"), ("linear_fc1.weight", "linear_fc1.weight"),
+                             ("linear_fc2.bias", "linear_fc2.bias")):
+            assert torch.equal(sd[f"{ENC}deepstack_merger_list.{k}.{ours}"],
+                               hf[f"model.visual.deepstack_merger_list.{k}.{theirs}"])
+    assert f"{ENC}deepstack_merger_list.2.layernorm.weight" not in sd
+    assert torch.equal(sd[ENC + "pos_embed.weight"], hf["model.visual.pos_embed.weight"])
+    assert torch.equal(sd[ENC + "patch_embed.proj.bias"], hf["model.visual.patch_embed.proj.bias"])
+    assert torch.equal(sd[ENC + "decoder.layers.2.self_attention.linear_qkv.layer_norm_bias"],
+                       hf["model.visual.blocks.2.norm1.bias"])
+    assert torch.equal(sd[PROJ + "layernorm.bias"], hf["model.visual.merger.norm.bias"])
+    assert torch.equal(sd[LM + "decoder.layers.0.self_attention.q_layernorm.weight"],
+                       hf["model.language_model.layers.0.self_attn.q_norm.weight"])
+
+
+def test_mcore_source_reads_encoder_tp_and_checks_the_flag(tiny_hf, tmp_path, capsys):
+    mcore = str(tmp_path / "mcore")
+    assert hf_to_mcore(tiny_hf(QWEN25_VL), mcore, tensor_model_parallel_size=2, encoder_tensor_model_parallel_size=1) == 0
+    capsys.readouterr()
+    back = str(tmp_path / "back")
+    rc = mcore_to_hf(mcore, back, encoder_tensor_model_parallel_size=2)
+    assert_fails(capsys, rc, back, "--encoder_tensor_model_parallel_size 2 disagrees with the checkpoint", "1")
+    assert mcore_to_hf(mcore, back, encoder_tensor_model_parallel_size=1) == 0
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (dict(tensor_model_parallel_size=2, encoder_tensor_model_parallel_size=4),
+     ["--encoder_tensor_model_parallel_size 4 does not divide --tensor_model_parallel_size 2"]),
+    (dict(tensor_model_parallel_size=3, encoder_tensor_model_parallel_size=3),
+     ["--encoder_tensor_model_parallel_size 3 does not divide the vision tower's num_heads 4"]),
+    (dict(encoder_tensor_model_parallel_size=0), ["--encoder_tensor_model_parallel_size 0"]),
+])
+def test_bad_encoder_tp(tiny_hf, tmp_path, capsys, flags, fragments):
+    out, hf_dir = str(tmp_path / "out"), tiny_hf(QWEN25_VL)
+    capsys.readouterr()  # the model's generation
+    assert_fails(capsys, hf_to_mcore(hf_dir, out, **flags), out, *fragments)
+
+
+def test_encoder_tp_on_a_language_model_is_refused(tiny_hf, tmp_path, capsys):
+    out, hf_dir = str(tmp_path / "out"), tiny_hf(TinySpec("qwen2"))
+    capsys.readouterr()  # the model's generation
+    rc = hf_to_mcore(hf_dir, out, encoder_tensor_model_parallel_size=1)
+    assert_fails(capsys, rc, out, "--encoder_tensor_model_parallel_size applies to vision-language models")
+
+
+def _loongforge_yamls(tmp_path) -> dict[str, str]:
+    """Stand-ins at LoongForge's paths (only their file names and existence are read)."""
+    root = tmp_path / "loongforge" / "configs" / "models"
+    paths = {"convert": root / "qwen2.5/ckpt_convert/qwen2_5_convert.yaml",
+             "vision": root / "image_encoder/ckpt_convert/qwen2_5_vit_convert.yaml",
+             "adapter": root / "image_projector/ckpt_convert/qwen_mlp_adapter_convert.yaml",
+             "qwen3_vision": root / "image_encoder/ckpt_convert/qwen3_vit_convert.yaml"}
+    from convert_checkpoint.config.family import CONFIG_ROOT
+
+    source = open(os.path.join(CONFIG_ROOT, "qwen2.5/ckpt_convert/qwen2_5_convert.yaml")).read()
+    for key, path in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source if key == "convert" else "vision_patch: {}\n")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def test_loongforge_single_pass_vlm_flags(tiny_hf, tmp_path):
+    """LoongForge's script: --convert_file (language model) + --vision_patch_convert_file +
+    --adapter_convert_file + --encoder_tensor_model_parallel_size pick qwen2_5_vl both ways."""
+    yamls = _loongforge_yamls(tmp_path)
+    hf_dir = tiny_hf(QWEN25_VL)
+    mcore, back = str(tmp_path / "mcore"), str(tmp_path / "back")
+    vlm = dict(convert_file=yamls["convert"], vision_patch_convert_file=yamls["vision"],
+               adapter_convert_file=yamls["adapter"], encoder_tensor_model_parallel_size=1)
+    assert hf_to_mcore(hf_dir, mcore, tensor_model_parallel_size=2, **vlm) == 0
+    assert rank_files(mcore)["mp_rank_00"]["args"].convert_checkpoint_family == "qwen2_5_vl"
+    assert mcore_to_hf(mcore, back, **vlm) == 0
+    assert_same_tensors(load_hf_tensors(hf_dir), load_hf_tensors(back))
+
+
+@pytest.mark.parametrize("which, fragments", [
+    ("no_adapter", ["--vision_patch_convert_file and --adapter_convert_file go together"]),
+    ("wrong_tower", ["does not go with a qwen2 language model"]),
+    ("missing_adapter", ["--adapter_convert_file", "no such file"]),
+])
+def test_bad_loongforge_vlm_flags(tiny_hf, tmp_path, capsys, which, fragments):
+    yamls = _loongforge_yamls(tmp_path)
+    flags = dict(convert_file=yamls["convert"], vision_patch_convert_file=yamls["vision"],
+                 adapter_convert_file=yamls["adapter"])
+    if which == "no_adapter":
+        del flags["adapter_convert_file"]
+    elif which == "wrong_tower":
+        flags["vision_patch_convert_file"] = yamls["qwen3_vision"]
+    else:
+        flags["adapter_convert_file"] = str(tmp_path / "nope.yaml")
+    out, hf_dir = str(tmp_path / "out"), tiny_hf(QWEN25_VL)
+    capsys.readouterr()  # the model's generation
+    assert_fails(capsys, hf_to_mcore(hf_dir, out, **flags), out, *fragments)
