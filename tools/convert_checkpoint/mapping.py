@@ -10,12 +10,12 @@ import torch
 from . import tensor_expr as tx
 from .config.arch import ModelArch
 from .config.family import LAYER_KINDS, FamilySpec
+from .config.vision import vision_arch
 from .core.canonical import CanonicalTensor
 from .core.naming import natural_key
 from .core.plan import ModelInfo
 from .endpoints.base import HFSource
 from .errors import ConversionError
-from .config.vision import vision_arch
 from .layout.placement import MTP_INNER_LAYER, VISION_DEEPSTACK_PREFIX, VISION_LAYER_PREFIX
 from .module_convertor import ModuleConvertor, create
 from .module_convertor.moe import RoutedExperts
@@ -40,8 +40,10 @@ def _vision_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConver
         hf_prefix = spec.layer_prefix.format(layer=layer)
         convertors += [create(m, vision, hf_prefix, f"{VISION_LAYER_PREFIX}{layer}.") for m in spec.layer_modules
                        if m.when is None or (m.when not in LAYER_KINDS and getattr(vision, m.when))]
-    for k in range(len(vision.deepstack_visual_indexes) if spec.deepstack_prefix else 0):
-        hf_prefix = spec.deepstack_prefix.format(index=k)
+    deepstack = spec.deepstack_prefix
+    for k in range(len(vision.deepstack_visual_indexes) if deepstack else 0):
+        assert deepstack is not None
+        hf_prefix = deepstack.format(index=k)
         convertors += [create(m, vision, hf_prefix, f"{VISION_DEEPSTACK_PREFIX}{k}.") for m in spec.deepstack_modules]
     return convertors
 

@@ -23,12 +23,12 @@ import torch
 from .. import tensor_expr as te
 from ..config import resolve
 from ..config.arch import ModelArch
+from ..config.vision import vision_arch
 from ..core.canonical import WORD_EMBEDDINGS, CanonicalTensor, Split
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
 from ..errors import ConversionError
 from ..layout.from_flags import layout_from_flags, validate_tensor_parallel
 from ..layout.pipeline import PipelineLayout
-from ..config.vision import vision_arch
 from ..layout.placement import (
     LANGUAGE_PREFIX,
     MTP_INNER_LAYER,

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from ..config.arch import ModelArch
+from ..config.vision import vision_arch
 from ..core.canonical import CanonicalTensor
 from ..errors import ConversionError
 from ..requests import LayoutRequest, VocabPadding
 from .pipeline import build_pipeline_layout
-from ..config.vision import vision_arch
 from .placement import MTP_INNER_LAYER, ParallelLayout, is_vision
 from .tensor_parallel import divides, padded_vocab_size
 
