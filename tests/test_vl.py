@@ -220,3 +220,47 @@ def test_bad_loongforge_vlm_flags(tiny_hf, tmp_path, capsys, which, fragments):
     out, hf_dir = str(tmp_path / "out"), tiny_hf(QWEN25_VL)
     capsys.readouterr()  # the model's generation
     assert_fails(capsys, hf_to_mcore(hf_dir, out, **flags), out, *fragments)
+
+
+# LoongForge's names for the tower (configs/models/image_encoder/ckpt_convert/qwen2_5_vit_convert.yaml
+# and qwen3_vit_convert.yaml: name_map.mcore with layer_prefix vision_model.decoder.layers, TE-fused
+# norms, plus vision_patch) and the merger (image_projector/ckpt_convert/qwen_mlp_adapter_convert.yaml,
+# qwen_3_mlp_adapter_convert.yaml), after its prefix_mapping (vision_model -> encoder_model.image_encoder,
+# adapter -> encoder_model.image_projector); `b` marks a bias next to the weight.
+_LF_LAYER = {"self_attention.linear_qkv": "wb", "self_attention.linear_proj": "wb", "mlp.linear_fc1": "wb",
+             "mlp.linear_fc2": "wb"}
+_LF_TOWER = {
+    "qwen2_5_vl": (["patch_embed.proj.weight"], ["layernorm.weight", "linear_fc1.weight", "linear_fc1.bias",
+                                                 "linear_fc2.weight", "linear_fc2.bias"], False),
+    "qwen3_vl": (["patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed.weight"]
+                 + [f"deepstack_merger_list.{k}.{m}.{s}" for k in (0, 1) for m in ("linear_fc1", "linear_fc2", "layernorm")
+                    for s in ("weight", "bias")],
+                 ["layernorm.weight", "layernorm.bias", "linear_fc1.weight", "linear_fc1.bias",
+                  "linear_fc2.weight", "linear_fc2.bias"], True),
+}
+
+
+@pytest.mark.parametrize("spec", [QWEN25_VL, QWEN3_VL], ids=lambda s: s.family)
+def test_vision_names_are_loongforges(tiny_hf, tmp_path, spec):
+    """TP 1, TE names: the encoder entries are exactly LoongForge's names for the tower, with the
+    HF tensors' shapes (a 1:1 copy here, the qkv regrouping aside)."""
+    mcore = str(tmp_path / "mcore")
+    assert hf_to_mcore(tiny_hf(spec), mcore) == 0
+    sd = rank_files(mcore)["mp_rank_00"]["model"]
+    tower, merger, layer_norm_bias = _LF_TOWER[spec.family]
+    expected = {ENC + n for n in tower} | {PROJ + n for n in merger}
+    expected.add("encoder_model.text_encoder.word_embeddings.weight")
+    for layer in range(3):
+        head = f"{ENC}decoder.layers.{layer}."
+        for module in _LF_LAYER:
+            expected |= {f"{head}{module}.weight", f"{head}{module}.bias"}
+        for fused in ("self_attention.linear_qkv", "mlp.linear_fc1"):
+            expected.add(f"{head}{fused}.layer_norm_weight")
+            if layer_norm_bias:
+                expected.add(f"{head}{fused}.layer_norm_bias")
+    found = {k for k, v in sd.items() if k.startswith("encoder_model.") and v is not None}
+    assert found == expected, (sorted(found - expected)[:5], sorted(expected - found)[:5])
+    hf = load_hf_tensors(tiny_hf(spec))
+    visual = "visual." if spec.family == "qwen2_5_vl" else "model.visual."
+    assert sd[ENC + "patch_embed.proj.weight"].shape == hf[visual + "patch_embed.proj.weight"].shape
+    assert sd[ENC + "decoder.layers.0.self_attention.linear_qkv.weight"].shape == hf[visual + "blocks.0.attn.qkv.weight"].shape
