@@ -32,6 +32,8 @@ EXAMPLES = {
     "glm4_moe": (TinySpec("glm4_moe", mtp_layers=1), {"TP": "2", "PP": "2", "PIPELINE_LAYERS": "1,3", "EP": "4"}),
     "minimax_m2": (TinySpec("minimax_m2"), {"TP": "2", "PP": "2", "PIPELINE_LAYERS": "3,1", "EP": "4"}),
     "deepseek_v32": (TinySpec("deepseek_v32", mtp_layers=1), DEEPSEEK_SCALED),
+    "qwen2_5_vl": (TinySpec("qwen2_5_vl"), {"TP": "2", "ENCODER_TP": "1", "PP": "2", "PIPELINE_LAYERS": "1,3"}),
+    "qwen3_vl": (TinySpec("qwen3_vl"), {"TP": "2", "ENCODER_TP": "2", "PP": "2", "PIPELINE_LAYERS": "1,3"}),
 }
 
 
