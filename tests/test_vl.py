@@ -264,3 +264,17 @@ def test_vision_names_are_loongforges(tiny_hf, tmp_path, spec):
     visual = "visual." if spec.family == "qwen2_5_vl" else "model.visual."
     assert sd[ENC + "patch_embed.proj.weight"].shape == hf[visual + "patch_embed.proj.weight"].shape
     assert sd[ENC + "decoder.layers.0.self_attention.linear_qkv.weight"].shape == hf[visual + "blocks.0.attn.qkv.weight"].shape
+
+
+def test_vit_flags(tiny_hf, tmp_path, capsys):
+    """--vit_in_first_virtual_stage_only is what is written anyway; --enable-full-hetero-dp at PP > 1
+    (LoongForge: a tower copy in every stage) is refused, at PP 1 it changes nothing."""
+    hf_dir = tiny_hf(QWEN25_VL)
+    out = str(tmp_path / "a")
+    assert hf_to_mcore(hf_dir, out, pipeline_model_parallel_size=2, vit_in_first_virtual_stage_only=True) == 0
+    assert not [k for k in rank_files(out)["mp_rank_00_001"]["model"] if k.startswith("encoder_model.")]
+    assert hf_to_mcore(hf_dir, str(tmp_path / "b"), **{"enable-full-hetero-dp": True}) == 0
+    capsys.readouterr()
+    out = str(tmp_path / "c")
+    rc = hf_to_mcore(hf_dir, out, pipeline_model_parallel_size=2, **{"enable-full-hetero-dp": True})
+    assert_fails(capsys, rc, out, "--enable-full-hetero-dp", "not supported yet")

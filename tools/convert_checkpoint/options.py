@@ -59,6 +59,7 @@ class ConvertOptions:
     # Vision-language models (LoongForge's single-pass VLM flags)
     encoder_tensor_model_parallel_size: int | None = None  # None: = TP
     vision_patch_convert_file: str | None = None
+    enable_full_hetero_dp: bool = False
     ckpt_format: str = "torch"  # Megatron output: legacy rank files (torch) or torch_dist
     hf_config_path: str | None = None
     converters: tuple[str, ...] = ()  # --converter specs run on the HF source first (converters/registry.py)
@@ -100,7 +101,8 @@ class ConvertOptions:
                 virtual_stages=self.virtual_stages, layers_per_virtual_stage=self.num_layers_per_virtual_pipeline_stage,
                 custom_pipeline_layers=self.custom_pipeline_layers, transformer_impl=self.transformer_impl,
                 ep=self.expert_parallel_size, etp=self.expert_tensor_parallel_size, grouped_gemm=self.moe_grouped_gemm,
-                mtp_layer_name=self.mtp_layer_name, encoder_tp=self.encoder_tensor_model_parallel_size),
+                mtp_layer_name=self.mtp_layer_name, encoder_tp=self.encoder_tensor_model_parallel_size,
+                full_hetero_dp=self.enable_full_hetero_dp),
             vocab=VocabPadding(self.make_vocab_size_divisible_by, self.pad_vocab_size_to, self.add_embedding_padding),
             fp8=Fp8Request(self.convert_to_fp8, self.quant_method, self.force_pow_2_scales, self.amax_epsilon,
                            self.fp8_force_no_requant, math_device(self.device)),
@@ -403,6 +405,7 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         mtp_layer_name=ns.mtp_layer_name,
         encoder_tensor_model_parallel_size=ns.encoder_tensor_model_parallel_size,
         vision_patch_convert_file=ns.vision_patch_convert_file,
+        enable_full_hetero_dp=ns.enable_full_hetero_dp,
         ckpt_format=ns.ckpt_format,
         hf_config_path=ns.hf_config_path,
         converters=tuple(ns.converter or ()),

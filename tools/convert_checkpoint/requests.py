@@ -37,6 +37,7 @@ class LayoutRequest:
     grouped_gemm: bool = False
     mtp_layer_name: str | None = None
     encoder_tp: int | None = None  # vision-language models: --encoder_tensor_model_parallel_size (default: TP)
+    full_hetero_dp: bool = False  # LoongForge's --enable-full-hetero-dp: a tower copy in every stage (refused)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,9 @@ def _encoder_tp(flags: LayoutRequest, arch: ModelArch, tp: int) -> int | None:
             raise ConversionError(f"--encoder_tensor_model_parallel_size applies to vision-language models; this "
                                   f"{arch.family} model has no vision tower")
         return None
+    if flags.full_hetero_dp and (flags.pp or 1) > 1:
+        raise ConversionError("--enable-full-hetero-dp: a copy of the vision tower in every pipeline stage is not "
+                              "supported yet; the tower is written to the first stage (drop the flag)")
     encoder_tp = flags.encoder_tp or tp
     if tp % encoder_tp:
         raise ConversionError(f"--encoder_tensor_model_parallel_size {encoder_tp} does not divide "
