@@ -278,3 +278,10 @@ def test_vit_flags(tiny_hf, tmp_path, capsys):
     out = str(tmp_path / "c")
     rc = hf_to_mcore(hf_dir, out, pipeline_model_parallel_size=2, **{"enable-full-hetero-dp": True})
     assert_fails(capsys, rc, out, "--enable-full-hetero-dp", "not supported yet")
+
+
+def test_torch_dist_output_is_refused(tiny_hf, tmp_path, capsys):
+    out, hf_dir = str(tmp_path / "out"), tiny_hf(QWEN25_VL)
+    capsys.readouterr()
+    assert_fails(capsys, hf_to_mcore(hf_dir, out, ckpt_format="torch_dist"), out,
+                 "--ckpt_format torch_dist", "vision-language model")
