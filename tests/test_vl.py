@@ -20,6 +20,7 @@ from tiny_models import TinySpec
 QWEN25_VL = TinySpec("qwen2_5_vl", dtype=torch.bfloat16)
 QWEN3_VL = TinySpec("qwen3_vl", dtype=torch.bfloat16)
 QWEN25_VL_TIED = TinySpec("qwen2_5_vl", tied=True, dtype=torch.bfloat16)
+QWEN3_VL_MOE = TinySpec("qwen3_vl_moe", mlp_only_layers=(0,), dtype=torch.bfloat16)  # layer 0 dense
 
 ENC = "encoder_model.image_encoder."
 PROJ = "encoder_model.image_projector."
@@ -58,6 +59,73 @@ def _round_trip(hf_dir: str, tmp_path, layout) -> dict[str, dict]:
 def test_round_trip_bit_exact(tiny_hf, tmp_path, spec, layout):
     files = _round_trip(tiny_hf(spec), tmp_path, layout)
     assert next(iter(files.values()))["args"].convert_checkpoint_family == spec.family
+
+
+# (tp, pp, custom layers, encoder tp, impl, ep, etp, grouped)
+MOE_LAYOUTS = [
+    (1, 1, None, None, "transformer_engine", 1, None, False),
+    (2, 1, None, 1, "local", 2, None, False),
+    (2, 2, "1,3", 2, "transformer_engine", 2, 1, True),
+    (1, 2, "3,1", None, "local", 2, None, True),
+]
+
+
+@pytest.mark.parametrize("layout", MOE_LAYOUTS, ids=lambda x: "tp{}pp{}{}enc{}-{}-ep{}etp{}{}".format(
+    x[0], x[1], "-" + x[2].replace(",", "_") if x[2] else "", x[3] or "=tp", x[4][:5], x[5], x[6] or "=tp",
+    "-gg" if x[7] else ""))
+def test_qwen3_vl_moe_round_trip_bit_exact(tiny_hf, tmp_path, layout):
+    tp, pp, custom, enc, impl, ep, etp, grouped = layout
+    hf_dir = tiny_hf(QWEN3_VL_MOE)
+    mcore, back = str(tmp_path / "mcore"), str(tmp_path / "back")
+    assert hf_to_mcore(hf_dir, mcore, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                       custom_pipeline_layers=custom, encoder_tensor_model_parallel_size=enc, transformer_impl=impl,
+                       expert_parallel_size=ep, expert_tensor_parallel_size=etp, **{"moe-grouped-gemm": grouped}) == 0
+    assert mcore_to_hf(mcore, back) == 0
+    assert_same_tensors(load_hf_tensors(hf_dir), load_hf_tensors(back))
+
+
+def test_qwen3_vl_moe_experts(tiny_hf, tmp_path):
+    """Published [in, out] stacks <-> per-expert fc1 [gate; up] / fc2; EP 2 holds experts 2-3 as 0-1;
+    transformers 5's own [out, in] save reads too and comes back in the published form."""
+    hf_dir = tiny_hf(QWEN3_VL_MOE)
+    hf = load_hf_tensors(hf_dir)
+    mcore = str(tmp_path / "mcore")
+    assert hf_to_mcore(hf_dir, mcore, expert_parallel_size=2) == 0
+    sd = rank_files(mcore)["mp_rank_00_001"]["model"]
+    gate_up = hf["model.language_model.layers.1.mlp.experts.gate_up_proj"]  # [E, hidden, 2 x 16]
+    down = hf["model.language_model.layers.1.mlp.experts.down_proj"]  # [E, 16, hidden]
+    assert gate_up.shape == (4, 64, 32) and down.shape == (4, 16, 64)
+    head = LM + "decoder.layers.1.mlp.experts.local_experts.1."
+    assert torch.equal(sd[head + "linear_fc1.weight"], gate_up[3].t())
+    assert torch.equal(sd[head + "linear_fc2.weight"], down[3].t())
+    assert LM + "decoder.layers.0.mlp.linear_fc1.weight" in sd  # mlp_only_layers: dense
+    # transformers 5's layout in: the same rank files
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    for f in os.listdir(hf_dir):
+        if not f.endswith(".safetensors"):
+            (t5 / f).write_bytes(open(os.path.join(hf_dir, f), "rb").read())
+    from safetensors.torch import save_file
+
+    save_file({k: (v.transpose(1, 2).contiguous() if k.endswith(("gate_up_proj", "down_proj")) and v.dim() == 3 else v)
+               for k, v in hf.items()}, str(t5 / "model.safetensors"), metadata={"format": "pt"})
+    mcore5, back = str(tmp_path / "mcore5"), str(tmp_path / "back")
+    assert hf_to_mcore(str(t5), mcore5, expert_parallel_size=2) == 0
+    for rank, ckpt in rank_files(mcore5).items():
+        ours = rank_files(mcore)[rank]["model"]
+        assert all(torch.equal(v, ours[k]) for k, v in ckpt["model"].items() if v is not None), rank
+    assert mcore_to_hf(mcore5, back) == 0
+    assert_same_tensors(hf, load_hf_tensors(back))
+
+
+def test_qwen3_vl_moe_published_layout_loads_in_transformers(tiny_hf):
+    """transformers 5 reads the published layout this tool writes into the model that made it."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_hf(QWEN3_VL_MOE))
+    hf = load_hf_tensors(tiny_hf(QWEN3_VL_MOE))
+    experts = model.model.language_model.layers[1].mlp.experts
+    assert torch.equal(experts.gate_up_proj.data, hf["model.language_model.layers.1.mlp.experts.gate_up_proj"].transpose(1, 2))
 
 
 def test_tied_embeddings_round_trip(tiny_hf, tmp_path):

@@ -130,6 +130,7 @@ def gather_hf(src: HFSource, convertors: list[ModuleConvertor], family: FamilySp
     _check_expert_count(src, convertors, arch)
     for conv in convertors:
         exprs: dict[str, Expr] = {}
+        conv.observe_hf({n: tuple(src.leaf(n).shape) for n in conv.hf_shapes() if n in src.index})
         for name, shape in conv.hf_shapes().items():
             if name not in src.index:
                 hint = ""

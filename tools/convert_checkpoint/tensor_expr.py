@@ -141,7 +141,35 @@ class Encode:
     dtype: torch.dtype
 
 
-Expr = Leaf | Cat | Repeat | Cast | Fp8Blocks | Dequantize | Quantize | Fp8Part | Encode
+@dataclass(frozen=True)
+class Select:
+    """Entry ``index`` of ``part`` along dim 0, that dim dropped (one expert of a stacked 3-D tensor)."""
+
+    part: Expr
+    index: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Transpose:
+    """A 2-D ``part`` transposed (HF experts stored ``[in, out]``)."""
+
+    part: Expr
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Stack:
+    """``parts`` (equal shapes) stacked along a new dim 0: the inverse of ``Select``."""
+
+    parts: tuple[Expr, ...]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+Expr = Leaf | Cat | Repeat | Cast | Fp8Blocks | Dequantize | Quantize | Fp8Part | Encode | Select | Transpose | Stack
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -176,6 +204,33 @@ def cat(parts: Sequence[Expr], dim: int = 0) -> Expr:
     shape = list(first.shape)
     shape[dim] = sum(p.shape[dim] for p in items)
     return Cat(dim, items, tuple(shape), first.dtype)
+
+
+def select(part: Expr, index: int) -> Expr:
+    if not 0 <= index < part.shape[0]:
+        raise ValueError(f"select {index} out of range {part.shape[0]}")
+    return Select(part, index, tuple(part.shape[1:]), part.dtype)
+
+
+def transpose(part: Expr) -> Expr:
+    if len(part.shape) != 2:
+        raise ValueError(f"transpose of a {len(part.shape)}-D tensor")
+    if isinstance(part, Transpose):
+        return part.part
+    return Transpose(part, (part.shape[1], part.shape[0]), part.dtype)
+
+
+def stack(parts: Sequence[Expr]) -> Expr:
+    items = tuple(parts)
+    if not items or any(p.shape != items[0].shape or p.dtype != items[0].dtype for p in items):
+        raise ValueError("stack needs parts of one shape and dtype")
+    if all(isinstance(p, Select) for p in items):  # the experts of one stacked tensor, in order: itself
+        first = items[0]
+        assert isinstance(first, Select)
+        if first.part.shape[0] == len(items) and all(
+                isinstance(p, Select) and p.part == first.part and p.index == i for i, p in enumerate(items)):
+            return first.part
+    return Stack(items, (len(items), *items[0].shape), items[0].dtype)
 
 
 def repeat(part: Expr, dim: int, count: int) -> Expr:
@@ -227,6 +282,14 @@ def narrow(expr: Expr, dim: int, start: int, length: int) -> Expr:
         return _crop(expr.part, tuple(offsets), tuple(shape), expr.reason)
     if isinstance(expr, (Quantize, Fp8Part, Encode)):
         raise TypeError("a quantized output tensor cannot be cut further")
+    if isinstance(expr, Select):
+        return select(narrow(expr.part, dim + 1, start, length), expr.index)
+    if isinstance(expr, Transpose):
+        return transpose(narrow(expr.part, 1 - dim, start, length))
+    if isinstance(expr, Stack):
+        if dim == 0:
+            return stack(expr.parts[start:start + length])
+        return stack([narrow(p, dim - 1, start, length) for p in expr.parts])
     if dim != expr.dim:
         return cat([narrow(p, dim, start, length) for p in expr.parts], expr.dim)
     pieces = []
@@ -251,8 +314,10 @@ def split_even(expr: Expr, dim: int, parts: int, index: int) -> Expr:
 
 
 def children(expr: Expr) -> tuple[Expr, ...]:
-    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize, Encode)):
+    if isinstance(expr, (Repeat, Cast, Dequantize, Quantize, Encode, Select, Transpose)):
         return (expr.part,)
+    if isinstance(expr, Stack):
+        return expr.parts
     if isinstance(expr, Fp8Part):
         return (expr.of,)
     if isinstance(expr, Fp8Blocks):
@@ -435,6 +500,12 @@ def describe(expr: Expr) -> str:
         return f"{expr.which} of {describe(expr.of)}"
     if isinstance(expr, Encode):
         return f"{expr.codec}({describe(expr.part)})"
+    if isinstance(expr, Select):
+        return f"{describe(expr.part)}[{expr.index}]"
+    if isinstance(expr, Transpose):
+        return f"transpose({describe(expr.part)})"
+    if isinstance(expr, Stack):
+        return "stack(" + ", ".join(describe(p) for p in expr.parts) + ")"
     return f"cat{expr.dim}(" + ", ".join(describe(p) for p in expr.parts) + ")"
 
 
@@ -482,6 +553,16 @@ def materialize_into(expr: Expr, reader: LeafReader, out: torch.Tensor) -> None:
         raise TypeError("block-FP8 expressions are materialized by quant.fp8_materialize")
     if isinstance(expr, Encode):
         raise TypeError(f"{expr.codec} is applied by the target that planned it")
+    if isinstance(expr, Select):  # the one entry, read as a window of dim 0
+        materialize_into(narrow(expr.part, 0, expr.index, 1), reader, out.unsqueeze(0))
+        return
+    if isinstance(expr, Transpose):
+        out.copy_(materialize(expr.part, reader).t())
+        return
+    if isinstance(expr, Stack):
+        for i, part in enumerate(expr.parts):
+            materialize_into(part, reader, out[i])
+        return
     pos = 0
     for part in expr.parts:
         n = part.shape[expr.dim]
