@@ -1,4 +1,4 @@
-"""Converted Qwen2.5-VL / Qwen3-VL checkpoints against megatron-core 0.16.1 on CPU.
+"""Converted Qwen2.5-VL / Qwen3-VL / Qwen3-VL-MoE checkpoints against megatron-core 0.16.1 on CPU.
 
 megatron-core 0.16.1 cannot build these models: its multimodal ``LLaVAModel`` takes a CLIP/
 SigLIP/InternViT encoder (``vision_model.*``: conv1, class token, learned positions) and a
@@ -10,7 +10,7 @@ image_projector.``), whose model class is not public megatron-core. So:
 * the language model is checked as megatron-core's own ``GPTModel``: every rank file with its
   ``foundation_model.`` prefix stripped and the ``encoder_model.`` entries set aside loads with
   strict=True into the GPTModel megatron-core builds for that rank, and the logits match
-  transformers' ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` made of the same language-model
+  transformers' ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` / ``Qwen3MoeForCausalLM`` made of the same language-model
   weights within 1e-4 (one spawn of 4 workers for every layout); that causal LM is checked here,
   in-process, to give the VL model's own text-only logits;
 * the set-aside entries must be exactly the vision tower, its merger and the text-encoder
@@ -32,15 +32,18 @@ from tiny_models import TinySpec
 
 WORLD_SIZE = 4
 SPECS = {"qwen2_5_vl": TinySpec("qwen2_5_vl"), "qwen3_vl": TinySpec("qwen3_vl"),
-         "qwen2_5_vl_tied": TinySpec("qwen2_5_vl", tied=True)}
+         "qwen2_5_vl_tied": TinySpec("qwen2_5_vl", tied=True), "qwen3_vl_moe": TinySpec("qwen3_vl_moe", mlp_only_layers=(0,))}
 CASES = [
     MegatronCase("qwen2_5_vl", Layout(2, 2, 1, (1, 3)), custom="1,3"),
     MegatronCase("qwen2_5_vl", Layout(2, 1, 1, (4,)), impl="transformer_engine"),
     MegatronCase("qwen3_vl", Layout(2, 2, 1, (3, 1)), impl="transformer_engine", custom="3,1"),
     MegatronCase("qwen3_vl", Layout(1, 2, 1, (2, 2))),
     MegatronCase("qwen2_5_vl_tied", Layout(2, 2, 1, (2, 2))),
+    MegatronCase("qwen3_vl_moe", Layout(2, 1, 1, (4,), ep=2)),
+    MegatronCase("qwen3_vl_moe", Layout(1, 2, 1, (1, 3), ep=2, etp=1), impl="transformer_engine", grouped=True, custom="1,3"),
 ]
 LANGUAGE, ENCODER = "foundation_model.", "encoder_model."
+LM_TYPES = {"qwen2_5_vl_text": "qwen2", "qwen3_vl_text": "qwen3", "qwen3_vl_moe_text": "qwen3_moe"}
 
 
 def _causal_lm_view(vl_dir: str, out: Path) -> str:
@@ -50,8 +53,10 @@ def _causal_lm_view(vl_dir: str, out: Path) -> str:
     vl = AutoModelForImageTextToText.from_pretrained(vl_dir, dtype=torch.float32)
     text = vl.config.text_config
     config = json.loads(text.to_json_string())
-    config.update(model_type=text.model_type.replace("_5_vl_text", "").replace("_vl_text", ""),
-                  tie_word_embeddings=vl.config.tie_word_embeddings, architectures=None)
+    config.update(model_type=LM_TYPES[text.model_type], tie_word_embeddings=vl.config.tie_word_embeddings,
+                  architectures=None)
+    if "num_local_experts" in config or "num_experts" in config:  # Qwen3-VL-MoE's router always renormalizes its top-k weights
+        config["norm_topk_prob"] = True
     config["rope_parameters"] = {"rope_type": "default", "rope_theta": text.rope_parameters["rope_theta"]}
     from transformers import AutoConfig
 
@@ -62,7 +67,7 @@ def _causal_lm_view(vl_dir: str, out: Path) -> str:
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     ids = torch.arange(3, 3 + 12).unsqueeze(0)
     with torch.no_grad():  # text only: M-RoPE with equal t/h/w positions is plain RoPE
-        torch.testing.assert_close(vl(input_ids=ids).logits, lm(input_ids=ids).logits, rtol=0, atol=1e-5)
+        torch.testing.assert_close(vl(input_ids=ids).logits, lm(input_ids=ids).logits, rtol=0, atol=1e-5, msg=lambda m: f"{vl_dir}: {m}")
     lm.save_pretrained(str(out))
     return str(out)
 
@@ -100,6 +105,7 @@ def test_language_model_strict_load_and_logits(tiny_hf, tmp_path: Path) -> None:
         job = convert_case(case, lm_dirs[case.model], tmp_path / f"case{i}", source_dir=vl_dirs[case.model])
         view = _language_rank_files(job.mcore_dir, tmp_path / f"case{i}_language")
         jobs.append(CheckJob(job.hf_dir, view, job.layout, te_names=job.te_names, check_logits=True,
+                             grouped_gemm=job.grouped_gemm,
                              tied=case.model.endswith("_tied")))
     # Negative: the vision tower's qkv is not in the language view, so check the view can fail:
     # layer 0's fc1 of case 0 with its gate and up halves exchanged (same keys and shapes).
