@@ -353,3 +353,15 @@ def test_torch_dist_output_is_refused(tiny_hf, tmp_path, capsys):
     capsys.readouterr()
     assert_fails(capsys, hf_to_mcore(hf_dir, out, ckpt_format="torch_dist"), out,
                  "--ckpt_format torch_dist", "vision-language model")
+
+
+def test_loongforge_flags_pick_qwen3_vl_moe(tiny_hf, tmp_path):
+    """LoongForge's Qwen3-VL-MoE script: qwen3_moe_convert_qwen3vl.yaml + qwen3_vit_convert.yaml."""
+    yamls = _loongforge_yamls(tmp_path)
+    convert = tmp_path / "loongforge/configs/models/qwen3/ckpt_convert/qwen3_moe_convert_qwen3vl.yaml"
+    convert.parent.mkdir(parents=True, exist_ok=True)
+    convert.write_text("defaults:\n  - qwen3@module: ???\n")
+    mcore = str(tmp_path / "mcore")
+    assert hf_to_mcore(tiny_hf(QWEN3_VL_MOE), mcore, convert_file=str(convert), expert_parallel_size=2,
+                       vision_patch_convert_file=yamls["qwen3_vision"], adapter_convert_file=yamls["adapter"]) == 0
+    assert rank_files(mcore)["mp_rank_00_000"]["args"].convert_checkpoint_family == "qwen3_vl_moe"

@@ -87,7 +87,7 @@ FLAGS: tuple[IncumbentFlag, ...] = (
     IncumbentFlag("adapter_convert_file", HONOURED, "VLM projector YAML: checked to exist and to go with "
                   "--vision_patch_convert_file (the merger's names come from our family)"),
     IncumbentFlag("vision_patch_convert_file", HONOURED, "VLM image-encoder YAML: with --convert_file picks our "
-                  "vision-language family (qwen2_5_vit: qwen2_5_vl, qwen3_vit: qwen3_vl)"),
+                  "vision-language family (qwen2_5_vit: qwen2_5_vl, qwen3_vit: qwen3_vl or qwen3_vl_moe)"),
     IncumbentFlag("encoder_tensor_model_parallel_size", HONOURED, "the vision tower's TP size (default: TP); "
                   "must divide TP and the tower's heads and MLP size"),
     IncumbentFlag("enable-full-hetero-dp", NO_OP, "data-parallel setting; rank files do not depend on it (a "

@@ -15,7 +15,7 @@ from ..requests import ModelRequest
 from .arch import ModelArch, load_arch_yaml
 from .family import FamilySpec, family_by_name, family_for_hf_config, load_family
 from .loongforge import cross_check, is_model_yaml_file
-from .loongforge.vision_yaml import vl_family_name
+from .loongforge.vision_yaml import language_family, vl_family_name
 
 
 def param_dtype(hf_config: Mapping[str, Any]) -> torch.dtype:
@@ -34,7 +34,7 @@ def _vl_family(request: ModelRequest) -> FamilySpec | None:
     """``--vision_patch_convert_file``: the vision-language family of that tower and language model."""
     if request.vision_convert_file is None:
         return None
-    language = load_family(request.convert_file).name if request.convert_file else None
+    language = language_family(request.convert_file, lambda path: load_family(path).name)
     return family_by_name(vl_family_name(request.vision_convert_file, language))
 
 
