@@ -365,3 +365,32 @@ def test_loongforge_flags_pick_qwen3_vl_moe(tiny_hf, tmp_path):
     assert hf_to_mcore(tiny_hf(QWEN3_VL_MOE), mcore, convert_file=str(convert), expert_parallel_size=2,
                        vision_patch_convert_file=yamls["qwen3_vision"], adapter_convert_file=yamls["adapter"]) == 0
     assert rank_files(mcore)["mp_rank_00_000"]["args"].convert_checkpoint_family == "qwen3_vl_moe"
+
+
+def test_virtual_stages_keep_the_tower_in_model0(tiny_hf, tmp_path):
+    hf_dir = tiny_hf(QWEN3_VL)
+    mcore, back = str(tmp_path / "mcore"), str(tmp_path / "back")
+    assert hf_to_mcore(hf_dir, mcore, pipeline_model_parallel_size=2, custom_pipeline_layers="1,1,1,1",
+                       **{"num-virtual-stages-per-pipeline-rank": 2}) == 0
+    files = rank_files(mcore)
+    for rank, ckpt in files.items():
+        for chunk in ("model0", "model1"):
+            has_tower = any(k.startswith("encoder_model.") for k in ckpt[chunk])
+            assert has_tower == (rank == "mp_rank_00_000" and chunk == "model0"), (rank, chunk)
+    assert mcore_to_hf(mcore, back) == 0
+    assert_same_tensors(load_hf_tensors(hf_dir), load_hf_tensors(back))
+
+
+def test_mcore_to_mcore_changes_tp_and_encoder_tp(tiny_hf, tmp_path):
+    hf_dir = tiny_hf(QWEN25_VL)
+    first, second, back = (str(tmp_path / n) for n in ("first", "second", "back"))
+    assert hf_to_mcore(hf_dir, first, tensor_model_parallel_size=2, encoder_tensor_model_parallel_size=1,
+                       pipeline_model_parallel_size=2, custom_pipeline_layers="1,3") == 0
+    from helpers import convert
+
+    assert convert("--load_platform", "mcore", "--save_platform", "mcore", "--load_ckpt_path", first,
+                   "--save_ckpt_path", second, tensor_model_parallel_size=4, encoder_tensor_model_parallel_size=2) == 0
+    sd = rank_files(second)["mp_rank_03"]["model"]
+    assert sd[ENC + "decoder.layers.0.self_attention.linear_qkv.weight"].shape == (48, 32)  # encoder shard 3 mod 2
+    assert mcore_to_hf(second, back) == 0
+    assert_same_tensors(load_hf_tensors(hf_dir), load_hf_tensors(back))
