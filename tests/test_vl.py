@@ -394,3 +394,11 @@ def test_mcore_to_mcore_changes_tp_and_encoder_tp(tiny_hf, tmp_path):
     assert sd[ENC + "decoder.layers.0.self_attention.linear_qkv.weight"].shape == (48, 32)  # encoder shard 3 mod 2
     assert mcore_to_hf(second, back) == 0
     assert_same_tensors(load_hf_tensors(hf_dir), load_hf_tensors(back))
+
+
+def test_dry_run_names_the_tower_placement(tiny_hf, tmp_path, capsys):
+    out, hf_dir = str(tmp_path / "out"), tiny_hf(QWEN25_VL)
+    capsys.readouterr()
+    assert hf_to_mcore(hf_dir, out, tensor_model_parallel_size=2, encoder_tensor_model_parallel_size=1, dry_run=True) == 0
+    assert "vision tower and merger (encoder_model.*): stage 0, chunk 0, encoder TP 1" in capsys.readouterr().err
+    assert not os.path.exists(out) or not os.listdir(out)
