@@ -400,5 +400,5 @@ def test_dry_run_names_the_tower_placement(tiny_hf, tmp_path, capsys):
     out, hf_dir = str(tmp_path / "out"), tiny_hf(QWEN25_VL)
     capsys.readouterr()
     assert hf_to_mcore(hf_dir, out, tensor_model_parallel_size=2, encoder_tensor_model_parallel_size=1, dry_run=True) == 0
-    assert "vision tower and merger (encoder_model.*): stage 0, chunk 0, encoder TP 1" in capsys.readouterr().err
+    assert "vision tower and merger (encoder_model.*): stage 0, chunk 0, encoder TP 1" in capsys.readouterr().out
     assert not os.path.exists(out) or not os.listdir(out)
