@@ -15,12 +15,19 @@ image_projector.``), whose model class is not public megatron-core. So:
   in-process, to give the VL model's own text-only logits;
 * the set-aside entries must be exactly the vision tower, its merger and the text-encoder
   embedding copy (which must equal the embedding); their names and shapes are checked against
-  LoongForge's convert YAMLs in tests/test_vl.py.
+  LoongForge's convert YAMLs in tests/test_vl.py;
+* the tower's blocks are megatron-core's own ``TransformerBlock`` (local spec, bidirectional
+  attention): each rank file's ``encoder_model.image_encoder.decoder.*`` loads strictly into the
+  block built at the encoder TP size, and its output equals transformers' vision blocks within
+  1e-4 (tests/vl_vision_probe.py; rotary angle 0 on both sides, since megatron-core has no
+  Qwen 2D vision RoPE). The patch embedding, position table and mergers have no megatron-core
+  module: they are checked by name and value in tests/test_vl.py.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -126,3 +133,49 @@ def test_language_model_strict_load_and_logits(tiny_hf, tmp_path: Path) -> None:
     problems = job_problems(results, all_jobs, WORLD_SIZE)
     assert sorted(problems) == [len(jobs)], problems
     assert "logits max|diff|" in "\n".join(problems[len(jobs)])
+
+
+def test_vision_tower_strict_load_and_output(tiny_hf, tmp_path: Path) -> None:
+    """Each rank file's tower in megatron-core's TransformerBlock (tests/vl_vision_probe.py, one
+    spawn of 2): strict load at encoder TP 1 and 2, output equal to transformers' blocks within
+    1e-4; a negative (qkv of layer 1 rolled by one head in every file) must fail on the output."""
+    import subprocess
+    import sys
+
+    from helpers import hf_to_mcore
+
+    jobs = []
+    for name, enc in (("qwen2_5_vl", 2), ("qwen3_vl", 2), ("qwen3_vl", 1), ("qwen3_vl_moe", 1)):
+        hf_dir = tiny_hf(SPECS[name])
+        out = tmp_path / f"{name}_enc{enc}"
+        assert hf_to_mcore(hf_dir, str(out), tensor_model_parallel_size=2, encoder_tensor_model_parallel_size=enc,
+                           transformer_impl="local", expert_parallel_size=2 if name.endswith("moe") else None) == 0
+        dirs = sorted(os.listdir(out / "release"))
+        # process r loads rank_dirs[r]: at encoder TP 2 its own TP shard, at 1 (two data-parallel
+        # copies) the first and the last file, each of which must hold the whole tower
+        jobs.append({"family": name, "hf_dir": hf_dir, "mcore_dir": str(out), "tp": enc, "rank_dirs": [dirs[0], dirs[-1]]})
+    negative = Path(shutil.copytree(jobs[0]["mcore_dir"], tmp_path / "neg"))
+    torch.serialization.add_safe_globals([argparse.Namespace])
+    for rank_file in sorted(negative.glob("release/*/model_optim_rng.pt")):
+        ckpt = torch.load(rank_file, map_location="cpu", weights_only=True)
+        key = "encoder_model.image_encoder.decoder.layers.1.self_attention.linear_qkv.weight"
+        ckpt["model"][key] = torch.roll(ckpt["model"][key], 24, 0)  # one head's [q; k; v] rows
+        torch.save(ckpt, rank_file)
+    jobs.append(dict(jobs[0], mcore_dir=str(negative)))
+    spec_file = tmp_path / "jobs.json"
+    spec_file.write_text(json.dumps(jobs))
+    probe = os.path.join(os.path.dirname(__file__), "vl_vision_probe.py")
+    out = tmp_path / "probe"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, probe, str(spec_file), "2", str(out)], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [r for rank in (0, 1) for r in json.loads((out / f"rank{rank}.json").read_text())]
+    assert len(results) == 2 * len(jobs), results
+    for r in results:
+        assert r["ok"], r
+        assert r["loaded"] > 0
+        if r["job"] < len(jobs) - 1:
+            assert r["max_abs_diff"] <= 1e-4, r
+        else:
+            assert r["max_abs_diff"] > 1e-3, r
