@@ -116,9 +116,10 @@ class StackedExperts(ModuleConvertor):
 
     def observe_hf(self, shapes):
         e, h, f = self._num_experts, self.arch.hidden_size, self._ffn
-        down = shapes.get(self._down)
-        if down == (e, h, f) and h != f:
-            self.transposed = False
+        found = (shapes.get(self._gate_up), shapes.get(self._down))
+        published, saved = ((e, h, 2 * f), (e, f, h)), ((e, 2 * f, h), (e, h, f))
+        # transformers 5's form only where the shapes say so (never where both forms fit, h == 2f == 2h)
+        self.transposed = not (found == saved and found != published)
 
     def hf_shapes(self):
         e, h, f = self._num_experts, self.arch.hidden_size, self._ffn
