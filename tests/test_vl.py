@@ -402,3 +402,16 @@ def test_dry_run_names_the_tower_placement(tiny_hf, tmp_path, capsys):
     assert hf_to_mcore(hf_dir, out, tensor_model_parallel_size=2, encoder_tensor_model_parallel_size=1, dry_run=True) == 0
     assert "vision tower and merger (encoder_model.*): stage 0, chunk 0, encoder TP 1" in capsys.readouterr().out
     assert not os.path.exists(out) or not os.listdir(out)
+
+
+def test_verify_compares_vl_checkpoints(tiny_hf, tmp_path, capsys):
+    hf_dir = tiny_hf(QWEN3_VL_MOE)
+    mcore = str(tmp_path / "mcore")
+    assert hf_to_mcore(hf_dir, mcore, tensor_model_parallel_size=2, encoder_tensor_model_parallel_size=1,
+                       expert_parallel_size=2) == 0
+    from convert_checkpoint.cli import main
+
+    capsys.readouterr()
+    assert main(["verify", hf_dir, mcore]) == 0
+    out = capsys.readouterr().out
+    assert "vision_model.deepstack_merger_list.1.linear_fc2.weight" in out and "identical" in out
