@@ -415,3 +415,11 @@ def test_verify_compares_vl_checkpoints(tiny_hf, tmp_path, capsys):
     assert main(["verify", hf_dir, mcore]) == 0
     out = capsys.readouterr().out
     assert "vision_model.pos_embed.weight" in out and out.rstrip().endswith("identical")
+    # one deepstack merger weight changed in the files of TP rank 0 (replicated tensors are read
+    # from there): verify must say so (exit 1)
+    for rank in ("mp_rank_00_000", "mp_rank_00_001"):
+        path = os.path.join(mcore, "release", rank, "model_optim_rng.pt")
+        ckpt = torch.load(path, weights_only=False)
+        ckpt["model"][ENC + "deepstack_merger_list.1.linear_fc2.weight"][0, 0] += 1
+        torch.save(ckpt, path)
+    assert main(["verify", hf_dir, mcore]) == 1
