@@ -34,6 +34,8 @@ EXAMPLES = {
     "deepseek_v32": (TinySpec("deepseek_v32", mtp_layers=1), DEEPSEEK_SCALED),
     "gpt_oss": (TinySpec("gpt_oss", dtype=torch.bfloat16), {"TP": "2", "PP": "2", "PIPELINE_LAYERS": "3,1", "EP": "4"}),
     "qwen3_next": (TinySpec("qwen3_next", full_attention=(1, 3)), {"PIPELINE_LAYERS": "1,3", "PP": "2", "EP": "4"}),
+    "qwen2_5_vl": (TinySpec("qwen2_5_vl"), {"TP": "2", "ENCODER_TP": "1", "PP": "2", "PIPELINE_LAYERS": "1,3"}),
+    "qwen3_vl": (TinySpec("qwen3_vl"), {"TP": "2", "ENCODER_TP": "2", "PP": "2", "PIPELINE_LAYERS": "1,3"}),
 }
 
 

@@ -13,8 +13,8 @@ from helpers import assert_same_tensors
 from tiny_models import TinySpec, make_tiny_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "llama", "minimax_m2", "mixtral", "qwen2", "qwen2_moe",
-            "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_moe", "qwen3_next")
+FAMILIES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "gpt_oss", "llama", "minimax_m2", "mixtral", "qwen2",
+            "qwen2_5_vl", "qwen2_moe", "qwen3", "qwen3_5", "qwen3_5_moe", "qwen3_moe", "qwen3_next", "qwen3_vl", "qwen3_vl_moe")
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:

@@ -113,6 +113,8 @@ def make_config(spec: TinySpec):
         return _qwen3_next_config(spec, kw)
     if spec.family == "deepseek_v2":  # V2-Lite style: no q-LoRA, softmax greedy routing, 2 shared experts
         return DeepseekV2Config(**mla, q_lora_rank=None, n_shared_experts=2, topk_method="greedy")
+    if spec.family in VL_FAMILIES:
+        return make_vl_config(spec, kw)
     raise ValueError(spec.family)
 
 
@@ -131,6 +133,43 @@ def _qwen3_next_config(spec: TinySpec, kw: dict):
     if spec.family == "qwen3_5":
         return Qwen3_5TextConfig(**kw, **linear)
     return Qwen3_5MoeTextConfig(**{k: v for k, v in kw.items() if k != "intermediate_size"}, **linear, **moe)
+
+
+# Vision-language families: the language model above (qwen2 / qwen3 sizes) plus a tiny vision
+# tower: 3 blocks of hidden 32 with 4 heads (encoder TP up to 4), MLP 48, 4x4x2 patches of 3
+# channels, 2x2 merging; Qwen3-VL: a 16-entry position table and deepstack mergers after blocks 0, 1.
+VL_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+VISION = dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=BASE["hidden_size"],
+              patch_size=4, temporal_patch_size=2, spatial_merge_size=2, in_channels=3)
+
+
+def make_vl_config(spec: TinySpec, kw: dict):
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig, Qwen3VLMoeConfig
+
+    tied = kw.pop("tie_word_embeddings")
+    if spec.family == "qwen2_5_vl":  # mrope sections sum to head_dim / 2 = 4
+        text = dict(kw, rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6})
+        vision = dict(VISION, fullatt_block_indexes=[2], window_size=16)
+        return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+    vision = dict(VISION, num_position_embeddings=16, deepstack_visual_indexes=[0, 1])
+    text = dict(kw, head_dim=16, rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 5e6})
+    if spec.family == "qwen3_vl_moe":  # 4 experts of 16 (2 x 16 != hidden, so the stored layout is unambiguous)
+        text.update(moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                    mlp_only_layers=list(spec.mlp_only_layers))
+        return Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=tied)
+
+
+def publish_stacked_experts(path: str) -> None:
+    """Qwen3-VL-MoE's experts as Qwen publishes them, [in, out] per expert (transformers 5 saves
+    [out, in] and transposes the published form when it loads)."""
+    from safetensors.torch import load_file, save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    for name in [n for n in tensors if n.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))]:
+        tensors[name] = tensors[name].transpose(1, 2).contiguous()
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def add_mtp_layers(path: str, num_layers: int, mtp_layers: int, seed: int = 1) -> None:
@@ -163,15 +202,21 @@ def add_mtp_layers(path: str, num_layers: int, mtp_layers: int, seed: int = 1) -
 
 def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
     """Save a randomly initialised model (non-trivial norms and biases) to ``path``."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(make_config(spec))
+    auto = AutoModelForImageTextToText if spec.family in VL_FAMILIES else AutoModelForCausalLM
+    model = auto.from_config(make_config(spec))
     with torch.no_grad():
         for name, p in model.named_parameters():
             # Norm weights start at 1 and biases at 0; randomise so every mapping error shows.
             if p.dim() == 1 or name.endswith("_bias"):  # GPT-OSS's expert biases are [experts, out]
-                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+                is_scale = "norm" in name
+                if spec.family in VL_FAMILIES:  # LayerNorm biases around 0, the merger's ln_q around 1
+                    is_scale = ("norm" in name or "ln_q" in name) and not name.endswith(".bias")
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if is_scale else 0.0))
+            elif spec.family == "qwen3_vl_moe" and p.dim() == 3:  # stacked experts: defined values
+                p.copy_(torch.randn_like(p) * 0.05)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # a buffer, zero at init: make routing see it
                 b.copy_(torch.randn_like(b) * 0.1)
@@ -182,6 +227,8 @@ def make_tiny_model(spec: TinySpec, path: str, seed: int = 0) -> str:
         add_qwen3_next_mtp(path, spec.num_layers)
     elif spec.mtp_layers:
         add_mtp_layers(path, spec.num_layers, spec.mtp_layers)
+    if spec.family == "qwen3_vl_moe":
+        publish_stacked_experts(path)
     return path
 
 

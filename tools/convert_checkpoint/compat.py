@@ -84,10 +84,14 @@ FLAGS: tuple[IncumbentFlag, ...] = (
     IncumbentFlag("load_lora_ckpt_path", REJECTED, _LORA),
     IncumbentFlag("lora_alpha", REJECTED, _LORA),
     IncumbentFlag("lora_dim", REJECTED, _LORA),
-    IncumbentFlag("adapter_convert_file", REJECTED, _VLM),
-    IncumbentFlag("vision_patch_convert_file", REJECTED, _VLM),
-    IncumbentFlag("encoder_tensor_model_parallel_size", REJECTED, _VLM),
-    IncumbentFlag("enable-full-hetero-dp", NO_OP, "data-parallel setting; rank files do not depend on it",
+    IncumbentFlag("adapter_convert_file", HONOURED, "VLM projector YAML: checked to exist and to go with "
+                  "--vision_patch_convert_file (the merger's names come from our family)"),
+    IncumbentFlag("vision_patch_convert_file", HONOURED, "VLM image-encoder YAML: with --convert_file picks our "
+                  "vision-language family (qwen2_5_vit: qwen2_5_vl, qwen3_vit: qwen3_vl or qwen3_vl_moe)"),
+    IncumbentFlag("encoder_tensor_model_parallel_size", HONOURED, "the vision tower's TP size (default: TP); "
+                  "must divide TP and the tower's heads and MLP size"),
+    IncumbentFlag("enable-full-hetero-dp", NO_OP, "data-parallel setting; rank files do not depend on it (a "
+                  "vision-language model at PP > 1, whose tower it would copy into every stage, is refused)",
                   takes_value=False),
     IncumbentFlag("hf_checkpoint_device", NO_OP, "HF tensors are read and written from disk on the CPU; --device "
                   "chooses where FP8 math runs"),
@@ -97,7 +101,8 @@ FLAGS: tuple[IncumbentFlag, ...] = (
     IncumbentFlag("num-virtual-stages-per-pipeline-rank", HONOURED, "virtual pipeline chunks per rank", ours=True),
     IncumbentFlag("decoder-first-pipeline-num-layers", REJECTED, "use --custom_pipeline_layers"),
     IncumbentFlag("decoder-last-pipeline-num-layers", REJECTED, "use --custom_pipeline_layers"),
-    IncumbentFlag("vit_in_first_virtual_stage_only", REJECTED, _VLM, takes_value=False),
+    IncumbentFlag("vit_in_first_virtual_stage_only", HONOURED, "the vision tower is always written to the first "
+                  "virtual stage (model0) only", takes_value=False),
     IncumbentFlag("use_distributed_optimizer", NO_OP, "optimizer state is never written", takes_value=False),
     IncumbentFlag("tensor_model_parallel_size", HONOURED, "TP (MCore source: read off the files and checked)", ours=True),
     IncumbentFlag("pipeline_model_parallel_size", HONOURED, "PP (MCore source: read off the files and checked)", ours=True),

@@ -48,12 +48,18 @@ class FileRecord:
     fp8_events: list = field(default_factory=list)  # [tensor, action, reason, pow2] of the run that wrote it
 
 
+# Options newer than the fingerprint's form, left out at their defaults so older runs still resume
+# (vision-language flags). --enable-full-hetero-dp never changes the bytes: it is refused where it would.
+_LATER_OPTIONS: dict[str, Any] = {"encoder_tensor_model_parallel_size": None, "vision_patch_convert_file": None}
+_RUNTIME_OPTIONS = _RUNTIME_OPTIONS | {"enable_full_hetero_dp"}
+
+
 def plan_fingerprint(plan: Plan) -> str:
     """sha256 over everything that decides the output bytes. Its inputs keep their historical
     form (direction string, file kinds, Megatron args, config.json) so that ``--resume`` of a run
     started by an earlier build of the same version still matches."""
     options: dict[str, Any] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(plan.options).items()
-               if k not in _RUNTIME_OPTIONS} if plan.options else {}
+               if k not in _RUNTIME_OPTIONS and not (k in _LATER_OPTIONS and v == _LATER_OPTIONS[k])} if plan.options else {}
     options["load_ckpt_path"] = os.path.abspath(options.get("load_ckpt_path", plan.source_dir))
     h = hashlib.sha256()
     head = {"version": __version__, "direction": plan.direction, "options": options,

@@ -10,12 +10,13 @@ import torch
 from . import tensor_expr as tx
 from .config.arch import ModelArch
 from .config.family import LAYER_KINDS, FamilySpec
+from .config.vision import vision_arch
 from .core.canonical import CanonicalTensor
 from .core.naming import natural_key
 from .core.plan import ModelInfo
 from .endpoints.base import HFSource
 from .errors import ConversionError
-from .layout.placement import MTP_INNER_LAYER
+from .layout.placement import MTP_INNER_LAYER, VISION_DEEPSTACK_PREFIX, VISION_LAYER_PREFIX
 from .module_convertor import ModuleConvertor, create
 from .module_convertor.moe import RoutedExperts
 from .tensor_expr import Expr, LeafReader, dtype_name
@@ -28,8 +29,28 @@ def _layer_convertors(family: FamilySpec, arch: ModelArch, layer: int, hf_prefix
             if spec.when is None or spec.when in kinds or (spec.when not in LAYER_KINDS and getattr(arch, spec.when))]
 
 
+def _vision_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConvertor]:
+    """The vision tower: canonical ``vision_model.*`` (blocks, patch embedding) and ``adapter.*``
+    (the merger) names, sized by the tower's own architecture."""
+    spec = family.vision
+    if spec is None:
+        return []
+    vision = vision_arch(arch)
+    convertors = [create(m, vision, "", "") for m in spec.global_modules]
+    for layer in range(vision.num_layers):
+        hf_prefix = spec.layer_prefix.format(layer=layer)
+        convertors += [create(m, vision, hf_prefix, f"{VISION_LAYER_PREFIX}{layer}.") for m in spec.layer_modules
+                       if m.when is None or (m.when not in LAYER_KINDS and getattr(vision, m.when))]
+    deepstack = spec.deepstack_prefix
+    for k in range(len(vision.deepstack_visual_indexes) if deepstack else 0):
+        assert deepstack is not None
+        hf_prefix = deepstack.format(index=k)
+        convertors += [create(m, vision, hf_prefix, f"{VISION_DEEPSTACK_PREFIX}{k}.") for m in spec.deepstack_modules]
+    return convertors
+
+
 def build_convertors(family: FamilySpec, arch: ModelArch) -> list[ModuleConvertor]:
-    convertors = [create(spec, arch, "", "") for spec in family.global_modules]
+    convertors = [create(spec, arch, "", "") for spec in family.global_modules] + _vision_convertors(family, arch)
     for layer in range(arch.num_layers):
         hf_prefix = family.layer_prefix.format(layer=layer)
         convertors += _layer_convertors(family, arch, layer, hf_prefix, f"decoder.layers.{layer}.")
@@ -115,6 +136,7 @@ def gather_hf(src: HFSource, convertors: list[ModuleConvertor], family: FamilySp
     _check_expert_count(src, convertors, arch)
     for conv in convertors:
         exprs: dict[str, Expr] = {}
+        conv.observe_hf({n: tuple(src.leaf(n).shape) for n in conv.hf_shapes() if n in src.index})
         for name, shape in conv.hf_shapes().items():
             if name not in src.index:
                 hint = ""

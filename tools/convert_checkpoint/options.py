@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -55,6 +56,10 @@ class ConvertOptions:
     moe_grouped_gemm: bool = False
     mtp_num_layers: int | None = None  # None: from config.json (num_nextn_predict_layers) / the checkpoint
     mtp_layer_name: str | None = None  # None: transformer_layer (HF->MCore) / detected (MCore->HF)
+    # Vision-language models (LoongForge's single-pass VLM flags)
+    encoder_tensor_model_parallel_size: int | None = None  # None: = TP
+    vision_patch_convert_file: str | None = None
+    enable_full_hetero_dp: bool = False
     ckpt_format: str = "torch"  # Megatron output: legacy rank files (torch) or torch_dist
     hf_config_path: str | None = None
     converters: tuple[str, ...] = ()  # --converter specs run on the HF source first (converters/registry.py)
@@ -90,13 +95,14 @@ class ConvertOptions:
             save_format=target_format(self.save_platform, self.ckpt_format),
             source_path=self.load_ckpt_path,
             target=TargetDir(self.save_ckpt_path, self.overwrite, self.resume, self.dry_run),
-            model=ModelRequest(self.config_file, self.convert_file, self.mtp_num_layers),
+            model=ModelRequest(self.config_file, self.convert_file, self.mtp_num_layers, self.vision_patch_convert_file),
             layout=LayoutRequest(
                 tp=self.tensor_model_parallel_size, pp=self.pipeline_model_parallel_size,
                 virtual_stages=self.virtual_stages, layers_per_virtual_stage=self.num_layers_per_virtual_pipeline_stage,
                 custom_pipeline_layers=self.custom_pipeline_layers, transformer_impl=self.transformer_impl,
                 ep=self.expert_parallel_size, etp=self.expert_tensor_parallel_size, grouped_gemm=self.moe_grouped_gemm,
-                mtp_layer_name=self.mtp_layer_name),
+                mtp_layer_name=self.mtp_layer_name, encoder_tp=self.encoder_tensor_model_parallel_size,
+                full_hetero_dp=self.enable_full_hetero_dp),
             vocab=VocabPadding(self.make_vocab_size_divisible_by, self.pad_vocab_size_to, self.add_embedding_padding),
             fp8=Fp8Request(self.convert_to_fp8, self.quant_method, self.force_pow_2_scales, self.amax_epsilon,
                            self.fp8_force_no_requant, math_device(self.device)),
@@ -348,6 +354,7 @@ def _apply_incumbent_flags(ns: argparse.Namespace) -> None:
         value = getattr(ns, dtype_flag)
         if value is not None and value not in DTYPE_NAMES:
             raise ConversionError(f"--{dtype_flag} {value}: expected one of {', '.join(sorted(DTYPE_NAMES))}")
+    _apply_vlm_flags(ns)
     if ns.hf_dequantize_int4:
         ns.converter = [*(ns.converter or ()), f"dequantize:dtype={ns.hf_dequantize_dtype or 'bfloat16'},if_quantized=true"]
     for name in ("num_experts", "vocab_size"):
@@ -357,6 +364,21 @@ def _apply_incumbent_flags(ns: argparse.Namespace) -> None:
                 setattr(ns, name, _non_negative(value))
             except argparse.ArgumentTypeError as e:
                 raise ConversionError(f"--{name} {value}: {e}") from None
+
+
+def _apply_vlm_flags(ns: argparse.Namespace) -> None:
+    """LoongForge's single-pass VLM flags: both YAMLs together, a positive encoder TP size."""
+    if bool(ns.vision_patch_convert_file) != bool(ns.adapter_convert_file):
+        raise ConversionError("--vision_patch_convert_file and --adapter_convert_file go together (LoongForge's "
+                              "single-pass VLM conversion); pass both or neither")
+    if ns.adapter_convert_file and not os.path.isfile(ns.adapter_convert_file):
+        raise ConversionError(f"--adapter_convert_file {ns.adapter_convert_file}: no such file")
+    value = ns.encoder_tensor_model_parallel_size
+    if value is not None:
+        try:
+            ns.encoder_tensor_model_parallel_size = _positive(value)
+        except argparse.ArgumentTypeError as e:
+            raise ConversionError(f"--encoder_tensor_model_parallel_size {value}: {e}") from None
 
 
 def parse_options(argv: list[str] | None = None) -> ConvertOptions:
@@ -395,6 +417,9 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         moe_grouped_gemm=ns.moe_grouped_gemm,
         mtp_num_layers=ns.mtp_num_layers,
         mtp_layer_name=ns.mtp_layer_name,
+        encoder_tensor_model_parallel_size=ns.encoder_tensor_model_parallel_size,
+        vision_patch_convert_file=ns.vision_patch_convert_file,
+        enable_full_hetero_dp=ns.enable_full_hetero_dp,
         ckpt_format=ns.ckpt_format,
         hf_config_path=ns.hf_config_path,
         converters=tuple(ns.converter or ()),

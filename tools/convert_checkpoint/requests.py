@@ -17,6 +17,8 @@ class ModelRequest:
     config_file: str | None = None  # architecture YAML, overrides what the checkpoint says
     convert_file: str | None = None  # family YAML, instead of picking one by model_type
     mtp_num_layers: int | None = None  # None: as the checkpoint says
+    # LoongForge's single-pass VLM conversion: its image-encoder convert YAML (picks our VL family)
+    vision_convert_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,8 @@ class LayoutRequest:
     etp: int | None = None
     grouped_gemm: bool = False
     mtp_layer_name: str | None = None
+    encoder_tp: int | None = None  # vision-language models: --encoder_tensor_model_parallel_size (default: TP)
+    full_hetero_dp: bool = False  # LoongForge's --enable-full-hetero-dp: a tower copy in every stage (refused)
 
 
 @dataclass(frozen=True)

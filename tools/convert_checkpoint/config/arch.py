@@ -60,8 +60,15 @@ class ModelArch:
     attention_output_gate: bool = False  # q_proj carries a sigmoid gate per head (Megatron's attention_output_gate)
     layernorm_zero_centered_gamma: bool = False  # norms compute x * (1 + weight)
 
+    # Vision-language models: the vision tower's sizes (config/vision.py's VisionArch fields) as
+    # sorted (name, value) pairs, so the architecture stays hashable and survives the rank files.
+    vision: tuple[tuple[str, Any], ...] | None = None
+
     def __post_init__(self) -> None:
         self._check_linear_attention()
+        if self.vision is not None:
+            pairs = self.vision.items() if isinstance(self.vision, Mapping) else self.vision
+            object.__setattr__(self, "vision", tuple(sorted((str(k), _frozen(v)) for k, v in pairs)))
         if self.moe_layer_pattern is not None:
             object.__setattr__(self, "moe_layer_pattern", tuple(int(x) for x in self.moe_layer_pattern))
             if len(self.moe_layer_pattern) != self.num_layers or set(self.moe_layer_pattern) - {0, 1}:
@@ -210,7 +217,13 @@ _LATER_FIELDS: dict[str, Any] = {"rotary_percent": 1.0, "dsa_indexer_n_heads": N
                                  "linear_attention_pattern": None, "linear_num_key_heads": None,
                                  "linear_num_value_heads": None, "linear_key_head_dim": None,
                                  "linear_value_head_dim": None, "linear_conv_kernel_dim": None,
-                                 "attention_output_gate": False, "layernorm_zero_centered_gamma": False}
+                                 "attention_output_gate": False, "layernorm_zero_centered_gamma": False,
+                                 "vision": None}
+
+
+def _frozen(value: Any) -> Any:
+    """Lists (e.g. Qwen3-VL's deepstack layer indexes) as tuples, so the pairs stay hashable."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def load_arch_yaml(path: str) -> dict[str, Any]:

@@ -50,6 +50,32 @@ class MtpSpec:
 
 
 @dataclass(frozen=True)
+class VisionSpec:
+    """A vision-language model's vision tower (config/vision.py): its sizes from config.json's
+    ``vision_config`` and its modules, mapped to canonical ``vision_model.*`` / ``adapter.*`` names."""
+
+    fields: Mapping[str, tuple[str, ...]]  # VisionArch field: config.json keys (first found wins)
+    defaults: Mapping[str, Any]
+    fixed: Mapping[str, Any]  # facts of the tower (normalization, qkv bias)
+    global_modules: tuple[ModuleSpec, ...]  # patch embedding, merger, deepstack mergers
+    layer_prefix: str  # HF, with {layer}
+    layer_modules: tuple[ModuleSpec, ...]
+    # Qwen3-VL's deepstack mergers, one per deepstack_visual_indexes entry: HF prefix with {index}
+    deepstack_prefix: str | None = None
+    deepstack_modules: tuple[ModuleSpec, ...] = ()
+
+    def values(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        from .arch import _lookup
+
+        values: dict[str, Any] = {}
+        for name, keys in self.fields.items():
+            found = next((v for v in (_lookup(config, k) for k in keys) if v is not None), None)
+            if found is not None:
+                values[name] = found
+        return {**self.defaults, **values, **self.fixed}
+
+
+@dataclass(frozen=True)
 class FamilySpec:
     name: str
     path: str
@@ -68,13 +94,15 @@ class FamilySpec:
     mtp: MtpSpec | None = None
     # rule for which layers are gated delta-net layers (config.arch.linear_attention_pattern)
     attention_layers: Mapping[str, Any] | None = None
+    vision: VisionSpec | None = None
 
     def is_ignored(self, hf_name: str) -> bool:
         return any(p.fullmatch(hf_name) for p in self.ignore)
 
     def arch_from_config(self, config: Mapping[str, Any]) -> ModelArch:
-        return arch_from_hf_config(config, self.name, self.config_fields, self.config_defaults, self.fixed_arch,
+        arch = arch_from_hf_config(config, self.name, self.config_fields, self.config_defaults, self.fixed_arch,
                                    self.moe_layers, self.attention_layers)
+        return arch.replace(vision=self.vision.values(config)) if self.vision is not None else arch
 
     def config_from_arch(self, arch: ModelArch) -> dict[str, Any]:
         """A config.json for an architecture whose original config is unknown (inverse of the above)."""
@@ -82,7 +110,7 @@ class FamilySpec:
                                    self.moe_layers, self.attention_layers)
 
 
-_TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights"}  # after `extends` is applied
+_TOP_KEYS = {"family", "description", "match", "hf_config", "architecture", "weights", "vision"}  # after `extends` is applied
 
 
 def _require(data: Mapping, key: str, path: str, kind: type) -> Any:
@@ -129,6 +157,23 @@ def _mtp(data: Any, path: str) -> MtpSpec | None:
     return MtpSpec(data["layer_prefix"], _modules(data.get("modules", []), path, "mtp.modules"), module_prefix)
 
 
+def _vision(data: Any, path: str) -> VisionSpec | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("layer_prefix"), str):
+        raise ConversionError(f"convert YAML {path}: vision needs a 'layer_prefix' string, 'fields' and 'layer' modules")
+    return VisionSpec(
+        fields={k: _as_tuple(v) for k, v in (data.get("fields") or {}).items()},
+        defaults=dict(data.get("defaults") or {}),
+        fixed=dict(data.get("architecture") or {}),
+        global_modules=_modules(data.get("global", []), path, "vision.global"),
+        layer_prefix=data["layer_prefix"],
+        layer_modules=_modules(data.get("layer", []), path, "vision.layer"),
+        deepstack_prefix=(data.get("deepstack") or {}).get("hf_prefix"),
+        deepstack_modules=_modules((data.get("deepstack") or {}).get("modules", []), path, "vision.deepstack.modules"),
+    )
+
+
 def load_family(path: str) -> FamilySpec:
     data = load_mapping(path, "convert YAML")
     if loongforge.is_convert_yaml(data):  # LoongForge's format names one of our families
@@ -165,6 +210,7 @@ def load_family(path: str) -> FamilySpec:
         moe_layers=dict(hf.get("moe_layers") or {}),
         mtp=_mtp(weights.get("mtp"), path),
         attention_layers=dict(hf.get("attention_layers") or {}),
+        vision=_vision(data.get("vision"), path),
     )
 
 

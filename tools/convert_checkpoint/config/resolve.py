@@ -15,6 +15,7 @@ from ..requests import ModelRequest
 from .arch import ModelArch, load_arch_yaml
 from .family import FamilySpec, family_by_name, family_for_hf_config, load_family
 from .loongforge import cross_check, is_model_yaml_file
+from .loongforge.vision_yaml import language_family, vl_family_name
 
 
 def param_dtype(hf_config: Mapping[str, Any]) -> torch.dtype:
@@ -29,13 +30,22 @@ def _with_arch_yaml(values: dict, request: ModelRequest) -> dict:
     return values
 
 
+def _vl_family(request: ModelRequest) -> FamilySpec | None:
+    """``--vision_patch_convert_file``: the vision-language family of that tower and language model."""
+    if request.vision_convert_file is None:
+        return None
+    language = language_family(request.convert_file, lambda path: load_family(path).name)
+    return family_by_name(vl_family_name(request.vision_convert_file, language))
+
+
 def from_hf_config(config: Mapping[str, Any], request: ModelRequest) -> tuple[FamilySpec, ModelArch]:
     """A HuggingFace checkpoint: the family from ``model_type`` (or the convert YAML), the
     architecture from config.json (overridden by our architecture YAML; LoongForge's YAMLs are
     checked against it instead)."""
-    family = load_family(request.convert_file) if request.convert_file else family_for_hf_config(config)
+    family = _vl_family(request) or (load_family(request.convert_file) if request.convert_file
+                                     else family_for_hf_config(config))
     derived = family.arch_from_config(config)
-    cross_check(derived.to_dict(), family, request.config_file, request.convert_file)
+    cross_check(derived.to_dict(), family, request.config_file, None if family.vision else request.convert_file)
     values = derived.to_dict() if is_model_yaml_file(request.config_file) else _with_arch_yaml(derived.to_dict(), request)
     arch = ModelArch.from_dict(values, request.config_file or "config.json")
     if request.mtp_num_layers is not None:
@@ -49,7 +59,11 @@ def from_saved_arch(saved: Mapping[str, Any] | None, request: ModelRequest,
     own args state, see :func:`arch_from_megatron_args`), with the architecture YAML over it; the
     family named there (or the convert YAML)."""
     values = _with_arch_yaml(dict(saved or {}), request)
-    if request.convert_file:
+    vl_family = _vl_family(request)
+    if vl_family is not None:
+        family = vl_family
+        values["family"] = family.name
+    elif request.convert_file:
         family = load_family(request.convert_file)
         values["family"] = family.name
     elif "family" in values:

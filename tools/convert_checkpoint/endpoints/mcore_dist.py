@@ -384,6 +384,9 @@ class DistTarget(CanonicalTarget):
         The layout flags do not change the tensors (torch_dist is global); they go into the
         saved args, with the padded vocabulary, as the layout to train with."""
         arch = model.arch
+        if arch.vision is not None:  # its keys would need LoongForge's VLM prefixes, which only rank files have here
+            raise ConversionError(f"--ckpt_format torch_dist: the {arch.family} vision-language model is written as "
+                                  "legacy rank files only for now; drop --ckpt_format")
         layout = self._layout = layout_from_flags(self.flags, self.vocab, arch)
         validate_tensor_parallel(arch, tensors, layout)
         self.args = mcore_args(model, layout, self.vocab)

@@ -25,13 +25,23 @@ import torch
 from .. import tensor_expr as te
 from ..config import resolve
 from ..config.arch import ModelArch
+from ..config.vision import vision_arch
 from ..core.canonical import WORD_EMBEDDINGS, CanonicalTensor, TPSplit
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
 from ..errors import ConversionError
 from ..formats import torch_zip
 from ..layout.from_flags import layout_from_flags, validate_tensor_parallel
 from ..layout.pipeline import PipelineLayout
-from ..layout.placement import MTP_INNER_LAYER, MTP_INNER_NAMES, ParallelLayout, RankKey, place, placement_sort_key
+from ..layout.placement import (
+    LANGUAGE_PREFIX,
+    MTP_INNER_LAYER,
+    MTP_INNER_NAMES,
+    VISION_PREFIXES,
+    ParallelLayout,
+    RankKey,
+    place,
+    placement_sort_key,
+)
 from ..layout.table import placement_table
 from ..layout.tensor_parallel import shard, shard_shape, unshard
 from ..materialize import is_fp8_tensor
@@ -422,7 +432,8 @@ def infer_layout(src: McoreSource, flags: LayoutRequest, arch: ModelArch) -> Par
     vpp = len(containers)
     if containers != (["model"] if vpp == 1 else [f"model{i}" for i in range(vpp)]):
         raise ConversionError(f"{first}: unexpected model entries {containers}")
-    counts = _layers_per_chunk(src, stage_files, vpp)
+    prefix = LANGUAGE_PREFIX if arch.vision is not None else ""  # vision-language: the language model's prefix
+    counts = _layers_per_chunk(src, stage_files, vpp, prefix)
     _check_flag("--tensor_model_parallel_size", flags.tp, tp)
     _check_flag("--pipeline_model_parallel_size", flags.pp, pp)
     _check_flag("--num-virtual-stages-per-pipeline-rank", flags.virtual_stages, vpp)
@@ -441,7 +452,7 @@ def infer_layout(src: McoreSource, flags: LayoutRequest, arch: ModelArch) -> Par
     impl = "transformer_engine" if te_named else "local"
     if flags.transformer_impl is not None and flags.transformer_impl != impl:
         raise ConversionError(f"--transformer_impl {flags.transformer_impl} disagrees with the checkpoint's {impl} names")
-    embed = src.state_dict(first, containers[0]).get(WORD_EMBEDDINGS)
+    embed = src.state_dict(first, containers[0]).get(prefix + WORD_EMBEDDINGS)
     padded = tuple(embed.shape)[0] * tp if embed is not None else arch.vocab_size
     if padded < arch.vocab_size:
         raise ConversionError(f"embedding rows {padded} are fewer than vocab_size {arch.vocab_size} (from {src.arch_origin})")
@@ -460,7 +471,28 @@ def infer_layout(src: McoreSource, flags: LayoutRequest, arch: ModelArch) -> Par
     return ParallelLayout(tp, pipe, impl, padded, arch.tied_embeddings, ep=ep, etp=etp,
                           num_experts=arch.num_experts or 0, grouped_gemm=grouped,
                           mtp_num_layers=arch.mtp_num_layers,
-                          mtp_inner_name=_infer_mtp_inner_name(src, flags, pipe, ep))
+                          mtp_inner_name=_infer_mtp_inner_name(src, flags, pipe, ep),
+                          encoder_tp=_infer_encoder_tp(src, first, containers[0], flags, arch, tp))
+
+
+def _infer_encoder_tp(src: McoreSource, file: str, container: str, flags: LayoutRequest, arch: ModelArch,
+                      tp: int) -> int | None:
+    """Vision-language models: the vision tower's TP size, from its first qkv shard's rows."""
+    if arch.vision is None:
+        return None
+    vision = vision_arch(arch)
+    name = f"{VISION_PREFIXES[0][1]}decoder.layers.0.self_attention.linear_qkv.weight"
+    qkv = src.state_dict(file, container).get(name)
+    if qkv is None:
+        raise ConversionError(f"{file}: the vision tower's {name} is missing (a {arch.family} checkpoint holds its "
+                              "vision tower in the first pipeline stage)")
+    full = vision.q_dim + 2 * vision.kv_dim
+    rows = tuple(qkv.shape)[0]
+    if rows == 0 or full % rows or tp % (full // rows):
+        raise ConversionError(f"{file}: {name} has {rows} rows, which no encoder TP size dividing TP {tp} gives "
+                              f"for the vision tower's {full}")
+    _check_flag("--encoder_tensor_model_parallel_size", flags.encoder_tp, full // rows)
+    return full // rows
 
 
 def _rank_grid(src: McoreSource, flags: LayoutRequest) -> tuple[int, int, int]:
@@ -476,13 +508,14 @@ def _rank_grid(src: McoreSource, flags: LayoutRequest) -> tuple[int, int, int]:
     return max(tp_ranks) + 1, max(pp_ranks) + 1, max(ep_ranks) + 1
 
 
-def _layers_per_chunk(src: McoreSource, stage_files: list[str], vpp: int) -> list[int]:
+def _layers_per_chunk(src: McoreSource, stage_files: list[str], vpp: int, prefix: str = "") -> list[int]:
     """Decoder layers in each virtual stage (chunk-major, as --custom_pipeline_layers lists them)."""
     pp = len(stage_files)
     counts = [0] * (pp * vpp)
     for p, file in enumerate(stage_files):
         for chunk, key in enumerate(src.containers(file)):
-            layers = {int(m.group(1)) for n in src.state_dict(file, key) if (m := re.match(r"decoder\.layers\.(\d+)\.", n))}
+            layers = {int(m.group(1)) for n in src.state_dict(file, key)
+                      if (m := re.match(re.escape(prefix) + r"decoder\.layers\.(\d+)\.", n))}
             counts[chunk * pp + p] = max(layers) + 1 if layers else 0
     return counts
 

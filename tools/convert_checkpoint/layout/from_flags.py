@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from ..config.arch import ModelArch
+from ..config.vision import vision_arch
 from ..core.canonical import CanonicalTensor
 from ..errors import ConversionError
 from ..requests import LayoutRequest, VocabPadding
 from .pipeline import build_pipeline_layout
-from .placement import MTP_INNER_LAYER, ParallelLayout
+from .placement import MTP_INNER_LAYER, ParallelLayout, is_vision
 from .tensor_parallel import divides, padded_vocab_size
 
 
@@ -43,7 +44,30 @@ def layout_from_flags(flags: LayoutRequest, vocab: VocabPadding, arch: ModelArch
         grouped_gemm=flags.grouped_gemm,
         mtp_num_layers=arch.mtp_num_layers,
         mtp_inner_name=flags.mtp_layer_name or MTP_INNER_LAYER,
+        encoder_tp=_encoder_tp(flags, arch, tp),
     )
+
+
+def _encoder_tp(flags: LayoutRequest, arch: ModelArch, tp: int) -> int | None:
+    """The vision tower's TP size: --encoder_tensor_model_parallel_size, else TP; None without a tower."""
+    if arch.vision is None:
+        if flags.encoder_tp is not None:
+            raise ConversionError(f"--encoder_tensor_model_parallel_size applies to vision-language models; this "
+                                  f"{arch.family} model has no vision tower")
+        return None
+    if flags.full_hetero_dp and (flags.pp or 1) > 1:
+        raise ConversionError("--enable-full-hetero-dp: a copy of the vision tower in every pipeline stage is not "
+                              "supported yet; the tower is written to the first stage (drop the flag)")
+    encoder_tp = flags.encoder_tp or tp
+    if tp % encoder_tp:
+        raise ConversionError(f"--encoder_tensor_model_parallel_size {encoder_tp} does not divide "
+                              f"--tensor_model_parallel_size {tp} (rank file t holds encoder shard t mod {encoder_tp})")
+    vision = vision_arch(arch)
+    for what, value in (("num_heads", vision.num_attention_heads), ("intermediate_size", vision.ffn_hidden_size)):
+        if value % encoder_tp:
+            raise ConversionError(f"--encoder_tensor_model_parallel_size {encoder_tp} does not divide the vision "
+                                  f"tower's {what} {value}")
+    return encoder_tp
 
 
 def validate_tensor_parallel(arch: ModelArch, tensors: list[CanonicalTensor], layout: ParallelLayout) -> None:
@@ -73,6 +97,8 @@ def validate_tensor_parallel(arch: ModelArch, tensors: list[CanonicalTensor], la
     layout.expert_files()  # raises on an EP/ETP/TP combination a legacy checkpoint cannot hold
     for t in tensors:
         parts, flag = (etp, "--expert_tensor_parallel_size") if t.expert is not None else (tp, "--tensor_model_parallel_size")
+        if layout.encoder_tp is not None and is_vision(t.name):
+            parts, flag = layout.encoder_tp, "--encoder_tensor_model_parallel_size"
         if not divides(t.shape, t.split, parts, layout.padded_vocab_size):
             raise ConversionError(
                 f"{flag} {parts} does not divide tensor {t.name} of shape {list(t.shape)} ({t.split.value} split)"

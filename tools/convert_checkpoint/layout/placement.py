@@ -22,6 +22,22 @@ MTP_INNER_LAYER = MTP_INNER_NAMES[0]  # the canonical (and default) inner name
 MTP_RE = re.compile(rf"^(mtp\.layers\.\d+\.)(?:({MTP_INNER_LAYER})\.)?(.+)$")
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 
+# Vision-language models, laid out as LoongForge's single-pass VLM conversion writes them (its
+# convert YAMLs' prefix_mapping): the language model under ``foundation_model.``, the vision tower
+# (canonical ``vision_model.*``) under ``encoder_model.image_encoder.``, its merger (canonical
+# ``adapter.*``) under ``encoder_model.image_projector.``, and a copy of the word embedding for
+# the encoder stage. The tower lives in the first pipeline stage, split by the encoder's TP size.
+VISION_LAYER_PREFIX = "vision_model.decoder.layers."
+VISION_DEEPSTACK_PREFIX = "vision_model.deepstack_merger_list."  # Qwen3-VL, as LoongForge's qwen3_vit YAML names them
+VISION_PREFIXES = (("vision_model.", "encoder_model.image_encoder."), ("adapter.", "encoder_model.image_projector."))
+LANGUAGE_PREFIX = "foundation_model."
+TEXT_ENCODER_EMBEDDING = "encoder_model.text_encoder.word_embeddings.weight"
+VISION_LAYER_RE = re.compile(r"^vision_model\.decoder\.layers\.(\d+)\.(.+)$")
+
+
+def is_vision(canonical_name: str) -> bool:
+    return canonical_name.startswith(tuple(c for c, _ in VISION_PREFIXES))
+
 # Megatron-Core's own local->TE name map (``sharded_state_dict_keys_map`` of the local layer
 # spec): TE fuses these norms into the following linear. Applied only when that linear exists.
 # For multi-latent attention with q/k norms the TE spec fuses q/kv norms into the up-projections.
@@ -47,6 +63,11 @@ class ParallelLayout:
     grouped_gemm: bool = False
     mtp_num_layers: int = 0
     mtp_inner_name: str = MTP_INNER_LAYER  # megatron-core >= 0.19: mtp_model_layer
+    encoder_tp: int | None = None  # vision-language models: the vision tower's TP size (None: no tower)
+
+    @property
+    def language_prefix(self) -> str:
+        return LANGUAGE_PREFIX if self.encoder_tp is not None else ""
 
     @property
     def expert_tp(self) -> int:
@@ -114,6 +135,22 @@ def _te_name(layer_prefix: str, rest: str, layout: ParallelLayout, names: set[st
 def _local_name(canonical_name: str, layout: ParallelLayout, layer_names: set[str]) -> tuple[int, int, str]:
     """(pipeline rank, chunk, name inside the chunk) for a canonical tensor name."""
     pipe = layout.pipeline
+    if is_vision(canonical_name):  # the vision tower and its merger: first stage, first chunk
+        rank, chunk = pipe.rank_and_chunk(0)
+        m = VISION_LAYER_RE.match(canonical_name)
+        name = canonical_name
+        if m:
+            layer_prefix = f"{VISION_LAYER_PREFIX}{m.group(1)}."
+            name = layer_prefix + _te_name(layer_prefix, m.group(2), layout, layer_names)
+        for ours, theirs in VISION_PREFIXES:
+            if name.startswith(ours):
+                return rank, chunk, theirs + name[len(ours):]
+    rank, chunk, local = _language_name(canonical_name, layout, layer_names)
+    return rank, chunk, layout.language_prefix + local
+
+
+def _language_name(canonical_name: str, layout: ParallelLayout, layer_names: set[str]) -> tuple[int, int, str]:
+    pipe = layout.pipeline
     m = LAYER_RE.match(canonical_name)
     if m:
         layer, rest = int(m.group(1)), m.group(2)
@@ -158,6 +195,8 @@ def place(tensors: Iterable[CanonicalTensor], layout: ParallelLayout) -> tuple[l
             if t.expert is not None and t.expert // experts_per_rank != ep_rank:
                 continue
             shard_rank, count = (etp_rank, layout.expert_tp) if t.expert is not None else (tp_rank, layout.tp)
+            if layout.encoder_tp is not None and is_vision(t.name):  # file t holds encoder shard t mod encoder TP
+                shard_rank, count = tp_rank % layout.encoder_tp, layout.encoder_tp
             key = RankKey(tp_rank, rank, ep_rank)
             placements.append(Placement(key, container, local, shard_rank, count, t, split, embedding_copy))
             if module is not None:
@@ -170,18 +209,26 @@ def place(tensors: Iterable[CanonicalTensor], layout: ParallelLayout) -> tuple[l
         rank, chunk, local = _local_name(t.name, layout, names)
         add(t, rank, chunk, local)
         last_rank, last_chunk = pipe.rank_and_chunk(pipe.last_vstage)
+        lang = layout.language_prefix
         if t.name == WORD_EMBEDDINGS and layout.tied_embeddings and pipe.pp > 1:
             # Megatron keeps its own output-layer copy of tied embeddings on the last stage.
             copy = CanonicalTensor(OUTPUT_LAYER, t.shape, Split.VOCAB, "output_layer")
-            add(copy, last_rank, last_chunk, OUTPUT_LAYER, embedding_copy=True)
+            add(copy, last_rank, last_chunk, lang + OUTPUT_LAYER, embedding_copy=True)
         if t.name == WORD_EMBEDDINGS and layout.mtp_num_layers and (last_rank, last_chunk) != (rank, chunk):
             # MTP layers embed the shifted tokens themselves: the last stage holds an embedding copy.
-            add(t, last_rank, last_chunk, WORD_EMBEDDINGS, embedding_copy=True)
+            add(t, last_rank, last_chunk, lang + WORD_EMBEDDINGS, embedding_copy=True)
+        if t.name == WORD_EMBEDDINGS and layout.encoder_tp is not None:
+            # LoongForge's multimodal model embeds text for the encoder stage with its own copy.
+            add(t, rank, chunk, TEXT_ENCODER_EMBEDDING, embedding_copy=True)
     return placements, extras
 
 
 def placement_sort_key(name: str) -> tuple:
-    """Model order inside a chunk: embedding, layers in order, final norm, output layer, MTP."""
+    """Model order inside a chunk: (vision tower,) embedding, layers in order, final norm, output layer, MTP."""
+    if name.startswith("encoder_model."):
+        m = re.match(r"^encoder_model\.image_encoder\.decoder\.layers\.(\d+)\.", name)
+        return (-1, int(m.group(1)) if m else 0)
+    name = name[len(LANGUAGE_PREFIX):] if name.startswith(LANGUAGE_PREFIX) else name
     m = re.match(r"^decoder\.layers\.(\d+)\.", name)
     if name.startswith("embedding."):
         return (0, 0)

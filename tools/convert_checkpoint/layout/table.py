@@ -38,5 +38,9 @@ def placement_table(layout: ParallelLayout, arch: ModelArch) -> list[str]:
                 rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     fmt = "  " + "  ".join(f"{{:<{w}}}" for w in widths)
-    return ["placement (one file per TP rank in each row; layer and expert numbers are global):",
-            fmt.format(*header).rstrip()] + [fmt.format(*r).rstrip() for r in rows]
+    lines = ["placement (one file per TP rank in each row; layer and expert numbers are global):",
+             fmt.format(*header).rstrip()] + [fmt.format(*r).rstrip() for r in rows]
+    if layout.encoder_tp is not None:
+        lines.append(f"  vision tower and merger (encoder_model.*): stage 0, chunk 0, encoder TP {layout.encoder_tp} "
+                     f"(file t holds encoder shard t mod {layout.encoder_tp}); language model under foundation_model.")
+    return lines

@@ -79,3 +79,40 @@ class FusedQKV(ModuleConvertor):
             out[f"{self._k}.{suffix}"] = te.cat([te.narrow(fused, 0, g * stride + q_per_group, d) for g in range(groups)], 0)
             out[f"{self._v}.{suffix}"] = te.cat([te.narrow(fused, 0, g * stride + q_per_group + d, d) for g in range(groups)], 0)
         return out
+
+
+@register
+class StackedQKV(FusedQKV):
+    """One HF tensor holding ``[q; k; v]`` (vision towers' ``attn.qkv``): the same Megatron layout."""
+
+    kind = "stacked_qkv"
+    help = "one HF `[q; k; v]` tensor (+ bias when `add_qkv_bias`; vision `attn.qkv`) ↔ `linear_qkv`, rows per query group; TP: rows, whole groups"
+
+    def __init__(self, *args, **kw):
+        ModuleConvertor.__init__(self, *args, **kw)
+        if not isinstance(self.opt("hf"), str):
+            raise ConversionError(f"{self.spec.origin}: 'hf' of convertor stacked_qkv names one module")
+        self._stacked = self.hf_name(self.opt("hf"))
+        self._fused = self.mcore_name(self.opt("mcore"))
+
+    def hf_shapes(self):
+        _, _, rows = self._rows()
+        return {f"{self._stacked}.{s}": (rows, self.arch.hidden_size) if s == "weight" else (rows,)
+                for s in self._suffixes()}
+
+    def to_canonical(self, hf: Mapping[str, Expr]):
+        q_rows, kv_rows, _ = self._rows()
+        parts: dict[str, Expr] = {}
+        for suffix in self._suffixes():
+            t = hf[f"{self._stacked}.{suffix}"]
+            parts[f"q.{suffix}"] = te.narrow(t, 0, 0, q_rows)
+            parts[f"k.{suffix}"] = te.narrow(t, 0, q_rows, kv_rows)
+            parts[f"v.{suffix}"] = te.narrow(t, 0, q_rows + kv_rows, kv_rows)
+        self._q, self._k, self._v = "q", "k", "v"
+        return super().to_canonical(parts)
+
+    def to_hf(self, canonical: Mapping[str, Expr]):
+        self._q, self._k, self._v = "q", "k", "v"
+        split = super().to_hf(canonical)
+        return {f"{self._stacked}.{s}": te.cat([split[f"q.{s}"], split[f"k.{s}"], split[f"v.{s}"]], 0)
+                for s in self._suffixes()}

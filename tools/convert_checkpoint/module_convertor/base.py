@@ -82,6 +82,10 @@ class ModuleConvertor:
         """HF tensors of this module (read on HF->MCore, written on MCore->HF) with their shapes."""
         raise NotImplementedError
 
+    def observe_hf(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """HF -> MCore: the shapes of this module's HF tensors as stored, before ``hf_shapes`` is
+        checked (a module whose HF storage comes in two layouts picks one here)."""
+
     def optional_hf(self) -> set[str]:
         """HF tensors that may exist and are dropped on purpose (e.g. a tied lm_head copy)."""
         return set()

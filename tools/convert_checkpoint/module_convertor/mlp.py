@@ -28,13 +28,18 @@ class GatedMLP(ModuleConvertor):
         self._fc1 = self.mcore_name(self.opt("mcore"))
         self._ffn = self.arch.size(self.opt("size", "ffn_hidden_size"))
 
+    @property
+    def _is_bias(self) -> bool:  # vision towers' MLPs carry gate/up biases: fc1's bias is [gate; up] too
+        return self._fc1.endswith(".bias")
+
     def hf_shapes(self):
-        shape = (self._ffn, self.arch.hidden_size)
+        shape = (self._ffn,) if self._is_bias else (self._ffn, self.arch.hidden_size)
         return {self._gate: shape, self._up: shape}
 
     def canonical(self):
-        module = self._fc1.rsplit(".", 1)[0]
-        return [CanonicalTensor(self._fc1, (2 * self._ffn, self.arch.hidden_size), Split.GATED_COLUMN, module)]
+        module = None if self._is_bias else self._fc1.rsplit(".", 1)[0]
+        shape = (2 * self._ffn,) if self._is_bias else (2 * self._ffn, self.arch.hidden_size)
+        return [CanonicalTensor(self._fc1, shape, Split.GATED_COLUMN, module)]
 
     def to_canonical(self, hf: Mapping[str, Expr]):
         return {self._fc1: te.cat([hf[self._gate], hf[self._up]], 0)}
