@@ -552,7 +552,7 @@ REQUIRED = [
     "deepseek3/deepseek_v3.yaml", "deepseek3/ckpt_convert/deepseek_v3_convert.yaml",
     "kimi_k2/kimi_k2.yaml", "kimi_k2/ckpt_convert/kimi_k2_convert.yaml",
 ]
-OURS = {"deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "llama", "minimax_m2", "mixtral", "qwen2", "qwen2_moe", "qwen3",
+OURS = {"deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe", "gpt_oss", "llama", "minimax_m2", "mixtral", "qwen2", "qwen2_moe", "qwen3",
         "qwen3_moe", "qwen3_next", "qwen3_5", "qwen3_5_moe", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"}
 
 
