@@ -135,7 +135,14 @@ def test_round_trip_bit_exact(tiny_hf, tmp_path, layout):
     assert hf["model.layers.0.mlp.experts.gate_up_proj"].dtype == torch.bfloat16
     assert_same_tensors(hf, load_hf_tensors(back))  # the interleaved 3-D layout rebuilt bit for bit
     assert json.load(open(os.path.join(back, "config.json"))) == json.load(open(os.path.join(hf_dir, "config.json")))
-    assert next(iter(rank_files(mcore).values()))["args"].convert_checkpoint_family == "gpt_oss"
+    args = next(iter(rank_files(mcore).values()))["args"]
+    assert args.convert_checkpoint_family == "gpt_oss"
+    # Megatron's own args for what is not a weight (the settings the megatron-core test builds with)
+    config = json.load(open(os.path.join(hf_dir, "config.json")))
+    assert args.add_bias_linear and args.softmax_type == "learnable" and args.glu_linear_offset == 1.0
+    assert args.activation_func_clamp_value == config["swiglu_limit"]
+    assert args.window_size == (config["sliding_window"] - 1, 0)
+    assert args.window_attn_skip_freq == [int(t == "sliding_attention") for t in config["layer_types"]]
 
 
 def _megatron_fc1(gate_up: torch.Tensor) -> torch.Tensor:

@@ -179,6 +179,10 @@ def test_layer_pattern_in_the_rank_files(tiny_hf, tmp_path):
     assert arch["linear_attention_pattern"] in ([1, 0, 1, 0], (1, 0, 1, 0))
     assert (arch["linear_num_key_heads"], arch["linear_num_value_heads"]) == (NK, NV)
     assert arch["attention_output_gate"] and arch["layernorm_zero_centered_gamma"]
+    # Megatron's own args, for a training run that builds the model from them
+    assert args.experimental_attention_variant == "gated_delta_net" and args.linear_attention_freq == [1, 0, 1, 0]
+    assert (args.linear_num_key_heads, args.linear_num_value_heads) == (NK, NV)
+    assert args.attention_output_gate and args.layernorm_zero_centered_gamma
     # stage 1 holds layers 1-3 as local 0-2: full, linear, full attention; all MoE with a gated shared expert
     assert "decoder.layers.0.self_attention.linear_qkv.weight" in stage1
     assert "decoder.layers.1.self_attention.in_proj.weight" in stage1

@@ -678,9 +678,37 @@ def mcore_args(model: ModelInfo, layout: ParallelLayout, vocab: VocabPadding) ->
         args.experimental_attention_variant = "dsa"
         args.dsa_indexer_n_heads = arch.dsa_indexer_n_heads
         args.dsa_indexer_head_dim = arch.dsa_indexer_head_dim
+    if arch.linear_attention_pattern is not None:  # Qwen3-Next / Qwen3.5: megatron-core's gated delta-net layers
+        args.experimental_attention_variant = "gated_delta_net"
+        args.linear_attention_freq = list(arch.linear_attention_pattern)
+        for name in ("linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+                     "linear_conv_kernel_dim"):
+            setattr(args, name, getattr(arch, name))
+    if arch.attention_output_gate:
+        args.attention_output_gate = True
+    if arch.layernorm_zero_centered_gamma:
+        args.layernorm_zero_centered_gamma = True
+    args.__dict__.update(_gpt_oss_args(model))
     if model.hf_dtypes:  # HF tensors Megatron holds in another dtype: restored on the way back
         args.convert_checkpoint_hf_dtypes = dict(sorted(model.hf_dtypes.items()))
     return args
+
+
+def _gpt_oss_args(model: ModelInfo) -> dict:
+    """GPT-OSS's settings that are not weights, as megatron-core names them (for a training run
+    that builds the model from the saved args): biased linears, the attention sinks, the clamped
+    SwiGLU (quick_gelu GLU, offset 1) and the sliding window on the layers ``layer_types`` marks
+    (HF keeps q - k < sliding_window, megatron's (left, 0) keeps q - k <= left)."""
+    config = model.hf_config or {}
+    if model.family.name != "gpt_oss":
+        return {}
+    out: dict = {"add_bias_linear": True, "softmax_type": "learnable", "glu_linear_offset": 1.0,
+                 "activation_func_clamp_value": float(config.get("swiglu_limit", 7.0)), "quick_geglu": True}
+    layer_types = config.get("layer_types") or []
+    if config.get("sliding_window") and "sliding_attention" in layer_types:
+        out["window_size"] = (int(config["sliding_window"]) - 1, 0)
+        out["window_attn_skip_freq"] = [int(t == "sliding_attention") for t in layer_types]
+    return out
 
 
 class McoreTarget(CanonicalTarget):
