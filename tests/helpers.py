@@ -9,7 +9,13 @@ from convert_checkpoint.cli import main
 
 
 def convert(*args: str, **flags) -> int:
+    """The command line in this process. One worker and no read-ahead unless a test asks: the
+    tests' monkeypatches must see the conversion, and forking the test process for every small
+    conversion would only slow the suite (``--max_workers auto`` has its own tests)."""
     argv = list(args)
+    if not any(k.replace("-", "_") == "max_workers" for k in flags) and "--max_workers" not in argv:
+        flags["max_workers"] = 1
+    argv.append("--no_prefetch")
     for k, v in flags.items():
         if v is True:
             argv.append(f"--{k}")

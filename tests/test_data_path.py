@@ -286,3 +286,48 @@ def test_prefetch_reads_the_source_ahead_within_its_budget(tmp_path, monkeypatch
         assert prefetch.start_from_argv(argv) is None
     monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun: one process per machine reads ahead
     assert prefetch.start_from_argv(["--load_ckpt_path", str(tmp_path)]) is None
+
+
+def _plan_for_workers(tiny_hf, tmp_path, *extra: str, family: str = "llama"):
+    from convert_checkpoint.options import parse_options
+    from convert_checkpoint.pipeline import build_plan
+
+    opts = parse_options(["--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path",
+                          tiny_hf(TinySpec(family)), "--save_ckpt_path", str(tmp_path / "w"),
+                          "--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2", *extra])
+    return build_plan(opts.plan_request(None), opts)
+
+
+def test_auto_workers_take_the_tightest_bound(tiny_hf, tmp_path):
+    from convert_checkpoint import workers
+
+    plan = _plan_for_workers(tiny_hf, tmp_path)  # 4 rank files that only move bytes
+    assert workers.moves_bytes(plan)
+    largest = max(plan.target.memory_bytes(f) for f in plan.files)
+    assert workers.choose(plan, 4, None, cores=2) == workers.WorkerChoice(2, "auto: bounded by 2 cores")
+    assert workers.choose(plan, 4, None, cores=64).count == 4  # the files
+    assert workers.choose(plan, 3, None, cores=64).reason == "auto: bounded by 3 files"  # a rank's share
+    assert workers.choose(plan, 4, 2 * largest + 1, cores=64).count == 2  # memory for two of the largest
+    assert workers.choose(plan, 4, 1, cores=64).count == 1  # never fewer than one
+    many = type("P", (), {"files": plan.files * 5, "target": plan.target, "source": plan.source, "jobs": plan.jobs})()
+    assert workers.choose(many, 20, None, cores=64) == workers.WorkerChoice(
+        workers.IO_STREAMS, f"auto: bounded by {workers.IO_STREAMS} streams for a conversion that only moves bytes")
+    fp8 = _plan_for_workers(tiny_hf, tmp_path, "--convert_to_fp8", family="deepseek_v3")  # quantizes
+    assert not workers.moves_bytes(fp8)
+    assert workers.choose(fp8, 20, None, cores=64).reason == "auto: bounded by 20 files"  # cores, not streams
+
+
+def test_default_is_auto_and_says_why(tiny_hf, tmp_path):
+    out = str(tmp_path / "auto")
+    cmd = [sys.executable, "-m", "convert_checkpoint", "--load_platform", "huggingface", "--save_platform", "mcore",
+           "--load_ckpt_path", tiny_hf(TinySpec("llama")), "--save_ckpt_path", out, "--tensor_model_parallel_size", "2",
+           "--no_progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    report = json.load(open(os.path.join(out, "conversion_report.json")))
+    cores = len(os.sched_getaffinity(0))
+    assert report["workers"] == min(cores, 2, 8)  # 2 rank files
+    assert f"workers: {report['workers']} worker" in proc.stderr and "(auto: bounded by" in proc.stderr
+    assert report["startup_seconds"] > 0 and report["fsync_seconds"] >= 0
+    assert _cli(tiny_hf(TinySpec("llama")), str(tmp_path / "bad"), "--max_workers", "x").returncode == 2

@@ -13,7 +13,7 @@ from typing import TypeGuard
 import torch
 
 from . import tensor_expr as tx
-from .byteplan import plan_runs
+from .byteplan import only_moves, plan_runs
 from .errors import ConversionError
 from .formats.direct_io import COPY_MIN, RangeMover, pwrite_all
 from .quant.fp8_materialize import Fp8Event, Fp8Materializer, Fp8Policy
@@ -89,7 +89,20 @@ class FileContext:
         self._mover = RangeMover()
         self.moved: set[str] = set()  # tensors whose bytes never passed through a tensor: checked on read-back
         self.moved_bytes = 0
-        self._locate = getattr(self.reader, "locate", None)
+        locate = getattr(self.reader, "locate", None)
+        self._locate = self._memo(locate) if locate is not None else None
+
+    @staticmethod
+    def _memo(locate):
+        """Each leaf located once per file (the writers ask twice: to order, then to move)."""
+        seen: dict = {}
+
+        def cached(leaf: tx.Leaf):
+            if leaf not in seen:
+                seen[leaf] = locate(leaf)
+            return seen[leaf]
+
+        return cached
 
     def close(self) -> None:
         self.reader.close()
@@ -114,6 +127,16 @@ class FileContext:
         value = self.value(name, expr)
         if value.numel():
             pwrite_all(fd, value.contiguous().reshape(-1).view(torch.uint8).numpy().data, offset)
+
+    def source_position(self, expr: Expr) -> tuple[str, int]:
+        """Where ``expr``'s first source bytes lie (file, offset): the writers put tensors in this
+        order, so each source file is read front to back instead of in the output's order."""
+        leaf = next(tx.leaves(expr), None)
+        if leaf is None:
+            return ("", 0)
+        # only what will be moved is located (computed tensors are read whole anyway)
+        where = self._locate(leaf) if self._locate is not None and only_moves(expr) else None
+        return where if where is not None else (leaf.ref.file, 0)
 
     def check_bytes(self, name: str, dtype: torch.dtype, chunk: memoryview) -> None:
         """The NaN/Inf check of a moved tensor, on its bytes as written (a chunk at a time)."""

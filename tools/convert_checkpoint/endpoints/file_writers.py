@@ -1,5 +1,8 @@
 """Writing a planned file in place: fixed bytes first, each tensor at its offset, one read-back.
 
+Tensors are written in the order their bytes lie in the source files, not the output's order
+(offsets are fixed, so the order is free): each source file is then read front to back.
+
 Both writers open the file once, write what does not depend on tensor values (headers,
 small records), then let the file context put every tensor at its planned offset (moved file
 to file, or written from a buffer), and finish with one sequential pass over the file that
@@ -43,7 +46,8 @@ def write_safetensors(path: str, layout: SafetensorsLayout, exprs: Mapping[str, 
     try:
         pwrite_all(fd, layout.header, 0)
         writeback = Writeback(fd)
-        for t, offset in zip(layout.tensors, layout.offsets):
+        placed = sorted(zip(layout.tensors, layout.offsets), key=lambda p: ctx.source_position(exprs[p[0].name]))
+        for t, offset in placed:
             ctx.write(t.name, exprs[t.name], fd, offset)
             writeback.wrote(t.nbytes)
 
@@ -64,7 +68,8 @@ def write_rank_zip(path: str, layout: torch_zip.ZipLayout, exprs: Mapping[str, E
     try:
         torch_zip.write_fixed(fd, layout)
         writeback = Writeback(fd)
-        for record in layout.tensor_records:
+        records = sorted(layout.tensor_records, key=lambda r: ctx.source_position(exprs[r.slot.name]))  # type: ignore[union-attr]
+        for record in records:
             slot = record.slot
             assert slot is not None
             ctx.write(slot.title, exprs[slot.name], fd, record.data_offset)
