@@ -128,3 +128,29 @@ def expected_local_experts(layout: Layout, pp_rank: int, ep_rank: int, num_exper
         has_moe = any(layer not in dense_layers for layer in layers)
         out.append(list(range(ep_rank * per_rank, (ep_rank + 1) * per_rank)) if has_moe else [])
     return out
+
+
+# A family round trip's layout: (TP, PP, custom pipeline layers, EP, ETP, grouped GEMM, transformer impl).
+FamilyLayout = tuple
+
+
+def layout_id(layout: FamilyLayout) -> str:
+    tp, pp, custom, ep, etp, grouped, impl = layout
+    return (f"tp{tp}pp{pp}{'-' + custom.replace(',', '_') if custom else ''}ep{ep}etp{etp or '=tp'}"
+            f"{'-gg' if grouped else ''}-{'te' if impl == 'transformer_engine' else 'local'}")
+
+
+def round_trip_layout(hf_dir: str, tmp_path: Path, layout: FamilyLayout) -> dict[str, dict]:
+    """HF -> MCore at ``layout`` -> HF: the tensors and config.json must come back exactly; returns
+    the rank files (relative directory -> loaded dict)."""
+    from helpers import assert_same_tensors, hf_to_mcore, mcore_to_hf, rank_files
+
+    tp, pp, custom, ep, etp, grouped, impl = layout
+    mcore, back = str(tmp_path / "mcore"), str(tmp_path / "back")
+    assert hf_to_mcore(hf_dir, mcore, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                       custom_pipeline_layers=custom, expert_parallel_size=ep, expert_tensor_parallel_size=etp,
+                       transformer_impl=impl, **{"moe-grouped-gemm": grouped}) == 0
+    assert mcore_to_hf(mcore, back) == 0
+    assert_same_tensors(load_hf_tensors(hf_dir), load_hf_tensors(back))
+    assert json.load(open(os.path.join(back, "config.json"))) == json.load(open(os.path.join(hf_dir, "config.json")))
+    return rank_files(mcore)

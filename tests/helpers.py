@@ -13,9 +13,10 @@ def convert(*args: str, **flags) -> int:
     tests' monkeypatches must see the conversion, and forking the test process for every small
     conversion would only slow the suite (``--max_workers auto`` has its own tests)."""
     argv = list(args)
-    if not any(k.replace("-", "_") == "max_workers" for k in flags) and "--max_workers" not in argv:
-        flags["max_workers"] = 1
-    argv.append("--no_prefetch")
+    if argv[:1] not in (["verify"], ["verify-kt"]):  # the commands that convert
+        if not any(k.replace("-", "_") == "max_workers" for k in flags) and "--max_workers" not in argv:
+            flags["max_workers"] = 1
+        argv.append("--no_prefetch")
     for k, v in flags.items():
         if v is True:
             argv.append(f"--{k}")
@@ -74,3 +75,23 @@ def rank_files(mcore_dir: str) -> dict[str, dict]:
     root = os.path.join(mcore_dir, "release")
     return {d: torch.load(os.path.join(root, d, "model_optim_rng.pt"), weights_only=True)
             for d in sorted(os.listdir(root))}
+
+
+class DictReader:
+    """A LeafReader over in-memory tensors (expression unit tests)."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def read_into(self, leaf, out):
+        t = self.tensors[leaf.ref.name]
+        for dim, (o, s) in enumerate(zip(leaf.offsets, leaf.shape)):
+            t = t.narrow(dim, o, s)
+        out.copy_(t)
+
+
+def expr_leaf(name, t):
+    """A leaf over the whole of tensor ``t`` named ``name`` in file "f"."""
+    from convert_checkpoint import tensor_expr
+
+    return tensor_expr.source(tensor_expr.TensorRef("f", name), t.dtype, t.shape)

@@ -17,23 +17,10 @@ from safetensors.torch import save_file
 from convert_checkpoint import tensor_expr as te
 from convert_checkpoint.converters.mxfp4_dequantizer import dequantize
 from fixtures import assert_fails, load_hf_tensors
-from helpers import assert_same_tensors, hf_to_mcore, mcore_to_hf, rank_files
+from helpers import DictReader, assert_same_tensors, expr_leaf, hf_to_mcore, mcore_to_hf, rank_files
 from tiny_models import TinySpec
 
-
-class DictReader:
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def read_into(self, leaf, out):
-        t = self.tensors[leaf.ref.name]
-        for dim, (o, s) in enumerate(zip(leaf.offsets, leaf.shape)):
-            t = t.narrow(dim, o, s)
-        out.copy_(t)
-
-
-def _leaf(name, t):
-    return te.source(te.TensorRef("f", name), t.dtype, t.shape)
+_leaf = expr_leaf
 
 
 def _every_window(expr, full, reader):

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from convert_checkpoint import tensor_expr as tx
-from fixtures import assert_fails, load_hf_tensors
-from helpers import assert_same_tensors, hf_to_mcore, mcore_to_hf, rank_files
+from fixtures import assert_fails, layout_id, load_hf_tensors, round_trip_layout
+from helpers import assert_same_tensors, hf_to_mcore, mcore_to_hf
 from tiny_models import TinySpec
 
 NEXT = TinySpec("qwen3_next", full_attention=(1, 3), mlp_only_layers=(0,))  # layer 0 dense, 1 and 3 full attention
@@ -36,22 +36,7 @@ LAYOUTS = [
 ]
 
 
-def _layout_id(layout) -> str:
-    tp, pp, custom, ep, etp, grouped, impl = layout
-    return (f"tp{tp}pp{pp}{'-' + custom.replace(',', '_') if custom else ''}ep{ep}etp{etp or '=tp'}"
-            f"{'-gg' if grouped else ''}-{'te' if impl == 'transformer_engine' else 'local'}")
-
-
-def _round_trip(hf_dir: str, tmp_path, layout) -> dict[str, dict]:
-    tp, pp, custom, ep, etp, grouped, impl = layout
-    mcore, back = str(tmp_path / "mcore"), str(tmp_path / "back")
-    assert hf_to_mcore(hf_dir, mcore, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                       custom_pipeline_layers=custom, expert_parallel_size=ep, expert_tensor_parallel_size=etp,
-                       transformer_impl=impl, **{"moe-grouped-gemm": grouped}) == 0
-    assert mcore_to_hf(mcore, back) == 0
-    assert_same_tensors(load_hf_tensors(hf_dir), load_hf_tensors(back))
-    assert json.load(open(os.path.join(back, "config.json"))) == json.load(open(os.path.join(hf_dir, "config.json")))
-    return rank_files(mcore)
+_layout_id, _round_trip = layout_id, round_trip_layout
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)

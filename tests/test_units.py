@@ -8,21 +8,9 @@ from convert_checkpoint import tensor_expr as te
 from convert_checkpoint.errors import ConversionError
 from convert_checkpoint.layout.pipeline import balanced_split, build_pipeline_layout
 from convert_checkpoint.layout.tensor_parallel import Split, padded_vocab_size, shard, unshard
+from helpers import DictReader, expr_leaf
 
-
-class DictReader:
-    def __init__(self, tensors):
-        self.tensors = tensors
-
-    def read_into(self, leaf, out):
-        t = self.tensors[leaf.ref.name]
-        for dim, (o, s) in enumerate(zip(leaf.offsets, leaf.shape)):
-            t = t.narrow(dim, o, s)
-        out.copy_(t)
-
-
-def _leaf(name, t):
-    return te.source(te.TensorRef("f", name), t.dtype, t.shape)
+_leaf = expr_leaf
 
 
 def test_narrow_pushes_through_cat_and_repeat():
