@@ -95,3 +95,18 @@ def expr_leaf(name, t):
     from convert_checkpoint import tensor_expr
 
     return tensor_expr.source(tensor_expr.TensorRef("f", name), t.dtype, t.shape)
+
+
+def cli_to_mcore(src: str, out: str, *extra: str, fault: str | None = None):
+    """``python -m convert_checkpoint`` HF -> MCore in a subprocess (one worker: files in order),
+    with ``CONVERT_CHECKPOINT_FAULT`` set to ``fault`` (the kill and full-disk hooks)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("CONVERT_CHECKPOINT_FAULT", None)
+    if fault:
+        env["CONVERT_CHECKPOINT_FAULT"] = fault
+    cmd = [sys.executable, "-m", "convert_checkpoint", "--load_platform", "huggingface", "--save_platform", "mcore",
+           "--load_ckpt_path", src, "--save_ckpt_path", out, "--no_progress", "--max_workers", "1", *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

@@ -23,6 +23,7 @@ from convert_checkpoint.formats.safetensors_io import SafetensorsReader, read_he
 from convert_checkpoint.materialize import FileContext
 from convert_checkpoint.tensor_expr import TensorRef
 from fixtures import read_tree
+from helpers import cli_to_mcore
 from tiny_models import TinySpec
 
 SOURCE = {  # a mix of dtypes and ranks, sizes that are not multiples of anything
@@ -213,15 +214,8 @@ def test_pt_writer_crc_catches_a_changed_byte(tmp_path):
         assert z.testzip() == "model_optim_rng/data/1"
 
 
-def _cli(src: str, out: str, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("CONVERT_CHECKPOINT_FAULT", None)
-    if fault:
-        env["CONVERT_CHECKPOINT_FAULT"] = fault
-    cmd = [sys.executable, "-m", "convert_checkpoint", "--load_platform", "huggingface", "--save_platform", "mcore",
-           "--load_ckpt_path", src, "--save_ckpt_path", out, "--tensor_model_parallel_size", "2", "--no_progress",
-           "--max_workers", "1", *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def _cli(src: str, out: str, *extra: str, fault: str | None = None):
+    return cli_to_mcore(src, out, "--tensor_model_parallel_size", "2", *extra, fault=fault)
 
 
 def test_resume_after_a_kill_in_the_middle_of_a_range_copy(tiny_hf, tmp_path):

@@ -3,28 +3,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-
-from fixtures import read_tree
-from helpers import hf_to_mcore, mcore_to_hf
-from tiny_models import TinySpec
 
 from convert_checkpoint.manifest import MANIFEST_NAME
+from fixtures import read_tree
+from helpers import cli_to_mcore, hf_to_mcore, mcore_to_hf
+from tiny_models import TinySpec
 
 LAYOUT = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)  # 4 rank files
 KEEP_OUT = {MANIFEST_NAME, "conversion_report.json"}  # their contents record paths and timings
 
 
-def _cli(src: str, out: str, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env.pop("CONVERT_CHECKPOINT_FAULT", None)
-    if fault:
-        env["CONVERT_CHECKPOINT_FAULT"] = fault
-    cmd = [sys.executable, "-m", "convert_checkpoint", "--load_platform", "huggingface", "--save_platform", "mcore",
-           "--load_ckpt_path", src, "--save_ckpt_path", out, "--tensor_model_parallel_size", "2",
-           "--pipeline_model_parallel_size", "2", "--no_progress", "--max_workers", "1", *extra]  # files in order
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def _cli(src: str, out: str, *extra: str, fault: str | None = None):
+    return cli_to_mcore(src, out, "--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2", *extra,
+                        fault=fault)
 
 
 def _stamps(root: str, rels) -> dict[str, tuple[int, int]]:
