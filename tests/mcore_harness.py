@@ -776,6 +776,17 @@ def _wait_for_workers(procs: list[subprocess.Popen[bytes]], logs: list[Path], ti
         time.sleep(0.05)
 
 
+def assert_only_negatives_fail(results: Sequence[Mapping[str, Any]], jobs: Sequence[CheckJob], world_size: int,
+                               first_negative: int) -> None:
+    """Jobs before ``first_negative`` pass every check; each one from there on (a negative
+    control: same keys and shapes, wrong values) loads strictly and fails on the logits only."""
+    problems = job_problems(results, jobs, world_size)
+    assert sorted(problems) == list(range(first_negative, len(jobs))), problems
+    for index in problems:
+        assert "logits max|diff|" in "\n".join(problems[index]), problems[index]
+        assert all(r["ok"] for r in results if r["job"] == index)  # strict loads passed
+
+
 def job_problems(
     results: Sequence[Mapping[str, Any]],
     jobs: Sequence[CheckJob],
