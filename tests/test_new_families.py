@@ -308,3 +308,19 @@ def test_megatron_training_checkpoint_of_v32_and_glm_converts_back(tiny_hf, tmp_
         # Megatron keeps the router bias in fp32 and without our args nothing says it was otherwise
         assert_same_tensors(hf_tensors, back_tensors)
         assert convert("verify", hf, back) == 0
+
+
+def test_minimax_published_rotary_dim_is_partial_rope():
+    """MiniMax-M2's released config.json says ``rotary_dim`` (64 of head_dim 128), not
+    ``partial_rotary_factor``: it becomes rotary_percent 0.5, as transformers reads it."""
+    from transformers import MiniMaxM2Config
+
+    family = builtin_families()["minimax_m2"]
+    published = {"model_type": "minimax_m2", "architectures": ["MiniMaxM2ForCausalLM"], "hidden_size": 512,
+                 "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 2,
+                 "head_dim": 128, "rotary_dim": 64, "vocab_size": 1000, "num_local_experts": 4,
+                 "num_experts_per_tok": 2, "rms_norm_eps": 1e-6, "rope_theta": 5e6}
+    assert family.arch_from_config(published).rotary_percent == 0.5
+    assert MiniMaxM2Config(**published).rope_parameters["partial_rotary_factor"] == 0.5
+    stated = dict(published, partial_rotary_factor=0.25)  # an explicit factor wins, as in transformers
+    assert family.arch_from_config(stated).rotary_percent == 0.25

@@ -271,6 +271,9 @@ def arch_from_hf_config(
         values["num_query_groups"] = values["num_attention_heads"]
     if "kv_channels" not in values and "hidden_size" in values and "num_attention_heads" in values:
         values["kv_channels"] = values["hidden_size"] // values["num_attention_heads"]
+    rotary_dim = config.get("rotary_dim")  # the legacy spelling of partial RoPE (published MiniMax-M2)
+    if "rotary_percent" not in values and isinstance(rotary_dim, int) and values.get("kv_channels"):
+        values["rotary_percent"] = rotary_dim / values["kv_channels"]
     if values.get("num_experts") and "num_layers" in values:
         values["moe_layer_pattern"] = moe_layer_pattern(config, moe_layers or {}, values["num_layers"])
     if attention_layers and "num_layers" in values:
