@@ -139,7 +139,7 @@ def _rebase(expr: tx.Expr) -> tx.Expr:
 
 
 def _write_zip(path, payload, tensors, archive="model_optim_rng") -> str:
-    layout, slots = torch_zip.plan(payload, archive)
+    layout = torch_zip.plan(payload, archive)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     try:
         torch_zip.write_fixed(fd, layout)

@@ -88,7 +88,6 @@ class FileContext:
         self.nonfinite: list[tuple[str, int]] = []
         self._mover = RangeMover()
         self.moved: set[str] = set()  # tensors whose bytes never passed through a tensor: checked on read-back
-        self.moved_bytes = 0
         locate = getattr(self.reader, "locate", None)
         self._locate = self._memo(locate) if locate is not None else None
 
@@ -122,7 +121,6 @@ class FileContext:
                 self._mover.read_into(runs, view)
                 pwrite_all(fd, view, offset)
             self.moved.add(name)
-            self.moved_bytes += tx.nbytes(expr)
             return
         value = self.value(name, expr)
         if value.numel():

@@ -790,7 +790,7 @@ class McoreTarget(CanonicalTarget):
             slots = {id(j): torch_zip.TensorSlot(f"{key}/{j.name}", j.expr.dtype, tuple(j.expr.shape), j.name)
                      for key, jobs in out.containers for j in jobs if j.expr is not None}
             placeholders = {key: {j.name: slots.get(id(j)) for j in jobs} for key, jobs in out.containers}
-            layout, _ = torch_zip.plan(rank_payload(placeholders, self.args, self.iteration), archive_name(path))
+            layout = torch_zip.plan(rank_payload(placeholders, self.args, self.iteration), archive_name(path))
             exprs = {f"{key}/{j.name}": j.expr for key, jobs in out.containers for j in jobs if j.expr is not None}
             return write_rank_zip(path, layout, exprs, ctx)
         plain = [j for j in entries if not is_fp8_tensor(j.expr)]

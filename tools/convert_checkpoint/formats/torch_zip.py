@@ -118,7 +118,7 @@ class Record:
 
 @dataclass(frozen=True)
 class ZipLayout:
-    """Where every byte of the file goes; ``slots[i]`` is stored at ``tensor_offsets[i]``."""
+    """Where every byte of the file goes; each tensor slot is the data of one ``data/<n>`` record."""
 
     records: tuple[Record, ...]
     central_offset: int
@@ -168,7 +168,7 @@ def _local_header(name: bytes, offset: int) -> bytes:
     return struct.pack("<IHHHHHIIIHH", 0x04034B50, 0, 0x0808, 0, 0, 0, 0, 0, 0, len(name), len(extra)) + name + extra
 
 
-def plan(payload: Any, archive: str) -> tuple[ZipLayout, list[TensorSlot]]:
+def plan(payload: Any, archive: str) -> ZipLayout:
     """Pickle ``payload`` (its tensors are :class:`TensorSlot`) and lay the archive out."""
     buf = io.BytesIO()
     pickler = _SlotPickler(buf)
@@ -191,7 +191,7 @@ def plan(payload: Any, archive: str) -> tuple[ZipLayout, list[TensorSlot]]:
         record = Record(full.decode(), offset, header, offset + len(header), size, payload_bytes, slot)
         records.append(record)
         offset = record.descriptor_offset + record.descriptor_size
-    return ZipLayout(tuple(records), offset), slots
+    return ZipLayout(tuple(records), offset)
 
 
 def write_fixed(fd: int, layout: ZipLayout) -> None:
