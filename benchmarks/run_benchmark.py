@@ -136,6 +136,7 @@ class Step:
     check_round_trip: bool = False  # compare the output with the HF source before it is deleted
     round_trip_problems: list[str] = field(default_factory=list)
     workers: int | None = None  # from the converter's report: as chosen (auto) or given
+    io_threads: int | None = None  # from the report: copy threads per worker
     startup_seconds: float | None = None  # from the report: process start to the first byte moved (imports, planning)
 
     @property
@@ -250,6 +251,7 @@ def run_step(step: Step, log_dir: str, cold: bool, pss: bool, prefault_bytes: in
         with open(report_path) as f:
             report = json.load(f)
         step.workers, step.startup_seconds = report.get("workers"), report.get("startup_seconds")
+        step.io_threads = report.get("io_threads")
         step.total_bytes -= os.path.getsize(report_path)
     if step.check_round_trip and not step.runs[1:]:  # once, on the first run
         print("verifying the round trip ...", file=sys.stderr)
@@ -300,7 +302,7 @@ def fmt_ok(ok: bool | None) -> str:
 
 
 def print_table(steps: list[Step], pss: bool) -> None:
-    head = ["step", "workers", "start s", "median s", "(sync)", "GB/s", "vs cp", "best s", "vs cp", "CPU s"]
+    head = ["step", "workers", "threads", "start s", "median s", "(sync)", "GB/s", "vs cp", "best s", "vs cp", "CPU s"]
     head += ["peak RSS tree", "peak RSS single", "peak anon tree"]
     head += ["peak PSS tree"] if pss else []
     head += ["largest file", f"time<={TIME_TARGET:g}x cp", "RSS<=2xfile+1GB"]
@@ -308,7 +310,7 @@ def print_table(steps: list[Step], pss: bool) -> None:
     for s in steps:
         peak = s.peak
         gbps = f"{s.total_bytes / GB / s.seconds:.2f}" if s.total_bytes and s.seconds > 0 else "-"
-        row = [s.name, "-" if s.workers is None else str(s.workers),
+        row = [s.name, "-" if s.workers is None else str(s.workers), "-" if s.io_threads is None else str(s.io_threads),
                "-" if s.startup_seconds is None else f"{s.startup_seconds:.1f}",
                f"{s.seconds:.1f}", f"{s.sync_seconds:.1f}", gbps, fmt_ratio(s.ratio)]
         row += [f"{s.best_seconds:.1f}", fmt_ratio(s.best_ratio), f"{s.cpu_seconds:.1f}"]
@@ -327,17 +329,22 @@ def build_steps(hf_dir: str, paths: dict[str, str], args: argparse.Namespace) ->
     on them); the others are deleted once measured."""
     convert = [sys.executable, "-m", "convert_checkpoint", "--no_progress"]
     settings = args.max_workers.split(",")
+
+    def flags(setting: str) -> list[str]:  # "W" or "WxT": --max_workers W [--io_threads T]
+        w, _, t = setting.partition("x")
+        return ["--max_workers", w] + (["--io_threads", t] if t else [])
+
     steps = [Step("cp-hf", ["cp", "-r", hf_dir, paths["hf_copy"]], paths["hf_copy"], delete_after=True)]
     for i, w in enumerate(settings):
         out = paths["mcore"] if i == 0 else f"{paths['mcore']}-{w}"
-        to_mcore = ["--max_workers", w, "--load_platform", "huggingface", "--save_platform", "mcore",
+        to_mcore = flags(w) + ["--load_platform", "huggingface", "--save_platform", "mcore",
                     "--load_ckpt_path", hf_dir, "--save_ckpt_path", out, "--tensor_model_parallel_size", str(args.tp),
                     "--pipeline_model_parallel_size", str(args.pp)]
         steps.append(Step(f"hf->mcore w={w}", convert + to_mcore, out, baseline="cp-hf", delete_after=i > 0))
     steps.append(Step("cp-mcore", ["cp", "-r", paths["mcore"], paths["mcore_copy"]], paths["mcore_copy"], delete_after=True))
     for i, w in enumerate(settings):
         out = paths["hf_back"] if i == 0 else f"{paths['hf_back']}-{w}"
-        to_hf = ["--max_workers", w, "--load_platform", "mcore", "--save_platform", "huggingface",
+        to_hf = flags(w) + ["--load_platform", "mcore", "--save_platform", "huggingface",
                  "--load_ckpt_path", paths["mcore"], "--save_ckpt_path", out, "--max_shard_size", f"{args.shard_gb:g}GB"]
         # Deleted too (after the first is checked): four 16 GB trees would not fit a 64 GB disk.
         steps.append(Step(f"mcore->hf w={w}", convert + to_hf, out, baseline="cp-mcore", delete_after=True,
@@ -350,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/convert-checkpoint-bench", help="holds the generated source and all outputs")
     ap.add_argument("--keep", action="store_true", help="keep the converted outputs (the generated source is always kept)")
     ap.add_argument("--max-workers", default="auto",
-                    help="the converter's --max_workers; several, comma-separated, give one step each (e.g. auto,1,4,8)")
+                    help="the converter's --max_workers; several, comma-separated, give one step each (e.g. auto,1,4,8); "
+                         "WxT also passes --io_threads T (e.g. 2x1,2x4, autox8)")
     ap.add_argument("--shape", choices=sorted(make_llama_checkpoint.SHAPES), default="small",
                     help="generated layer widths (llama3-8b: the 16.06 GB Meta-Llama-3-8B shape; ignores --size-gb)")
     ap.add_argument("--tp", type=int, default=2)

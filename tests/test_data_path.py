@@ -73,9 +73,11 @@ def safetensors_source(tmp_path):
     return SafetensorsReader(str(tmp_path), entries)
 
 
-def _through_ranges(expr: tx.Expr, reader, tmp_path, copy_min: int, monkeypatch, copy_range: bool = True) -> bytes:
+def _through_ranges(expr: tx.Expr, reader, tmp_path, copy_min: int, monkeypatch, copy_range: bool = True,
+                    window: int = 64 << 20) -> bytes:
     """The tensor's bytes as FileContext.write puts them at offset 13 of a file."""
     monkeypatch.setattr(materialize, "COPY_MIN", copy_min)
+    monkeypatch.setattr(materialize, "_GATHER_WINDOW", window)
     ctx = FileContext("out", reader, None)
     ctx._mover = RangeMover(copy_range)
     path = tmp_path / f"out-{copy_min}-{copy_range}"
@@ -98,9 +100,98 @@ def test_every_move_gives_the_tensor_path_bytes(name, safetensors_source, tmp_pa
     expr = _exprs()[name]
     want = _tensor_bytes(expr, safetensors_source)
     assert plan_runs(expr, safetensors_source.locate) is not None
-    for copy_min, copy_range in ((0, True), (0, False), (1 << 40, True)):  # file to file; its fallback; batched reads
-        got = _through_ranges(expr, safetensors_source, tmp_path, copy_min, monkeypatch, copy_range)
-        assert got == want, (name, copy_min, copy_range)
+    # file to file; its fallback; batched reads; batched reads a few rows at a time
+    for copy_min, copy_range, window in ((0, True, 1 << 26), (0, False, 1 << 26), (1 << 40, True, 1 << 26), (1 << 40, True, 100)):
+        got = _through_ranges(expr, safetensors_source, tmp_path, copy_min, monkeypatch, copy_range, window)
+        assert got == want, (name, copy_min, copy_range, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64,
+                                   torch.float8_e4m3fn, torch.float8_e5m2])
+def test_nonfinite_by_bit_pattern_counts_as_torch_does(dtype):
+    values = torch.tensor([0.0, -1.5, 2.0, float("nan"), float("inf"), float("-inf"), 3.0, -float("nan")] * 5)
+    t = values.to(dtype)  # e4m3fn has no Inf: those become NaN
+    raw = memoryview(t.view(torch.uint8).numpy().tobytes())
+    want = int((~torch.isfinite(t.float())).sum())
+    assert materialize.nonfinite_in_bytes(dtype, raw) == materialize.nonfinite_count(t) == want >= 10
+    finite = torch.randn(1000).to(dtype)
+    assert materialize.nonfinite_in_bytes(dtype, memoryview(finite.view(torch.uint8).numpy().tobytes())) == 0
+    cut = raw[:len(raw) - 1]  # a partial last element is not counted
+    assert materialize.nonfinite_in_bytes(dtype, cut) == int((~torch.isfinite(t[:-1].float())).sum())
+
+
+def test_readback_follows_writes_made_in_any_order(tmp_path):
+    """The read-back hashes in file order while threads write regions out of order; it ends
+    with the file's sha256, and stops (Aborted) when the writer gives up."""
+    import hashlib
+    import random
+    import threading
+
+    from convert_checkpoint.formats.direct_io import Aborted, Completion, hash_regions, pwrite_all
+
+    blobs = [os.urandom(random.Random(i).randrange(1, 50000)) for i in range(40)]
+    offsets = [sum(len(b) for b in blobs[:i]) for i in range(len(blobs))]
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        done = Completion()
+        seen = []
+        result = {}
+        reader = threading.Thread(target=lambda: result.update(sha=hash_regions(
+            fd, [(o, len(b), i) for i, (o, b) in enumerate(zip(offsets, blobs))], lambda k, c: seen.append(k), done.wait)))
+        reader.start()
+        for i in reversed(range(len(blobs))):  # the last region first: the reader waits for region 0
+            pwrite_all(fd, blobs[i], offsets[i])
+            done.mark(i)
+        reader.join(timeout=30)
+        assert not reader.is_alive() and result["sha"] == hashlib.sha256(b"".join(blobs)).hexdigest()
+        assert sorted(set(seen)) == list(range(len(blobs))) and seen == sorted(seen)  # in file order
+        stuck = Completion()
+        errors = []
+
+        def read() -> None:
+            try:
+                hash_regions(fd, [(0, len(blobs[0]), 0)], None, stuck.wait)
+            except Aborted:
+                errors.append("aborted")
+
+        waiting = threading.Thread(target=read)
+        waiting.start()
+        stuck.abort()
+        waiting.join(timeout=30)
+        assert errors == ["aborted"]
+    finally:
+        os.close(fd)
+
+
+def test_a_failed_copy_stops_the_file_without_hanging(tmp_path, safetensors_source, monkeypatch):
+    """A copy thread that fails (the source ends early) fails the file: the error comes out of
+    the writer, the read-back waiting for that tensor stops, nothing hangs."""
+    import threading
+
+    from convert_checkpoint.endpoints.file_writers import write_safetensors
+    from convert_checkpoint.formats.safetensors_io import PlannedTensor, plan_layout
+
+    src = tmp_path / "a.safetensors"
+    os.truncate(src, os.path.getsize(src) - 1000)  # the header still promises the last tensor's bytes
+    exprs = {n: _exprs()[n] for n in ("whole", "big_rows", "cols")} | {"last": _leaf("z"), "tail": _leaf("big")}
+    layout = plan_layout([PlannedTensor(n, e.dtype, tuple(e.shape)) for n, e in exprs.items()])
+    for copy_min in (0, 1 << 40):  # the failing run copied file to file, or read in a batch
+        monkeypatch.setattr(materialize, "COPY_MIN", copy_min)
+        errors = []
+
+        def write() -> None:
+            ctx = FileContext("out", safetensors_source, None, io_threads=3)
+            try:
+                write_safetensors(str(tmp_path / "out.safetensors"), layout, exprs, ctx)
+            except OSError as e:
+                errors.append(e)
+            finally:
+                ctx.close()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        writer.join(timeout=60)
+        assert not writer.is_alive() and len(errors) == 1, (copy_min, errors)
 
 
 def test_runs_are_merged_and_computing_expressions_have_none(safetensors_source):
@@ -266,20 +357,26 @@ def test_prefetch_reads_the_source_ahead_within_its_budget(tmp_path, monkeypatch
                 "model-00010-of-00010.safetensors", "model-00002-of-00010.safetensors", "config.json"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(b"x" * 1000)
-    files = [os.path.relpath(f, tmp_path) for f in prefetch.source_files(str(tmp_path))]
-    assert files == ["model-00002-of-00010.safetensors", "model-00010-of-00010.safetensors",
-                     "release/mp_rank_00_000/model_optim_rng.pt", "release/mp_rank_01_000/model_optim_rng.pt"]
+    files = prefetch.source_files(str(tmp_path))
+    assert [os.path.relpath(f, tmp_path) for f in files] == [
+        "model-00002-of-00010.safetensors", "model-00010-of-00010.safetensors",
+        "release/mp_rank_00_000/model_optim_rng.pt", "release/mp_rank_01_000/model_optim_rng.pt"]
+    assert prefetch.readahead_window(str(tmp_path)) >= 4096
     calls = []
+    monkeypatch.setattr(prefetch, "readahead_window", lambda path: 300)  # the kernel's cap per call
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: calls.append((off, n, advice)))
-    monkeypatch.setattr(prefetch, "available_memory", lambda: 2 * 2500)  # budget: half, 2500 bytes
-    thread = prefetch.start_from_argv(["--load_platform", "mcore", "--load_ckpt_path", str(tmp_path)])
-    thread.join()
-    assert sum(n for _, n, _ in calls) == 3000 and {a for _, _, a in calls} == {os.POSIX_FADV_WILLNEED}
-    for argv in (["--load_ckpt_path", str(tmp_path), "--dry_run"], ["--load-ckpt-path", str(tmp_path), "--no-prefetch"],
-                 ["--help"], ["--load_ckpt_path", str(tmp_path / "missing")]):
+    assert prefetch.read_ahead(files, 2500) == 2500  # 1000 + 1000 + 500 bytes, in windows of 300
+    assert [(o, n) for o, n, _ in calls][:5] == [(0, 300), (300, 300), (600, 300), (900, 100), (0, 300)]
+    assert sum(n for _, n, _ in calls) == 2500 and {a for _, _, a in calls} == {os.POSIX_FADV_WILLNEED}
+    monkeypatch.undo()
+    # on the command line: only with --prefetch, in a child process that reads and exits
+    child = prefetch.start_from_argv(["--load_platform", "mcore", "--load_ckpt_path", str(tmp_path), "--prefetch"])
+    assert child is not None and child.wait() == 0
+    for argv in (["--load_ckpt_path", str(tmp_path)], ["--load_ckpt_path", str(tmp_path), "--prefetch", "--dry_run"],
+                 ["--prefetch", "--help"], ["--load_ckpt_path", str(tmp_path / "missing"), "--prefetch"]):
         assert prefetch.start_from_argv(argv) is None
     monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun: one process per machine reads ahead
-    assert prefetch.start_from_argv(["--load_ckpt_path", str(tmp_path)]) is None
+    assert prefetch.start_from_argv(["--load_ckpt_path", str(tmp_path), "--prefetch"]) is None
 
 
 def _plan_for_workers(tiny_hf, tmp_path, *extra: str, family: str = "llama"):
@@ -322,6 +419,8 @@ def test_default_is_auto_and_says_why(tiny_hf, tmp_path):
     report = json.load(open(os.path.join(out, "conversion_report.json")))
     cores = len(os.sched_getaffinity(0))
     assert report["workers"] == min(cores, 2, 8)  # 2 rank files
+    assert report["io_threads"] == max(1, 8 // report["workers"])  # 8 copy streams in all
     assert f"workers: {report['workers']} worker" in proc.stderr and "(auto: bounded by" in proc.stderr
+    assert f"{report['io_threads']} copy thread" in proc.stderr
     assert report["startup_seconds"] > 0 and report["fsync_seconds"] >= 0
     assert _cli(tiny_hf(TinySpec("llama")), str(tmp_path / "bad"), "--max_workers", "x").returncode == 2

@@ -67,11 +67,14 @@ def run(opts: ConvertOptions, converters: tuple[Any, ...] | None = None, world: 
 
 def resolve_workers(run: RunOptions, plan: Plan, budget: int | None, world: World) -> tuple[RunOptions, WorkerChoice]:
     """``max_workers`` as a count: ``auto`` is decided from this process's share of the plan."""
+    files = len(world.share(plan.files))
     if run.max_workers == "auto":
-        choice = workers.choose(plan, len(world.share(plan.files)), budget)
+        choice = workers.choose(plan, files, budget)
     else:
         choice = WorkerChoice(int(run.max_workers), "--max_workers")
-    return replace(run, max_workers=choice.count), choice
+    threads, why = workers.io_threads(max(1, min(choice.count, files)), run.io_threads)  # workers that get a file
+    choice = replace(choice, io_threads=threads, io_reason=why)
+    return replace(run, max_workers=choice.count, io_threads=threads), choice
 
 
 def _summary(outcome: RunOutcome, verbose: bool) -> list[str]:

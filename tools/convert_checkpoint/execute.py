@@ -60,6 +60,7 @@ class BuildSettings:
     fp8: Fp8Policy | None
     keep_arena: bool = True  # reuse the worker's buffer across files (not under a binding budget)
     strict_values: bool = False  # NaN/Inf in a tensor is an error, not a warning
+    io_threads: int = 1  # threads per file copying the tensors that only move bytes
 
 
 def _build_file(out: OutputFile, settings: BuildSettings, index: int = 0, gpu: int | None = None) -> FileResult:
@@ -67,7 +68,7 @@ def _build_file(out: OutputFile, settings: BuildSettings, index: int = 0, gpu: i
     start = time.perf_counter()
     if gpu is not None:  # the file's math (FP8, quantizers asking for "cuda") runs on this device
         torch.cuda.set_device(gpu)
-    ctx = FileContext(out.relpath, _PLAN.source.reader(), settings.fp8, settings.strict_values)
+    ctx = FileContext(out.relpath, _PLAN.source.reader(), settings.fp8, settings.strict_values, settings.io_threads)
     path = os.path.join(settings.root, out.relpath)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = tmp_path(path)
@@ -232,7 +233,9 @@ def execute(plan: Plan, run: RunOptions, max_memory: int | None = None, world: W
     manifest.save()
     error = None
     try:
-        settings = BuildSettings(root, plan.fp8, strict_values=run.strict_values)
+        if not isinstance(run.io_threads, int):
+            raise TypeError("io_threads must be resolved to a count before execute (api.resolve_workers)")
+        settings = BuildSettings(root, plan.fp8, strict_values=run.strict_values, io_threads=run.io_threads)
         gpus = run.gpus[world.rank % len(run.gpus):] + run.gpus[:world.rank % len(run.gpus)] if run.gpus else ()
         if not isinstance(run.max_workers, int):
             raise TypeError("max_workers must be resolved to a count before execute (api.resolve_workers)")
@@ -262,6 +265,7 @@ def execute(plan: Plan, run: RunOptions, max_memory: int | None = None, world: W
         report["memory"] = {"budget_bytes": max_memory, "max_in_flight_planned_bytes": max(p for _, _, p in gathered)}
         report["processes"] = world.size
         report["workers"] = run.max_workers  # per process, as chosen (--max_workers auto) or given
+        report["io_threads"] = run.io_threads  # per worker, as chosen (--io_threads auto) or given
         report["startup_seconds"] = startup  # process start to the first byte moved: imports and planning
         report["fsync_seconds"] = fsync_seconds  # waiting for the disk after the last file was built (this rank)
         write_text(os.path.join(target, REPORT_NAME), json.dumps(report, indent=2) + "\n")

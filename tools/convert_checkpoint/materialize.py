@@ -7,13 +7,16 @@ from, the FP8 keep/requantize/quantize decisions, and the NaN/Inf checks.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeGuard
 
+import numpy as np
 import torch
 
 from . import tensor_expr as tx
-from .byteplan import only_moves, plan_runs
+from .byteplan import Run, only_moves, plan_runs
 from .errors import ConversionError
 from .formats.direct_io import COPY_MIN, RangeMover, pwrite_all
 from .quant.fp8_materialize import Fp8Event, Fp8Materializer, Fp8Policy
@@ -58,15 +61,63 @@ ARENA = Arena()  # one per process (workers are forked, each gets its own)
 
 def nonfinite_count(t: torch.Tensor) -> int:
     """NaN/Inf elements of ``t``. A sum is NaN/Inf when any element is (fast path: one vectorized
-    reduction); only then are they counted. FP8 e4m3 has NaN codes only (0x7F/0xFF)."""
+    reduction); only then are they counted. FP8 e4m3 has NaN codes only (0x7F/0xFF); FP8 e5m2
+    is counted by its bits."""
     if t.numel() == 0:
         return 0
     if t.dtype == torch.float8_e4m3fn:
         low = t.view(torch.uint8) & 0x7F
         return int((low == 0x7F).sum()) if int(low.max()) == 0x7F else 0
+    if t.dtype == torch.float8_e5m2:  # no arithmetic on it: exponent all ones is Inf or NaN
+        return int(((t.view(torch.uint8) & 0x7C) == 0x7C).sum())
     if not t.dtype.is_floating_point or bool(torch.isfinite(t.sum())):
         return 0
     return int((~torch.isfinite(t)).sum())
+
+
+# NaN/Inf by bit pattern, on the raw bytes: (unsigned view, mask, value) where ``bits & mask ==
+# value`` marks a NaN or Inf (exponent all ones; e4m3fn has NaN codes only, S.1111.111). numpy
+# does this at memory speed and without the GIL; torch's isfinite on bf16 converts first.
+_NONFINITE_BITS: dict[torch.dtype, tuple[type, int, int]] = {
+    torch.bfloat16: (np.uint16, 0x7F80, 0x7F80),
+    torch.float16: (np.uint16, 0x7C00, 0x7C00),
+    torch.float32: (np.uint32, 0x7F800000, 0x7F800000),
+    torch.float64: (np.uint64, 0x7FF0000000000000, 0x7FF0000000000000),
+    torch.float8_e4m3fn: (np.uint8, 0x7F, 0x7F),
+    torch.float8_e5m2: (np.uint8, 0x7C, 0x7C),
+}
+
+
+def nonfinite_in_bytes(dtype: torch.dtype, chunk: memoryview) -> int:
+    """NaN/Inf elements among the whole elements of ``chunk``, the raw bytes of a ``dtype`` tensor."""
+    whole = len(chunk) - len(chunk) % dtype.itemsize
+    if not whole:
+        return 0
+    bits = _NONFINITE_BITS.get(dtype)
+    if bits is None:
+        return nonfinite_count(torch.frombuffer(chunk[:whole], dtype=dtype))
+    view, mask, value = bits
+    codes: np.ndarray = np.frombuffer(chunk[:whole], dtype=view)
+    return int(np.count_nonzero((codes & view(mask)) == view(value)))
+
+
+# A tensor gathered from short runs goes through a buffer at most this large at a time.
+_GATHER_WINDOW = 64 << 20
+
+
+def _windows(runs: Sequence[Run], size: int) -> list[tuple[int, list[Run]]]:
+    """The runs of a tensor grouped by destination into windows of about ``size`` bytes:
+    (window start, its runs, offsets relative to the window). A run is never split."""
+    out: list[tuple[int, list[Run]]] = []
+    start, group = 0, list[Run]()
+    for r in sorted(runs, key=lambda r: r.dst_offset):
+        if group and r.dst_offset + r.length - start > size:
+            out.append((start, group))
+            start, group = r.dst_offset, []
+        group.append(Run(r.src, r.src_offset, r.dst_offset - start, r.length))
+    if group:
+        out.append((start, group))
+    return out
 
 
 def is_fp8_tensor(expr: Expr | None) -> TypeGuard[tx.Fp8Blocks | tx.Quantize]:
@@ -82,10 +133,13 @@ class FileContext:
     reader: LeafReader
     fp8_policy: Fp8Policy | None
     strict_values: bool = False
+    io_threads: int = 1  # threads moving this file's tensors at once (the writers' copies)
 
     def __post_init__(self) -> None:
         self._fp8 = Fp8Materializer(self.reader, self.fp8_policy or Fp8Policy())
-        self.nonfinite: list[tuple[str, int]] = []
+        self._nonfinite: dict[str, int] = {}  # name -> NaN/Inf count, in the order found
+        self._check_lock = threading.Lock()  # moved tensors are checked by the read-back thread
+        self._gather = threading.local()  # per copying thread: the buffer short runs are gathered in
         self._mover = RangeMover()
         self.moved: set[str] = set()  # tensors whose bytes never passed through a tensor: checked on read-back
         locate = getattr(self.reader, "locate", None)
@@ -107,20 +161,37 @@ class FileContext:
         self.reader.close()
         self._mover.close()
 
+    @property
+    def nonfinite(self) -> list[tuple[str, int]]:
+        return list(self._nonfinite.items())
+
+    def runs(self, expr: Expr) -> list[Run] | None:
+        """The byte runs of source files ``expr`` consists of; None where it computes."""
+        return plan_runs(expr, self._locate) if self._locate is not None else None
+
+    def move(self, name: str, runs: Sequence[Run], fd: int, offset: int) -> None:
+        """Put the bytes of ``runs`` into ``fd`` at ``offset``: file to file where every run is
+        long, else gathered by batched reads into a buffer and written, a window at a time.
+        Safe to call from several threads at once (each tensor from one)."""
+        if all(r.length >= COPY_MIN for r in runs):
+            self._mover.copy(runs, fd, offset)
+        else:
+            for start, group in _windows(runs, _GATHER_WINDOW):
+                length = max(r.dst_offset + r.length for r in group)
+                buf = getattr(self._gather, "buf", None)
+                if buf is None or len(buf) < length:
+                    buf = self._gather.buf = memoryview(bytearray(max(length, 1 << 20)))
+                self._mover.read_into(group, buf[:length])
+                pwrite_all(fd, buf[:length], offset + start)
+        self.moved.add(name)
+
     def write(self, name: str, expr: Expr, fd: int, offset: int) -> None:
         """Put tensor ``name`` into the file ``fd`` at byte ``offset``. A tensor that only moves
-        bytes of source files goes file to file (long runs) or through one batched read (short
+        bytes of source files goes file to file (long runs) or through batched reads (short
         runs); anything that computes is materialized and written from the buffer."""
-        runs = plan_runs(expr, self._locate) if self._locate is not None else None
+        runs = self.runs(expr)
         if runs is not None:
-            if all(r.length >= COPY_MIN for r in runs):
-                self._mover.copy(runs, fd, offset)
-            else:
-                (buf,) = ARENA.carve([(torch.uint8, (tx.nbytes(expr),))])
-                view = buf.numpy().data
-                self._mover.read_into(runs, view)
-                pwrite_all(fd, view, offset)
-            self.moved.add(name)
+            self.move(name, runs, fd, offset)
             return
         value = self.value(name, expr)
         if value.numel():
@@ -138,9 +209,8 @@ class FileContext:
 
     def check_bytes(self, name: str, dtype: torch.dtype, chunk: memoryview) -> None:
         """The NaN/Inf check of a moved tensor, on its bytes as written (a chunk at a time)."""
-        if name in self.moved and len(chunk) >= dtype.itemsize:
-            whole = len(chunk) - len(chunk) % dtype.itemsize
-            self.check(name, [torch.frombuffer(chunk[:whole], dtype=dtype)])
+        if name in self.moved and dtype.is_floating_point:
+            self._found(name, nonfinite_in_bytes(dtype, chunk))
 
     @property
     def fp8_events(self) -> list[Fp8Event]:
@@ -177,13 +247,13 @@ class FileContext:
         return codes, scale
 
     def check(self, name: str, tensors: list[torch.Tensor]) -> None:
-        bad = sum(nonfinite_count(t) for t in tensors)
+        self._found(name, sum(nonfinite_count(t) for t in tensors))
+
+    def _found(self, name: str, bad: int) -> None:
         if not bad:
             return
         if self.strict_values:
             raise ConversionError(f"tensor {name} for {self.relpath} holds {bad} NaN/Inf values (from the source); "
                                   "--strict_values makes that an error")
-        if self.nonfinite and self.nonfinite[-1][0] == name:  # a tensor checked a chunk at a time
-            self.nonfinite[-1] = (name, self.nonfinite[-1][1] + bad)
-        else:
-            self.nonfinite.append((name, bad))
+        with self._check_lock:  # a tensor checked a chunk at a time adds up
+            self._nonfinite[name] = self._nonfinite.get(name, 0) + bad

@@ -72,6 +72,7 @@ class ConvertOptions:
     device: str = "cpu"  # where quantization math runs
     max_shard_size: int = 5 * 1000**3
     max_workers: int | str = "auto"  # a count, or "auto" (workers.choose)
+    io_threads: int | str = "auto"  # threads per worker moving bytes, or "auto" (workers.choose)
     max_memory: int | None = None  # None: half of the available memory (execute.default_memory_budget)
     world_size: int | None = None  # None: torchrun's WORLD_SIZE, else 1
     rank: int | None = None
@@ -118,7 +119,8 @@ class ConvertOptions:
         from .devices import parse_device  # counts GPUs (through NVML): only when a run starts
 
         return RunOptions(self.max_workers, self.max_memory, self.world_size, self.rank, self.overwrite, self.resume,
-                          self.strict_values, self.dry_run, self.verbose, self.progress, gpus=parse_device(self.device, require=False))
+                          self.strict_values, self.dry_run, self.verbose, self.progress, gpus=parse_device(self.device, require=False),
+                          io_threads=self.io_threads)
 
 
 def _spellings(name: str) -> list[str]:
@@ -208,6 +210,9 @@ def _add_runtime_flags(add: Adder) -> None:
     add("max_workers", type=_workers, default="auto",
         help="worker processes, each building one output file; auto (default): from the cores, the files, the memory "
              "budget and whether the conversion moves bytes or computes")
+    add("io_threads", type=_workers, default="auto",
+        help="threads in each worker copying the tensors that only move bytes (several streams per output file); "
+             "auto (default): 8 streams over the workers")
     add("world_size", type=_positive, help="processes sharing the conversion (default: torchrun's WORLD_SIZE, else 1)")
     add("rank", type=_non_negative, help="this process's rank, with --world_size (default: torchrun's RANK)")
     add("max_memory", type=_size,
@@ -217,9 +222,10 @@ def _add_runtime_flags(add: Adder) -> None:
     add("resume", action="store_true",
         help="continue an interrupted conversion into the same directory: verified finished files are kept")
     add("dry_run", action="store_true", help="validate and print the plan; write nothing")
-    add("no_prefetch", action="store_true",
-        help="do not read the source files into the page cache during start-up (by default up to half the "
-             "available memory is read ahead while Python starts and plans)")
+    add("prefetch", action="store_true",
+        help="read the source files into the page cache from a child process while Python starts and plans (at most "
+             "half the available memory); off by default: a cold import of torch waits behind it")
+    add("no_prefetch", action="store_true", help="no read-ahead (the default; kept for existing scripts)")
     add("verbose", action="store_true", help="with --dry_run: print every tensor's recipe")
     add("no_progress", action="store_true", help="hide progress bars")
 
@@ -431,6 +437,7 @@ def parse_options(argv: list[str] | None = None) -> ConvertOptions:
         device=ns.device,
         max_shard_size=ns.max_shard_size,
         max_workers=ns.max_workers,
+        io_threads=ns.io_threads,
         max_memory=ns.max_memory,
         world_size=ns.world_size,
         rank=ns.rank,
@@ -458,6 +465,7 @@ def parse_hf_options(argv: list[str]) -> ConvertOptions:
     ns = p.parse_args(argv)
     _check_runtime(ns)
     return ConvertOptions("huggingface", "huggingface", ns.model_stub, ns.save_directory, converters=tuple(ns.converter),
-                          max_workers=ns.max_workers, max_memory=ns.max_memory, world_size=ns.world_size, rank=ns.rank,
+                          max_workers=ns.max_workers, io_threads=ns.io_threads, max_memory=ns.max_memory,
+                          world_size=ns.world_size, rank=ns.rank,
                           overwrite=ns.overwrite, resume=ns.resume, strict_values=ns.strict_values, dry_run=ns.dry_run,
                           verbose=ns.verbose, progress=not ns.no_progress)

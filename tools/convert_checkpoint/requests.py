@@ -119,3 +119,4 @@ class RunOptions:
     verbose: bool = False
     progress: bool = True
     gpus: tuple[int, ...] = ()  # CUDA devices the workers' math is spread over (--device)
+    io_threads: int | str = "auto"  # threads per worker copying moved tensors, or "auto" (workers.choose)

@@ -24,10 +24,24 @@ IO_STREAMS = 8
 class WorkerChoice:
     count: int
     reason: str  # one line for the plan summary and the report
+    io_threads: int = 1  # threads per worker copying the tensors that only move bytes
+    io_reason: str = ""
 
     @property
     def summary(self) -> str:
-        return f"{self.count} worker{'s' if self.count != 1 else ''} ({self.reason})"
+        threads = f", {self.io_threads} copy thread{'s' if self.io_threads != 1 else ''} each ({self.io_reason})" \
+            if self.io_reason else ""
+        return f"{self.count} worker{'s' if self.count != 1 else ''} ({self.reason}){threads}"
+
+
+def io_threads(workers: int, given: int | str = "auto") -> tuple[int, str]:
+    """Copy threads per worker: ``IO_STREAMS`` streams in all, at least one per worker. A copy
+    waits on the disk or the page cache, not on a core, so threads (which release the GIL in
+    every copy) add streams where a file would otherwise be built by one."""
+    if given != "auto":
+        return int(given), "--io_threads"
+    threads = max(1, IO_STREAMS // max(workers, 1))
+    return threads, f"auto: {IO_STREAMS} streams over {workers} worker{'s' if workers != 1 else ''}"
 
 
 def usable_cores() -> int:

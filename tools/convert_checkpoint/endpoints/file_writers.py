@@ -5,39 +5,85 @@ Tensors are written in the order their bytes lie in the source files, not the ou
 
 Both writers open the file once, write what does not depend on tensor values (headers,
 small records), then let the file context put every tensor at its planned offset (moved file
-to file, or written from a buffer), and finish with one sequential pass over the file that
-hashes it (sha256, for ``--resume``), checks the moved tensors for NaN/Inf and, for a zip,
-fills in the CRC-32s. The pass reads what was just written, from the page cache.
+to file by a few threads, or written from a buffer), while one sequential pass over the file
+follows the writes in another thread: it hashes the file (sha256, for ``--resume``), checks
+the moved tensors for NaN/Inf and, for a zip, fills in the CRC-32s. The pass reads each
+tensor from the page cache once it is in place, so it ends soon after the last write.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Hashable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-import torch
-
+from ..byteplan import Run
 from ..formats import torch_zip
-from ..formats.direct_io import Writeback, hash_regions, pwrite_all
+from ..formats.direct_io import Aborted, Completion, Writeback, hash_regions, pwrite_all
 from ..formats.safetensors_io import PlannedTensor, SafetensorsLayout
 from ..materialize import FileContext
 from ..tensor_expr import Expr
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one thread: the read-back checks run over 8 MB chunks, where waking a thread
-    pool costs ~50x the reduction itself."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _open(path: str) -> int:
     return os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    key: Hashable  # what the read-back waits for
+    name: str  # the tensor's name in messages and NaN/Inf warnings
+    expr: Expr
+    offset: int
+    nbytes: int
+
+
+def _place(fd: int, placements: list[_Placement], ctx: FileContext, finish: Callable[[Callable[[Hashable], None]], str]) -> str:
+    """Write every placement at its offset while ``finish`` (the read-back: hashes, CRCs,
+    checks) follows in another thread, and return what ``finish`` returns.
+
+    Tensors that only move source bytes go to ``ctx.io_threads`` threads (the copies release the
+    GIL, so several run at once: more streams for the disk, and a file is no longer built by
+    one stream only); tensors that compute are built here, in order.
+    """
+    placements = sorted(placements, key=lambda p: p.offset)
+    completion = Completion()
+    writeback = Writeback(fd)
+    lock = threading.Lock()
+
+    def done(p: _Placement) -> None:
+        completion.mark(p.key)
+        with lock:
+            writeback.wrote(p.nbytes)
+
+    def move(p: _Placement, runs: list[Run]) -> None:
+        ctx.move(p.name, runs, fd, p.offset)
+        done(p)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="readback") as reader, \
+            ThreadPoolExecutor(max(1, ctx.io_threads), thread_name_prefix="copy") as copiers:
+        finished = reader.submit(finish, completion.wait)
+        copies = []
+        try:
+            for p in placements:
+                runs = ctx.runs(p.expr)
+                if runs is not None:
+                    copies.append(copiers.submit(move, p, runs))
+                else:
+                    ctx.write(p.name, p.expr, fd, p.offset)
+                    done(p)
+            for c in copies:
+                c.result()
+        except BaseException:
+            completion.abort()
+            for c in copies:
+                c.cancel()
+            raise
+        try:
+            return finished.result()
+        except Aborted:  # pragma: no cover - only after an abort, which raised above
+            raise AssertionError("the read-back stopped before the file was complete") from None
 
 
 def write_safetensors(path: str, layout: SafetensorsLayout, exprs: Mapping[str, Expr], ctx: FileContext) -> str:
@@ -45,19 +91,18 @@ def write_safetensors(path: str, layout: SafetensorsLayout, exprs: Mapping[str, 
     fd = _open(path)
     try:
         pwrite_all(fd, layout.header, 0)
-        writeback = Writeback(fd)
-        placed = sorted(zip(layout.tensors, layout.offsets), key=lambda p: ctx.source_position(exprs[p[0].name]))
-        for t, offset in placed:
-            ctx.write(t.name, exprs[t.name], fd, offset)
-            writeback.wrote(t.nbytes)
+        os.ftruncate(fd, layout.size)  # a file ending in empty tensors still has its full length
 
         def check(key: object, chunk: memoryview) -> None:
             assert isinstance(key, PlannedTensor)
             ctx.check_bytes(key.name, key.dtype, chunk)
 
-        os.ftruncate(fd, layout.size)  # a file ending in empty tensors still has its full length
-        with one_thread():
-            return hash_regions(fd, layout.regions(), check)
+        def finish(ready: Callable[[Hashable], None]) -> str:
+            return hash_regions(fd, layout.regions(), check, ready)
+
+        placements = [_Placement(t, t.name, exprs[t.name], offset, t.nbytes)
+                      for t, offset in zip(layout.tensors, layout.offsets)]
+        return _place(fd, placements, ctx, finish)
     finally:
         os.close(fd)
 
@@ -67,18 +112,18 @@ def write_rank_zip(path: str, layout: torch_zip.ZipLayout, exprs: Mapping[str, E
     fd = _open(path)
     try:
         torch_zip.write_fixed(fd, layout)
-        writeback = Writeback(fd)
-        records = sorted(layout.tensor_records, key=lambda r: ctx.source_position(exprs[r.slot.name]))  # type: ignore[union-attr]
-        for record in records:
-            slot = record.slot
-            assert slot is not None
-            ctx.write(slot.title, exprs[slot.name], fd, record.data_offset)
-            writeback.wrote(record.size)
 
         def check(slot: torch_zip.TensorSlot, chunk: memoryview) -> None:
             ctx.check_bytes(slot.title, slot.dtype, chunk)
 
-        with one_thread():
-            return torch_zip.Finisher(fd, layout, check).run()
+        def finish(ready: Callable[[Hashable], None]) -> str:
+            return torch_zip.Finisher(fd, layout, check, ready).run()
+
+        placements = []
+        for record in layout.tensor_records:
+            slot = record.slot
+            assert slot is not None
+            placements.append(_Placement(record.name, slot.title, exprs[slot.name], record.data_offset, record.size))
+        return _place(fd, placements, ctx, finish)
     finally:
         os.close(fd)

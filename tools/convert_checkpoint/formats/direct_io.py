@@ -13,7 +13,8 @@ import hashlib
 import os
 import re
 import signal
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 from ..byteplan import Run
 
@@ -84,17 +85,53 @@ class Writeback:
             self.done = self.written
 
 
-def hash_regions(fd: int, regions: Sequence[tuple[int, int, object]],
-                 on_chunk: Callable[[object, memoryview], None] | None = None) -> str:
+class Aborted(Exception):
+    """The writer gave up on the file; the read-back following it stops."""
+
+
+class Completion:
+    """Which regions of a file being written are in place. Several threads write regions in
+    any order; the read-back follows in file order, waiting for each region it reaches, so
+    hashing runs alongside the copies instead of in a pass after them."""
+
+    def __init__(self) -> None:
+        self._done: set[Hashable] = set()
+        self._aborted = False
+        self._cond = threading.Condition()
+
+    def mark(self, key: Hashable) -> None:
+        with self._cond:
+            self._done.add(key)
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+    def wait(self, key: Hashable) -> None:
+        with self._cond:
+            while key not in self._done:
+                if self._aborted:
+                    raise Aborted
+                self._cond.wait()
+
+
+def hash_regions(fd: int, regions: Sequence[tuple[int, int, Hashable]],
+                 on_chunk: Callable[[Hashable, memoryview], None] | None = None,
+                 ready: Callable[[Hashable], None] | None = None) -> str:
     """sha256 of a file written region by region: ``regions`` are (offset, length, key) in file
     order, covering it; ``on_chunk(key, bytes)`` sees each region's bytes as written (the NaN/Inf
-    check of tensors that were copied without a buffer)."""
+    check of tensors that were copied without a buffer). ``ready(key)`` returns once region
+    ``key`` is written (regions keyed None are written before the pass starts)."""
     sha = hashlib.sha256()
     buf = memoryview(bytearray(READ_CHUNK))
     pos = 0
     for offset, length, key in regions:
         if offset != pos:
             raise AssertionError(f"regions leave a hole at byte {pos}")
+        if ready is not None and key is not None:
+            ready(key)
         for chunk in read_back(fd, offset, length, buf):
             sha.update(chunk)
             if on_chunk is not None and key is not None:
@@ -104,13 +141,14 @@ def hash_regions(fd: int, regions: Sequence[tuple[int, int, object]],
 
 
 class RangeMover:
-    """Moves runs out of source files; keeps one read-only descriptor per source file."""
+    """Moves runs out of source files; keeps one read-only descriptor per source file. Several
+    threads may move runs at once (each has its own buffers)."""
 
     def __init__(self, copy_range: bool = True) -> None:
         self._fds: dict[str, int] = {}
+        self._fds_lock = threading.Lock()
         self._copy_range = copy_range and hasattr(os, "copy_file_range")
-        self._bounce: bytearray | None = None
-        self._scratch: memoryview | None = None
+        self._local = threading.local()  # per thread: the fallback copy's buffer, the gaps' scratch
         # Test hook: CONVERT_CHECKPOINT_FAULT=kill_in_copy=N SIGKILLs the process once N runs
         # (or batched reads) were done by this mover (in the middle of a file), to prove resume.
         m = re.fullmatch(r"kill_in_copy=(\d+)", os.environ.get("CONVERT_CHECKPOINT_FAULT", ""))
@@ -119,8 +157,18 @@ class RangeMover:
     def _fd(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            with self._fds_lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
+
+    def _buffer(self, name: str, size: int) -> memoryview:
+        buf = getattr(self._local, name, None)
+        if buf is None:
+            buf = memoryview(bytearray(size))
+            setattr(self._local, name, buf)
+        return buf
 
     def copy(self, runs: Sequence[Run], out_fd: int, base: int) -> None:
         """Copy each run to ``out_fd`` at ``base + run.dst_offset``."""
@@ -148,9 +196,7 @@ class RangeMover:
                 if e.errno not in _NO_COPY_RANGE:
                     raise
                 self._copy_range = False
-        if self._bounce is None:
-            self._bounce = bytearray(_CHUNK)
-        view = memoryview(self._bounce)[:min(n, _CHUNK)]
+        view = self._buffer("bounce", _CHUNK)[:min(n, _CHUNK)]
         got = os.preadv(fd, [view], src)
         if got > 0:
             pwrite_all(out_fd, view[:got], dst)
@@ -161,8 +207,7 @@ class RangeMover:
         source file are read by one ``preadv`` straight into their places in ``out``, the small
         gaps between them into scratch (a column window reads its rows whole, in one call)."""
         ordered = sorted(runs, key=lambda r: (r.src, r.src_offset))
-        if self._scratch is None:
-            self._scratch = memoryview(bytearray(_GAP_MAX))
+        scratch = self._buffer("scratch", _GAP_MAX)  # what is read into it is never looked at
         i = 0
         while i < len(ordered):
             first = ordered[i]
@@ -173,7 +218,7 @@ class RangeMover:
                     and 0 <= ordered[j].src_offset - end <= _GAP_MAX:
                 r = ordered[j]
                 if r.src_offset > end:
-                    iov.append(self._scratch[:r.src_offset - end])
+                    iov.append(scratch[:r.src_offset - end])
                 iov.append(out[r.dst_offset:r.dst_offset + r.length])
                 end = r.src_offset + r.length
                 j += 1

@@ -22,7 +22,7 @@ import math
 import pickle
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,10 +205,13 @@ def write_fixed(fd: int, layout: ZipLayout) -> None:
 class Finisher:
     """One sequential pass over the written file: each record's CRC-32 (then its descriptor),
     the central directory, and the sha256 of the whole file, in file order. ``on_tensor`` sees
-    every tensor's bytes as they are on disk (for the NaN/Inf check)."""
+    every tensor's bytes as they are on disk (for the NaN/Inf check). With ``ready``, the pass
+    can run while the tensors are still being written: it calls ``ready(record.name)`` before
+    reading a tensor record and reads it once that returns."""
 
-    def __init__(self, fd: int, layout: ZipLayout, on_tensor: Callable[[TensorSlot, memoryview], None] | None = None):
-        self.fd, self.layout, self.on_tensor = fd, layout, on_tensor
+    def __init__(self, fd: int, layout: ZipLayout, on_tensor: Callable[[TensorSlot, memoryview], None] | None = None,
+                 ready: Callable[[Hashable], None] | None = None):
+        self.fd, self.layout, self.on_tensor, self.ready = fd, layout, on_tensor, ready
 
     def run(self) -> str:
         sha = hashlib.sha256()
@@ -221,6 +224,8 @@ class Finisher:
                 crc = zlib.crc32(r.payload)
                 sha.update(r.payload)
             else:
+                if self.ready is not None:
+                    self.ready(r.name)
                 for chunk in read_back(self.fd, r.data_offset, r.size, buf):
                     crc = zlib.crc32(chunk, crc)
                     sha.update(chunk)
