@@ -90,3 +90,30 @@ def test_bf16_router_bias_comes_back_bf16(tiny_hf, tmp_path):
                    "--save_ckpt_path", b, "--pipeline_model_parallel_size", "2") == 0
     assert mcore_to_hf(b, back) == 0
     assert_same_tensors(hf, load_hf_tensors(back))
+
+
+def test_copy_check_reads_chunk_by_chunk_and_finds_a_late_difference(tmp_path):
+    """The check reuses its two buffers for every chunk (no fresh allocation per chunk); a
+    difference in the last chunk only is still found, and equal copies of odd sizes pass."""
+    from convert_checkpoint import tensor_expr as tx
+    from convert_checkpoint.errors import ConversionError
+    from convert_checkpoint.formats.safetensors_io import SafetensorsReader, read_header
+    from convert_checkpoint.mapping import Copy, check_copies
+    from convert_checkpoint.tensor_expr import TensorRef
+
+    main = torch.randn(37, 11).to(torch.bfloat16)
+    late = main.clone()
+    late[36, 10] += 1
+    save_file({"main": main, "same": main.clone(), "late": late, "small": main[:5].clone()}, str(tmp_path / "a.safetensors"))
+
+    def leaf(name, rows=37):
+        return tx.source(TensorRef("a.safetensors", name), torch.bfloat16, (rows, 11))
+
+    def reader():
+        return SafetensorsReader(str(tmp_path), {"a.safetensors": read_header(str(tmp_path / "a.safetensors"))})
+
+    check_copies([Copy("same", leaf("same"), "main", leaf("main"), True),
+                  Copy("small", leaf("small", 5), "main", tx.narrow(leaf("main"), 0, 0, 5), True)], reader(),
+                 chunk_bytes=3 * 22)  # 3 rows a chunk
+    with pytest.raises(ConversionError, match=r"tensor late differs from main \(first at rows 36-36\)"):
+        check_copies([Copy("late", leaf("late"), "main", leaf("main"), True)], reader(), chunk_bytes=3 * 22)
