@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import tensor_expr as tx
-from .byteplan import Run, only_moves, plan_runs
+from .byteplan import Run, plan_runs
 from .errors import ConversionError
 from .formats.direct_io import COPY_MIN, RangeMover, pwrite_all
 from .quant.fp8_materialize import Fp8Event, Fp8Materializer, Fp8Policy
@@ -192,20 +192,14 @@ class FileContext:
         runs = self.runs(expr)
         if runs is not None:
             self.move(name, runs, fd, offset)
-            return
+        else:
+            self.compute(name, expr, fd, offset)
+
+    def compute(self, name: str, expr: Expr, fd: int, offset: int) -> None:
+        """Materialize ``expr`` (a tensor that computes) and write it into ``fd`` at ``offset``."""
         value = self.value(name, expr)
         if value.numel():
             pwrite_all(fd, value.contiguous().reshape(-1).view(torch.uint8).numpy().data, offset)
-
-    def source_position(self, expr: Expr) -> tuple[str, int]:
-        """Where ``expr``'s first source bytes lie (file, offset): the writers put tensors in this
-        order, so each source file is read front to back instead of in the output's order."""
-        leaf = next(tx.leaves(expr), None)
-        if leaf is None:
-            return ("", 0)
-        # only what will be moved is located (computed tensors are read whole anyway)
-        where = self._locate(leaf) if self._locate is not None and only_moves(expr) else None
-        return where if where is not None else (leaf.ref.file, 0)
 
     def check_bytes(self, name: str, dtype: torch.dtype, chunk: memoryview) -> None:
         """The NaN/Inf check of a moved tensor, on its bytes as written (a chunk at a time)."""

@@ -1,7 +1,4 @@
-"""Writing a planned file in place: fixed bytes first, each tensor at its offset, one read-back.
-
-Tensors are written in the order their bytes lie in the source files, not the output's order
-(offsets are fixed, so the order is free): each source file is then read front to back.
+"""Writing a planned file in place: fixed bytes first, each tensor at its offset, read back alongside.
 
 Both writers open the file once, write what does not depend on tensor values (headers,
 small records), then let the file context put every tensor at its planned offset (moved file
@@ -43,9 +40,11 @@ def _place(fd: int, placements: list[_Placement], ctx: FileContext, finish: Call
     """Write every placement at its offset while ``finish`` (the read-back: hashes, CRCs,
     checks) follows in another thread, and return what ``finish`` returns.
 
-    Tensors that only move source bytes go to ``ctx.io_threads`` threads (the copies release the
-    GIL, so several run at once: more streams for the disk, and a file is no longer built by
-    one stream only); tensors that compute are built here, in order.
+    Tensors go in file order, so the read-back is never held up long by a tensor written late
+    (writing in source order left the LM head, first in its HF shard, for last: the whole
+    read-back came after it). Tensors that only move source bytes go to ``ctx.io_threads``
+    threads (the copies release the GIL, so several run at once: more streams for the disk,
+    and a file is no longer built by one stream only); tensors that compute are built here.
     """
     placements = sorted(placements, key=lambda p: p.offset)
     completion = Completion()
@@ -71,7 +70,7 @@ def _place(fd: int, placements: list[_Placement], ctx: FileContext, finish: Call
                 if runs is not None:
                     copies.append(copiers.submit(move, p, runs))
                 else:
-                    ctx.write(p.name, p.expr, fd, p.offset)
+                    ctx.compute(p.name, p.expr, fd, p.offset)
                     done(p)
             for c in copies:
                 c.result()
