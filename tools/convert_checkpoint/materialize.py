@@ -106,8 +106,9 @@ _GATHER_WINDOW = 64 << 20
 
 
 def _windows(runs: Sequence[Run], size: int) -> list[tuple[int, list[Run]]]:
-    """The runs of a tensor grouped by destination into windows of about ``size`` bytes:
-    (window start, its runs, offsets relative to the window). A run is never split."""
+    """The runs of a tensor grouped by destination into windows of about ``size`` bytes: pairs
+    of (window start, its runs with destination offsets relative to that start). A run is
+    never split, so a window holding one long run can be larger."""
     out: list[tuple[int, list[Run]]] = []
     start, group = 0, list[Run]()
     for r in sorted(runs, key=lambda r: r.dst_offset):
