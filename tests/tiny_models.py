@@ -172,6 +172,15 @@ def publish_stacked_experts(path: str) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
+def _copy_layer_with_noise(tensors: dict, layer: str, to: str, gen: torch.Generator, dtype: torch.dtype) -> None:
+    """Add a copy of every tensor under prefix ``layer`` under prefix ``to``, each value
+    perturbed (an MTP layer with the last decoder layer's shapes but values of its own)."""
+    for name, value in list(tensors.items()):
+        if name.startswith(layer):
+            noise = torch.randn(value.shape, generator=gen).to(dtype) * 0.1
+            tensors[to + name[len(layer):]] = (value + noise).contiguous()
+
+
 def add_mtp_layers(path: str, num_layers: int, mtp_layers: int, seed: int = 1) -> None:
     """Append DeepSeek MTP layers ``model.layers.{num_layers + k}.*`` to a saved tiny model.
 
@@ -188,10 +197,7 @@ def add_mtp_layers(path: str, num_layers: int, mtp_layers: int, seed: int = 1) -
     dtype = tensors["model.norm.weight"].dtype
     for k in range(mtp_layers):
         head = f"model.layers.{num_layers + k}."
-        for name, value in list(tensors.items()):
-            if name.startswith(last):
-                noise = torch.randn(value.shape, generator=gen).to(dtype) * 0.1
-                tensors[head + name[len(last):]] = (value + noise).contiguous()
+        _copy_layer_with_noise(tensors, last, head, gen, dtype)
         for norm in ("enorm", "hnorm", "shared_head.norm"):
             tensors[f"{head}{norm}.weight"] = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
         tensors[f"{head}eh_proj.weight"] = (0.05 * torch.randn(hidden, 2 * hidden, generator=gen)).to(dtype)
@@ -247,10 +253,7 @@ def add_qwen3_next_mtp(path: str, num_layers: int, seed: int = 1) -> None:
     last = f"model.layers.{num_layers - 1}."
     hidden = tensors["model.norm.weight"].shape[0]
     dtype = tensors["model.norm.weight"].dtype
-    for name, value in list(tensors.items()):
-        if name.startswith(last):
-            noise = torch.randn(value.shape, generator=gen).to(dtype) * 0.1
-            tensors["mtp.layers.0." + name[len(last):]] = (value + noise).contiguous()
+    _copy_layer_with_noise(tensors, last, "mtp.layers.0.", gen, dtype)
     for norm in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
         tensors[f"mtp.{norm}.weight"] = (0.1 * torch.randn(hidden, generator=gen)).to(dtype)
     tensors["mtp.fc.weight"] = (0.05 * torch.randn(hidden, 2 * hidden, generator=gen)).to(dtype)
