@@ -459,10 +459,10 @@ def check_te_reads_ours(te, have_cuda: bool, tmp: str) -> None:
                 else:
                     ok, msg = compare(rec.codes, rec.scale_inv, codes, s)
                     fields_ok = (tuple(rec.shape) == shape and rec.pow2 == pow2 and rec.amax_epsilon == eps
-                                 and rec.dtype == torch.float8_e4m3fn)
+                                 and rec.codes.dtype == torch.float8_e4m3fn)
                     record(f"2.self-roundtrip[in-process] {tag}", "PASS" if ok and fields_ok else "FAIL",
                            msg + ("" if fields_ok else f" fields: shape={rec.shape} pow2={rec.pow2} eps={rec.amax_epsilon} "
-                                  f"dtype={rec.dtype}; quantizer passed to the rebuild: {rec.quantizer!r:.200}"))
+                                  f"dtype={rec.codes.dtype}; quantizer passed to the rebuild: {rec.quantizer!r:.200}"))
                 if te is None:
                     record(f"2.te-loads-ours {tag}", "SKIP", "TE not importable")
                     continue

@@ -1076,8 +1076,9 @@ class _Worker:
             raise CheckFailure(f"missing rank file {path}")
         # The legacy format stores the training args as an argparse.Namespace; TE FP8 parameters
         # are allow-listed by the converter's te_pickle (plain records, no TE needed).
-        from convert_checkpoint.quant import te_pickle  # noqa: F401
+        from convert_checkpoint.quant import te_pickle
 
+        te_pickle.allow_in_torch_load()
         torch.serialization.add_safe_globals([argparse.Namespace])
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict):

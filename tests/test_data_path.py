@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from convert_checkpoint import materialize
+from convert_checkpoint import dtypes, materialize
 from convert_checkpoint import tensor_expr as tx
 from convert_checkpoint.byteplan import plan_runs
 from convert_checkpoint.endpoints.mcore_legacy import McoreReader, McoreSource, load_file
@@ -113,11 +113,11 @@ def test_nonfinite_by_bit_pattern_counts_as_torch_does(dtype):
     t = values.to(dtype)  # e4m3fn has no Inf: those become NaN
     raw = memoryview(t.view(torch.uint8).numpy().tobytes())
     want = int((~torch.isfinite(t.float())).sum())
-    assert materialize.nonfinite_in_bytes(dtype, raw) == materialize.nonfinite_count(t) == want >= 10
+    assert materialize.nonfinite_in_bytes(dtypes.of(dtype), raw) == materialize.nonfinite_count(t) == want >= 10
     finite = torch.randn(1000).to(dtype)
-    assert materialize.nonfinite_in_bytes(dtype, memoryview(finite.view(torch.uint8).numpy().tobytes())) == 0
+    assert materialize.nonfinite_in_bytes(dtypes.of(dtype), memoryview(finite.view(torch.uint8).numpy().tobytes())) == 0
     cut = raw[:len(raw) - 1]  # a partial last element is not counted
-    assert materialize.nonfinite_in_bytes(dtype, cut) == int((~torch.isfinite(t[:-1].float())).sum())
+    assert materialize.nonfinite_in_bytes(dtypes.of(dtype), cut) == int((~torch.isfinite(t[:-1].float())).sum())
 
 
 def test_readback_follows_writes_made_in_any_order(tmp_path):
@@ -243,7 +243,7 @@ def _write_zip(path, payload, tensors, archive="model_optim_rng") -> str:
 
 
 def _payload(tensors):
-    slots = {k: torch_zip.TensorSlot(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    slots = {k: torch_zip.TensorSlot(k, dtypes.of(v.dtype), tuple(v.shape)) for k, v in tensors.items()}
     return {"model": {**slots, "absent": None}, "checkpoint_version": 3.0, "iteration": 0,
             "args": argparse.Namespace(tensor_model_parallel_size=2, params_dtype=torch.bfloat16)}
 

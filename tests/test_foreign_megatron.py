@@ -18,6 +18,7 @@ import torch
 
 from convert_checkpoint.config.family import CONFIG_ROOT
 from convert_checkpoint.endpoints.mcore_legacy import load_file
+from convert_checkpoint.formats import stand_in_pickle
 from convert_checkpoint.quant import te_pickle
 from fixtures import load_hf_tensors
 from helpers import assert_same_tensors, convert, hf_to_mcore, mcore_to_hf
@@ -222,7 +223,7 @@ class _MegatronEnum:
         self.path, self.value = path, value
 
     def __reduce__(self):
-        return (te_pickle._Global(self.path), (self.value,))
+        return (stand_in_pickle.Global(self.path), (self.value,))
 
 
 class _Global:
@@ -232,7 +233,7 @@ class _Global:
         self.path, self.args = path, args
 
     def __reduce__(self):
-        return (te_pickle._Global(self.path), self.args)
+        return (stand_in_pickle.Global(self.path), self.args)
 
 
 def megatron_args(**changes) -> argparse.Namespace:

@@ -12,15 +12,16 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from fixtures import load_hf_tensors
-from helpers import assert_same_tensors, bits, hf_to_mcore, mcore_to_hf, rank_files
-from tiny_models import DEEPSEEK_FP8, TinySpec, make_fp8_checkpoint
 
 from convert_checkpoint import tensor_expr as te
 from convert_checkpoint.cli import main
+from convert_checkpoint.formats import stand_in_pickle
 from convert_checkpoint.quant import te_pickle
 from convert_checkpoint.quant.fp8_block import Fp8Recipe, dequantize_blocks, quantize_blocks, scales_are_pow2
 from convert_checkpoint.quant.te_pickle import Fp8BlockRecord
+from fixtures import load_hf_tensors
+from helpers import assert_same_tensors, bits, hf_to_mcore, mcore_to_hf, rank_files
+from tiny_models import DEEPSEEK_FP8, TinySpec, make_fp8_checkpoint
 
 WIDE = TinySpec("deepseek_v3", mtp_layers=1, wide=True, dtype=torch.bfloat16)
 LAYOUT = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, expert_parallel_size=2)
@@ -185,7 +186,7 @@ class _LegacyParam:
     def __reduce_ex__(self, protocol):
         p = self.param
         return (_LegacyRebuild(), (p.shape, p.rowwise_data, p.rowwise_scale_inv, None, None, _LegacyEnum(7), p.dtype,
-                                   te_pickle._InstanceValue(te_pickle._Global(te_pickle.QUANTIZER_PATH), p.quantizer_state), True))
+                                   stand_in_pickle.InstanceValue(stand_in_pickle.Global(te_pickle.QUANTIZER_PATH), p.quantizer_state), True))
 
 
 class _LegacyRebuild:
@@ -193,11 +194,11 @@ class _LegacyRebuild:
         raise AssertionError
 
     def __reduce_ex__(self, protocol):
-        return (getattr, (te_pickle._Global(te_pickle.TENSOR_CLASS_PATH), "_make_in_reduce_ex"))
+        return (getattr, (stand_in_pickle.Global(te_pickle.TENSOR_CLASS_PATH), "_make_in_reduce_ex"))
 
 
 def _LegacyEnum(value):  # pybind11 enum: NEWOBJ(cls) then BUILD(int)
-    return te_pickle._InstanceValue(te_pickle._Global(te_pickle.LEGACY_DTYPE_PATH), value)
+    return stand_in_pickle.InstanceValue(stand_in_pickle.Global(te_pickle.LEGACY_DTYPE_PATH), value)
 
 
 def test_reader_refuses_code_in_a_checkpoint(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from convert_checkpoint import dtypes
 from convert_checkpoint import tensor_expr as te
 from convert_checkpoint.errors import ConversionError
 from convert_checkpoint.layout.pipeline import balanced_split, build_pipeline_layout
@@ -30,7 +31,7 @@ def test_cast_converts_on_read_and_narrows_through():
     a = torch.randn(4, 6).to(torch.bfloat16)
     reader = DictReader({"a": a})
     expr = te.cast(_leaf("a", a), torch.float32)
-    assert expr.dtype == torch.float32 and te.nbytes(expr) == 4 * 6 * 4
+    assert expr.dtype == dtypes.FLOAT32 and te.nbytes(expr) == 4 * 6 * 4
     assert te.cast(expr, torch.bfloat16) == _leaf("a", a)  # casting back is the source itself
     part = te.narrow(expr, 1, 2, 3)
     assert isinstance(part, te.Cast) and part.part.offsets == (0, 2)  # the window reaches the leaf

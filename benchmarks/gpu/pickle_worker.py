@@ -36,7 +36,7 @@ def read_ours(paths: list[str]) -> dict:
         try:
             rec = te_pickle.load(p)["model"]["w"]
             out[p] = {"type": type(rec).__name__, "shape": list(rec.shape), "pow2": rec.pow2,
-                      "amax_epsilon": rec.amax_epsilon, "dtype": str(rec.dtype),
+                      "amax_epsilon": rec.amax_epsilon, "dtype": str(rec.codes.dtype),
                       "codes_sha": sha(rec.codes), "scale_sha": sha(rec.scale_inv.float()),
                       "padded_scale_shape": list(rec.rowwise_scale_inv.shape)}
         except Exception as e:  # noqa: BLE001

@@ -9,8 +9,12 @@ CUDA call ("Cannot re-initialize CUDA in forked subprocess"). Counting devices t
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from .torch_import import torch
 
 
 def cuda_device_count() -> int:

@@ -20,9 +20,15 @@ import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from .torch_import import torch
 
+from . import torch_import
+from .byteplan import only_moves
 from .core.plan import OutputFile, Plan
 from .devices import DeviceLoad
 from .distributed import SINGLE, World
@@ -93,10 +99,18 @@ def _build_file(out: OutputFile, settings: BuildSettings, index: int = 0, gpu: i
                       os.path.getsize(path), sha256, nonfinite=tuple(ctx.nonfinite))
 
 
+def plan_computes(plan: Plan) -> bool:
+    """Whether some output tensor is computed (needs torch) rather than moved as bytes."""
+    return any(job.expr is not None and not only_moves(job.expr) for _, _, job in plan.jobs())
+
+
 def _worker_init() -> None:
     """A worker runs torch on one thread (N workers share the cores) and dies with its parent
     (Linux): a killed conversion leaves no orphans holding its files and pipes."""
-    torch.set_num_threads(1)
+    if torch_import.imported():
+        torch.set_num_threads(1)
+    else:  # read by torch's thread pools if a file of this worker imports it after all
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     try:
         import ctypes
 
@@ -322,6 +336,8 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
             if gpus and torch.cuda.is_initialized():
                 raise ConversionError("this process has already used CUDA, so the forked workers cannot: run the "
                                       "conversion in a fresh process, or with max_workers=1")
+            if plan_computes(plan):  # imported once here rather than in every forked worker
+                torch_import.load()
             # torch's intra-op threads would oversubscribe the cores next to N workers.
             ctx = multiprocessing.get_context("fork")
             with ProcessPoolExecutor(max_workers=max_workers, mp_context=ctx, initializer=_worker_init) as pool:

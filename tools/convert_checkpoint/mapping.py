@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from .torch_import import torch
 
+from . import dtypes
 from . import tensor_expr as tx
 from .config.arch import ModelArch
 from .config.family import LAYER_KINDS, FamilySpec
@@ -189,7 +194,7 @@ def to_hf(convertors: list[ModuleConvertor], canonical: Mapping[str, Expr], mode
         out.update(conv.to_hf({name: canonical[name] for name in conv.reads()}))
     for name, dtype in (model.hf_dtypes.items() if restore_dtypes else ()):
         if name in out and dtype_name(out[name].dtype) != dtype:
-            out[name] = tx.cast(out[name], getattr(torch, dtype))
+            out[name] = tx.cast(out[name], dtypes.named(dtype))
     return out
 
 
@@ -197,13 +202,15 @@ def check_copies(copies: list[Copy], reader: LeafReader, chunk_bytes: int = 64 <
     """Each dropped copy must equal the tensor Megatron keeps, bit for bit (read in row chunks)."""
     # Two buffers reused for every chunk, not a fresh allocation per chunk: first touches of
     # new pages cost about 2 s/GB on VMs, and DeepSeek-V3's copies are 7.4 GB to compare.
+    if not copies:
+        return
     buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
 
     def read(expr: Expr, which: int) -> torch.Tensor:
         n = tx.nbytes(expr)
         if buffers[which].numel() < n:
             buffers[which] = torch.empty(n, dtype=torch.uint8)
-        out = buffers[which][:n].view(expr.dtype).view(tuple(expr.shape))
+        out = buffers[which][:n].view(expr.dtype.torch).view(tuple(expr.shape))
         tx.materialize_into(expr, reader, out)
         return out
 

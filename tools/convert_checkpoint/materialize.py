@@ -10,13 +10,19 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import TYPE_CHECKING, TypeGuard
 
 import numpy as np
-import torch
 
+if TYPE_CHECKING:
+    import torch
+else:
+    from .torch_import import torch
+
+from . import dtypes
 from . import tensor_expr as tx
 from .byteplan import Run, plan_runs
+from .dtypes import DType
 from .errors import ConversionError
 from .formats.direct_io import COPY_MIN, RangeMover, pwrite_all
 from .quant.fp8_materialize import Fp8Event, Fp8Materializer, Fp8Policy
@@ -36,7 +42,7 @@ class Arena:
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
 
-    def carve(self, specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+    def carve(self, specs: list[tuple[DType, tuple[int, ...]]]) -> list[torch.Tensor]:
         sizes = [dtype.itemsize * math.prod(shape) for dtype, shape in specs]
         total = sum(-(-n // self._ALIGN) * self._ALIGN for n in sizes)
         if self._buffer is None or self._buffer.numel() < total:
@@ -46,9 +52,9 @@ class Arena:
         out, offset = [], 0
         for (dtype, shape), n in zip(specs, sizes):
             if n == 0:
-                out.append(torch.empty(shape, dtype=dtype))
+                out.append(torch.empty(shape, dtype=dtype.torch))
                 continue
-            out.append(torch.frombuffer(view, dtype=dtype, count=n // dtype.itemsize, offset=offset).view(shape))
+            out.append(torch.frombuffer(view, dtype=dtype.torch, count=n // dtype.itemsize, offset=offset).view(shape))
             offset += -(-n // self._ALIGN) * self._ALIGN
         return out
 
@@ -78,24 +84,24 @@ def nonfinite_count(t: torch.Tensor) -> int:
 # NaN/Inf by bit pattern, on the raw bytes: (unsigned view, mask, value) where ``bits & mask ==
 # value`` marks a NaN or Inf (exponent all ones; e4m3fn has NaN codes only, S.1111.111). numpy
 # does this at memory speed and without the GIL; torch's isfinite on bf16 converts first.
-_NONFINITE_BITS: dict[torch.dtype, tuple[type, int, int]] = {
-    torch.bfloat16: (np.uint16, 0x7F80, 0x7F80),
-    torch.float16: (np.uint16, 0x7C00, 0x7C00),
-    torch.float32: (np.uint32, 0x7F800000, 0x7F800000),
-    torch.float64: (np.uint64, 0x7FF0000000000000, 0x7FF0000000000000),
-    torch.float8_e4m3fn: (np.uint8, 0x7F, 0x7F),
-    torch.float8_e5m2: (np.uint8, 0x7C, 0x7C),
+_NONFINITE_BITS: dict[DType, tuple[type, int, int]] = {
+    dtypes.BFLOAT16: (np.uint16, 0x7F80, 0x7F80),
+    dtypes.FLOAT16: (np.uint16, 0x7C00, 0x7C00),
+    dtypes.FLOAT32: (np.uint32, 0x7F800000, 0x7F800000),
+    dtypes.FLOAT64: (np.uint64, 0x7FF0000000000000, 0x7FF0000000000000),
+    dtypes.FLOAT8_E4M3FN: (np.uint8, 0x7F, 0x7F),
+    dtypes.FLOAT8_E5M2: (np.uint8, 0x7C, 0x7C),
 }
 
 
-def nonfinite_in_bytes(dtype: torch.dtype, chunk: memoryview) -> int:
+def nonfinite_in_bytes(dtype: DType, chunk: memoryview) -> int:
     """NaN/Inf elements among the whole elements of ``chunk``, the raw bytes of a ``dtype`` tensor."""
     whole = len(chunk) - len(chunk) % dtype.itemsize
     if not whole:
         return 0
     bits = _NONFINITE_BITS.get(dtype)
     if bits is None:
-        return nonfinite_count(torch.frombuffer(chunk[:whole], dtype=dtype))
+        return nonfinite_count(torch.frombuffer(chunk[:whole], dtype=dtype.torch))
     view, mask, value = bits
     codes: np.ndarray = np.frombuffer(chunk[:whole], dtype=view)
     return int(np.count_nonzero((codes & view(mask)) == view(value)))
@@ -202,7 +208,7 @@ class FileContext:
         if value.numel():
             pwrite_all(fd, value.contiguous().reshape(-1).view(torch.uint8).numpy().data, offset)
 
-    def check_bytes(self, name: str, dtype: torch.dtype, chunk: memoryview) -> None:
+    def check_bytes(self, name: str, dtype: DType, chunk: memoryview) -> None:
         """The NaN/Inf check of a moved tensor, on its bytes as written (a chunk at a time)."""
         if name in self.moved and dtype.is_floating_point:
             self._found(name, nonfinite_in_bytes(dtype, chunk))
@@ -211,7 +217,7 @@ class FileContext:
     def fp8_events(self) -> list[Fp8Event]:
         return self._fp8.events
 
-    def carve(self, specs: list[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+    def carve(self, specs: list[tuple[DType, tuple[int, ...]]]) -> list[torch.Tensor]:
         return ARENA.carve(specs)
 
     def fill(self, name: str, expr: Expr, out: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,18 @@ import os
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    pass
+else:
+    pass
 
+from . import dtypes
 from . import tensor_expr as tx
 from .config.resolve import param_dtype
 from .core.canonical import WORD_EMBEDDINGS
 from .core.plan import ModelInfo, OutputFile, Plan
 from .devices import cuda_device_count
+from .dtypes import DType
 from .endpoints import endpoint, source_format
 from .endpoints.base import CanonicalSource, CanonicalTarget, HFSource, HFTarget, Source, Target
 from .errors import ConversionError
@@ -207,7 +212,7 @@ def _copy_notes(copies: list) -> list[str]:
     return notes
 
 
-def _nominal_dtype(plan: Plan) -> torch.dtype:
+def _nominal_dtype(plan: Plan) -> DType:
     """The dtype TE's FP8 parameters present as: the source's FP8 records say; else, for a
     Megatron target, the model's config.json dtype; bf16 otherwise."""
     found = plan.source.fp8_nominal_dtype
@@ -215,10 +220,10 @@ def _nominal_dtype(plan: Plan) -> torch.dtype:
         return found
     if isinstance(plan.target, CanonicalTarget) and plan.model is not None:
         return param_dtype(plan.model.hf_config or {})
-    return torch.bfloat16
+    return dtypes.BFLOAT16
 
 
-def fp8_policy(request: Fp8Request, nominal: torch.dtype = torch.bfloat16) -> Fp8Policy:
+def fp8_policy(request: Fp8Request, nominal: DType = dtypes.BFLOAT16) -> Fp8Policy:
     recipe = fp8_block.Fp8Recipe(pow2=request.force_pow_2_scales, amax_epsilon=request.amax_epsilon,
                                  method=request.quant_method, device=request.device)
     return Fp8Policy(recipe, request.force_no_requant, nominal)

@@ -46,11 +46,16 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
-
+from . import dtypes
+from .dtypes import DType
 from .quant import fp8_block
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .torch_import import torch
 
 
 @dataclass(frozen=True)
@@ -74,7 +79,7 @@ class TensorRef:
 @dataclass(frozen=True)
 class Leaf:
     ref: TensorRef
-    dtype: torch.dtype
+    dtype: DType
     source_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     shape: tuple[int, ...]
@@ -95,7 +100,7 @@ class Cat:
     dim: int
     parts: tuple[Expr, ...]
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(frozen=True)
@@ -104,14 +109,14 @@ class Repeat:
     dim: int
     count: int
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(frozen=True)
 class Cast:
     part: Expr
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ class Fp8Blocks:
     data: Expr  # float8_e4m3fn codes
     scale: Expr  # float32 dequant multipliers, one per 128x128 block
     shape: tuple[int, ...]
-    dtype: torch.dtype = torch.float8_e4m3fn
+    dtype: DType = dtypes.FLOAT8_E4M3FN
 
 
 @dataclass(frozen=True)
@@ -128,7 +133,7 @@ class Dequantize:
     offsets: tuple[int, ...]  # the crop, inside ``part``
     shape: tuple[int, ...]
     reason: str
-    dtype: torch.dtype = torch.float32
+    dtype: DType = dtypes.FLOAT32
 
 
 @dataclass(frozen=True)
@@ -136,7 +141,7 @@ class Quantize:
     part: Expr
     reason: str
     shape: tuple[int, ...]
-    dtype: torch.dtype = torch.float8_e4m3fn
+    dtype: DType = dtypes.FLOAT8_E4M3FN
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ class Fp8Part:
     of: Fp8Blocks | Quantize
     which: str  # "codes" or "scale"
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ class Encode:
     part: Expr  # the values encoded
     codec: object  # what the target applies (frozen, printable: part of the plan's fingerprint)
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(frozen=True)
@@ -160,7 +165,7 @@ class Select:
     part: Expr  # size 1 along ``dim``
     dim: int
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,7 @@ class Stack:
     parts: tuple[Expr, ...]
     dim: int
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,7 @@ class Transpose:
     part: Expr
     dims: tuple[int, int]
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(frozen=True)
@@ -184,7 +189,7 @@ class Offset:
     part: Expr
     value: float
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(frozen=True)
@@ -193,7 +198,7 @@ class Strided:
     dim: int
     step: int
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 @dataclass(frozen=True)
@@ -201,21 +206,22 @@ class Interleave:
     parts: tuple[Expr, ...]
     dim: int
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: DType
 
 
 Expr = (Leaf | Cat | Repeat | Cast | Fp8Blocks | Dequantize | Quantize | Fp8Part | Encode
         | Select | Stack | Transpose | Strided | Interleave | Offset)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``bfloat16`` (messages, reports, recorded dtypes)."""
+def dtype_name(dtype: DType | torch.dtype) -> str:
+    """``bfloat16`` for a DType or ``torch.bfloat16`` (messages, reports, recorded dtypes)."""
     return str(dtype).replace("torch.", "")
 
 
-def source(ref: TensorRef, dtype: torch.dtype, shape: Sequence[int]) -> Leaf:
+def source(ref: TensorRef, dtype: DType | torch.dtype, shape: Sequence[int]) -> Leaf:
+    """The whole of one source tensor (a torch dtype is accepted and recorded as its DType)."""
     shape = tuple(int(s) for s in shape)
-    return Leaf(ref, dtype, shape, (0,) * len(shape), shape)
+    return Leaf(ref, dtypes.of(dtype), shape, (0,) * len(shape), shape)
 
 
 def cat(parts: Sequence[Expr], dim: int = 0) -> Expr:
@@ -250,7 +256,8 @@ def repeat(part: Expr, dim: int, count: int) -> Expr:
     return Repeat(part, dim, count, tuple(shape), part.dtype)
 
 
-def cast(part: Expr, dtype: torch.dtype) -> Expr:
+def cast(part: Expr, dtype: DType | torch.dtype) -> Expr:
+    dtype = dtypes.of(dtype)
     if isinstance(part, Fp8Blocks):  # a cast of block FP8 is a cast of its values
         part = Dequantize(part, (0,) * len(part.shape), part.shape, f"cast to {dtype}")
     if part.dtype == dtype:
@@ -370,13 +377,13 @@ def nbytes(expr: Expr) -> int:
 
 def fp8_blocks(data: Expr, scale: Expr) -> Fp8Blocks:
     """A block-FP8 tensor from its codes and its scale grid (shapes checked)."""
-    if data.dtype != torch.float8_e4m3fn or len(data.shape) != 2:
+    if data.dtype != dtypes.FLOAT8_E4M3FN or len(data.shape) != 2:
         raise ValueError(f"FP8 codes must be a 2-D float8_e4m3fn tensor, got {str(data.dtype)} {list(data.shape)}")
     want = fp8_block.scale_shape(data.shape)
-    if scale.dtype != torch.float32 or tuple(scale.shape) != want:
+    if scale.dtype != dtypes.FLOAT32 or tuple(scale.shape) != want:
         raise ValueError(
             f"the scale grid must be float32 {list(want)} for FP8 codes {list(data.shape)} in 128x128 blocks, "
-            f"got {str(scale.dtype).replace('torch.', '')} {list(scale.shape)}"
+            f"got {scale.dtype} {list(scale.shape)}"
         )
     return Fp8Blocks(data, scale, tuple(data.shape))
 
@@ -454,7 +461,7 @@ def is_fp8(expr: Expr) -> bool:
     if isinstance(expr, (Fp8Blocks, Dequantize, Quantize)):
         return True
     if isinstance(expr, Leaf):
-        return expr.dtype == torch.float8_e4m3fn
+        return expr.dtype == dtypes.FLOAT8_E4M3FN
     if isinstance(expr, Repeat):
         return is_fp8(expr.part)
     if isinstance(expr, Cat):
@@ -485,9 +492,9 @@ def to_fp8(expr: Expr, reason: str) -> Fp8Blocks | Quantize:
 
 def fp8_part(expr: Fp8Blocks | Quantize, which: str) -> Fp8Part:
     if which == "codes":
-        return Fp8Part(expr, which, expr.shape, torch.float8_e4m3fn)
+        return Fp8Part(expr, which, expr.shape, dtypes.FLOAT8_E4M3FN)
     if which == "scale":
-        return Fp8Part(expr, which, fp8_block.scale_shape(expr.shape), torch.float32)
+        return Fp8Part(expr, which, fp8_block.scale_shape(expr.shape), dtypes.FLOAT32)
     raise ValueError(which)
 
 
@@ -504,7 +511,7 @@ def describe(expr: Expr) -> str:
     if isinstance(expr, Repeat):
         return f"repeat({describe(expr.part)}, x{expr.count})"
     if isinstance(expr, Cast):
-        return f"{str(expr.dtype).replace('torch.', '')}({describe(expr.part)})"
+        return f"{expr.dtype}({describe(expr.part)})"
     if isinstance(expr, Fp8Blocks):
         return f"fp8({describe(expr.data)}, scale {describe(expr.scale)})"
     if isinstance(expr, Dequantize):
@@ -545,7 +552,7 @@ class LeafReader(Protocol):
 
 
 def materialize(expr: Expr, reader: LeafReader) -> torch.Tensor:
-    out = torch.empty(expr.shape, dtype=expr.dtype)
+    out = torch.empty(expr.shape, dtype=expr.dtype.torch)
     materialize_into(expr, reader, out)
     return out
 
@@ -555,7 +562,7 @@ def materialize_into(expr: Expr, reader: LeafReader, out: torch.Tensor) -> None:
         reader.read_into(expr, out)
         return
     if isinstance(expr, Repeat):
-        one = torch.empty(expr.part.shape, dtype=expr.dtype)
+        one = torch.empty(expr.part.shape, dtype=expr.dtype.torch)
         materialize_into(expr.part, reader, one)
         out.copy_(one.expand(expr.shape))
         return

@@ -13,9 +13,14 @@ import os
 import re
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from .torch_import import torch
 
+from . import dtypes
 from . import tensor_expr as te
 from .endpoints import detect
 from .endpoints.base import Source
@@ -73,7 +78,7 @@ class Report:
 
 
 def _values(expr: Expr, reader) -> torch.Tensor:
-    return te.materialize(te.cast(expr, torch.float32), reader)
+    return te.materialize(te.cast(expr, dtypes.FLOAT32), reader)
 
 
 def compare(a: CanonicalSide, b: CanonicalSide, atol: float = 0.0, progress: bool = False) -> Report:

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import dtypes
 from . import tensor_expr as tx
+from .dtypes import DType
 from .endpoints.kt_cpu import KtCpuTarget, numa_part, raw_file_name, tensor_name
 from .endpoints.kt_experts import PROJECTIONS
 from .errors import ConversionError
@@ -87,7 +89,7 @@ class Stored:
             parts += 1
         return experts, parts
 
-    def info(self, name: str) -> tuple[torch.dtype, int] | None:
+    def info(self, name: str) -> tuple[DType, int] | None:
         """(dtype, element count) of a stored tensor, None when missing."""
         file = self.where.get(name)
         if file is None:
@@ -98,7 +100,7 @@ class Stored:
             for s in e.shape:
                 count *= s
             return (e.dtype, count) if len(e.shape) == 1 else (e.dtype, -1)
-        dtype = torch.float32 if name.endswith(".scale") else torch.int8
+        dtype = dtypes.FLOAT32 if name.endswith(".scale") else dtypes.INT8
         return dtype, os.path.getsize(os.path.join(self.root, file)) // dtype.itemsize
 
     def read(self, name: str) -> torch.Tensor:
@@ -178,7 +180,7 @@ def _check_projection(stored: Stored, target: KtCpuTarget, reader, scheme: kt_am
     for index in range(parts):
         part = numa_part(projection, proj, index, parts)
         names = {what: tensor_name(layer, proj, expert, index, what) for what in ("weight", "scale")}
-        want = {"weight": (torch.int8, kt_amx.weight_bytes(part.n, part.k, scheme)), "scale": (torch.float32, part.n)}
+        want = {"weight": (dtypes.INT8, kt_amx.weight_bytes(part.n, part.k, scheme)), "scale": (dtypes.FLOAT32, part.n)}
         for what, name in names.items():
             got = stored.info(name)
             if got is None:
@@ -197,7 +199,7 @@ def _check_projection(stored: Stored, target: KtCpuTarget, reader, scheme: kt_am
     # The bound is per row of each part: gate/up rows are split across parts, down columns.
     bounds = (torch.cat([b[:, None].expand(d.shape) for d, b in decoded], dim=1) if proj == "down"
               else torch.cat([b for _, b in decoded])[:, None])
-    source = tx.materialize(tx.cast(projection.expr, torch.bfloat16), reader).to(torch.float32)
+    source = tx.materialize(tx.cast(projection.expr, dtypes.BFLOAT16), reader).to(torch.float32)
     source = source.reshape(source.shape[-2:])
     if projection.transposed:
         source = source.t()

@@ -6,10 +6,15 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    pass
+else:
+    pass
 
+from .. import dtypes
+from ..dtypes import DType
 from ..errors import ConversionError
 from ..requests import ModelRequest
 from .arch import ModelArch, load_arch_yaml
@@ -18,10 +23,10 @@ from .loongforge import cross_check, is_model_yaml_file
 from .loongforge.vision_yaml import language_family, vl_family_name
 
 
-def param_dtype(hf_config: Mapping[str, Any]) -> torch.dtype:
+def param_dtype(hf_config: Mapping[str, Any]) -> DType:
     """The model's parameter dtype (what TE's FP8 tensors present as): config.json's, else bf16."""
     name = hf_config.get("torch_dtype") or hf_config.get("dtype")
-    return {"float32": torch.float32, "float16": torch.float16}.get(str(name), torch.bfloat16)
+    return {"float32": dtypes.FLOAT32, "float16": dtypes.FLOAT16}.get(str(name), dtypes.BFLOAT16)
 
 
 def _with_arch_yaml(values: dict, request: ModelRequest) -> dict:

@@ -11,12 +11,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..torch_import import torch
 
+from .. import dtypes
 from .. import tensor_expr as tx
 from ..core.plan import ModelInfo
+from ..dtypes import DType
 from ..endpoints.base import Source
 from ..errors import ConversionError
 from ..tensor_expr import Expr, Leaf, LeafReader, TensorRef, source
@@ -30,7 +35,7 @@ STAGE_FILE = "<post-stage>"  # the TensorRef file of converted tensors (they exi
 
 def chain_input(expr: Expr) -> Expr:
     """What the chain receives: block-FP8 expressions as their values in bf16."""
-    return tx.cast(expr, torch.bfloat16) if tx.is_fp8(expr) else expr
+    return tx.cast(expr, dtypes.BFLOAT16) if tx.is_fp8(expr) else expr
 
 
 @dataclass
@@ -39,7 +44,7 @@ class PostStage:
     inputs: dict[str, Expr]  # HF name -> expression over the Megatron source
     groups: list[TensorGroup]
     outputs: list[tuple[str, ...]]  # per group: its output names
-    output_meta: dict[str, tuple[torch.dtype, tuple[int, ...]]] = field(default_factory=dict)
+    output_meta: dict[str, tuple[DType, tuple[int, ...]]] = field(default_factory=dict)
     group_of: dict[str, int] = field(default_factory=dict)  # output name -> group index
 
     def by_shard(self, shards: Iterable[str], shard_of: Mapping[str, str]) -> dict[str, list[tuple[str, Expr]]]:
@@ -69,14 +74,14 @@ def build_post_stage(exprs: Mapping[str, Expr], shard_of: Mapping[str, str], con
     groups = plan_groups(dict(shard_of), chain)
     stage = PostStage(chain, inputs, groups, [])
     for index, group in enumerate(groups):
-        meta = {n: torch.empty(inputs[n].shape, dtype=inputs[n].dtype, device="meta") for n in group.members}
+        meta = {n: torch.empty(inputs[n].shape, dtype=inputs[n].dtype.torch, device="meta") for n in group.members}
         produced = chain.validate(meta, group.label)
         stage.outputs.append(tuple(produced))
         for name, t in produced.items():
             if name in stage.group_of:
                 raise ConversionError(f"the converters produce tensor {name} twice: from "
                                       f"{groups[stage.group_of[name]].label} and from {group.label}")
-            stage.output_meta[name] = (t.dtype, tuple(t.shape))
+            stage.output_meta[name] = (dtypes.of(t.dtype), tuple(t.shape))
             stage.group_of[name] = index
     return stage
 
@@ -99,7 +104,7 @@ class PostStageReader(GroupReader):
     def _read_inputs(self, group: TensorGroup) -> dict[str, torch.Tensor]:
         return {n: tx.materialize(self._stage.inputs[n], self._inner) for n in group.members}
 
-    def _planned(self, index: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    def _planned(self, index: int) -> dict[str, tuple[DType, tuple[int, ...]]]:
         return {n: self._stage.output_meta[n] for n in self._stage.outputs[index]}
 
     def _close_inputs(self) -> None:
@@ -129,7 +134,7 @@ class PostStageSource(Source):
         return self.inner.has_fp8
 
     @property
-    def fp8_nominal_dtype(self) -> torch.dtype | None:
+    def fp8_nominal_dtype(self) -> DType | None:
         return self.inner.fp8_nominal_dtype
 
     def reader(self) -> LeafReader:

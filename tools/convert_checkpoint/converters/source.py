@@ -12,10 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..torch_import import torch
 
+from .. import dtypes
+from ..dtypes import DType
 from ..errors import ConversionError
 from ..formats.safetensors_io import SafetensorsReader, TensorEntry
 from ..tensor_expr import Leaf, TensorRef, dtype_name, source
@@ -103,7 +108,7 @@ def _apply_chain(root: str, config: dict, src_entries: dict[str, dict[str, Tenso
         meta = {}
         for name in group.members:
             e = src_entries[src_tensor_file[name]][name]
-            meta[name] = torch.empty(e.shape, dtype=e.dtype, device="meta")
+            meta[name] = torch.empty(e.shape, dtype=e.dtype.torch, device="meta")
         produced = chain.validate(meta, group.label)
         outputs.append(tuple(produced))
         for name, t in produced.items():
@@ -111,7 +116,7 @@ def _apply_chain(root: str, config: dict, src_entries: dict[str, dict[str, Tenso
                 other = groups[group_of[name]].label
                 raise ConversionError(f"the converters produce tensor {name} twice: from {other} and from {group.label}")
             file = output_file(name, group, src_tensor_file)
-            entries[file][name] = TensorEntry(t.dtype, tuple(t.shape), 0)
+            entries[file][name] = TensorEntry(dtypes.of(t.dtype), tuple(t.shape), 0)
             tensor_file[name] = file
             group_of[name] = index
     return ConvertedIndex(root, chain.hf_config(config), entries, tensor_file, chain, inputs=src_entries,
@@ -137,7 +142,7 @@ class GroupReader:
     def _read_inputs(self, group: TensorGroup) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def _planned(self, index: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    def _planned(self, index: int) -> dict[str, tuple[DType, tuple[int, ...]]]:
         """Output name -> (dtype, shape) that ``validate`` announced for group ``index``."""
         raise NotImplementedError
 
@@ -158,7 +163,7 @@ class GroupReader:
                                   f"{'unexpected' if set(out) - set(planned) else 'missing'} tensor {extra[0]}")
         for name, t in out.items():
             dtype, shape = planned[name]
-            if t.dtype != dtype or tuple(t.shape) != shape:
+            if dtypes.of(t.dtype) != dtype or tuple(t.shape) != shape:
                 raise ConversionError(f"converter output {name} is {dtype_name(t.dtype)} {list(t.shape)}, but "
                                       f"validate() promised {dtype_name(dtype)} {list(shape)}")
         self._cached = (index, out)
@@ -195,12 +200,12 @@ class ConvertedReader(GroupReader):
         for name in group.members:
             file = self._src.input_file[name]
             e = self._src.inputs[file][name]
-            value = torch.empty(e.shape, dtype=e.dtype)
+            value = torch.empty(e.shape, dtype=e.dtype.torch)
             self._files.read_into(source(TensorRef(file, name), e.dtype, e.shape), value)
             tensors[name] = value
         return tensors
 
-    def _planned(self, index: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    def _planned(self, index: int) -> dict[str, tuple[DType, tuple[int, ...]]]:
         return {n: (e.dtype, tuple(e.shape)) for n in self._src.outputs[index]
                 for e in (self._src.entries[self._src.tensor_file[n]][n],)}
 

@@ -40,11 +40,11 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from ..core.plan import ModelInfo, OutputFile, Plan
+from ..dtypes import DType
 from ..requests import LayoutRequest, ModelRequest
 from ..tensor_expr import Expr, Leaf, LeafReader
 
 if TYPE_CHECKING:
-    import torch
 
     from ..core.canonical import CanonicalTensor
     from ..layout.placement import ParallelLayout
@@ -74,7 +74,7 @@ class Source(ABC):
         return False
 
     @property
-    def fp8_nominal_dtype(self) -> torch.dtype | None:
+    def fp8_nominal_dtype(self) -> DType | None:
         """The dtype its FP8 parameters present as, where the format records one."""
         return None
 

@@ -15,14 +15,19 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    pass
+else:
+    pass
 
+from .. import dtypes
 from .. import tensor_expr as tx
 from ..config import resolve
 from ..config.arch import ModelArch
 from ..config.family import FamilySpec
 from ..core.naming import natural_key
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
+from ..dtypes import DType
 from ..errors import ConversionError
 from ..formats.safetensors_io import PlannedTensor, SafetensorsReader, TensorEntry, plan_layout, read_header
 from ..requests import ModelRequest, PlanRequest
@@ -127,9 +132,9 @@ class HuggingFaceSource(HFSource):
         file = self.tensor_file[name]
         e = self.entries[file][name]
         leaf = source(TensorRef(file, name), e.dtype, e.shape)
-        if e.dtype == torch.float8_e5m2:
+        if e.dtype == dtypes.FLOAT8_E5M2:
             raise ConversionError(f"tensor {name} in {file} is float8_e5m2; only e4m3 block-FP8 weights are supported")
-        if e.dtype != torch.float8_e4m3fn:
+        if e.dtype != dtypes.FLOAT8_E4M3FN:
             return leaf
         scale_name = fp8_scale_name(name)
         if scale_name not in self.tensor_file:
@@ -142,7 +147,7 @@ class HuggingFaceSource(HFSource):
             raise ConversionError(f"FP8 tensor {name}: {err}") from None
 
     def companions(self, name: str) -> list[str]:
-        if self.entries[self.tensor_file[name]][name].dtype == torch.float8_e4m3fn:
+        if self.entries[self.tensor_file[name]][name].dtype == dtypes.FLOAT8_E4M3FN:
             return [fp8_scale_name(name)]
         return []
 
@@ -158,10 +163,10 @@ class HuggingFaceSource(HFSource):
 
     @property
     def has_fp8(self) -> bool:
-        return any(e.dtype == torch.float8_e4m3fn for entries in self.entries.values() for e in entries.values())
+        return any(e.dtype == dtypes.FLOAT8_E4M3FN for entries in self.entries.values() for e in entries.values())
 
     @property
-    def fp8_nominal_dtype(self) -> torch.dtype:
+    def fp8_nominal_dtype(self) -> DType:
         return resolve.param_dtype(self.config)
 
     def reader(self) -> LeafReader:

@@ -25,8 +25,12 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..torch_import import torch
 
+from .. import dtypes
 from .. import tensor_expr as tx
 from ..core.naming import natural_key
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
@@ -91,7 +95,7 @@ def numa_part(p: Projection, proj: str, index: int, count: int) -> Part:
     hf_dim = 1 if proj == "down" else 0  # the intermediate dimension
     dim = p.hf_dim(hf_dim)
     size = p.expr.shape[dim] // count
-    window = tx.cast(tx.narrow(p.expr, dim, index * size, size), torch.bfloat16)
+    window = tx.cast(tx.narrow(p.expr, dim, index * size, size), dtypes.BFLOAT16)
     rows, cols = tuple(window.shape[-2:])
     n, k = (cols, rows) if p.transposed else (rows, cols)
     return Part(window, p.transposed, n, k)
@@ -192,8 +196,8 @@ class KtCpuTarget(HFTarget):
     def _encoded(self, part: Part, layer: int, proj: str, expert: int, index: int) -> list[tuple[str, TensorJob]]:
         """(what, job) for the weight bytes and the scales of one part."""
         out = []
-        for what, dtype, size in (("weight", torch.int8, kt_amx.weight_bytes(part.n, part.k, self.scheme)),
-                                  ("scale", torch.float32, part.n)):
+        for what, dtype, size in (("weight", dtypes.INT8, kt_amx.weight_bytes(part.n, part.k, self.scheme)),
+                                  ("scale", dtypes.FLOAT32, part.n)):
             codec = KtCodec(self.request.quant_method, what, part.transposed, self.request.ieee_scales)
             job = TensorJob(tensor_name(layer, proj, expert, index, what),
                             tx.Encode(part.window, codec, (size,), dtype))

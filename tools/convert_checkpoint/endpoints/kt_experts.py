@@ -12,9 +12,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    pass
+else:
+    pass
 
+from .. import dtypes
 from .. import tensor_expr as tx
 from ..errors import ConversionError
 from ..tensor_expr import Expr
@@ -180,4 +185,4 @@ def expert_dtype(expr: Expr) -> str:
     """bf16 / fp16 / fp32 / fp8: what kt-kernel's --input-type calls it."""
     if tx.is_fp8(expr):
         return "fp8"
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(expr.dtype, tx.dtype_name(expr.dtype))
+    return {dtypes.BFLOAT16: "bf16", dtypes.FLOAT16: "fp16", dtypes.FLOAT32: "fp32"}.get(expr.dtype, tx.dtype_name(expr.dtype))

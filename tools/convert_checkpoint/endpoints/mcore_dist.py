@@ -28,8 +28,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..torch_import import torch
 
+from .. import dtypes
 from .. import tensor_expr as tx
 from ..config.resolve import param_dtype
 from ..core.canonical import CanonicalTensor, Sections, Split
@@ -268,7 +272,7 @@ class DistReader:
         elif index and any(index):  # a chunk without its layer/expert axes must be a chunk of one
             raise ConversionError(f"{os.path.join(self._root, leaf.ref.file)}: the chunk of {leaf.ref.name} at byte "
                                   f"{offset} has {t.dim()} dimensions, .metadata says {len(index) + len(leaf.source_shape)}")
-        if tuple(t.shape) != leaf.source_shape or t.dtype != leaf.dtype:
+        if tuple(t.shape) != leaf.source_shape or dtypes.of(t.dtype) != leaf.dtype:
             raise ConversionError(
                 f"{os.path.join(self._root, leaf.ref.file)}: the chunk of {leaf.ref.name} at byte {offset} holds "
                 f"{tx.dtype_name(t.dtype)} {list(t.shape)}, .metadata says {tx.dtype_name(leaf.dtype)} {list(leaf.source_shape)}")
@@ -462,7 +466,7 @@ class DistTarget(CanonicalTarget):
         if self._dequantized:
             plan.notes.append(
                 f"FP8: {self._dequantized} block-FP8 tensors are written dequantized to "
-                f"{tx.dtype_name(param_dtype(plan.model.hf_config or {}) if plan.model else torch.bfloat16)}, as "
+                f"{tx.dtype_name(param_dtype(plan.model.hf_config or {}) if plan.model else dtypes.BFLOAT16)}, as "
                 "megatron-core >= 0.17 stores FP8 parameters in torch_dist (codes and scales are not kept)")
         for key, entry in self.tensors.items():
             problem = dcp.tiling_problem(entry.shape, entry.chunks)

@@ -20,16 +20,22 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..torch_import import torch
 
+from .. import dtypes
 from .. import tensor_expr as te
 from ..config import resolve
 from ..config.arch import ModelArch
 from ..config.vision import vision_arch
 from ..core.canonical import WORD_EMBEDDINGS, CanonicalTensor, TPSplit
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
+from ..dtypes import DType
 from ..errors import ConversionError
-from ..formats import torch_zip
+from ..formats import torch_zip, torch_zip_index
+from ..formats.torch_zip_index import StoredTensor
 from ..layout.from_flags import layout_from_flags, validate_tensor_parallel
 from ..layout.pipeline import PipelineLayout
 from ..layout.placement import (
@@ -90,11 +96,22 @@ _REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
 
 
 def load_file(path: str) -> dict:
-    """Memory-mapped, weights-only load: tensors stay on disk until sliced. TE FP8 parameters
-    come back as plain records (``quant/te_pickle``), without TE and without running code.
+    """The index of a rank file: its tensors as :class:`StoredTensor` (dtype, shape, byte offset),
+    read without torch; a file that needs torch (TE FP8 parameters, torch dtypes in its args ...)
+    is loaded as :func:`load_tensors` does.
 
     Only the model entries and the args are kept: a training checkpoint's optimizer state, LR
     scheduler and RNG state are unpickled (allow-listed, their tensors never read) and dropped."""
+    try:
+        loaded = torch_zip_index.read_index(path)
+    except torch_zip_index.NotPlain:
+        return load_tensors(path)
+    return _kept(path, loaded)
+
+
+def load_tensors(path: str) -> dict:
+    """Memory-mapped, weights-only load: tensors stay on disk until sliced. TE FP8 parameters
+    come back as plain records (``quant/te_pickle``), without TE and without running code."""
     try:
         loaded = te_pickle.load(path)
     except Exception as e:  # torch raises many types for corrupt zips/pickles
@@ -108,6 +125,10 @@ def load_file(path: str) -> dict:
                 "Megatron training checkpoints); code in a checkpoint is never run") from None
         first = text.splitlines()[0] if text else type(e).__name__
         raise ConversionError(f"cannot read Megatron checkpoint file {path}: {first}") from None
+    return _kept(path, loaded)
+
+
+def _kept(path: str, loaded: object) -> dict:
     if not isinstance(loaded, dict):
         raise ConversionError(f"Megatron checkpoint file {path} holds a {type(loaded).__name__}, not a dict")
     loaded = {k: v for k, v in loaded.items() if isinstance(k, str) and _KEPT_ENTRIES.fullmatch(k)}
@@ -174,10 +195,10 @@ class McoreSource(CanonicalSource):
     def leaf(self, file: str, container: str, name: str) -> Expr:
         t = self.files[file][container][name]
         if isinstance(t, Fp8BlockRecord):  # codes and scale grid, read separately
-            codes = source(TensorRef(file, name, container, "codes"), torch.float8_e4m3fn, t.shape)
-            scale = source(TensorRef(file, name, container, "scale"), torch.float32, tuple(t.scale_inv.shape))
+            codes = source(TensorRef(file, name, container, "codes"), dtypes.FLOAT8_E4M3FN, t.shape)
+            scale = source(TensorRef(file, name, container, "scale"), dtypes.FLOAT32, tuple(t.scale_inv.shape))
             return te.fp8_blocks(codes, scale)
-        return source(TensorRef(file, name, container), t.dtype, tuple(t.shape))
+        return source(TensorRef(file, name, container), dtypes.of(t.dtype), tuple(t.shape))
 
     def fp8_records(self):
         for loaded in self.files.values():
@@ -190,9 +211,9 @@ class McoreSource(CanonicalSource):
         return next(self.fp8_records(), None) is not None
 
     @property
-    def fp8_nominal_dtype(self) -> torch.dtype | None:
+    def fp8_nominal_dtype(self) -> DType | None:
         first = next(self.fp8_records(), None)
-        return first.nominal_dtype if first is not None else None
+        return dtypes.of(first.nominal_dtype) if first is not None else None
 
     def args(self) -> argparse.Namespace | None:
         for loaded in self.files.values():
@@ -227,7 +248,7 @@ class McoreReader:
     def _tensor(self, leaf: Leaf) -> torch.Tensor:
         file = leaf.ref.file
         if file not in self._open:
-            self._open[file] = load_file(os.path.join(self._src.root, file))
+            self._open[file] = load_tensors(os.path.join(self._src.root, file))
         t = self._open[file][leaf.ref.container][leaf.ref.name]
         if leaf.ref.part is not None:
             t = t.codes if leaf.ref.part == "codes" else t.scale_inv
@@ -244,8 +265,13 @@ class McoreReader:
         zip plus its own offset in the storage (contiguous tensors of a map of the file only)."""
         if leaf.ref.part is not None:
             return None
+        stored = self._src.files[leaf.ref.file][leaf.ref.container][leaf.ref.name]
+        if isinstance(stored, StoredTensor):  # indexed without torch: the offset is in the index
+            if not stored.is_contiguous or stored.dtype != leaf.dtype:
+                return None
+            return os.path.join(self._src.root, leaf.ref.file), stored.offset
         t = self._tensor(leaf)
-        if not t.is_contiguous() or t.dtype != leaf.dtype:
+        if not t.is_contiguous() or dtypes.of(t.dtype) != leaf.dtype:
             return None
         base = self._base(leaf.ref.file)
         if base is None:
@@ -805,7 +831,7 @@ class McoreTarget(CanonicalTarget):
                 assert job.expr is not None and policy is not None
                 codes, scale = ctx.fp8_pair(job.name, job.expr)
                 values[id(job)] = te_pickle.blockwise_param(  # the quantizer says what the scales are
-                    codes, scale, policy.nominal_dtype, scales_are_pow2(scale), policy.recipe.amax_epsilon)
+                    codes, scale, policy.nominal_dtype.torch, scales_are_pow2(scale), policy.recipe.amax_epsilon)
         containers = {key: {j.name: values.get(id(j)) for j in jobs} for key, jobs in out.containers}
         save_rank_file(path, containers, self.args, self.iteration)
         return None

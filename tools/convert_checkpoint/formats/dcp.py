@@ -24,12 +24,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..torch_import import torch
 
 if TYPE_CHECKING:  # torch.distributed.checkpoint costs ~0.5 s to import: only where DCP is read or written
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import Metadata
 
+from .. import dtypes
+from ..dtypes import DType
 from ..errors import ConversionError
 from ..textfile import tmp_path
 
@@ -55,7 +60,7 @@ class BlobRecord:
 class TensorEntry:
     """A tensor of the checkpoint: dtype, global shape, chunks as (offsets, sizes)."""
 
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     chunks: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
 
@@ -192,7 +197,7 @@ def build_metadata(tensors: Mapping[str, TensorEntry], objects: Iterable[str],
         for offsets, (relpath, r) in found:
             chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(r.sizes or ())))
             storage[MetadataIndex(fqn, torch.Size(offsets))] = _StorageInfo(relpath, r.offset, r.length)
-        state[fqn] = TensorStorageMetadata(TensorProperties(dtype=entry.dtype), torch.Size(entry.shape), chunks)
+        state[fqn] = TensorStorageMetadata(TensorProperties(dtype=entry.dtype.torch), torch.Size(entry.shape), chunks)
     for fqn in objects:
         if (fqn, None) not in stored:
             raise ConversionError(f"object {fqn} is in no data file")
@@ -264,7 +269,7 @@ def read_metadata(directory: str) -> Metadata:
 def tensor_entries(metadata: Metadata) -> dict[str, TensorEntry]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    return {fqn: TensorEntry(m.properties.dtype, tuple(m.size), tuple((tuple(c.offsets), tuple(c.sizes)) for c in m.chunks))
+    return {fqn: TensorEntry(dtypes.of(m.properties.dtype), tuple(m.size), tuple((tuple(c.offsets), tuple(c.sizes)) for c in m.chunks))
             for fqn, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
 
 

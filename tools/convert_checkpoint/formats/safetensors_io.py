@@ -12,27 +12,19 @@ import os
 import struct
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
+from .. import dtypes
+from ..dtypes import DType
 from ..errors import ConversionError
 from ..tensor_expr import Leaf
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..torch_import import torch
+
+DTYPES: dict[str, DType] = dtypes.BY_CODE  # safetensors' dtype names
 
 _MAX_HEADER = 100 * 1024 * 1024
 _ROW_CHUNK_BYTES = 64 << 20  # staging for column windows: rows read per pread
@@ -40,7 +32,7 @@ _ROW_CHUNK_BYTES = 64 << 20  # staging for column windows: rows read per pread
 
 @dataclass(frozen=True)
 class TensorEntry:
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     begin: int  # absolute byte offset in the file
 
@@ -114,7 +106,7 @@ class SafetensorsReader:
             step = max(1, _ROW_CHUNK_BYTES // max(row_bytes, 1))
             for first in range(0, leaf.shape[0], step):
                 count = min(step, leaf.shape[0] - first)
-                rows = torch.empty((count,) + shape[1:], dtype=entry.dtype)
+                rows = torch.empty((count,) + shape[1:], dtype=entry.dtype.torch)
                 self._pread_into(leaf.ref.file, entry.begin + (leaf.offsets[0] + first) * row_bytes, rows)
                 window = rows
                 for dim in range(1, len(shape)):
@@ -148,7 +140,7 @@ class SafetensorsReader:
 @dataclass(frozen=True)
 class PlannedTensor:
     name: str
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
 
     @property
@@ -184,7 +176,7 @@ def plan_layout(tensors: Iterable[PlannedTensor], metadata: Mapping[str, str] | 
         header["__metadata__"] = dict(metadata)
     offset = 0
     for t in tensors:
-        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {"dtype": t.dtype.code, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # data must start 8-byte aligned
@@ -208,6 +200,6 @@ def write_streaming(
         f.write(layout.header)
         for t in layout.tensors:
             value = produce(t)
-            if value.dtype != t.dtype or tuple(value.shape) != t.shape:
+            if dtypes.of(value.dtype) != t.dtype or tuple(value.shape) != t.shape:
                 raise RuntimeError(f"planned {t.name} as {t.dtype}{list(t.shape)}, got {value.dtype}{list(value.shape)}")
             f.write(value.contiguous().reshape(-1).view(torch.uint8).numpy().data)  # reshape first: 0-d tensors cannot be viewed as bytes

@@ -19,25 +19,31 @@ import collections
 import hashlib
 import io
 import math
-import pickle
 import struct
 import zlib
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
+from .. import dtypes
+from ..dtypes import DType
 from .direct_io import READ_CHUNK, pwrite_all, read_back
+from .stand_in_pickle import Global, StandInPickler
 
 ALIGNMENT = 64
 _U32 = 0xFFFFFFFF  # the "see the zip64 field" marker
 ZIP64_AT = _U32  # sizes and offsets from here on need zip64 fields (lowered by a test)
-_STORAGE_TYPES = {dtype: getattr(torch, name) for dtype, name in torch.storage._dtype_to_storage_type_map().items()
-                  if hasattr(torch, name)}
+# torch's storage class for each element type (``torch.storage._dtype_to_storage_type_map``);
+# FP8 has none (torch.save writes it through ``UntypedStorage``), so FP8 tensors take torch.save.
+_STORAGE_TYPES: dict[DType, Global] = {d: Global(f"torch.{name}") for d, name in (
+    (dtypes.FLOAT64, "DoubleStorage"), (dtypes.FLOAT32, "FloatStorage"), (dtypes.FLOAT16, "HalfStorage"),
+    (dtypes.BFLOAT16, "BFloat16Storage"), (dtypes.INT64, "LongStorage"), (dtypes.INT32, "IntStorage"),
+    (dtypes.INT16, "ShortStorage"), (dtypes.INT8, "CharStorage"), (dtypes.UINT8, "ByteStorage"),
+    (dtypes.BOOL, "BoolStorage"))}
+_REBUILD_TENSOR = Global("torch._utils._rebuild_tensor_v2")
 
 
-def supports(dtype: torch.dtype) -> bool:
+def supports(dtype: DType) -> bool:
     """Whether this writer can pickle a tensor of ``dtype`` (others go through ``torch.save``)."""
     return dtype in _STORAGE_TYPES
 
@@ -47,7 +53,7 @@ class TensorSlot:
     """Stands in the payload for one tensor (contiguous, its own storage) written later."""
 
     name: str  # unique in the file: "<container>/<tensor>"
-    dtype: torch.dtype
+    dtype: DType
     shape: tuple[int, ...]
     label: str = ""  # the tensor's name in messages
 
@@ -65,9 +71,10 @@ class _StorageRef:
         self.key, self.slot = key, slot
 
 
-class _SlotPickler(pickle.Pickler):
+class _SlotPickler(StandInPickler):
     """Pickles a payload whose tensors are :class:`TensorSlot` placeholders, as torch.save would
-    pickle the real tensors (``_rebuild_tensor_v2`` over a persistent storage reference)."""
+    pickle the real tensors (``_rebuild_tensor_v2`` over a persistent storage reference), with
+    torch's globals written by name: torch is not imported."""
 
     def __init__(self, file: io.BytesIO):
         super().__init__(file, protocol=2)
@@ -79,7 +86,7 @@ class _SlotPickler(pickle.Pickler):
         ref = _StorageRef(len(self.slots), obj)
         self.slots.append(obj)
         stride = tuple(math.prod(obj.shape[i + 1:]) for i in range(len(obj.shape)))
-        return torch._utils._rebuild_tensor_v2, (ref, 0, obj.shape, stride, False, collections.OrderedDict())
+        return _REBUILD_TENSOR, (ref, 0, obj.shape, stride, False, collections.OrderedDict())
 
     def persistent_id(self, obj: Any) -> Any:
         if isinstance(obj, _StorageRef):

@@ -2,16 +2,21 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    pass
+else:
+    pass
 
+from .. import dtypes
 from .. import tensor_expr as te
 from ..core.canonical import Split
 from ..errors import ConversionError
 from ..tensor_expr import Expr
 from .base import CanonicalTensor, ModuleConvertor, register
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # plus fp8 (a marker)
+_DTYPES = {"float32": dtypes.FLOAT32, "bfloat16": dtypes.BFLOAT16, "float16": dtypes.FLOAT16}  # plus fp8 (a marker)
 
 
 class _OneToOne(ModuleConvertor):

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..torch_import import torch
 
 from .compiled import CompiledOrEager
 
@@ -197,7 +201,7 @@ def quantize_blocks(x: torch.Tensor, recipe: Fp8Recipe = Fp8Recipe()) -> tuple[t
     return codes.to(home), scale_inv.to(home)
 
 
-def dequantize_blocks(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_blocks(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``codes * scale_inv`` per block, formed in fp32 (exact for power-of-two scales), then cast."""
     if codes.dim() != 2:
         raise ValueError(f"block FP8 tensors are 2-D, got shape {list(codes.shape)}")
@@ -209,7 +213,7 @@ def dequantize_blocks(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch
     blocks, rows, cols = _blocks(codes.float())
     values = blocks * scale_inv.float()[:, None, :, None]
     values = values.view(blocks.shape[0] * BLOCK, blocks.shape[2] * BLOCK)[:rows, :cols]
-    return values.to(dtype) if dtype != torch.float32 else values.contiguous()
+    return values.to(dtype) if dtype not in (None, torch.float32) else values.contiguous()
 
 
 def block_aligned(start: int, length: int, size: int) -> bool:

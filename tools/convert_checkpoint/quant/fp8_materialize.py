@@ -8,10 +8,16 @@ requantized too, unless ``--fp8_force_no_requant``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..torch_import import torch
 
+from .. import dtypes
 from .. import tensor_expr as te
+from ..dtypes import DType
 from .fp8_block import Fp8Recipe, dequantize_blocks, quantize_blocks, scales_are_pow2
 
 KEPT, REQUANTIZED, QUANTIZED = "kept", "requantized", "quantized"
@@ -21,7 +27,7 @@ KEPT, REQUANTIZED, QUANTIZED = "kept", "requantized", "quantized"
 class Fp8Policy:
     recipe: Fp8Recipe = Fp8Recipe()
     force_no_requant: bool = False
-    nominal_dtype: torch.dtype = torch.bfloat16  # the dtype TE's FP8 parameters present as
+    nominal_dtype: DType = dtypes.BFLOAT16  # the dtype TE's FP8 parameters present as
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..torch_import import torch
 
+from .. import dtypes
+from ..formats.stand_in_pickle import Global, InstanceValue, StandInPickler
 from .fp8_block import BLOCK, scale_shape
 
 _TE_TENSOR_MODULE = "transformer_engine.pytorch.tensor.float8_blockwise_tensor"
@@ -57,7 +62,7 @@ class Fp8BlockRecord:
     is_2d_scaled: bool
     fp8_dtype: int
 
-    dtype = torch.float8_e4m3fn  # what the converter sees: block FP8 codes
+    dtype = dtypes.FLOAT8_E4M3FN  # what the converter sees: block FP8 codes
 
     @property
     def codes(self) -> torch.Tensor:
@@ -144,7 +149,12 @@ _ALLOWED: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
     (_LegacyDType, LEGACY_DTYPE_PATH),
     (_safe_getattr, "builtins.getattr"),
 ]
-torch.serialization.add_safe_globals(_ALLOWED)  # so a plain weights_only torch.load reads them too
+
+
+def allow_in_torch_load() -> None:
+    """Let a plain weights_only ``torch.load`` read TE FP8 parameters as records too (done by
+    :func:`save` and :func:`load`, not at import: importing this module must not import torch)."""
+    torch.serialization.add_safe_globals(_ALLOWED)
 
 
 # --- the rest of a Megatron training checkpoint --------------------------------------------
@@ -188,7 +198,7 @@ def _numpy_reconstruct(cls: Any, shape: Any, typecode: Any) -> ForeignValue:
     return _NDARRAY(shape, typecode)
 
 
-_TRAINING_STATE: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+TRAINING_STATE: list[tuple[Callable[..., Any], str]] = [
     (_numpy_reconstruct, "numpy.core.multiarray._reconstruct"),  # numpy 1.x
     (_numpy_reconstruct, "numpy._core.multiarray._reconstruct"),  # numpy 2.x
     (_NDARRAY, "numpy.ndarray"),
@@ -205,9 +215,10 @@ def load(path: str | IO[bytes], mmap: bool = True) -> Any:
 
     Only this module's allow-list is active during the load: TE, when imported, registers its
     real classes under the same names, and those must not be the ones the file reaches."""
+    allow_in_torch_load()
     previous = torch.serialization.get_safe_globals()
     torch.serialization.clear_safe_globals()
-    torch.serialization.add_safe_globals(_ALLOWED + _TRAINING_STATE)
+    torch.serialization.add_safe_globals(_ALLOWED + list(TRAINING_STATE))
     try:
         return torch.load(path, map_location="cpu", mmap=mmap and isinstance(path, str), weights_only=True)
     finally:
@@ -217,19 +228,9 @@ def load(path: str | IO[bytes], mmap: bool = True) -> Any:
 
 # --- writing -------------------------------------------------------------------------------
 
-class _Global:
-    """A callable or class written into the pickle under a foreign (TE) module path."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __call__(self, *args, **kwargs):
-        raise TypeError(f"{self.path} is a stand-in for a TE global; it is only pickled")
-
-
-_REBUILD = _Global(REBUILD_PATH)
-_QUANTIZER_CLASS = _Global(QUANTIZER_PATH)
-_DTYPE_CLASS = _Global(DTYPE_PATH)
+_REBUILD = Global(REBUILD_PATH)
+_QUANTIZER_CLASS = Global(QUANTIZER_PATH)
+_DTYPE_CLASS = Global(DTYPE_PATH)
 
 
 class _TEDTypeValue:
@@ -238,15 +239,6 @@ class _TEDTypeValue:
 
     def __reduce_ex__(self, protocol):  # what an IntEnum member reduces to: DType(value)
         return (_DTYPE_CLASS, (self.value,))
-
-
-class _InstanceValue:
-    """An instance of a foreign class, pickled as ``object.__reduce_ex__(2)`` pickles a plain
-    instance: NEWOBJ of the class, then BUILD with its state (written by :class:`_Pickler`)."""
-
-    def __init__(self, cls: _Global, state):
-        self.cls = cls
-        self.state = state
 
 
 class BlockwiseParam:
@@ -280,66 +272,19 @@ class BlockwiseParam:
         # One DType object for the tensor and its quantizer, pickled once and then referenced,
         # as in TE's own pickles.
         return (_REBUILD, (self.shape, self.rowwise_data, self.rowwise_scale_inv, None, None,
-                           self.quantizer_state["dtype"], self.dtype, _InstanceValue(_QUANTIZER_CLASS, self.quantizer_state),
+                           self.quantizer_state["dtype"], self.dtype, InstanceValue(_QUANTIZER_CLASS, self.quantizer_state),
                            True, None))
 
 
-def blockwise_param(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
+def blockwise_param(codes: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype | None = None,
                     pow2: bool = True, amax_epsilon: float = 0.0) -> BlockwiseParam:
-    return BlockwiseParam(codes, scale_inv, dtype, pow2, amax_epsilon)
-
-
-if TYPE_CHECKING:
-    class _PurePickler(pickle._Pickler):
-        """The internals of the pure-Python pickler that typeshed leaves undeclared."""
-
-        memo: dict[int, tuple[int, Any]]
-        proto: int
-        write: Callable[[bytes], Any]  # the file's write, set by __init__
-
-        def memoize(self, obj: Any) -> None: ...
-        def get(self, i: int) -> bytes: ...
-        def save(self, obj: Any, save_persistent_id: bool = True) -> None: ...
-else:
-    _PurePickler = pickle._Pickler
-
-
-class _Pickler(_PurePickler):
-    """The pure-Python pickler (torch.save only pickles structure; tensor bytes go to separate
-    zip records), with :class:`_Global` stand-ins written as GLOBALs of their TE paths."""
-
-    def save(self, obj, save_persistent_id=True):
-        if isinstance(obj, _Global):
-            self._write_global(obj)
-        elif isinstance(obj, _InstanceValue):
-            self._write_global(obj.cls)
-            self.save(())
-            self.write(pickle.NEWOBJ)
-            self.memoize(obj)
-            self.save(obj.state)
-            self.write(pickle.BUILD)
-        else:
-            super().save(obj, save_persistent_id)
-
-    def _write_global(self, obj: _Global) -> None:
-        memo = self.memo.get(id(obj))
-        if memo is not None:
-            self.write(self.get(memo[0]))
-            return
-        module, name = obj.path.rsplit(".", 1)
-        if self.proto >= 4:
-            self.save(module)
-            self.save(name)
-            self.write(pickle.STACK_GLOBAL)
-        else:
-            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
-        self.memoize(obj)
+    return BlockwiseParam(codes, scale_inv, dtype or torch.bfloat16, pow2, amax_epsilon)
 
 
 def _module_for_torch_save() -> types.ModuleType:
     """What ``torch.save(pickle_module=...)`` needs: a module-like object with ``Pickler``."""
     module = types.ModuleType(f"{__name__}.pickle")
-    vars(module).update(Pickler=_Pickler, Unpickler=pickle.Unpickler, HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL)
+    vars(module).update(Pickler=StandInPickler, Unpickler=pickle.Unpickler, HIGHEST_PROTOCOL=pickle.HIGHEST_PROTOCOL)
     return module
 
 
@@ -348,4 +293,5 @@ PICKLE_MODULE = _module_for_torch_save()
 
 def save(obj: Any, path: str) -> None:
     """``torch.save`` that writes :class:`BlockwiseParam` entries as TE tensors."""
+    allow_in_torch_load()
     torch.save(obj, path, pickle_module=PICKLE_MODULE)
