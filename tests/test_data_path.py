@@ -394,7 +394,7 @@ def test_auto_workers_take_the_tightest_bound(tiny_hf, tmp_path):
 
     plan = _plan_for_workers(tiny_hf, tmp_path)  # 4 rank files that only move bytes
     assert workers.moves_bytes(plan)
-    largest = max(plan.target.memory_bytes(f) for f in plan.files)
+    largest = max(plan.memory_bytes(f) for f in plan.files)
     assert workers.choose(plan, 4, None, cores=2) == workers.WorkerChoice(2, "auto: bounded by 2 cores")
     assert workers.choose(plan, 4, None, cores=64).count == 4  # the files
     assert workers.choose(plan, 3, None, cores=64).reason == "auto: bounded by 3 files"  # a rank's share

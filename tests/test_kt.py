@@ -127,8 +127,8 @@ def test_memory_per_worker_is_one_part_not_one_layer(syn, tmp_path):
     layer = plan.files[0]
     part_bytes = 128 * 128 * 2  # one bf16 part: I/2 x hidden
     layer_bytes = 4 * 3 * 256 * 128 * 2  # the layer's bf16 experts (only 4 here; 256 in DeepSeek-V3)
-    assert part_bytes <= plan.target.memory_bytes(layer) <= 8 * part_bytes
-    assert plan.target.memory_bytes(layer) < layer_bytes / 2
+    assert part_bytes <= plan.memory_bytes(layer) <= 8 * part_bytes
+    assert plan.memory_bytes(layer) < layer_bytes / 2
 
 
 # --- validation: one line, exit 2, nothing written ------------------------------------------------

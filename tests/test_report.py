@@ -48,21 +48,51 @@ def test_dry_run_shows_sizes_memory_and_the_placement_table(tiny_hf, tmp_path, c
     assert ["1", "1", "1", "0-1", "3", "2-3", "0"] in rows and ["0", "1", "0", "0-1", "2", "0-1", "-"] in rows
 
 
+def _plan(hf: str, out: str, **flags):
+    from convert_checkpoint.options import parse_options
+    from convert_checkpoint.pipeline import build_plan
+
+    argv = ["--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", hf, "--save_ckpt_path", out]
+    for k, v in flags.items():
+        argv += [f"--{k}"] if v is True else [f"--{k}", str(v)]
+    opts = parse_options(argv)
+    return build_plan(opts.plan_request(None), opts)
+
+
 def test_memory_budget_bounds_files_in_flight(tiny_hf, tmp_path, capsys):
-    hf = tiny_hf(TinySpec("llama"))
+    hf = tiny_hf(TinySpec("llama"))  # vocab 250 padded to 256: TP rank 1's embedding and output shards compute
     out = str(tmp_path / "out")
     layout = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, max_workers=2)
-    # Each rank file plans ~0.18 MB: a 0.1 MB budget cannot hold one, which is said before anything is written.
-    assert hf_to_mcore(hf, out, **layout, max_memory="100KB") == 2
+    plan = _plan(hf, out, **layout)
+    held = {f.relpath: plan.memory_bytes(f) for f in plan.files}
+    largest = max(held.values())
+    # A file written in place holds only the tensors it computes, not the bytes it moves.
+    assert 0 < largest < min(f.nbytes for f in plan.files) / 2
+    # A budget that cannot hold one file is refused before anything is written.
+    assert hf_to_mcore(hf, out, **layout, max_memory=f"{largest - 1}B") == 2
     assert "--max_memory" in capsys.readouterr().err and not os.path.exists(out)
     # Room for one file at a time: two workers, but never two files in flight.
-    assert hf_to_mcore(hf, out, **layout, max_memory="200KB") == 0
+    assert hf_to_mcore(hf, out, **layout, max_memory=f"{largest}B") == 0
     memory = json.load(open(os.path.join(out, "conversion_report.json")))["memory"]
-    assert memory["budget_bytes"] == 200_000 and 0 < memory["max_in_flight_planned_bytes"] <= 200_000
+    assert memory["budget_bytes"] == largest and 0 < memory["max_in_flight_planned_bytes"] <= largest
     out2 = str(tmp_path / "out2")
     assert hf_to_mcore(hf, out2, **layout, max_memory="1GiB") == 0
     memory = json.load(open(os.path.join(out2, "conversion_report.json")))["memory"]
-    assert memory["max_in_flight_planned_bytes"] > 200_000  # with room, two files are built at once
+    assert memory["max_in_flight_planned_bytes"] > largest  # with room, two files are built at once
+
+
+def test_a_byte_move_needs_no_memory_budget_for_its_files(tiny_hf, tmp_path):
+    """Files that only move bytes hold nothing: any budget builds them (bit-exact, tested elsewhere);
+    an FP8 rank file (pickled through torch.save) holds the whole file."""
+    hf = tiny_hf(TinySpec("llama", vocab_size=256, dtype=torch.bfloat16))
+    out = str(tmp_path / "out")
+    layout = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)
+    plan = _plan(hf, out, **layout)
+    assert all(plan.memory_bytes(f) == 0 for f in plan.files)
+    assert hf_to_mcore(hf, out, **layout, max_workers=2, max_memory="1KB") == 0
+    fp8 = _plan(tiny_hf(TinySpec("deepseek_v3")), str(tmp_path / "fp8"), convert_to_fp8=True, **layout)
+    for f in fp8.files:
+        assert fp8.memory_bytes(f) == f.nbytes
 
 
 def test_report_lists_dtype_casts(tiny_hf, tmp_path):

@@ -21,12 +21,13 @@ def _read_exprs(found) -> list[tx.Expr]:
 
 
 def predicted_memory(plan: Plan, max_workers: int) -> str:
-    """Each worker holds about one output file (its tensors are carved from a reused buffer),
-    plus, behind converters, one tensor group in and out."""
-    largest = max((plan.target.memory_bytes(f) for f in plan.files), default=0)
+    """Each worker holds what the target says one file needs (``Plan.memory_bytes``: for files
+    written in place, the tensors that compute; moved bytes are not buffered), plus, behind
+    converters, one tensor group in and out."""
+    largest = max((plan.memory_bytes(f) for f in plan.files), default=0)
     group = plan.source.largest_group_bytes
     workers = min(max_workers, max(len(plan.files), 1))
-    held = f"the largest file's {largest / 1e9:.3f} GB" + (f", and converter group, {group / 1e9:.3f} GB" if group else "")
+    held = f"{largest / 1e9:.3f} GB held for the largest file" + (f", and converter group, {group / 1e9:.3f} GB" if group else "")
     return (f"predicted peak memory: about {(workers * (largest + group) + 2**30) / 2**30:.2f} GiB "
             f"({workers} worker{'s' if workers > 1 else ''} x {held}, + ~1 GiB)")
 

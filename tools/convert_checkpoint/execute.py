@@ -186,11 +186,11 @@ def check_memory_budget(plan: Plan, budget: int | None) -> None:
     """Each worker holds about one output file: a file larger than the budget cannot be built."""
     if budget is None or not plan.files:
         return
-    largest = max(plan.files, key=plan.target.memory_bytes)
-    if plan.target.memory_bytes(largest) > budget:
+    largest = max(plan.files, key=plan.memory_bytes)
+    if plan.memory_bytes(largest) > budget:
         raise ConversionError(
             f"--max_memory {budget / 2**30:.2f} GiB is smaller than output file {largest.relpath} "
-            f"({plan.target.memory_bytes(largest) / 2**30:.2f} GiB held while it is written): raise --max_memory, or split the "
+            f"({plan.memory_bytes(largest) / 2**30:.2f} GiB held while it is written): raise --max_memory, or split the "
             "model further (more TP/PP/EP ranks, a smaller --max_shard_size)"
         )
 
@@ -321,7 +321,7 @@ def _build_share(plan: Plan, files: list[OutputFile], manifest: Manifest, settin
         if kill_after is not None and len(results) - len(done_before) >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    memory = plan.target.memory_bytes
+    memory = plan.memory_bytes
     peak_in_flight = max((memory(f) for f in todo), default=0)
     try:
         if max_workers <= 1 or len(todo) <= 1:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 
 from . import tensor_expr as tx
-from .byteplan import only_moves
+from .byteplan import buffered_bytes
 from .core.plan import Plan
 
 # Streams a disk-bound conversion runs at once: on the 16-core host of the README's table, 8
@@ -58,7 +58,7 @@ def choose(plan: Plan, files: int, budget: int | None, cores: int | None = None)
     cores = usable_cores() if cores is None else cores
     limits = [(cores, f"{cores} cores"), (max(files, 1), f"{files} files")]
     if budget is not None and plan.files:
-        largest = max(plan.target.memory_bytes(f) for f in plan.files)
+        largest = max(plan.memory_bytes(f) for f in plan.files)
         fit = max(1, budget // max(largest, 1))
         limits.append((fit, f"memory for {fit} of the largest files"))
     if moves_bytes(plan):
@@ -68,18 +68,12 @@ def choose(plan: Plan, files: int, budget: int | None, cores: int | None = None)
 
 
 def moves_bytes(plan: Plan) -> bool:
-    """Whether the conversion mostly moves bytes: a source whose tensors lie plainly in files,
-    and at least 90% of the output bytes windows and concatenations of them."""
-    reader = plan.source.reader()
-    try:
-        if not callable(getattr(reader, "locate", None)):
-            return False  # converters, compressed or pickled parts: tensors are computed
-    finally:
-        reader.close()
+    """Whether the conversion mostly moves bytes: at least 90% of the output bytes are windows and
+    concatenations of source tensors that lie plainly in files (``Source.in_file``)."""
     total = moved = 0
     for _, _, job in plan.jobs():
         if job.expr is not None:
             n = tx.nbytes(job.expr)
             total += n
-            moved += n if only_moves(job.expr) else 0
-    return moved >= 0.9 * total
+            moved += n - buffered_bytes(job.expr, plan.source.in_file)
+    return total > 0 and moved >= 0.9 * total

@@ -107,6 +107,10 @@ class Plan:
                 out.append((j.name, j.expr.of))
         return out
 
+    def memory_bytes(self, out: OutputFile) -> int:
+        """Bytes a worker holds while it writes ``out`` (the target's estimate, for the memory budget)."""
+        return self.target.memory_bytes(out, self.source)
+
     @property
     def total_bytes(self) -> int:
         return sum(f.nbytes for f in self.files)

@@ -39,6 +39,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
+from ..byteplan import buffered_bytes
 from ..core.plan import ModelInfo, OutputFile, Plan
 from ..dtypes import DType
 from ..requests import LayoutRequest, ModelRequest
@@ -92,6 +93,12 @@ class Source(ABC):
     def largest_group_bytes(self) -> int:
         """Memory a reader holds besides the output file (converted tensor groups)."""
         return 0
+
+    def in_file(self, leaf: Leaf) -> bool:
+        """Whether the leaf's whole tensor lies plainly in a file (contiguous, uncompressed, its
+        dtype as stored), so that its reader's ``locate`` finds it and windows of it are moved
+        without a buffer. Decided at plan time; False unless the format knows."""
+        return False
 
     def describe(self) -> list[str]:
         """Extra ``--dry_run`` lines about the source."""
@@ -162,7 +169,7 @@ class Target(ABC):
         """Extra ``--dry_run`` lines (e.g. the placement table)."""
         return []
 
-    def memory_bytes(self, out: OutputFile) -> int:
+    def memory_bytes(self, out: OutputFile, source: Source) -> int:
         """Bytes a worker holds while writing ``out`` (the memory budget admits files by it): the
         whole file by default; a target that streams small independent pieces says less."""
         return out.nbytes
@@ -221,4 +228,12 @@ class CanonicalTarget(Target):
         """The layout planned by ``plan_files``."""
 
 
-__all__ = ["CanonicalSource", "CanonicalTarget", "HFSource", "HFTarget", "ModelRequest", "Source", "Target"]
+def in_place_memory(out: OutputFile, source: Source) -> int:
+    """What a file written in place (``endpoints/file_writers``) holds: the tensors it computes
+    (counted as if all were held at once; the worker's buffer holds one at a time), none for the
+    tensors that only move bytes of the source's files."""
+    return sum(buffered_bytes(job.expr, source.in_file) for job in out.tensor_jobs() if job.expr is not None)
+
+
+__all__ = ["CanonicalSource", "CanonicalTarget", "HFSource", "HFTarget", "ModelRequest", "Source", "Target",
+           "in_place_memory"]

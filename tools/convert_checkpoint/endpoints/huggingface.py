@@ -32,7 +32,7 @@ from ..errors import ConversionError
 from ..formats.safetensors_io import PlannedTensor, SafetensorsReader, TensorEntry, plan_layout, read_header
 from ..requests import ModelRequest, PlanRequest
 from ..tensor_expr import Expr, Leaf, LeafReader, TensorRef, source
-from .base import HFSource, HFTarget
+from .base import HFSource, HFTarget, Source, in_place_memory
 from .file_writers import write_safetensors
 
 if TYPE_CHECKING:
@@ -171,6 +171,9 @@ class HuggingFaceSource(HFSource):
 
     def reader(self) -> LeafReader:
         return self.converted.reader() if self.converted else SafetensorsReader(self.root, self.entries)
+
+    def in_file(self, leaf: Leaf) -> bool:
+        return not self.converted  # safetensors data is row-major and uncompressed
 
     def bytes_read_for(self, leaves: Iterable[Leaf]) -> int:
         if self.converted:  # converted tensors are read as whole groups
@@ -370,6 +373,9 @@ class HuggingFaceTarget(HFTarget):
 
     def fingerprint_fields(self) -> dict:
         return {"args": None, "hf_config": self.config}
+
+    def memory_bytes(self, out: OutputFile, source: Source) -> int:
+        return in_place_memory(out, source)
 
     def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> str:
         (_, jobs), = out.containers

@@ -39,7 +39,7 @@ from ..formats.safetensors_io import PlannedTensor, write_streaming
 from ..quant import kt_amx
 from ..requests import KtRequest, PlanRequest
 from ..tensor_expr import Expr
-from .base import HFSource, HFTarget
+from .base import HFSource, HFTarget, Source
 from .kt_experts import PROJECTIONS, ExpertLayers, MoeShape, Projection, expert_dtype, find_experts, moe_shape, output_name
 
 if TYPE_CHECKING:
@@ -258,7 +258,7 @@ class KtCpuTarget(HFTarget):
                     raise ConversionError(f"{name}: would be requantized to FP8; the kt_cpu target copies FP8 "
                                           "tensors only as stored")
 
-    def memory_bytes(self, out: OutputFile) -> int:
+    def memory_bytes(self, out: OutputFile, source: Source) -> int:
         return self.memory.get(out.relpath, out.nbytes)
 
     def fingerprint_fields(self) -> dict:

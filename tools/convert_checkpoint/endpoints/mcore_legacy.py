@@ -56,7 +56,7 @@ from ..quant.fp8_block import scales_are_pow2
 from ..quant.te_pickle import Fp8BlockRecord
 from ..requests import LayoutRequest, ModelRequest, PlanRequest, VocabPadding
 from ..tensor_expr import Expr, Leaf, TensorRef, source
-from .base import CanonicalSource, CanonicalTarget
+from .base import CanonicalSource, CanonicalTarget, Source, in_place_memory
 from .file_writers import write_rank_zip
 
 if TYPE_CHECKING:
@@ -224,6 +224,12 @@ class McoreSource(CanonicalSource):
 
     def reader(self) -> McoreReader:
         return McoreReader(self)
+
+    def in_file(self, leaf: Leaf) -> bool:
+        if leaf.ref.part is not None:
+            return False
+        stored = self.files.get(leaf.ref.file, {}).get(leaf.ref.container, {}).get(leaf.ref.name)
+        return isinstance(stored, StoredTensor) and stored.is_contiguous and stored.dtype == leaf.dtype
 
     def entries(self) -> Iterator[tuple[str, str, str]]:
         """(file, container, name) of every stored entry."""
@@ -808,10 +814,13 @@ class McoreTarget(CanonicalTarget):
     def describe(self, plan: Plan) -> list[str]:
         return placement_table(self.layout, plan.arch) if plan.arch is not None else []
 
+    def memory_bytes(self, out: OutputFile, source: Source) -> int:
+        return out.nbytes if _through_torch_save(out) else in_place_memory(out, source)
+
     def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> str | None:
         entries = [j for _, j in out.jobs() if j.expr is not None]
         assert self.args is not None
-        if not any(is_fp8_tensor(j.expr) or not torch_zip.supports(j.expr.dtype) for j in entries if j.expr is not None):
+        if not _through_torch_save(out):
             # Planned in place: each tensor is moved or written at its offset, one at a time.
             slots = {id(j): torch_zip.TensorSlot(f"{key}/{j.name}", j.expr.dtype, tuple(j.expr.shape), j.name)
                      for key, jobs in out.containers for j in jobs if j.expr is not None}
@@ -840,6 +849,12 @@ class McoreTarget(CanonicalTarget):
         from ..textfile import write_text
 
         write_text(os.path.join(self.target_dir, TRACKER_NAME), "release" if self.iteration is None else str(self.iteration))
+
+
+def _through_torch_save(out: OutputFile) -> bool:
+    """A rank file with TE FP8 parameters (their TE pickles) or a dtype the in-place writer cannot
+    pickle goes through torch.save, every tensor in memory at once."""
+    return any(is_fp8_tensor(j.expr) or not torch_zip.supports(j.expr.dtype) for j in out.tensor_jobs() if j.expr is not None)
 
 
 def create_target(request: PlanRequest) -> McoreTarget:
