@@ -92,9 +92,18 @@ def test_bf16_router_bias_comes_back_bf16(tiny_hf, tmp_path):
     assert_same_tensors(hf, load_hf_tensors(back))
 
 
-def test_copy_check_reads_chunk_by_chunk_and_finds_a_late_difference(tmp_path):
+class _TensorsOnly:
+    """A reader without ``locate``: the copy check materializes tensors instead of byte runs."""
+
+    def __init__(self, inner):
+        self.read_into, self.whole, self.close = inner.read_into, inner.whole, inner.close
+
+
+@pytest.mark.parametrize("path", ["byte runs", "tensors"])
+def test_copy_check_reads_chunk_by_chunk_and_finds_a_late_difference(tmp_path, path, monkeypatch):
     """The check reuses its two buffers for every chunk (no fresh allocation per chunk); a
-    difference in the last chunk only is still found, and equal copies of odd sizes pass."""
+    difference in the last chunk only is still found, and equal copies of odd sizes pass; both
+    through byte runs of the files (no torch) and through tensors."""
     from convert_checkpoint import tensor_expr as tx
     from convert_checkpoint.errors import ConversionError
     from convert_checkpoint.formats.safetensors_io import SafetensorsReader, read_header
@@ -109,8 +118,12 @@ def test_copy_check_reads_chunk_by_chunk_and_finds_a_late_difference(tmp_path):
     def leaf(name, rows=37):
         return tx.source(TensorRef("a.safetensors", name), torch.bfloat16, (rows, 11))
 
+    if path == "byte runs":  # no tensor is built
+        monkeypatch.setattr(tx, "materialize_into", lambda *a: pytest.fail("materialized a tensor"))
+
     def reader():
-        return SafetensorsReader(str(tmp_path), {"a.safetensors": read_header(str(tmp_path / "a.safetensors"))})
+        inner = SafetensorsReader(str(tmp_path), {"a.safetensors": read_header(str(tmp_path / "a.safetensors"))})
+        return inner if path == "byte runs" else _TensorsOnly(inner)
 
     check_copies([Copy("same", leaf("same"), "main", leaf("main"), True),
                   Copy("small", leaf("small", 5), "main", tx.narrow(leaf("main"), 0, 0, 5), True)], reader(),

@@ -47,12 +47,16 @@ def _without_torch(*argv: str) -> subprocess.CompletedProcess:
 KEEP_OUT = {"conversion_manifest.json", "conversion_report.json"}
 
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_hf_to_mcore_and_back_without_torch(tiny_hf, tmp_path, workers):
+@pytest.mark.parametrize("workers, spec", [
+    ("1", TinySpec("llama", vocab_size=256, dtype=torch.bfloat16)),
+    ("2", TinySpec("llama", vocab_size=256, dtype=torch.bfloat16)),
+    ("2", TinySpec("qwen2", tied=True, vocab_size=256, dtype=torch.bfloat16)),  # the tied lm_head compared as bytes
+], ids=["llama-1", "llama-2", "qwen2-tied-2"])
+def test_hf_to_mcore_and_back_without_torch(tiny_hf, tmp_path, workers, spec):
     """Both directions, one process and forked workers: no torch, and the files are byte for
     byte those of a run in a process that has torch (the stand-in pickle is torch.save's).
     bf16 with a vocab that needs no padding at TP 2: every tensor only moves."""
-    hf = tiny_hf(TinySpec("llama", vocab_size=256, dtype=torch.bfloat16))
+    hf = tiny_hf(spec)
     layout = ["--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2"]
     free, with_torch = str(tmp_path / "free"), str(tmp_path / "with_torch")
     proc = _without_torch("--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", hf,
