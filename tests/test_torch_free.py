@@ -205,3 +205,5 @@ def test_dtypes_cover_the_tensor_dtypes_the_converter_plans():
         assert torch.empty(0, dtype=t).element_size() == d.itemsize and t.is_floating_point == d.is_floating_point
     with pytest.raises(TypeError):
         dtypes.of(torch.complex64)
+    import pickle
+    assert all(pickle.loads(pickle.dumps(d)) is d for d in dtypes.ALL)  # one object per type: equality is identity

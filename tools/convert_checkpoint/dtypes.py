@@ -14,9 +14,11 @@ if TYPE_CHECKING:
     import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class DType:
-    """One element type: ``name`` is torch's (``torch.<name>``), ``code`` safetensors' (``BF16``)."""
+    """One element type: ``name`` is torch's (``torch.<name>``), ``code`` safetensors' (``BF16``).
+    There is one object per type (the constants below), so equality is identity: plans compare
+    dtypes hundreds of thousands of times."""
 
     name: str
     itemsize: int
@@ -28,6 +30,9 @@ class DType:
 
     def __repr__(self) -> str:
         return f"dtypes.{self.name.upper()}"
+
+    def __reduce__(self) -> tuple:  # unpickled as the same constant
+        return named, (self.name,)
 
     @property
     def torch(self) -> torch.dtype:

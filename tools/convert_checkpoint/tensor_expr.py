@@ -220,7 +220,7 @@ def dtype_name(dtype: DType | torch.dtype) -> str:
 
 def source(ref: TensorRef, dtype: DType | torch.dtype, shape: Sequence[int]) -> Leaf:
     """The whole of one source tensor (a torch dtype is accepted and recorded as its DType)."""
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(map(int, shape))
     return Leaf(ref, dtypes.of(dtype), shape, (0,) * len(shape), shape)
 
 
@@ -239,9 +239,8 @@ def cat(parts: Sequence[Expr], dim: int = 0) -> Expr:
     for p in items[1:]:
         if p.dtype != first.dtype:
             raise ValueError(f"cat of mixed dtypes {first.dtype} and {p.dtype}")
-        if len(p.shape) != len(first.shape) or any(
-            a != b for i, (a, b) in enumerate(zip(p.shape, first.shape)) if i != dim
-        ):
+        if len(p.shape) != len(first.shape) or p.shape[:dim] != first.shape[:dim] \
+                or p.shape[dim + 1:] != first.shape[dim + 1:]:
             raise ValueError(f"cat along dim {dim} of shapes {first.shape} and {p.shape}")
     shape = list(first.shape)
     shape[dim] = sum(p.shape[dim] for p in items)

@@ -82,6 +82,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     fp8: Fp8Policy | None = None  # set when some output tensor is block FP8
     options: Any = None  # the flags (ConvertOptions), recorded in the report and the fingerprint
+    _memory: dict[str, int] = field(default_factory=dict, repr=False, compare=False)  # memory_bytes per file
 
     @property
     def arch(self) -> ModelArch | None:
@@ -108,8 +109,12 @@ class Plan:
         return out
 
     def memory_bytes(self, out: OutputFile) -> int:
-        """Bytes a worker holds while it writes ``out`` (the target's estimate, for the memory budget)."""
-        return self.target.memory_bytes(out, self.source)
+        """Bytes a worker holds while it writes ``out`` (the target's estimate, for the memory
+        budget); computed once per file (it walks the file's expressions)."""
+        held = self._memory.get(out.relpath)
+        if held is None:
+            held = self._memory[out.relpath] = self.target.memory_bytes(out, self.source)
+        return held
 
     @property
     def total_bytes(self) -> int:
