@@ -28,7 +28,6 @@ else:
     from .torch_import import torch
 
 from . import torch_import
-from .byteplan import only_moves
 from .core.plan import OutputFile, Plan
 from .devices import DeviceLoad
 from .distributed import SINGLE, World
@@ -100,8 +99,9 @@ def _build_file(out: OutputFile, settings: BuildSettings, index: int = 0, gpu: i
 
 
 def plan_computes(plan: Plan) -> bool:
-    """Whether some output tensor is computed (needs torch) rather than moved as bytes."""
-    return any(job.expr is not None and not only_moves(job.expr) for _, _, job in plan.jobs())
+    """Whether some output file builds tensors (with torch): every file that holds memory while it
+    is written does; one that holds none only moves bytes of the source's files."""
+    return any(plan.memory_bytes(f) for f in plan.files)
 
 
 def _worker_init() -> None:
