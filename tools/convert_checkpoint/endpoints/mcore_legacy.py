@@ -273,9 +273,7 @@ class McoreReader:
             return None
         stored = self._src.files[leaf.ref.file][leaf.ref.container][leaf.ref.name]
         if isinstance(stored, StoredTensor):  # indexed without torch: the offset is in the index
-            if not stored.is_contiguous or stored.dtype != leaf.dtype:
-                return None
-            return os.path.join(self._src.root, leaf.ref.file), stored.offset
+            return (os.path.join(self._src.root, leaf.ref.file), stored.offset) if self._src.in_file(leaf) else None
         t = self._tensor(leaf)
         if not t.is_contiguous() or dtypes.of(t.dtype) != leaf.dtype:
             return None
