@@ -110,3 +110,26 @@ def cli_to_mcore(src: str, out: str, *extra: str, fault: str | None = None):
     cmd = [sys.executable, "-m", "convert_checkpoint", "--load_platform", "huggingface", "--save_platform", "mcore",
            "--load_ckpt_path", src, "--save_ckpt_path", out, "--no_progress", "--max_workers", "1", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+# Runs the CLI with torch made unimportable: the parent and its forked workers share the hook,
+# so any import of torch anywhere fails the conversion.
+_NO_TORCH = """
+import sys
+class _Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch imported during a conversion that only moves bytes")
+sys.meta_path.insert(0, _Refuse())
+from convert_checkpoint.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def without_torch(*argv: str):
+    """``convert-checkpoint ARGV`` in a subprocess where importing torch fails (workers included)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _NO_TORCH, *argv, "--no_progress"], capture_output=True, text=True,
+                          timeout=300)

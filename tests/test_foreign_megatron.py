@@ -19,9 +19,10 @@ import torch
 from convert_checkpoint.config.family import CONFIG_ROOT
 from convert_checkpoint.endpoints.mcore_legacy import load_file
 from convert_checkpoint.formats import stand_in_pickle
+from convert_checkpoint.formats.torch_zip_index import StoredTensor, TorchDTypeName
 from convert_checkpoint.quant import te_pickle
 from fixtures import load_hf_tensors
-from helpers import assert_same_tensors, convert, hf_to_mcore, mcore_to_hf
+from helpers import assert_same_tensors, convert, hf_to_mcore, mcore_to_hf, without_torch
 from tiny_models import TinySpec
 
 LLAMA = TinySpec("llama", dtype=torch.bfloat16)
@@ -324,6 +325,9 @@ def test_training_checkpoint_reads_only_the_model_entries(training):
         loaded = load_file(path)
         assert sorted(loaded) == ["args", "checkpoint_version", "iteration", "model"]
         assert loaded["iteration"] == 1000
+        # indexed without torch (its args' torch dtypes kept by name): the weights' byte offsets
+        assert all(isinstance(t, StoredTensor) for n, t in loaded["model"].items() if n.endswith("weight"))
+        assert loaded["args"].params_dtype == TorchDTypeName("bfloat16")
     # Unpickled through the allow-list: numpy's array and dtype and Megatron's enum come back as
     # inert stand-ins (no numpy or Megatron code runs), the rest as plain values and tensors.
     raw = te_pickle.load(path)
@@ -345,6 +349,17 @@ def test_training_checkpoint_converts_with_hf_config_path(training, tmp_path):
     back2 = str(tmp_path / "back2")
     assert mcore_to_hf(os.path.join(run, "iter_0001000"), back2, hf_config_path=hf) == 0
     assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(back2))
+
+
+def test_training_checkpoint_converts_without_torch(training, tmp_path):
+    """A training checkpoint (optimizer, RNG state, torch dtypes and Megatron enums in its args) is
+    indexed without torch, so its model converts to HF as a pure byte move."""
+    hf, run = training
+    back = str(tmp_path / "back")
+    proc = without_torch("--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", run,
+                         "--save_ckpt_path", back, "--hf_config_path", hf)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_tensors(load_hf_tensors(hf), load_hf_tensors(back))
 
 
 def test_training_checkpoint_args_fill_the_architecture(training, tmp_path, capsys):

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
 import zipfile
 
 import pytest
@@ -22,27 +20,8 @@ from convert_checkpoint.formats import stand_in_pickle, torch_zip_index
 from convert_checkpoint.formats.torch_zip_index import NotPlain, StoredTensor, read_index
 from convert_checkpoint.quant import te_pickle
 from fixtures import read_tree
-from helpers import hf_to_mcore, mcore_to_hf
+from helpers import hf_to_mcore, mcore_to_hf, without_torch
 from tiny_models import TinySpec
-
-# Runs the CLI with torch made unimportable: the parent and its forked workers share the hook,
-# so any import of torch anywhere fails the conversion.
-_NO_TORCH = """
-import sys
-class _Refuse:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch imported during a conversion that only moves bytes")
-sys.meta_path.insert(0, _Refuse())
-from convert_checkpoint.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def _without_torch(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", _NO_TORCH, *argv, "--no_progress"], capture_output=True, text=True,
-                          timeout=300)
-
 
 KEEP_OUT = {"conversion_manifest.json", "conversion_report.json"}
 
@@ -52,21 +31,21 @@ KEEP_OUT = {"conversion_manifest.json", "conversion_report.json"}
     ("2", TinySpec("llama", vocab_size=256, dtype=torch.bfloat16)),
     ("2", TinySpec("qwen2", tied=True, vocab_size=256, dtype=torch.bfloat16)),  # the tied lm_head compared as bytes
 ], ids=["llama-1", "llama-2", "qwen2-tied-2"])
-def test_hf_to_mcore_and_back_without_torch(tiny_hf, tmp_path, workers, spec):
+def test_hf_to_mcore_and_backwithout_torch(tiny_hf, tmp_path, workers, spec):
     """Both directions, one process and forked workers: no torch, and the files are byte for
     byte those of a run in a process that has torch (the stand-in pickle is torch.save's).
     bf16 with a vocab that needs no padding at TP 2: every tensor only moves."""
     hf = tiny_hf(spec)
     layout = ["--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2"]
     free, with_torch = str(tmp_path / "free"), str(tmp_path / "with_torch")
-    proc = _without_torch("--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", hf,
+    proc = without_torch("--load_platform", "huggingface", "--save_platform", "mcore", "--load_ckpt_path", hf,
                           "--save_ckpt_path", free, "--max_workers", workers, *layout)
     assert proc.returncode == 0, proc.stderr
     assert hf_to_mcore(hf, with_torch, tensor_model_parallel_size=2, pipeline_model_parallel_size=2) == 0
     assert read_tree(free, KEEP_OUT) == read_tree(with_torch, KEEP_OUT)
 
     back_free, back_torch = str(tmp_path / "back_free"), str(tmp_path / "back_torch")
-    proc = _without_torch("--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", free,
+    proc = without_torch("--load_platform", "mcore", "--save_platform", "huggingface", "--load_ckpt_path", free,
                           "--save_ckpt_path", back_free, "--max_workers", workers)
     assert proc.returncode == 0, proc.stderr
     assert mcore_to_hf(with_torch, back_torch) == 0
@@ -90,7 +69,7 @@ def _tensors(root: str) -> dict[str, torch.Tensor]:
 def test_a_conversion_that_computes_still_imports_torch(tiny_hf, tmp_path):
     """The refusal hook is real: quantizing needs torch, and the run says so."""
     hf = tiny_hf(TinySpec("llama"))
-    proc = _without_torch("quantize", hf, str(tmp_path / "out"), "--scheme", "FP8_DYNAMIC")
+    proc = without_torch("quantize", hf, str(tmp_path / "out"), "--scheme", "FP8_DYNAMIC")
     assert proc.returncode != 0 and "torch imported during a conversion" in proc.stderr
 
 
@@ -131,8 +110,8 @@ def test_index_finds_every_tensor_where_torch_maps_it(tmp_path):
 
 @pytest.mark.parametrize("value, why", [
     (torch.nn.Parameter(torch.ones(2)), "a parameter"),
-    (torch.bfloat16, "a torch dtype"),
     (torch.ones(2, dtype=torch.float8_e4m3fn), "a dtype without a legacy storage class"),
+    (torch.device("cpu"), "a torch object other than a dtype"),
 ])
 def test_index_leaves_files_it_does_not_know_to_torch(tmp_path, value, why):
     path = str(tmp_path / "model_optim_rng.pt")
@@ -141,6 +120,16 @@ def test_index_leaves_files_it_does_not_know_to_torch(tmp_path, value, why):
         read_index(path)
     loaded = load_file(path)  # the caller's fallback: torch reads it
     assert torch.equal(loaded["model"]["w"], torch.ones(3)), why
+
+
+def test_index_keeps_torch_dtypes_in_the_args_by_name(tmp_path):
+    """Megatron training checkpoints' args hold torch dtypes: read without torch, by name."""
+    path = str(tmp_path / "model_optim_rng.pt")
+    torch.save({"model": {"w": torch.ones(3)}, "args": argparse.Namespace(params_dtype=torch.bfloat16,
+                                                                          main_grads_dtype=torch.float32)}, path)
+    args = read_index(path)["args"]
+    assert args.params_dtype == torch_zip_index.TorchDTypeName("bfloat16")
+    assert args.main_grads_dtype == torch_zip_index.TorchDTypeName("float32")
 
 
 def test_index_refuses_foreign_globals_and_te_tensors(tmp_path):

@@ -5,8 +5,9 @@ storage. To plan a conversion only each tensor's dtype, shape, strides and byte 
 file are needed, so ``data.pkl`` is unpickled here with stand-ins: a tensor becomes a
 :class:`StoredTensor`, a storage the record it names. Only globals that plain ``torch.save``
 state dicts use are accepted (tensors, their storage classes, ``OrderedDict``, ``argparse.Namespace``,
-and the inert stand-ins ``te_pickle`` keeps for a training checkpoint's foreign values); anything
-else (TE FP8 tensors, torch dtypes, parameters ...) raises :class:`NotPlain` and the caller
+torch dtypes among the values (by name), and the inert stand-ins ``te_pickle`` keeps for a
+training checkpoint's foreign values); anything else (TE FP8 tensors, parameters, tensors
+rebuilt with an explicit dtype ...) raises :class:`NotPlain` and the caller
 loads the file with torch instead, which also gives torch's own errors for corrupt files.
 No code from the file is ever run.
 """
@@ -61,6 +62,14 @@ class StoredTensor:
 
 
 @dataclass(frozen=True)
+class TorchDTypeName:
+    """A torch dtype among a file's values, kept by name (Megatron's args hold ``params_dtype``,
+    ``main_grads_dtype`` ...; the converter reads none of them)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class _StorageClass:
     dtype: DType
 
@@ -99,6 +108,7 @@ def _plain_globals() -> dict[tuple[str, str], Any]:
                                          ("argparse", "Namespace"): argparse.Namespace,
                                          ("_codecs", "encode"): _latin1_bytes}
     found.update({("torch", name): _StorageClass(d) for name, d in _STORAGE_DTYPES.items()})
+    found.update({("torch", d.name): TorchDTypeName(d.name) for d in dtypes.ALL})
     for value, path in TRAINING_STATE:
         module, name = path.rsplit(".", 1)
         found[(module, name)] = value
