@@ -159,6 +159,20 @@ def test_index_of_a_training_checkpoint_keeps_foreign_values_inert(tmp_path):
     assert set(load_file(path)) == {"model"}  # the optimizer and RNG state are dropped
 
 
+def test_index_leaves_big_endian_storages_to_torch(tmp_path):
+    """torch.load swaps the bytes of a file saved on a big-endian machine; a byte move would not."""
+    path = tmp_path / "model_optim_rng.pt"
+    torch.save({"model": {"w": torch.ones(4)}}, path)
+    swapped = tmp_path / "big.pt"
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(swapped, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info.filename)
+            dst.writestr(info, b"big" if info.filename.endswith("/byteorder") else data)
+    assert read_index(str(path))["model"]["w"].numel() == 4
+    with pytest.raises(NotPlain, match="big-endian"):
+        read_index(str(swapped))
+
+
 def test_index_of_a_corrupt_file_defers_to_torchs_error(tmp_path):
     path = tmp_path / "model_optim_rng.pt"
     torch.save({"model": {"w": torch.ones(1000)}}, path)

@@ -154,6 +154,9 @@ def read_index(path: str) -> Any:
                     name_len, extra_len = struct.unpack("<HH", f.read(4))
                     records[info.filename[len(prefix):]] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
             data = z.read(pkl_names[0])
+            order = pkl_names[0][: -len("data.pkl")] + "byteorder"
+            if order in z.namelist() and z.read(order) != b"little":  # torch.load would swap bytes; a move would not
+                raise NotPlain("big-endian storages")
     except (OSError, zipfile.BadZipFile, struct.error, KeyError) as e:
         raise NotPlain(str(e)) from None
     try:
