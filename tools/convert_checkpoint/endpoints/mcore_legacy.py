@@ -301,9 +301,7 @@ def storage_map_base(path: str, loaded: dict) -> int | None:
             records = set()
             for info in z.infolist():
                 if "/data/" in info.filename and info.compress_type == zipfile.ZIP_STORED:
-                    f.seek(info.header_offset + 26)  # the local header's name and extra lengths
-                    name_len, extra_len = struct.unpack("<HH", f.read(4))
-                    records.add(info.header_offset + 30 + name_len + extra_len)
+                    records.add(torch_zip_index.data_offset(f, info))
     except (OSError, zipfile.BadZipFile, struct.error):
         return None
     ptrs = {t.untyped_storage().data_ptr() for sd in loaded.values() if isinstance(sd, dict)

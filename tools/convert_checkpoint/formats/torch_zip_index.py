@@ -21,7 +21,7 @@ import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from .. import dtypes
 from ..dtypes import DType
@@ -137,6 +137,14 @@ class _IndexUnpickler(pickle.Unpickler):
         return _Storage(cls.dtype, record[0], numel)
 
 
+def data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
+    """Where a stored record's bytes start: after its local header, whose name and extra field
+    lengths may differ from the central directory's."""
+    f.seek(info.header_offset + 26)
+    name_len, extra_len = struct.unpack("<HH", f.read(4))
+    return info.header_offset + 30 + name_len + extra_len
+
+
 def read_index(path: str) -> Any:
     """The unpickled ``data.pkl`` of ``path`` with :class:`StoredTensor` for its tensors."""
     try:
@@ -150,9 +158,7 @@ def read_index(path: str) -> Any:
                 if info.filename.startswith(prefix):
                     if info.compress_type != zipfile.ZIP_STORED:
                         raise NotPlain("compressed storage")
-                    f.seek(info.header_offset + 26)  # the local header's name and extra lengths
-                    name_len, extra_len = struct.unpack("<HH", f.read(4))
-                    records[info.filename[len(prefix):]] = (info.header_offset + 30 + name_len + extra_len, info.file_size)
+                    records[info.filename[len(prefix):]] = (data_offset(f, info), info.file_size)
             data = z.read(pkl_names[0])
             order = pkl_names[0][: -len("data.pkl")] + "byteorder"
             if order in z.namelist() and z.read(order) != b"little":  # torch.load would swap bytes; a move would not
