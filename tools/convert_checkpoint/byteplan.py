@@ -39,14 +39,14 @@ class _TooMany(Exception):
 
 
 def _leaf_runs(leaf: Leaf, locate: Locate) -> list[tuple[int, str, int, int]] | None:
-    """(dst element, src path, src element, elements) of a leaf's window, in window order."""
+    """(dst element, src path, src byte offset, elements) of a leaf's window, in window order.
+    The source offset is in bytes: a tensor need not start at a multiple of its item size (a
+    ``.distcp`` chunk's archive starts anywhere in its file)."""
     where = locate(leaf)
     if where is None:
         return None
     path, base = where
     itemsize = leaf.dtype.itemsize
-    if base % itemsize:
-        return None
     shape, offs, win = leaf.source_shape, leaf.offsets, leaf.shape
     if math.prod(win) == 0:
         return []
@@ -54,7 +54,7 @@ def _leaf_runs(leaf: Leaf, locate: Locate) -> list[tuple[int, str, int, int]] | 
     # The window is contiguous from the last dim that is cut; the dims before it give the runs.
     cut = max((d for d in range(len(shape)) if (offs[d], win[d]) != (0, shape[d])), default=-1)
     if cut < 0:
-        return [(0, path, base // itemsize, math.prod(shape))]
+        return [(0, path, base, math.prod(shape))]
     run = win[cut] * strides[cut]
     lead = win[:cut]
     if math.prod(lead) > MAX_RUNS:
@@ -62,7 +62,7 @@ def _leaf_runs(leaf: Leaf, locate: Locate) -> list[tuple[int, str, int, int]] | 
     out = []
     for dst, index in enumerate(itertools.product(*(range(n) for n in lead))):
         src = sum((offs[d] + i) * strides[d] for d, i in enumerate(index)) + offs[cut] * strides[cut]
-        out.append((dst * run, path, base // itemsize + src, run))
+        out.append((dst * run, path, base + src * itemsize, run))
     return out
 
 
@@ -72,6 +72,7 @@ def _runs(expr: Expr, locate: Locate) -> list[tuple[int, str, int, int]] | None:
     if not isinstance(expr, Cat) or any(p.dtype != expr.dtype for p in expr.parts):
         return None
     d = expr.dim
+    item = expr.dtype.itemsize
     row = math.prod(expr.shape[d:])  # output elements per leading index
     out: list[tuple[int, str, int, int]] = []
     start = 0  # where this part's block begins inside an output row
@@ -85,7 +86,7 @@ def _runs(expr: Expr, locate: Locate) -> list[tuple[int, str, int, int]] | None:
                 i, within = divmod(dst, block)
                 take = min(n, block - within)
                 out.append((i * row + start + within, path, src, take))
-                dst, src, n = dst + take, src + take, n - take
+                dst, src, n = dst + take, src + take * item, n - take
         start += block
         if len(out) > MAX_RUNS * 4:
             raise _TooMany
@@ -131,8 +132,8 @@ def plan_runs(expr: Expr, locate: Locate) -> list[Run] | None:
     for dst, path, src, n in runs:
         last = merged[-1] if merged else None
         if last and last.src == path and last.dst_offset + last.length == dst * item \
-                and last.src_offset + last.length == src * item:
+                and last.src_offset + last.length == src:
             merged[-1] = Run(path, last.src_offset, last.dst_offset, last.length + n * item)
         else:
-            merged.append(Run(path, src * item, dst * item, n * item))
+            merged.append(Run(path, src, dst * item, n * item))
     return merged

@@ -9,9 +9,10 @@ tensor from the page cache once it is in place, so it ends soon after the last w
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -108,21 +109,37 @@ def write_safetensors(path: str, layout: SafetensorsLayout, exprs: Mapping[str, 
 
 def write_rank_zip(path: str, layout: torch_zip.ZipLayout, exprs: Mapping[str, Expr], ctx: FileContext) -> str:
     """A ``.pt`` zip of ``layout``, slot ``s`` being ``exprs[s.name]``; returns its sha256."""
+    return write_zips(path, [(0, layout)], b"", exprs, ctx)
+
+
+def write_zips(path: str, archives: Sequence[tuple[int, torch_zip.ZipLayout]], tail: bytes,
+               exprs: Mapping[str, Expr], ctx: FileContext) -> str:
+    """A file of zips, each at its byte offset (a rank file is one; a ``.distcp`` file is one
+    per chunk, then ``tail``, its index), slot ``s`` being ``exprs[s.name]``; returns its sha256."""
     fd = _open(path)
     try:
-        torch_zip.write_fixed(fd, layout)
+        for base, layout in archives:
+            torch_zip.write_fixed(fd, layout, base)
+        end = archives[-1][0] + archives[-1][1].size if archives else 0
+        pwrite_all(fd, tail, end)
 
         def check(slot: torch_zip.TensorSlot, chunk: memoryview) -> None:
             ctx.check_bytes(slot.title, slot.dtype, chunk)
 
         def finish(ready: Callable[[Hashable], None]) -> str:
-            return torch_zip.Finisher(fd, layout, check, ready).run()
+            sha = hashlib.sha256()
+            for base, layout in archives:
+                torch_zip.Finisher(fd, layout, check, ready, base).feed(sha)
+            sha.update(tail)
+            return sha.hexdigest()
 
         placements = []
-        for record in layout.tensor_records:
-            slot = record.slot
-            assert slot is not None
-            placements.append(_Placement(record.name, slot.title, exprs[slot.name], record.data_offset, record.size))
+        for base, layout in archives:
+            for record in layout.tensor_records:
+                slot = record.slot
+                assert slot is not None
+                at = base + record.data_offset
+                placements.append(_Placement(at, slot.title, exprs[slot.name], at, record.size))
         return _place(fd, placements, ctx, finish)
     finally:
         os.close(fd)

@@ -39,7 +39,8 @@ from ..config.resolve import param_dtype
 from ..core.canonical import CanonicalTensor, Sections, Split
 from ..core.plan import ModelInfo, OutputFile, Plan, TensorJob
 from ..errors import ConversionError
-from ..formats import dcp
+from ..formats import dcp, torch_zip, torch_zip_index
+from ..formats.torch_zip_index import StoredTensor
 from ..layout.from_flags import layout_from_flags, validate_tensor_parallel
 from ..layout.pipeline import PipelineLayout
 from ..layout.placement import MTP_INNER_LAYER, ParallelLayout
@@ -48,11 +49,13 @@ from ..quant import fp8_block, te_pickle
 from ..quant.te_pickle import Fp8BlockRecord
 from ..requests import LayoutRequest, ModelRequest, PlanRequest, VocabPadding
 from ..tensor_expr import Expr, Leaf, TensorRef
-from .base import CanonicalSource, CanonicalTarget
+from .base import CanonicalSource, CanonicalTarget, Source, in_place_memory
+from .file_writers import write_zips
 from .mcore_dist_keys import KeyRules, ParsedKey, Slot, mtp_inner_name, parse_key, section_of, slot
 from .mcore_legacy import (
     CHECKPOINT_VERSION,
     TRACKER_NAME,
+    archive_name,
     load_file,
     mcore_args,
     model_from_args,
@@ -75,6 +78,7 @@ BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 FILE_BYTES = 1 << 30  # a .distcp file (one worker's unit of work) holds up to this much
 CHUNK_BYTES = 256 << 20  # a chunk (one blob: what a reader loads at once) holds up to this much
+BLOB_ARCHIVE = "archive"  # the top directory torch.save gives an archive written to a stream
 _SKIPPED_PREFIXES = ("optimizer.",)
 
 
@@ -100,7 +104,7 @@ class DistSource(CanonicalSource):
     short = "mcore"
 
     root: str
-    metadata: dcp.Metadata
+    metadata: dcp.DistMetadata
     keys: dict[str, ParsedKey]  # model tensor keys
     entries: dict[str, dcp.TensorEntry]
     skipped: int = 0  # optimizer-state entries, not read
@@ -108,6 +112,7 @@ class DistSource(CanonicalSource):
     request: ModelRequest = ModelRequest()
     hf_config_path: str | None = None
     arch_origin: str = "the checkpoint's saved architecture"
+    _blobs: dict[tuple[str, str], StoredTensor | None] = field(default_factory=dict, repr=False)
 
     def args(self) -> argparse.Namespace | None:
         return self.common.get("args")
@@ -127,12 +132,46 @@ class DistSource(CanonicalSource):
                 "weights are read"]
 
     def reader(self) -> DistReader:
-        return DistReader(self.root)
+        return DistReader(self)
 
     def bytes_read_for(self, leaves: Iterable[Leaf]) -> int:
-        """A window costs its whole blob (a chunk is one torch.save archive), once per file."""
-        blobs = {(leaf.ref.file, (leaf.ref.part or "").split("@")[0]) for leaf in leaves}
-        return sum(int(at.split("+")[1]) for _, at in blobs)
+        """A window that moves costs its own bytes; any other its whole blob (a chunk is one
+        torch.save archive, loaded whole), once per file."""
+        blobs, moved = set(), 0
+        for leaf in leaves:
+            if self.in_file(leaf):
+                moved += tx.nbytes(leaf)
+            else:
+                blobs.add((leaf.ref.file, (leaf.ref.part or "").split("@")[0]))
+        return moved + sum(int(at.split("+")[1]) for _, at in blobs)
+
+    def in_file(self, leaf: Leaf) -> bool:
+        return self.stored_offset(leaf) is not None
+
+    def stored_offset(self, leaf: Leaf) -> int | None:
+        """Where the leaf's tensor starts in its data file, where its chunk's archive holds a
+        plain contiguous tensor of the leaf's dtype (indexed without torch, once per blob);
+        None where the chunk must be loaded (a TE FP8 pickle, a chunk without its layer axes)."""
+        assert leaf.ref.part is not None
+        at, local = leaf.ref.part.split("@")
+        stored = self._blob_tensor(leaf.ref.file, at)
+        index = tuple(int(i) for i in local.split(",")) if local else ()
+        if (stored is None or not stored.is_contiguous or stored.dtype != leaf.dtype
+                or stored.shape != (*stored.shape[:len(index)], *leaf.source_shape)
+                or any(i >= n for i, n in zip(index, stored.shape))):
+            return None
+        return stored.offset + sum(i * st for i, st in zip(index, stored.stride)) * stored.dtype.itemsize
+
+    def _blob_tensor(self, file: str, at: str) -> StoredTensor | None:
+        key = (file, at)
+        if key not in self._blobs:
+            offset, length = (int(x) for x in at.split("+"))
+            try:
+                found = torch_zip_index.read_index(os.path.join(self.root, file), offset, length)
+            except torch_zip_index.NotPlain:
+                found = None
+            self._blobs[key] = found if isinstance(found, StoredTensor) else None
+        return self._blobs[key]
 
     def canonical(self, tensors: list[CanonicalTensor], model: ModelInfo,
                   flags: LayoutRequest) -> tuple[dict[str, Expr], ParallelLayout]:
@@ -167,7 +206,7 @@ class DistSource(CanonicalSource):
                 raise ConversionError(f"{self.root}: torch_dist tensor {key} of shape {list(entry.shape)} lacks its "
                                       f"{'/'.join(parsed.axes)} axes")
             for offsets, sizes in entry.chunks:
-                info = dcp.storage_of(self.metadata, key, offsets)
+                info = self.metadata.storage[(key, offsets)]
                 for index in itertools.product(*(range(o, o + s) for o, s in zip(offsets[:n], sizes[:n]))):
                     local = ",".join(str(i - o) for i, o in zip(index, offsets))
                     ref = TensorRef(info.relative_path, key, None, f"{info.offset}+{info.length}@{local}")
@@ -241,14 +280,20 @@ def assemble(pieces: list[tuple[tuple[int, ...], Expr]], shape: tuple[int, ...],
 
 
 class DistReader:
-    """Reads leaf windows out of chunk blobs; recently loaded blobs are kept up to a byte cap
-    (a chunk of several layers serves each of them)."""
+    """Reads leaf windows: a plain tensor chunk is moved from its file (``locate``); any other
+    is loaded, and recently loaded blobs are kept up to a byte cap (a chunk of several layers
+    serves each of them)."""
 
     _CACHE_BYTES = 512 << 20
 
-    def __init__(self, root: str):
-        self._root = root
+    def __init__(self, src: DistSource):
+        self._src = src
+        self._root = src.root
         self._blobs: OrderedDict[tuple[str, int], torch.Tensor] = OrderedDict()
+
+    def locate(self, leaf: Leaf) -> tuple[str, int] | None:
+        offset = self._src.stored_offset(leaf)
+        return None if offset is None else (os.path.join(self._root, leaf.ref.file), offset)
 
     def _blob(self, file: str, offset: int, length: int) -> torch.Tensor:
         key = (file, offset)
@@ -316,10 +361,10 @@ def open_checkpoint(path: str, request: ModelRequest | None = None, hf_config_pa
         found = backend.get("sharded_backend") if isinstance(backend, dict) else backend
         raise ConversionError(f"{meta_path}: sharded_backend {found!r}; only torch_dist checkpoints are read")
     metadata = dcp.read_metadata(root)
-    entries = dcp.tensor_entries(metadata)
+    entries = metadata.tensors
     keys: dict[str, ParsedKey] = {}
     skipped = 0
-    for fqn in metadata.state_dict_metadata:
+    for fqn in metadata.names:
         if fqn.startswith(_SKIPPED_PREFIXES):
             skipped += 1
         elif fqn in entries:
@@ -482,12 +527,38 @@ class DistTarget(CanonicalTarget):
         return [f"torch_dist: {len(self.tensors)} tensors ({several} in several chunks), "
                 f"{len(self.objects)} _extra_state objects, {len(plan.files)} .distcp files"]
 
-    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> None:
-        """The file's blobs one at a time: memory holds one chunk."""
+    def memory_bytes(self, out: OutputFile, source: Source) -> int:
+        return out.nbytes if _through_torch_save(out) else in_place_memory(out, source)
+
+    def write_file(self, out: OutputFile, path: str, ctx: FileContext) -> str | None:
+        """The file's blobs in place, each chunk's archive laid out from its dtype and shape (a
+        chunk that only moves bytes is copied into it); a chunk of a dtype the layout cannot
+        pickle sends the file through torch.save, a chunk at a time. Returns its sha256."""
+        if _through_torch_save(out):
+            self._save_through_torch(out, path, ctx)
+            return None
+        archives: list[tuple[int, torch_zip.ZipLayout]] = []
+        records: list[dcp.BlobRecord] = []
+        exprs: dict[str, Expr] = {}
+        offset = 0
+        for _, job in out.jobs():
+            if job.expr is None:  # Megatron's ShardedObject payload: a list of per-shard objects
+                layout = torch_zip.plan([None], BLOB_ARCHIVE)
+                records.append(dcp.BlobRecord(job.name, None, None, offset, layout.size))
+            else:
+                chunk = self._chunks[job.name]
+                layout = torch_zip.plan(torch_zip.TensorSlot(job.name, job.expr.dtype, chunk.sizes, chunk.key), BLOB_ARCHIVE)
+                records.append(dcp.BlobRecord(chunk.key, chunk.offsets, chunk.sizes, offset, layout.size))
+                exprs[job.name] = job.expr
+            archives.append((offset, layout))
+            offset += layout.size
+        return write_zips(path, archives, dcp.index_bytes(records), exprs, ctx)
+
+    def _save_through_torch(self, out: OutputFile, path: str, ctx: FileContext) -> None:
         with open(path, "wb") as f, without_zip_crc32():
             writer = dcp.BlobWriter(f)
             for _, job in out.jobs():
-                if job.expr is None:  # Megatron's ShardedObject payload: a list of per-shard objects
+                if job.expr is None:
                     writer.object(job.name, [None])
                     continue
                 chunk = self._chunks[job.name]
@@ -504,11 +575,16 @@ class DistTarget(CanonicalTarget):
         common = {"args": self.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
                   "content_metadata": dict(CONTENT_METADATA)}
         common_path = os.path.join(self.data_dir, COMMON_NAME)
-        torch.save(common, tmp_path(common_path))
+        torch_zip.save_plain(tmp_path(common_path), common, archive_name(common_path))
         os.replace(tmp_path(common_path), common_path)
         dcp.write_metadata(os.path.join(self.data_dir, dcp.METADATA_NAME), metadata)
         write_text(os.path.join(self.data_dir, METADATA_JSON), json.dumps(BACKEND))
         write_text(os.path.join(self.target_dir, TRACKER_NAME), "release")
+
+
+def _through_torch_save(out: OutputFile) -> bool:
+    """A chunk of a dtype ``torch_zip`` cannot pickle (FP8 has no storage class) goes through torch.save."""
+    return any(not torch_zip.supports(j.expr.dtype) for j in out.tensor_jobs() if j.expr is not None)
 
 
 def _row_blocks(t: CanonicalTensor, expr: Expr) -> list[tuple[int, int]]:

@@ -3,14 +3,17 @@
 A ``.distcp`` file is a concatenation of blobs, each one complete ``torch.save`` archive (a
 tensor chunk, or an already serialized object); ``.metadata`` is a pickled
 ``torch.distributed.checkpoint.metadata.Metadata`` that gives every tensor's global shape and
-chunks, and every chunk's (file, offset, length). torch's own metadata types are used, so
-torch's and Megatron's loaders read what is written here.
+chunks, and every chunk's (file, offset, length).
 
-Writing is streamed: a writer appends one chunk's blob at a time and, since the offsets are
-known only once the blobs are written, ends each file with a small index of its blobs (after
-the last blob, where no reader looks); ``.metadata`` is built from those indexes once every file
-is on disk. Reading parses ``.metadata`` with an allow-list unpickler and ``torch.load``s one
-blob at a time.
+Neither direction imports torch. ``.metadata`` is written with stand-ins of torch's metadata
+classes, pickled as torch pickles the real ones (so torch's and Megatron's loaders read it),
+and read with an unpickler that turns torch's classes into plain records (:class:`DistMetadata`).
+A data file is written in place (``endpoints.file_writers.write_zips``: each chunk's archive
+laid out by ``torch_zip``) and, since the blob offsets matter only to ``.metadata``, ends with
+a small index of its blobs (after the last blob, where no reader looks); ``.metadata`` is built
+from those indexes once every file is on disk. A chunk is read by moving its bytes (its
+archive indexed by ``torch_zip_index``) or, where the archive is not a plain tensor, with
+torch's loader.
 """
 from __future__ import annotations
 
@@ -29,14 +32,11 @@ if TYPE_CHECKING:
 else:
     from ..torch_import import torch
 
-if TYPE_CHECKING:  # torch.distributed.checkpoint costs ~0.5 s to import: only where DCP is read or written
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import Metadata
-
 from .. import dtypes
 from ..dtypes import DType
 from ..errors import ConversionError
 from ..textfile import tmp_path
+from .stand_in_pickle import Global, InstanceValue, StandInPickler
 
 METADATA_NAME = ".metadata"
 DCP_VERSION = "1.0.0"
@@ -63,6 +63,26 @@ class TensorEntry:
     dtype: DType
     shape: tuple[int, ...]
     chunks: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+
+
+@dataclass(frozen=True)
+class StorageInfo:
+    """Where one chunk or object is stored: a blob of a data file."""
+
+    relative_path: str
+    offset: int
+    length: int
+    transforms: tuple[str, ...] = ()  # torch's storage extensions (e.g. compression), not read
+
+
+@dataclass(frozen=True)
+class DistMetadata:
+    """What ``.metadata`` says: every entry's name in order, the tensors among them, and where
+    each chunk (key: name and chunk offsets) and each object (key: name and None) is stored."""
+
+    names: tuple[str, ...]
+    tensors: dict[str, TensorEntry]
+    storage: dict[tuple[str, tuple[int, ...] | None], StorageInfo]
 
 
 # --- coverage ----------------------------------------------------------------------------
@@ -122,7 +142,8 @@ def _overlap(boxes: list[Box], dim: int) -> tuple[Box, Box] | None:
 # --- writing -----------------------------------------------------------------------------
 
 class BlobWriter:
-    """Appends blobs to one data file, then its index (``close``)."""
+    """Appends blobs to one data file through ``torch.save``, then its index (``close``): for
+    chunks the in-place writer cannot lay out (a dtype ``torch_zip`` does not pickle)."""
 
     def __init__(self, f: IO[bytes]):
         self._f = f
@@ -143,13 +164,17 @@ class BlobWriter:
         self.records.append(BlobRecord(fqn, None, None, start, self._f.tell() - start))
 
     def close(self) -> None:
-        index = json.dumps([[r.fqn, r.offsets, r.sizes, r.offset, r.length] for r in self.records]).encode()
-        self._f.write(index)
-        self._f.write(_TRAILER_TAIL.pack(len(index), _TRAILER_MAGIC))
+        self._f.write(index_bytes(self.records))
+
+
+def index_bytes(records: Sequence[BlobRecord]) -> bytes:
+    """The blob index that ends a data file (see :func:`read_index`)."""
+    index = json.dumps([[r.fqn, r.offsets, r.sizes, r.offset, r.length] for r in records]).encode()
+    return index + _TRAILER_TAIL.pack(len(index), _TRAILER_MAGIC)
 
 
 def read_index(path: str) -> list[BlobRecord]:
-    """The blob index a :class:`BlobWriter` left at the end of ``path``."""
+    """The blob index a data file written here ends with."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         if size < _TRAILER_TAIL.size:
@@ -165,52 +190,96 @@ def read_index(path: str) -> list[BlobRecord]:
 
 
 def build_metadata(tensors: Mapping[str, TensorEntry], objects: Iterable[str],
-                   files: Mapping[str, list[BlobRecord]]) -> Metadata:
+                   files: Mapping[str, list[BlobRecord]]) -> DistMetadata:
     """``.metadata`` for the blobs in ``files`` (relative path -> its records). Every planned
     chunk and object must be stored, and every tensor's stored chunks must tile it."""
     stored: dict[tuple[str, tuple[int, ...] | None], tuple[str, BlobRecord]] = {}
     for relpath, records in files.items():
         for r in records:
             stored[(r.fqn, r.offsets)] = (relpath, r)
-    from torch.distributed.checkpoint.filesystem import _StorageInfo
-    from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata,
-        ChunkStorageMetadata,
-        Metadata,
-        MetadataIndex,
-        StorageMeta,
-        TensorProperties,
-        TensorStorageMetadata,
-    )
-
-    state: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
-    storage: dict[MetadataIndex, _StorageInfo] = {}
+    entries: dict[str, TensorEntry] = {}
+    storage: dict[tuple[str, tuple[int, ...] | None], StorageInfo] = {}
     for fqn, entry in tensors.items():
         found = [(o, stored[(fqn, o)]) for o, _ in entry.chunks if (fqn, o) in stored]
         if len(found) != len(entry.chunks):
             missing = next(o for o, _ in entry.chunks if (fqn, o) not in stored)
             raise ConversionError(f"tensor {fqn}: the chunk at {list(missing)} is in no data file")
-        problem = tiling_problem(entry.shape, [(o, r.sizes or ()) for o, (_, r) in found])
+        chunks = tuple((offsets, r.sizes or ()) for offsets, (_, r) in found)
+        problem = tiling_problem(entry.shape, chunks)
         if problem:
             raise ConversionError(f"tensor {fqn}: {problem}; .metadata not written")
-        chunks = []
+        entries[fqn] = TensorEntry(entry.dtype, entry.shape, chunks)
         for offsets, (relpath, r) in found:
-            chunks.append(ChunkStorageMetadata(torch.Size(offsets), torch.Size(r.sizes or ())))
-            storage[MetadataIndex(fqn, torch.Size(offsets))] = _StorageInfo(relpath, r.offset, r.length)
-        state[fqn] = TensorStorageMetadata(TensorProperties(dtype=entry.dtype.torch), torch.Size(entry.shape), chunks)
+            storage[(fqn, offsets)] = StorageInfo(relpath, r.offset, r.length)
+    objects = list(objects)
     for fqn in objects:
         if (fqn, None) not in stored:
             raise ConversionError(f"object {fqn} is in no data file")
         relpath, r = stored[(fqn, None)]
-        state[fqn] = BytesStorageMetadata()
-        storage[MetadataIndex(fqn)] = _StorageInfo(relpath, r.offset, r.length)
-    return Metadata(state, planner_data=None, storage_data=storage, storage_meta=StorageMeta(), version=DCP_VERSION)
+        storage[(fqn, None)] = StorageInfo(relpath, r.offset, r.length)
+    return DistMetadata((*entries, *objects), entries, storage)
 
 
-def write_metadata(path: str, metadata: Metadata) -> None:
+_METADATA = "torch.distributed.checkpoint.metadata."
+_CLASSES = {name: Global(_METADATA + name) for name in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")}
+_STORAGE_INFO = Global("torch.distributed.checkpoint.filesystem._StorageInfo")
+_SIZE = Global("torch.Size")
+_GET_LAYOUT = Global("torch.serialization._get_layout")
+_TORCH_DTYPES = {d: Global(f"torch.{d.name}") for d in dtypes.ALL}
+
+
+class _Call:
+    """``func(*args)`` in a pickle (REDUCE): torch.Size, a layout, a memory-format enum."""
+
+    def __init__(self, func: Global, *args: Any):
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> tuple:
+        return self.func, self.args
+
+
+def _size(values: Sequence[int]) -> _Call:
+    return _Call(_SIZE, tuple(values))
+
+
+def metadata_pickle(metadata: DistMetadata) -> bytes:
+    """``.metadata`` as torch 2.x pickles its ``Metadata`` (protocol 4; every field of today's
+    dataclasses, the list-valued ones included, whose defaults are not class attributes)."""
+    state: dict[str, Any] = {}
+    for fqn in metadata.names:
+        entry = metadata.tensors.get(fqn)
+        if entry is None:
+            state[fqn] = InstanceValue(_CLASSES["BytesStorageMetadata"], {})
+            continue
+        properties = InstanceValue(_CLASSES["TensorProperties"], (
+            _TORCH_DTYPES[entry.dtype], _Call(_GET_LAYOUT, "torch.strided"), False,
+            _Call(_CLASSES["_MEM_FORMAT_ENCODING"], 0), False))
+        chunks = [InstanceValue(_CLASSES["ChunkStorageMetadata"], {"offsets": _size(o), "sizes": _size(s)})
+                  for o, s in entry.chunks]
+        state[fqn] = InstanceValue(_CLASSES["TensorStorageMetadata"],
+                                   {"properties": properties, "size": _size(entry.shape), "chunks": chunks})
+    storage = {}
+    for (fqn, offsets), info in metadata.storage.items():
+        index = InstanceValue(_CLASSES["MetadataIndex"],
+                              {"fqn": fqn, "index": None, "offset": None if offsets is None else _size(offsets)})
+        storage[index] = InstanceValue(_STORAGE_INFO, {"relative_path": info.relative_path, "offset": info.offset,
+                                                       "length": info.length})
+    storage_meta = InstanceValue(_CLASSES["StorageMeta"],
+                                 {"checkpoint_id": None, "save_id": None, "load_id": None, "modules": []})
+    top = InstanceValue(_CLASSES["Metadata"], {"state_dict_metadata": state, "planner_data": None,
+                                               "storage_data": storage, "storage_meta": storage_meta,
+                                               "version": DCP_VERSION})
+    buf = io.BytesIO()
+    StandInPickler(buf, protocol=4).dump(top)
+    return buf.getvalue()
+
+
+def write_metadata(path: str, metadata: DistMetadata) -> None:
     tmp = tmp_path(path)  # the executor's temporary-name rule: a resumed run clears it
     with open(tmp, "wb") as f:
-        pickle.dump(metadata, f)
+        f.write(metadata_pickle(metadata))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -229,68 +298,125 @@ class _Stub:
         pass
 
 
+class _Pickled:
+    """An instance of one of torch's checkpoint classes as pickled: its class name, the
+    arguments it was called with (enums), and the state BUILD gave it."""
+
+    kind = ""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):  # (dict, slots)
+            state = {**(state[0] or {}), **state[1]}
+        self.state = state
+
+    def field(self, name: str, position: int | None = None) -> Any:
+        """A field from a dict state, or (``position``) from a tuple state (TensorProperties')."""
+        if isinstance(self.state, dict):
+            return self.state.get(name)
+        if position is not None and isinstance(self.state, tuple) and len(self.state) > position:
+            return self.state[position]
+        return None
+
+
+def _layout(name: Any) -> Any:
+    return name
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """torch's checkpoint metadata types and plain values only; Megatron's classes become stubs.
-    Nothing named in the file is ever called except these constructors."""
+    """torch's checkpoint metadata types become :class:`_Pickled` records, torch.Size a tuple,
+    a torch dtype our :class:`DType`; plain values as they are, Megatron's classes stubs.
+    Nothing named in the file is ever called except these stand-ins."""
+
+    def __init__(self, f: IO[bytes]):
+        super().__init__(f)
+        self._kinds: dict[str, type[_Pickled]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("torch.distributed.checkpoint.") or (module, name) in _ALLOWED:
+        if module.startswith("torch.distributed.checkpoint."):
+            if name not in self._kinds:
+                self._kinds[name] = type(name, (_Pickled,), {"kind": name})
+            return self._kinds[name]
+        if module == "torch":
+            if name == "Size":
+                return tuple
+            if name in _DTYPE_NAMES:
+                return _DTYPE_NAMES[name]
+            if name in ("device", "layout", "memory_format") or name in _LAYOUT_NAMES:
+                return _Stub
+        if (module, name) == ("torch.serialization", "_get_layout"):
+            return _layout
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)):
-            return getattr(torch, name)
         if module.split(".")[0] == "megatron":
             return _Stub
         raise pickle.UnpicklingError(f"it references {module}.{name}, which is not on the allow-list")
 
 
-_ALLOWED = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-            ("torch.serialization", "_get_layout"), ("torch", "device"),
+_DTYPE_NAMES = {d.name: d for d in dtypes.ALL}
+_LAYOUT_NAMES = {"strided", "sparse_coo", "contiguous_format", "channels_last", "preserve_format"}
+_ALLOWED = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
             # StorageMeta.checkpoint_id as torch's FileSystemWriter records it (a path object)
             ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"),
             ("pathlib", "PureWindowsPath")}
 
 
-def read_metadata(directory: str) -> Metadata:
-    from torch.distributed.checkpoint.metadata import Metadata
-
+def read_metadata(directory: str) -> DistMetadata:
     path = os.path.join(directory, METADATA_NAME)
     try:
         with open(path, "rb") as f:
-            metadata = _MetadataUnpickler(f).load()
+            top = _MetadataUnpickler(f).load()
     except FileNotFoundError:
         raise ConversionError(f"torch_dist checkpoint {directory} has no {METADATA_NAME}") from None
     except Exception as e:  # pickle raises many types for a damaged file
         raise ConversionError(f"cannot read {path}: {str(e).strip() or type(e).__name__}") from None
-    if not isinstance(metadata, Metadata):
-        raise ConversionError(f"{path} holds a {type(metadata).__name__}, not torch.distributed.checkpoint Metadata")
-    return metadata
+    if not isinstance(top, _Pickled) or top.kind != "Metadata":
+        found = top.kind if isinstance(top, _Pickled) else type(top).__name__
+        raise ConversionError(f"{path} holds a {found}, not torch.distributed.checkpoint Metadata")
+    try:
+        return _from_pickled(top)
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise ConversionError(f"cannot read {path}: a malformed Metadata ({e})") from None
 
 
-def tensor_entries(metadata: Metadata) -> dict[str, TensorEntry]:
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+def _from_pickled(top: _Pickled) -> DistMetadata:
+    state = top.field("state_dict_metadata") or {}
+    tensors: dict[str, TensorEntry] = {}
+    for fqn, m in state.items():
+        if isinstance(m, _Pickled) and m.kind == "TensorStorageMetadata":
+            dtype = m.field("properties").field("dtype", 0)
+            if not isinstance(dtype, DType):
+                raise ConversionError(f"tensor {fqn} has the dtype {dtype!r}, which is not read")
+            chunks = tuple((tuple(int(x) for x in c.field("offsets")), tuple(int(x) for x in c.field("sizes")))
+                           for c in m.field("chunks"))
+            tensors[fqn] = TensorEntry(dtype, tuple(int(x) for x in m.field("size")), chunks)
+    storage: dict[tuple[str, tuple[int, ...] | None], StorageInfo] = {}
+    for index, info in (top.field("storage_data") or {}).items():
+        offset = index.field("offset")
+        transforms = info.field("transform_descriptors") or ()
+        storage[(index.field("fqn"), None if offset is None else tuple(int(x) for x in offset))] = StorageInfo(
+            info.field("relative_path"), int(info.field("offset")), int(info.field("length")), tuple(transforms))
+    return DistMetadata(tuple(state), tensors, storage)
 
-    return {fqn: TensorEntry(dtypes.of(m.properties.dtype), tuple(m.size), tuple((tuple(c.offsets), tuple(c.sizes)) for c in m.chunks))
-            for fqn, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
 
-
-def check_storage(directory: str, metadata: Metadata, fqns: Iterable[str]) -> None:
+def check_storage(directory: str, metadata: DistMetadata, fqns: Iterable[str]) -> None:
     """Every chunk of ``fqns`` has a storage record inside an existing file (truncation), and the
     chunks tile each tensor (gaps, overlaps): one line naming the tensor or the file."""
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
     sizes: dict[str, int] = {}
-    entries = tensor_entries(metadata)
     for fqn in fqns:
-        entry = entries[fqn]
+        entry = metadata.tensors[fqn]
         problem = tiling_problem(entry.shape, entry.chunks)
         if problem:
             raise ConversionError(f"{directory}: tensor {fqn}: {problem}")
         for offsets, _ in entry.chunks:
-            info = metadata.storage_data.get(MetadataIndex(fqn, torch.Size(offsets)))
+            info = metadata.storage.get((fqn, offsets))
             if info is None:
                 raise ConversionError(f"{directory}: tensor {fqn}: the chunk at {list(offsets)} has no storage record")
-            if getattr(info, "transform_descriptors", None):  # torch's storage extensions (e.g. compression)
-                raise ConversionError(f"{directory}: tensor {fqn} is stored through {info.transform_descriptors}, "
+            if info.transforms:
+                raise ConversionError(f"{directory}: tensor {fqn} is stored through {list(info.transforms)}, "
                                       "which is not read (only plain torch.save chunks)")
             if info.relative_path not in sizes:
                 file = os.path.join(directory, info.relative_path)
@@ -301,12 +427,6 @@ def check_storage(directory: str, metadata: Metadata, fqns: Iterable[str]) -> No
                 raise ConversionError(
                     f"{directory}: data file {info.relative_path} is truncated: {sizes[info.relative_path]} bytes, "
                     f"but tensor {fqn} is stored up to byte {info.offset + info.length}")
-
-
-def storage_of(metadata: Metadata, fqn: str, offsets: Sequence[int]) -> _StorageInfo:
-    from torch.distributed.checkpoint.metadata import MetadataIndex
-
-    return metadata.storage_data[MetadataIndex(fqn, torch.Size(offsets))]
 
 
 def read_blob(path: str, offset: int, length: int,

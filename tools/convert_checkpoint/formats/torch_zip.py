@@ -19,6 +19,7 @@ import collections
 import hashlib
 import io
 import math
+import os
 import struct
 import zlib
 from collections.abc import Callable, Hashable
@@ -134,6 +135,11 @@ class ZipLayout:
     def tensor_records(self) -> list[Record]:
         return [r for r in self.records if r.slot is not None]
 
+    @property
+    def size(self) -> int:
+        """The archive's length in bytes (the central directory's length does not depend on the CRCs)."""
+        return self.central_offset + len(self.central_directory(collections.defaultdict(int)))
+
     def central_directory(self, crcs: dict[str, int]) -> bytes:
         out = io.BytesIO()
         for r in self.records:
@@ -201,27 +207,49 @@ def plan(payload: Any, archive: str) -> ZipLayout:
     return ZipLayout(tuple(records), offset)
 
 
-def write_fixed(fd: int, layout: ZipLayout) -> None:
-    """Every byte that does not depend on the tensors' values (headers and small records)."""
+def write_fixed(fd: int, layout: ZipLayout, base: int = 0) -> None:
+    """Every byte that does not depend on the tensors' values (headers and small records), the
+    archive starting at byte ``base`` of the file (its own offsets count from there)."""
     for r in layout.records:
-        pwrite_all(fd, r.header, r.header_offset)
+        pwrite_all(fd, r.header, base + r.header_offset)
         if r.payload is not None:
-            pwrite_all(fd, r.payload, r.data_offset)
+            pwrite_all(fd, r.payload, base + r.data_offset)
+
+
+def save_plain(path: str, payload: Any, archive: str) -> None:
+    """``torch.save`` of a payload without tensors (a torch_dist ``common.pt``), made here."""
+    layout = plan(payload, archive)
+    if layout.tensor_records:
+        raise ValueError("save_plain: the payload holds tensors")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        write_fixed(fd, layout)
+        Finisher(fd, layout).run()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Finisher:
     """One sequential pass over the written file: each record's CRC-32 (then its descriptor),
     the central directory, and the sha256 of the whole file, in file order. ``on_tensor`` sees
     every tensor's bytes as they are on disk (for the NaN/Inf check). With ``ready``, the pass
-    can run while the tensors are still being written: it calls ``ready(record.name)`` before
-    reading a tensor record and reads it once that returns."""
+    can run while the tensors are still being written: it calls ``ready(offset)`` with a tensor
+    record's data offset in the file before reading it and reads it once that returns. An
+    archive at byte ``base`` of a file of several (a ``.distcp``) is finished by ``feed``,
+    which adds its bytes to the file's hash."""
 
     def __init__(self, fd: int, layout: ZipLayout, on_tensor: Callable[[TensorSlot, memoryview], None] | None = None,
-                 ready: Callable[[Hashable], None] | None = None):
-        self.fd, self.layout, self.on_tensor, self.ready = fd, layout, on_tensor, ready
+                 ready: Callable[[Hashable], None] | None = None, base: int = 0):
+        self.fd, self.layout, self.on_tensor, self.ready, self.base = fd, layout, on_tensor, ready, base
 
     def run(self) -> str:
         sha = hashlib.sha256()
+        self.feed(sha)
+        return sha.hexdigest()
+
+    def feed(self, sha: Any) -> None:
+        base = self.base
         buf = memoryview(bytearray(READ_CHUNK))
         crcs: dict[str, int] = {}
         for r in self.layout.records:
@@ -232,17 +260,16 @@ class Finisher:
                 sha.update(r.payload)
             else:
                 if self.ready is not None:
-                    self.ready(r.name)
-                for chunk in read_back(self.fd, r.data_offset, r.size, buf):
+                    self.ready(base + r.data_offset)
+                for chunk in read_back(self.fd, base + r.data_offset, r.size, buf):
                     crc = zlib.crc32(chunk, crc)
                     sha.update(chunk)
                     if self.on_tensor is not None and r.slot is not None:
                         self.on_tensor(r.slot, chunk)
             crcs[r.name] = crc
             descriptor = r.descriptor(crc)
-            pwrite_all(self.fd, descriptor, r.descriptor_offset)
+            pwrite_all(self.fd, descriptor, base + r.descriptor_offset)
             sha.update(descriptor)
         tail = self.layout.central_directory(crcs)
-        pwrite_all(self.fd, tail, self.layout.central_offset)
+        pwrite_all(self.fd, tail, base + self.layout.central_offset)
         sha.update(tail)
-        return sha.hexdigest()

@@ -17,6 +17,7 @@ import argparse
 import collections
 import io
 import math
+import os
 import pickle
 import struct
 import zipfile
@@ -137,7 +138,7 @@ class _IndexUnpickler(pickle.Unpickler):
         return _Storage(cls.dtype, record[0], numel)
 
 
-def data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
+def data_offset(f: BinaryIO | io.RawIOBase, info: zipfile.ZipInfo) -> int:
     """Where a stored record's bytes start: after its local header, whose name and extra field
     lengths may differ from the central directory's."""
     f.seek(info.header_offset + 26)
@@ -145,25 +146,60 @@ def data_offset(f: BinaryIO, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def read_index(path: str) -> Any:
-    """The unpickled ``data.pkl`` of ``path`` with :class:`StoredTensor` for its tensors."""
+class _Window(io.RawIOBase):
+    """Bytes ``start`` to ``start + length`` of a file, read as a file of their own (an archive
+    among several in a ``.distcp`` file; its offsets count from its start)."""
+
+    def __init__(self, f: BinaryIO, start: int, length: int):
+        super().__init__()
+        self._f, self._start, self._length, self._pos = f, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._length}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        want = max(0, min(len(buffer), self._length - self._pos))
+        self._f.seek(self._start + self._pos)
+        data = self._f.read(want)
+        buffer[: len(data)] = data
+        self._pos += len(data)
+        return len(data)
+
+
+def read_index(path: str, start: int = 0, length: int | None = None) -> Any:
+    """The unpickled ``data.pkl`` of ``path`` with :class:`StoredTensor` for its tensors; with
+    ``start``/``length``, of the archive stored there (the offsets stay the file's)."""
     try:
-        with open(path, "rb") as f, zipfile.ZipFile(f) as z:
-            pkl_names = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pkl_names) != 1:
-                raise NotPlain("not a torch.save zip")
-            prefix = pkl_names[0][: -len("data.pkl")] + "data/"
-            records = {}
-            for info in z.infolist():
-                if info.filename.startswith(prefix):
-                    if info.compress_type != zipfile.ZIP_STORED:
-                        raise NotPlain("compressed storage")
-                    records[info.filename[len(prefix):]] = (data_offset(f, info), info.file_size)
-            data = z.read(pkl_names[0])
-            order = pkl_names[0][: -len("data.pkl")] + "byteorder"
-            if order in z.namelist() and z.read(order) != b"little":  # torch.load would swap bytes; a move would not
-                raise NotPlain("big-endian storages")
-    except (OSError, zipfile.BadZipFile, struct.error, KeyError) as e:
+        with open(path, "rb") as raw:
+            if length is None:
+                length = os.fstat(raw.fileno()).st_size - start
+            with _Window(raw, start, length) as f, zipfile.ZipFile(f) as z:
+                pkl_names = [n for n in z.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+                if len(pkl_names) != 1:
+                    raise NotPlain("not a torch.save zip")
+                prefix = pkl_names[0][: -len("data.pkl")] + "data/"
+                records = {}
+                for info in z.infolist():
+                    if info.filename.startswith(prefix):
+                        if info.compress_type != zipfile.ZIP_STORED:
+                            raise NotPlain("compressed storage")
+                        records[info.filename[len(prefix):]] = (start + data_offset(f, info), info.file_size)
+                data = z.read(pkl_names[0])
+                order = pkl_names[0][: -len("data.pkl")] + "byteorder"
+                if order in z.namelist() and z.read(order) != b"little":  # torch.load would swap bytes; a move would not
+                    raise NotPlain("big-endian storages")
+    except (OSError, zipfile.BadZipFile, struct.error, KeyError, ValueError) as e:
         raise NotPlain(str(e)) from None
     try:
         return _IndexUnpickler(data, records).load()
