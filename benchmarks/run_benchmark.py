@@ -339,7 +339,7 @@ def build_steps(hf_dir: str, paths: dict[str, str], args: argparse.Namespace) ->
         out = paths["mcore"] if i == 0 else f"{paths['mcore']}-{w}"
         to_mcore = flags(w) + ["--load_platform", "huggingface", "--save_platform", "mcore",
                     "--load_ckpt_path", hf_dir, "--save_ckpt_path", out, "--tensor_model_parallel_size", str(args.tp),
-                    "--pipeline_model_parallel_size", str(args.pp)]
+                    "--pipeline_model_parallel_size", str(args.pp), "--ckpt_format", args.ckpt_format]
         steps.append(Step(f"hf->mcore w={w}", convert + to_mcore, out, baseline="cp-hf", delete_after=i > 0))
     steps.append(Step("cp-mcore", ["cp", "-r", paths["mcore"], paths["mcore_copy"]], paths["mcore_copy"], delete_after=True))
     for i, w in enumerate(settings):
@@ -361,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                          "WxT also passes --io_threads T (e.g. 2x1,2x4, autox8)")
     ap.add_argument("--shape", choices=sorted(make_llama_checkpoint.SHAPES), default="small",
                     help="generated layer widths (llama3-8b: the 16.06 GB Meta-Llama-3-8B shape; ignores --size-gb)")
+    ap.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
+                    help="the Megatron format converted to and back (legacy rank files, or torch_dist)")
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--pp", type=int, default=2)
     ap.add_argument("--size-gb", type=float, default=3.0, help="size of the generated checkpoint (only when generating)")
@@ -413,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     problems = [p for step in steps for p in step.round_trip_problems]
 
     print(
-        f"\nsource {fmt_gb(source_bytes)}, TP={args.tp} PP={args.pp}, max_workers={args.max_workers}, "
+        f"\nsource {fmt_gb(source_bytes)}, {args.ckpt_format}, TP={args.tp} PP={args.pp}, max_workers={args.max_workers}, "
         f"cache={'cold' if args.cold else 'warm'}, settle={args.settle:g}s, prefault={args.prefault_gb:g}GB, "
         f"runs={args.repeat} (median time, worst memory), {os.cpu_count()} CPUs"
     )
@@ -426,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         result = {
             "source_dir": hf_dir,
             "source_bytes": source_bytes,
+            "ckpt_format": args.ckpt_format,
             "tp": args.tp,
             "pp": args.pp,
             "max_workers": args.max_workers,
