@@ -10,11 +10,13 @@ Layout on disk (megatron-core's ``dist_checkpointing`` with the torch backend)::
 
 The tensors are global (layout-free); their keys are Megatron's sharded keys
 (``mcore_dist_keys``). Source: ``.metadata`` is parsed, every tensor's chunks must tile it and
-lie inside their files, each canonical tensor is the tiling of the chunk windows that hold it
-(only the blobs it needs are read); optimizer state is skipped. Target: each canonical tensor is
-one chunk per layer/expert (fc1: a gate and an up chunk, as Megatron stores them; large tensors
-in row blocks), streamed into ``.distcp`` files that the executor's workers write independently;
-``finish`` checks the written chunks tile every tensor before it writes ``.metadata``.
+lie inside their files, each canonical tensor is the tiling of the chunk windows that hold it;
+a chunk whose archive holds a plain tensor is moved as byte runs, any other is loaded (only
+the blobs a file needs); optimizer state is skipped. Target: each canonical tensor is one
+chunk per layer/expert (fc1: a gate and an up chunk, as Megatron stores them; large tensors in
+row blocks), each chunk one archive laid out in place in a ``.distcp`` file that the
+executor's workers write independently; ``finish`` checks the written chunks tile every tensor
+before it writes ``.metadata``. Neither direction imports torch where every chunk only moves.
 """
 from __future__ import annotations
 
@@ -541,9 +543,10 @@ class DistTarget(CanonicalTarget):
         records: list[dcp.BlobRecord] = []
         exprs: dict[str, Expr] = {}
         offset = 0
+        extra_state = torch_zip.plan([None], BLOB_ARCHIVE)  # every _extra_state object is the same archive
         for _, job in out.jobs():
             if job.expr is None:  # Megatron's ShardedObject payload: a list of per-shard objects
-                layout = torch_zip.plan([None], BLOB_ARCHIVE)
+                layout = extra_state
                 records.append(dcp.BlobRecord(job.name, None, None, offset, layout.size))
             else:
                 chunk = self._chunks[job.name]
