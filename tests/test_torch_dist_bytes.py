@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import pickle
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,6 +99,37 @@ def test_torch_dist_both_ways_without_torch(tiny_hf, tmp_path, workers, spec):
     assert_same_tensors(source, load_hf_tensors(str(back_free)))
     assert mcore_to_hf(str(with_torch), str(tmp_path / "back_torch")) == 0
     assert read_tree(str(back_free), KEEP_OUT) == read_tree(str(tmp_path / "back_torch"), KEEP_OUT)
+
+
+def test_legacy_to_torch_dist_and_back_without_torch(tiny_hf, tmp_path):
+    """MCore -> MCore between rank files (TP2 PP2) and torch_dist, torch unimportable: rank
+    files -> torch_dist gives the data files and .metadata that HF -> torch_dist gives, and
+    torch_dist -> rank files the tensors HF -> MCore gives, dtypes included."""
+    hf = tiny_hf(TinySpec("llama", vocab_size=256, dtype=torch.bfloat16))
+    layout = ["--tensor_model_parallel_size", "2", "--pipeline_model_parallel_size", "2"]
+    legacy, dist = tmp_path / "legacy", tmp_path / "dist"
+    assert hf_to_mcore(hf, str(legacy), tensor_model_parallel_size=2, pipeline_model_parallel_size=2) == 0
+    assert hf_to_mcore(hf, str(dist), ckpt_format="torch_dist") == 0
+
+    def mcore_to_mcore(src: Path, out: Path, *flags: str) -> None:
+        proc = without_torch("--load_platform", "mcore", "--save_platform", "mcore", "--load_ckpt_path", str(src),
+                             "--save_ckpt_path", str(out), *flags)
+        assert proc.returncode == 0, proc.stderr
+
+    mcore_to_mcore(legacy, tmp_path / "legacy_to_dist", *DIST)
+    data = KEEP_OUT | {"release/common.pt"}  # its args record the layout the rank files had
+    assert read_tree(str(tmp_path / "legacy_to_dist"), data) == read_tree(str(dist), data)
+    mcore_to_mcore(dist, tmp_path / "dist_to_legacy", *layout)
+    ranks = sorted(p.relative_to(legacy) for p in legacy.rglob("model_optim_rng.pt"))
+    assert len(ranks) == 4 and ranks == sorted(p.relative_to(tmp_path / "dist_to_legacy")
+                                               for p in (tmp_path / "dist_to_legacy").rglob("model_optim_rng.pt"))
+    for rank in ranks:  # the args differ (they come from common.pt); the tensors may not
+        got = torch.load(tmp_path / "dist_to_legacy" / rank, weights_only=False)["model"]
+        want = torch.load(legacy / rank, weights_only=False)["model"]
+        assert got.keys() == want.keys()
+        for name, t in want.items():
+            if isinstance(t, torch.Tensor):
+                assert got[name].dtype == t.dtype and torch.equal(got[name], t), (rank, name)
 
 
 def test_metadata_pickle_is_torchs(tiny_hf, tmp_path):
