@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import io
 import math
 import os
@@ -101,6 +102,7 @@ def _latin1_bytes(text: Any, encoding: str = "latin1") -> bytes:
     return text.encode("latin1")
 
 
+@functools.cache  # built once: a torch_dist source indexes one archive per chunk
 def _plain_globals() -> dict[tuple[str, str], Any]:
     from ..quant.te_pickle import TRAINING_STATE  # torch-free stand-ins for a training checkpoint's values
 
