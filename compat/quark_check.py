@@ -204,6 +204,23 @@ def main() -> int:
         return 2
 
     work = args.keep or tempfile.mkdtemp(prefix="quark_check_")
+    try:
+        rows, ok = check_all(args, work)
+    finally:
+        if not args.keep:  # each run's models and outputs (about 70 MB): CI machines share their /tmp
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\namd-quark {quark.__version__} file-to-file (CPU) vs convert_checkpoint quark converter")
+    print(f"{'scheme':<20} {'source':<9} {'tensors':>7}  result")
+    for label, dtype, n, result in rows:
+        print(f"{label:<20} {dtype:<9} {n:>7}  {result}")
+    print("tensors: torch.equal of the bytes, with dtype and shape; config.json (quantization_config included) and the "
+          "index weight map compared too")
+    return 0 if ok else 1
+
+
+def check_all(args: argparse.Namespace, work: str) -> tuple[list[tuple[str, str, int, str]], bool]:
+    """Every scheme and source dtype through Quark and through ours, compared: the table's rows
+    and whether all were byte-identical."""
     rows, ok = [], True
     for dtype in args.dtypes:
         src = os.path.join(work, f"src_{dtype}")
@@ -224,13 +241,7 @@ def main() -> int:
             rows.append((label, dtype, n, "byte-identical" if not diffs else f"{len(diffs)} differences"))
             for d in diffs[: None if args.verbose else 10]:
                 print(f"  {label} {dtype}: {d}")
-    print(f"\namd-quark {quark.__version__} file-to-file (CPU) vs convert_checkpoint quark converter")
-    print(f"{'scheme':<20} {'source':<9} {'tensors':>7}  result")
-    for label, dtype, n, result in rows:
-        print(f"{label:<20} {dtype:<9} {n:>7}  {result}")
-    print("tensors: torch.equal of the bytes, with dtype and shape; config.json (quantization_config included) and the "
-          "index weight map compared too")
-    return 0 if ok else 1
+    return rows, ok
 
 
 if __name__ == "__main__":
